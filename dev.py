@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Set up Shoal in ./.venv and run its main job or its tests: the README's two commands.
+
+    python3 dev.py demo [ARGS]   set up, then run the main job (README, "Quick start")
+    python3 dev.py test [ARGS]   set up, then run ruff and the whole test suite (ARGS go to pytest)
+    python3 dev.py setup         set up only
+
+Set-up is idempotent: it is skipped when .venv already holds what pyproject.toml and the torch
+requirement ask for. torch comes first and on its own, as `torch==2.13.0`, which pip resolves to the
+CPU wheel on this kind of machine; a bare `torch` requirement would pull a multi-GB CUDA build.
+On a GPU machine set SHOAL_TORCH to the pip arguments of a CUDA build of the same release before
+the first set-up (see README, "GPU machines").
+Only the standard library is used here: this runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+STAMP = VENV / "shoal-setup.sha256"
+TORCH = os.environ.get("SHOAL_TORCH", "torch==2.13.0")
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def wanted_stamp() -> str:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
+    digest.update(TORCH.encode())
+    return digest.hexdigest()
+
+
+def run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 -- dev.py may be run by an older python3
+        sys.exit(f"Shoal needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    stamp = wanted_stamp()
+    if STAMP.exists() and STAMP.read_text().strip() == stamp and venv_python().exists():
+        return
+    if not venv_python().exists():
+        print(f"creating virtual environment {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = (venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "--quiet")
+    run(*pip, *TORCH.split())
+    run(*pip, "-e", ".[dev]")
+    tmp = STAMP.with_suffix(".tmp")
+    tmp.write_text(stamp + "\n")
+    tmp.replace(STAMP)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help", "help"} or argv[0] not in {"demo", "test", "setup"}:
+        print(__doc__)
+        return 0 if argv and argv[0] in {"-h", "--help", "help"} else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        setup()
+    except subprocess.CalledProcessError as exc:
+        print(f"set-up failed: {exc}", file=sys.stderr)
+        return 1
+    python = str(venv_python())
+    if command == "demo":
+        return subprocess.call([python, "-m", "simulations.vca_demo", *rest], cwd=ROOT)
+    if command == "test":
+        lint = subprocess.call([python, "-m", "ruff", "check", "."], cwd=ROOT)
+        tests = subprocess.call([python, "-m", "pytest", *rest], cwd=ROOT)
+        return lint or tests
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""Averaging of models given as named tensors: plain mean, weighted mean, and VCA.
+
+Variance-corrected averaging (VCA) is from Tian, Al-Ars, Kitsak and Hofstee, "Vanishing Variance Problem
+in Fully Decentralized Neural-Network Systems" (arXiv 2404.04616); the exact steps follow the authors'
+code as specified in ../shared/ALGORITHMS.md §2. Averaging N uncorrelated models divides each layer's
+weight variance by about N; VCA rescales each layer of the average around its mean so that its variance
+equals a target: the mean of the inputs' variances ("others"), or a reference model's ("self").
+The correction is applied on every averaging: when the inputs are already correlated the factor is ~1.
+
+Every function checks its inputs first (same names, shapes and dtypes; finite values) and raises
+:class:`AveragingError` rather than produce a model from bad data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+Model = Mapping[str, torch.Tensor]
+
+# Tensors VCA leaves as plain averages: batch-norm statistics (ALGORITHMS.md §2, step 5).
+UNCORRECTED_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+# Guards the division only. The authors' torch port uses 1e-4, which is of the order of a small layer's
+# variance after averaging (e.g. 3e-4 for a 64-unit layer averaged over 16 nodes) and so undoes part of
+# the correction; their C++ code uses 0.
+VCA_EPSILON = 1e-8
+
+
+class AveragingError(ValueError):
+    """Models cannot be averaged together; the message says which tensor is wrong."""
+
+
+def check_models(models: Sequence[Model]) -> None:
+    """Raise unless all models have the same names, shapes and dtypes and only finite values."""
+    if not models:
+        raise AveragingError("nothing to average")
+    first = models[0]
+    for i, m in enumerate(models):
+        if list(m) != list(first):
+            raise AveragingError(f"model {i} has tensors {list(m)[:3]}..., expected {list(first)[:3]}...")
+        for name, t in m.items():
+            ref = first[name]
+            if t.shape != ref.shape or t.dtype != ref.dtype:
+                got, want = f"{t.dtype} {tuple(t.shape)}", f"{ref.dtype} {tuple(ref.shape)}"
+                raise AveragingError(f"model {i}: {name!r} is {got}, expected {want}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise AveragingError(f"model {i}: {name!r} contains NaN or infinite values")
+
+
+def mean(models: Sequence[Model]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the models."""
+    return weighted_mean(models, [1.0] * len(models))
+
+
+def weighted_mean(models: Sequence[Model], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """sum_j w_j θ_j / sum_j w_j, e.g. weighted by each model's number of training samples."""
+    check_models(models)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (len(models),):
+        raise AveragingError(f"{len(weights)} weights for {len(models)} models")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise AveragingError(f"weights must be finite, non-negative and not all zero, got {list(weights)}")
+    w = w / w.sum()
+    out = {}
+    for name, ref in models[0].items():
+        stacked = torch.stack([m[name].to(torch.float64) for m in models])
+        avg = torch.tensordot(w, stacked, dims=1)
+        out[name] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
+    return out
+
+
+def variance_corrected(
+    models: Sequence[Model],
+    weights: Sequence[float] | None = None,
+    *,
+    reference: Model | None = None,
+    epsilon: float = VCA_EPSILON,
+) -> dict[str, torch.Tensor]:
+    """VCA: the (weighted) mean of ``models``, each layer rescaled to a target variance.
+
+    The target is the mean of the inputs' per-layer variances (the paper's "others" mode, when the node's
+    own model is not among ``models``), or the variance of ``reference`` when given ("self" mode).
+    """
+    weights = [1.0] * len(models) if weights is None else weights
+    avg = weighted_mean(models, weights)
+    if reference is not None:
+        check_models([models[0], reference])
+    for name, value in avg.items():
+        if value.numel() <= 1 or not value.is_floating_point() or name.endswith(UNCORRECTED_SUFFIXES):
+            continue
+        if reference is not None:
+            target = reference[name].double().var(unbiased=False)
+        else:
+            target = torch.stack([m[name].double().var(unbiased=False) for m in models]).mean()
+        v = value.double()
+        mu = v.mean()
+        scale = torch.sqrt((target + epsilon) / (v.var(unbiased=False) + epsilon))
+        avg[name] = (mu + (v - mu) * scale).to(value.dtype)
+    return avg

@@ -1,0 +1,115 @@
+"""Local training and evaluation: the compute a node does on its own data.
+
+Pure functions of (model, data, hyperparameters, seed): the same inputs give the same parameters on CPU.
+Callers run them off the event loop (``trio.to_thread.run_sync``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def pick_device() -> torch.device:
+    """The local GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    samples: int
+    mean_loss: float
+    last_loss: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    loss: float
+    per_class_accuracy: tuple[float, ...]  # NaN for classes absent from the evaluation set
+    samples: int
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    lr: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> TrainStats:
+    """Train ``model`` in place with SGD for ``steps`` mini-batches or ``epochs`` passes over (x, y).
+
+    Batches are drawn from a shuffled order seeded by ``seed``, reshuffled at each pass.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps or epochs")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+    if batch_size < 1 or lr <= 0:
+        raise ValueError(f"batch_size must be >= 1 and lr > 0, got {batch_size} and {lr}")
+    if len(x) == 0:
+        return TrainStats(0, 0, math.nan, math.nan)
+    if steps is None:
+        steps = max(1, math.ceil(epochs * len(x) / batch_size))
+    device = device or pick_device()
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=generator)
+    cursor, total, loss_value = 0, 0.0, math.nan
+    for _ in range(steps):
+        if cursor >= len(order):
+            order, cursor = torch.randperm(len(x), generator=generator), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+        loss.backward()
+        optimizer.step()
+        loss_value = loss.item()
+        total += loss_value
+    return TrainStats(steps, steps * min(batch_size, len(x)), total / steps, loss_value)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_size: int = 2048,
+    device: torch.device | None = None,
+) -> Evaluation:
+    """Accuracy, mean cross-entropy and per-class accuracy of ``model`` on (x, y)."""
+    device = device or pick_device()
+    model.to(device).eval()
+    correct = torch.zeros(num_classes, dtype=torch.int64)
+    seen = torch.zeros(num_classes, dtype=torch.int64)
+    loss_sum = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        hits = (logits.argmax(1) == yb).cpu()
+        yb = yb.cpu()
+        seen += torch.bincount(yb, minlength=num_classes)
+        correct += torch.bincount(yb[hits], minlength=num_classes)
+    n = int(seen.sum())
+    if n == 0:
+        return Evaluation(math.nan, math.nan, (math.nan,) * num_classes, 0)
+    per_class = tuple(float(c / s) if s else math.nan for c, s in zip(correct.tolist(), seen.tolist()))
+    return Evaluation(int(correct.sum()) / n, loss_sum / n, per_class, n)

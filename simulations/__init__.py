@@ -1,0 +1,1 @@
+"""Scenario scripts, each runnable as ``python -m simulations.<name>``; see README."""

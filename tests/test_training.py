@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+
+from learning.datasets import load_dataset
+from learning.models import ParameterLayout, build_model
+from learning.training import evaluate, pick_device, train_local
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+def test_training_beats_chance_on_digits(digits):
+    model = build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    before = evaluate(model, digits.x_test, digits.y_test, digits.num_classes)
+    stats = train_local(model, digits.x_train, digits.y_train, batch_size=32, lr=0.1, epochs=3, momentum=0.9)
+    after = evaluate(model, digits.x_test, digits.y_test, digits.num_classes)
+    assert stats.steps == math.ceil(3 * len(digits.x_train) / 32)
+    assert before.accuracy < 0.3
+    assert after.accuracy > 0.85 and after.loss < before.loss
+    assert len(after.per_class_accuracy) == 10 and min(after.per_class_accuracy) > 0.5
+    assert after.samples == len(digits.x_test)
+
+
+def test_training_is_reproducible_on_cpu(digits):
+    def trained(seed):
+        model = build_model("cnn", digits.input_shape, digits.num_classes, seed=1)
+        train_local(model, digits.x_train, digits.y_train, batch_size=16, lr=0.05, steps=30, seed=seed)
+        layout = ParameterLayout.of(model)
+        return layout.flatten(layout.state(model))
+
+    assert torch.equal(trained(5), trained(5))
+    assert not torch.equal(trained(5), trained(6))
+
+
+def test_frozen_features_train_only_the_head(digits):
+    model = build_model("frozen-cnn", digits.input_shape, digits.num_classes, seed=0)
+    features = [p.clone() for p in model.features.parameters()]
+    head = model.head.weight.clone()
+    train_local(model, digits.x_train, digits.y_train, batch_size=32, lr=0.1, steps=20)
+    assert all(torch.equal(a, b) for a, b in zip(features, model.features.parameters()))
+    assert not torch.equal(head, model.head.weight)
+
+
+def test_per_class_accuracy_marks_absent_classes(digits):
+    model = build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    only_threes = digits.y_test == 3
+    ev = evaluate(model, digits.x_test[only_threes], digits.y_test[only_threes], digits.num_classes)
+    assert not math.isnan(ev.per_class_accuracy[3])
+    assert all(math.isnan(a) for c, a in enumerate(ev.per_class_accuracy) if c != 3)
+
+
+def test_bad_arguments_and_empty_shard(digits):
+    model = build_model("mlp", digits.input_shape, digits.num_classes)
+    with pytest.raises(ValueError, match="exactly one"):
+        train_local(model, digits.x_train, digits.y_train, batch_size=8, lr=0.1)
+    with pytest.raises(ValueError, match="labels"):
+        train_local(model, digits.x_train, digits.y_train[:5], batch_size=8, lr=0.1, steps=1)
+    assert (
+        train_local(model, digits.x_train[:0], digits.y_train[:0], batch_size=8, lr=0.1, steps=3).steps == 0
+    )
+    assert pick_device().type in {"cpu", "cuda"}
