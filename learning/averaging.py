@@ -31,21 +31,27 @@ class AveragingError(ValueError):
     """Models cannot be averaged together; the message says which tensor is wrong."""
 
 
+def incompatibility(reference: Model, model: Model) -> str | None:
+    """Why ``model`` cannot be averaged with ``reference`` (names, shapes, dtypes, finiteness), or None."""
+    if list(model) != list(reference):
+        return f"tensor names {list(model)[:3]}... do not match {list(reference)[:3]}..."
+    for name, ref in reference.items():
+        t = model[name]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            return f"{name!r} is {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"{name!r} contains NaN or infinite values"
+    return None
+
+
 def check_models(models: Sequence[Model]) -> None:
     """Raise unless all models have the same names, shapes and dtypes and only finite values."""
     if not models:
         raise AveragingError("nothing to average")
-    first = models[0]
     for i, m in enumerate(models):
-        if list(m) != list(first):
-            raise AveragingError(f"model {i} has tensors {list(m)[:3]}..., expected {list(first)[:3]}...")
-        for name, t in m.items():
-            ref = first[name]
-            if t.shape != ref.shape or t.dtype != ref.dtype:
-                got, want = f"{t.dtype} {tuple(t.shape)}", f"{ref.dtype} {tuple(ref.shape)}"
-                raise AveragingError(f"model {i}: {name!r} is {got}, expected {want}")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise AveragingError(f"model {i}: {name!r} contains NaN or infinite values")
+        reason = incompatibility(models[0], m)
+        if reason:
+            raise AveragingError(f"model {i}: {reason}")
 
 
 def mean(models: Sequence[Model]) -> dict[str, torch.Tensor]:

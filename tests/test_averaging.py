@@ -77,7 +77,7 @@ def test_weighted_mean_arithmetic():
     ("models", "weights", "message"),
     [
         ([], [], "nothing"),
-        ([{"x": torch.zeros(2)}, {"y": torch.zeros(2)}], [1, 1], "tensors"),
+        ([{"x": torch.zeros(2)}, {"y": torch.zeros(2)}], [1, 1], "names"),
         ([{"x": torch.zeros(2)}, {"x": torch.zeros(3)}], [1, 1], "expected"),
         ([{"x": torch.zeros(2)}, {"x": torch.zeros(2, dtype=torch.float64)}], [1, 1], "expected"),
         ([{"x": torch.zeros(2)}, {"x": torch.tensor([0.0, float("nan")])}], [1, 1], "NaN"),

@@ -1,0 +1,62 @@
+"""Integrators: how a node folds the models it received into its own.
+
+One interface for every protocol (gossip, MoDeST) and every rule (mean, weighted, VCA; Bristle and
+the robust baselines plug in the same way): ``integrate(own, received) -> new model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from learning.averaging import mean, variance_corrected, weighted_mean
+from learning.protocol import State
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A model and what it was trained on: the unit integrators work with."""
+
+    state: State
+    samples: int
+    peer: str = ""
+
+
+class Integrator(Protocol):
+    def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State: ...
+
+
+class Mean:
+    """Uniform average of the own and received models."""
+
+    def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State:
+        return mean([own.state, *(c.state for c in received)])
+
+
+class Weighted:
+    """Average weighted by training-sample counts (uniform when nobody holds data)."""
+
+    def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State:
+        everyone = [own, *received]
+        weights = [max(0, c.samples) for c in everyone]
+        if sum(weights) == 0:
+            weights = [1] * len(everyone)
+        return weighted_mean([c.state for c in everyone], weights)
+
+
+class VCA:
+    """Uniform average, each layer rescaled to the inputs' mean variance (learning/averaging.py)."""
+
+    def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State:
+        return variance_corrected([own.state, *(c.state for c in received)])
+
+
+INTEGRATORS: dict[str, type[Integrator]] = {"mean": Mean, "weighted": Weighted, "vca": VCA}
+
+
+def make_integrator(name: str) -> Integrator:
+    try:
+        return INTEGRATORS[name]()
+    except KeyError:
+        raise ValueError(f"unknown integrator {name!r}: use one of {', '.join(INTEGRATORS)}") from None

@@ -1,0 +1,80 @@
+"""A node's learner: its model, its data shard and its hyperparameters, behind two calls.
+
+``train(state, round)`` and ``evaluate(state)`` take and return named tensors, so a protocol never
+touches an ``nn.Module``. In a simulation many learners may share one module (they run one at a time on
+the event loop's thread); a daemon gives its learner its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from learning.models import ParameterLayout
+from learning.protocol import State
+from learning.training import Evaluation, TrainStats, evaluate, train_local
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    batch_size: int = 32
+    lr: float = 0.05
+    local_steps: int | None = None  # one of local_steps / local_epochs
+    local_epochs: float | None = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs")
+
+
+class Learner:
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        hyper: Hyperparameters,
+        *,
+        seed: int = 0,
+        device: torch.device | None = None,
+    ):
+        self.model = model
+        self.layout = ParameterLayout.of(model)
+        self.x, self.y = x, y
+        self.hyper = hyper
+        self.seed = seed
+        self.device = device
+
+    @property
+    def samples(self) -> int:
+        return len(self.y)
+
+    def initial_state(self) -> State:
+        return self.layout.state(self.model)
+
+    def train(self, state: State, round: int) -> tuple[State, TrainStats]:
+        """Train a copy of ``state`` on the shard; the seed depends on (node seed, round) only."""
+        h = self.hyper
+        self.layout.load(self.model, state)
+        stats = train_local(
+            self.model,
+            self.x,
+            self.y,
+            batch_size=h.batch_size,
+            lr=h.lr,
+            steps=h.local_steps,
+            epochs=h.local_epochs,
+            momentum=h.momentum,
+            weight_decay=h.weight_decay,
+            seed=self.seed * 1_000_003 + round,
+            device=self.device,
+        )
+        return self.layout.state(self.model), stats
+
+    def evaluate(self, state: State, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Evaluation:
+        self.layout.load(self.model, state)
+        return evaluate(self.model, x, y, num_classes, device=self.device)

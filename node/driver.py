@@ -1,0 +1,152 @@
+"""The driver: runs a sans-IO learning protocol on any Overlay.
+
+It is the only place where a protocol meets I/O. It feeds the protocol overlay events (peer up/down,
+messages), timer expiries and finished training, one at a time, and carries out the actions the
+protocol returns: sends (each under a deadline, failures reported back as ``SendFailed``), training
+(through a :class:`Compute`), timers. The daemon runs it on libp2p with training in a worker thread;
+simulations run it on ``overlay.sim`` with training charged in virtual time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from learning.learner import Learner
+from learning.protocol import (
+    Action,
+    Event,
+    LearningProtocol,
+    MessageIn,
+    PeerDown,
+    PeerUp,
+    Rejected,
+    RoundDone,
+    Send,
+    SendFailed,
+    Started,
+    StartTimer,
+    State,
+    TimerFired,
+    Train,
+    Trained,
+)
+from learning.training import TrainStats
+from overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnected, PeerUnreachable
+from overlay.wire import Message
+
+log = logging.getLogger("shoal.driver")
+
+
+class Compute(Protocol):
+    async def train(self, learner: Learner, state: State, round: int) -> tuple[State, TrainStats]: ...
+
+
+class ThreadCompute:
+    """Train in a worker thread so the event loop keeps answering peers (a stall over 5 s resets Yamux)."""
+
+    async def train(self, learner: Learner, state: State, round: int) -> tuple[State, TrainStats]:
+        return await trio.to_thread.run_sync(learner.train, state, round, abandon_on_cancel=True)
+
+
+class VirtualCompute:
+    """Train on the loop's thread, then let ``samples / samples_per_second`` of virtual time pass.
+
+    For simulations under a MockClock: a worker thread would let the clock jump while it runs.
+    """
+
+    def __init__(self, samples_per_second: float):
+        if samples_per_second <= 0:
+            raise ValueError(f"compute speed must be positive, got {samples_per_second}")
+        self.samples_per_second = samples_per_second
+
+    async def train(self, learner: Learner, state: State, round: int) -> tuple[State, TrainStats]:
+        result = learner.train(state, round)
+        await trio.sleep(result[1].samples / self.samples_per_second)
+        return result
+
+
+class Driver:
+    def __init__(
+        self,
+        protocol: LearningProtocol,
+        overlay: Overlay,
+        learner: Learner,
+        compute: Compute,
+        *,
+        send_timeout: float = 60.0,
+        on_round: Callable[[int], None] | None = None,
+    ):
+        self.protocol = protocol
+        self.overlay = overlay
+        self.learner = learner
+        self.compute = compute
+        self.send_timeout = send_timeout
+        self.on_round = on_round
+        self.rejected: Counter[str] = Counter()  # refused inputs per peer
+        self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        """Run until cancelled, or until the overlay closes its event channel (the node went down)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for peer in self.overlay.peers():
+                self._handle(PeerUp(peer))
+            self._handle(Started())
+            nursery.start_soon(self._pump_overlay)
+            async for event in self._events:
+                self._handle(event)
+
+    async def _pump_overlay(self) -> None:
+        async for event in self.overlay.events:
+            match event:
+                case Delivered(peer, message):
+                    self._inbox.send_nowait(MessageIn(peer, message.kind, message.body, message.tensors))
+                case PeerConnected(peer):
+                    self._inbox.send_nowait(PeerUp(peer))
+                case PeerDisconnected(peer):
+                    self._inbox.send_nowait(PeerDown(peer))
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
+
+    def _handle(self, event: Event) -> None:
+        assert self._nursery is not None
+        for action in self.protocol.handle(event, trio.current_time()):
+            self._act(action, self._nursery)
+
+    def _act(self, action: Action, nursery: trio.Nursery) -> None:
+        match action:
+            case Send():
+                nursery.start_soon(self._send, action)
+            case Train():
+                nursery.start_soon(self._train, action)
+            case StartTimer(name, delay):
+                nursery.start_soon(self._timer, name, delay)
+            case RoundDone(rnd):
+                if self.on_round is not None:
+                    self.on_round(rnd)
+            case Rejected(peer, reason):
+                self.rejected[peer] += 1
+                log.warning("rejected input from %s: %s", peer, reason)
+
+    async def _send(self, send: Send) -> None:
+        try:
+            with trio.fail_after(self.send_timeout):
+                await self.overlay.send(send.peer, Message(send.kind, send.body, send.tensors))
+        except (PeerUnreachable, trio.TooSlowError) as exc:
+            log.debug("send of %s to %s failed: %s", send.kind, send.peer, exc or "timeout")
+            self._inbox.send_nowait(SendFailed(send.peer, send.kind))
+
+    async def _train(self, train: Train) -> None:
+        state, stats = await self.compute.train(self.learner, train.state, train.tag)
+        self._inbox.send_nowait(Trained(train.tag, state, stats))
+
+    async def _timer(self, name: str, delay: float) -> None:
+        await trio.sleep(delay)
+        self._inbox.send_nowait(TimerFired(name))

@@ -1,0 +1,312 @@
+"""The simulation engine: the daemon's own protocol, learner and driver on a simulated network.
+
+A :class:`Simulation` builds one node per graph vertex: a :class:`~learning.learner.Learner` on its
+data shard, a gossip protocol, a :class:`~node.driver.Driver` and a :class:`~overlay.sim.SimOverlay`;
+runs them all on one trio loop in virtual time (``overlay.sim.run_virtual``), applies a schedule of
+crashes, leaves, joins and partitions, and evaluates every live node's model at fixed virtual times.
+Everything random derives from the seed, so a seed reproduces a run bit for bit on CPU.
+
+All nodes share one ``nn.Module`` for compute (they train one at a time on the loop's thread); what
+each node owns is its parameters, so memory per node is a few copies of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import networkx as nx
+import numpy as np
+import torch
+import trio
+
+from learning.datasets import Dataset, load_dataset
+from learning.gossip import Gossip, GossipConfig
+from learning.integrators import make_integrator
+from learning.learner import Hyperparameters, Learner
+from learning.models import ParameterLayout, build_model
+from learning.partition import partition
+from node.driver import Driver, VirtualCompute
+from overlay.sim import SimNetwork, run_virtual
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated swarm. Times are virtual seconds; bandwidth in Mbit/s; speed in samples/s."""
+
+    nodes: int = 20
+    seed: int = 1
+    dataset: str = "digits"
+    dataset_samples: int = 5000  # size of generated datasets (mnist1d)
+    model: str = "mlp"
+    partition: str = "iid"
+    integrator: str = "weighted"
+    synchronous: bool = False
+    fanout: int | None = 2  # asynchronous only
+    period: float = 1.0  # least seconds per round
+    round_timeout: float = 30.0  # synchronous
+    same_init: bool = True  # all nodes start from one model (as FL would) or each from its own
+    batch_size: int = 16
+    lr: float = 0.1
+    local_steps: int | None = None
+    local_epochs: float | None = 1.0
+    duration: float = 300.0
+    eval_every: float = 10.0
+    eval_samples: int = 500  # test samples each evaluation uses (the same subset every time)
+    latency: float = 0.05
+    bandwidth: float = 100.0
+    speed: float = 2000.0
+    speed_spread: float = 1.0  # node speeds are log-uniform in [speed/spread, speed*spread]
+    loss: float = 0.0
+    dial_any: bool = False  # True: any node may message any other, not only graph neighbours
+
+
+@dataclass(frozen=True)
+class ScheduledEvent:
+    """At virtual ``time``: ``crash``, ``leave`` or ``join`` nodes (indices), or ``partition`` / ``heal``."""
+
+    time: float
+    action: str
+    nodes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.action not in {"crash", "leave", "join", "partition", "heal"}:
+            raise ValueError(f"unknown scheduled action {self.action!r}")
+
+
+@dataclass
+class Row:
+    """One evaluation point: the columns of rounds.csv."""
+
+    run: str
+    time: float
+    round: float
+    alive: int
+    acc_mean: float
+    acc_min: float
+    acc_max: float
+    consensus_distance: float
+    bytes_sent: int
+
+
+@dataclass
+class RunResult:
+    label: str
+    rows: list[Row]
+    wall_seconds: float
+    node_rounds: int
+    bytes_by_kind: dict[str, int]
+    per_node_accuracy: dict[str, float] = field(default_factory=dict)  # at the end, live nodes
+
+    @property
+    def final(self) -> Row:
+        return self.rows[-1]
+
+
+def node_name(i: int) -> str:
+    return f"n{i:04d}"
+
+
+class Simulation:
+    def __init__(
+        self,
+        config: SimConfig,
+        graph: nx.Graph,
+        *,
+        label: str = "run",
+        data: Dataset | None = None,
+        data_nodes: Sequence[int] | None = None,
+        schedule: Sequence[ScheduledEvent] = (),
+        offline: Sequence[int] = (),
+        progress: Callable[[str], None] | None = print,
+    ):
+        """``graph`` has vertices 0..nodes-1; ``data_nodes`` hold the training data (default all);
+        ``offline`` nodes exist but start down (they can ``join`` later)."""
+        if sorted(graph.nodes) != list(range(config.nodes)):
+            raise ValueError(f"graph must have vertices 0..{config.nodes - 1}")
+        self.config = config
+        self.graph = graph
+        self.label = label
+        self.data = data or load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
+        self.schedule = sorted(schedule, key=lambda e: e.time)
+        self.offline = set(offline)
+        self.progress = progress
+        holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
+        shards = partition(self.data.y_train.numpy(), len(holders), config.partition, config.seed)
+        self.shards = {i: np.empty(0, dtype=np.int64) for i in range(config.nodes)}
+        self.shards.update(zip(holders, shards))
+        self.rows: list[Row] = []
+        self.node_rounds = 0
+        self._final_accuracy: dict[str, float] = {}
+
+    # --- building nodes ---------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        self.model = build_model(c.model, self.data.input_shape, self.data.num_classes, seed=c.seed)
+        self.hyper = Hyperparameters(
+            batch_size=c.batch_size, lr=c.lr, local_steps=c.local_steps, local_epochs=c.local_epochs
+        )
+        spread = math.log(c.speed_spread)
+        self.speeds = {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
+        self.gossip_config = GossipConfig(
+            fanout=None if c.synchronous else c.fanout,
+            synchronous=c.synchronous,
+            round_timeout=c.round_timeout,
+            period=c.period,
+        )
+        eval_idx = torch.randperm(len(self.data.y_test), generator=torch.Generator().manual_seed(c.seed))
+        eval_idx = eval_idx[: c.eval_samples]
+        self.x_eval, self.y_eval = self.data.x_test[eval_idx], self.data.y_test[eval_idx]
+        self.network = SimNetwork(
+            seed=c.seed, latency=c.latency, bandwidth=c.bandwidth * 1e6 / 8, loss=c.loss, dial_any=c.dial_any
+        )
+        self.drivers: dict[int, Driver] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        layout = ParameterLayout.of(self.model)
+        self.initial = {  # node -> initial parameters
+            i: layout.state(
+                self.model
+                if c.same_init
+                else build_model(
+                    c.model, self.data.input_shape, self.data.num_classes, seed=c.seed * 100_003 + i
+                )
+            )
+            for i in range(c.nodes)
+        }
+
+    def _start_node(self, nursery: trio.Nursery, i: int, *, joining: bool) -> None:
+        c = self.config
+        name = node_name(i)
+        live_neighbours = [node_name(j) for j in self.graph.neighbors(i)]
+        overlay = self.network.add_node(name, neighbours=live_neighbours)
+        shard = self.shards[i]
+        learner = Learner(
+            self.model, self.data.x_train[shard], self.data.y_train[shard], self.hyper, seed=c.seed * 7919 + i
+        )
+        config = GossipConfig(**{**asdict(self.gossip_config), "join_by_fetch": joining})
+        protocol = Gossip(
+            self.initial[i],
+            learner.samples,
+            make_integrator(c.integrator),
+            config,
+            random.Random(c.seed * 31337 + i),
+        )
+        driver = Driver(
+            protocol, overlay, learner, VirtualCompute(self.speeds[i]), on_round=self._count_round
+        )
+        self.drivers[i] = driver
+        scope = trio.CancelScope()
+        self.scopes[i] = scope
+
+        async def run() -> None:
+            with scope:
+                await driver.run()
+
+        nursery.start_soon(run)
+
+    def _count_round(self, _round: int) -> None:
+        self.node_rounds += 1
+
+    def _stop_node(self, i: int, action: str) -> None:
+        name = node_name(i)
+        if not self.network.is_alive(name):
+            return
+        self.network.crash(name) if action == "crash" else self.network.leave(name)
+        self.scopes[i].cancel()
+        self.drivers.pop(i)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        start = time.perf_counter()
+        run_virtual(self._main, seed=self.config.seed)
+        self.wall_seconds = time.perf_counter() - start
+        return RunResult(
+            self.label,
+            self.rows,
+            self.wall_seconds,
+            self.node_rounds,
+            self.network.traffic.by_kind(),
+            self._final_accuracy,
+        )
+
+    async def _main(self) -> None:
+        self._setup()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.network.run)
+            for i in range(self.config.nodes):
+                if i not in self.offline:
+                    self._start_node(nursery, i, joining=False)
+            nursery.start_soon(self._apply_schedule, nursery)
+            await self._observe()
+            nursery.cancel_scope.cancel()
+
+    async def _apply_schedule(self, nursery: trio.Nursery) -> None:
+        t0 = trio.current_time()
+        for event in self.schedule:
+            await trio.sleep_until(t0 + event.time)
+            if event.action in {"crash", "leave"}:
+                for i in event.nodes:
+                    self._stop_node(i, event.action)
+            elif event.action == "join":
+                for i in event.nodes:
+                    if not self.network.is_alive(node_name(i)):
+                        self._start_node(nursery, i, joining=True)
+            elif event.action == "partition":
+                self.network.partition([[node_name(i) for i in event.nodes]])
+            else:
+                self.network.heal()
+            if self.progress:
+                self.progress(
+                    f"  [{self.label}] t={event.time:.0f}s {event.action} {len(event.nodes)} node(s)"
+                )
+
+    async def _observe(self) -> None:
+        c = self.config
+        t0 = trio.current_time()
+        steps = int(c.duration // c.eval_every)
+        for k in range(steps + 1):
+            await trio.sleep_until(t0 + k * c.eval_every)
+            self.rows.append(self._evaluate(k * c.eval_every))
+            if self.progress and (k % max(1, steps // 10) == 0 or k == steps):
+                self.progress(self._describe(self.rows[-1]))
+
+    def _evaluate(self, now: float) -> Row:
+        live = sorted(self.drivers)
+        if not live:
+            return Row(self.label, now, math.nan, 0, math.nan, math.nan, math.nan, math.nan, self._bytes())
+        evaluator = next(iter(self.drivers.values())).learner
+        states = [self.drivers[i].protocol.model for i in live]
+        accs = [
+            evaluator.evaluate(s, self.x_eval, self.y_eval, self.data.num_classes).accuracy for s in states
+        ]
+        self._final_accuracy = {node_name(i): a for i, a in zip(live, accs)}
+        flat = torch.stack([torch.cat([t.reshape(-1).float() for t in s.values()]) for s in states])
+        distance = (flat - flat.mean(0)).norm(dim=1).mean().item()
+        rounds = float(np.mean([self.drivers[i].protocol.round for i in live]))
+        return Row(
+            self.label,
+            now,
+            rounds,
+            len(live),
+            float(np.mean(accs)),
+            min(accs),
+            max(accs),
+            distance,
+            self._bytes(),
+        )
+
+    def _bytes(self) -> int:
+        return self.network.traffic.total_sent()
+
+    def _describe(self, row: Row) -> str:
+        return (
+            f"  [{self.label}] t={row.time:6.0f}s  round {row.round:6.1f}  alive {row.alive:4d}  "
+            f"accuracy {row.acc_mean:.3f} (min {row.acc_min:.3f}, max {row.acc_max:.3f})  "
+            f"sent {row.bytes_sent / 1e6:8.1f} MB"
+        )

@@ -1,0 +1,214 @@
+"""What every scenario script shares: its command-line flags, and its outputs.
+
+Outputs in ``--out DIR``, each written atomically (temp file + rename):
+- ``rounds.csv``: one row per evaluation point and run (columns of :class:`simulations.engine.Row`);
+- ``summary.json``: the configuration and the headline results;
+- PNG plots (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from simulations.engine import Row, RunResult, SimConfig
+
+
+def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentParser:
+    """A parser with the flags every scenario takes; ``defaults`` override SimConfig's per scenario."""
+    base = {**asdict(SimConfig()), **defaults}
+    p = argparse.ArgumentParser(
+        prog=f"python -m simulations.{prog}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("swarm")
+    g.add_argument("--nodes", type=int, default=base["nodes"], help="number of nodes (default %(default)s)")
+    g.add_argument(
+        "--seed", type=int, default=base["seed"], help="seed of everything random (default %(default)s)"
+    )
+    g.add_argument("--out", type=Path, default=Path("out") / prog, help="output folder (default %(default)s)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    g = p.add_argument_group("learning")
+    g.add_argument("--dataset", default=base["dataset"], help="digits, mnist1d, fashion-mnist or a .npz path")
+    g.add_argument("--model", default=base["model"], help="mlp, cnn, frozen-cnn or module:factory")
+    g.add_argument("--partition", default=base["partition"], help="iid, dirichlet:ALPHA or shards:K")
+    g.add_argument(
+        "--integrator", default=base["integrator"], help="mean, weighted or vca (default %(default)s)"
+    )
+    g.add_argument("--lr", type=float, default=base["lr"])
+    g.add_argument("--batch-size", type=int, default=base["batch_size"])
+    g.add_argument("--local-epochs", type=float, default=base["local_epochs"], help="local epochs per round")
+    g.add_argument(
+        "--independent-init",
+        action="store_true",
+        default=not base["same_init"],
+        help="each node starts from its own random model instead of a shared one",
+    )
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--sync", action="store_true", default=base["synchronous"], help="synchronous rounds (D-PSGD)"
+    )
+    g.add_argument("--fanout", type=int, default=base["fanout"], help="asynchronous: peers sent to per cycle")
+    g.add_argument(
+        "--period", type=float, default=base["period"], help="least seconds per round (default %(default)s)"
+    )
+    g.add_argument("--round-timeout", type=float, default=base["round_timeout"], help="synchronous: seconds")
+    g = p.add_argument_group("network and time (virtual seconds)")
+    g.add_argument(
+        "--duration", type=float, default=base["duration"], help="simulated seconds (default %(default)s)"
+    )
+    g.add_argument("--eval-every", type=float, default=base["eval_every"], help="seconds between evaluations")
+    g.add_argument("--latency", type=float, default=base["latency"], help="per-link latency in seconds")
+    g.add_argument("--bandwidth", type=float, default=base["bandwidth"], help="per-node up/down Mbit/s")
+    g.add_argument("--loss", type=float, default=base["loss"], help="probability a message is lost")
+    g.add_argument("--speed", type=float, default=base["speed"], help="training samples per second per node")
+    g.add_argument(
+        "--speed-spread", type=float, default=base["speed_spread"], help="speeds vary by up to this factor"
+    )
+    return p
+
+
+def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
+    if args.nodes < 2:
+        raise SystemExit("error: need at least 2 nodes")
+    if args.eval_every <= 0 or args.duration <= 0:
+        raise SystemExit("error: --duration and --eval-every must be positive")
+    values = dict(
+        nodes=args.nodes,
+        seed=args.seed,
+        dataset=args.dataset,
+        model=args.model,
+        partition=args.partition,
+        integrator=args.integrator,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        same_init=not args.independent_init,
+        synchronous=args.sync,
+        fanout=args.fanout,
+        period=args.period,
+        round_timeout=args.round_timeout,
+        duration=args.duration,
+        eval_every=args.eval_every,
+        latency=args.latency,
+        bandwidth=args.bandwidth,
+        loss=args.loss,
+        speed=args.speed,
+        speed_spread=args.speed_spread,
+    )
+    values.update(overrides)
+    try:
+        return SimConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Settings every scenario run wants before it starts."""
+    torch.set_num_threads(1)  # models this small lose more to thread hand-offs than they gain
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_rounds(out: Path, results: Sequence[RunResult]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([f.name for f in fields(Row)])
+    for result in results:
+        for row in result.rows:
+            writer.writerow([_cell(v) for v in asdict(row).values()])
+    write_atomic(out / "rounds.csv", buf.getvalue())
+
+
+def _cell(value: object) -> object:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def time_to(rows: Sequence[Row], target: float) -> float | None:
+    """First evaluation time at which mean accuracy reached ``target``."""
+    return next((r.time for r in rows if r.acc_mean >= target), None)
+
+
+def headline(result: RunResult, target: float | None = None) -> dict:
+    final = result.final
+    out = {
+        "final_accuracy_mean": _num(final.acc_mean),
+        "final_accuracy_min": _num(final.acc_min),
+        "final_alive": final.alive,
+        "final_round": _num(final.round),
+        "bytes_sent": final.bytes_sent,
+        "bytes_by_kind": result.bytes_by_kind,
+        "node_rounds": result.node_rounds,
+        "wall_seconds": round(result.wall_seconds, 2),
+    }
+    if target is not None:
+        out["target_accuracy"] = target
+        out["time_to_target"] = time_to(result.rows, target)
+    return out
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
+
+
+def write_summary(out: Path, config: SimConfig, scenario: dict, results: dict) -> None:
+    doc = {"config": asdict(config), "scenario": scenario, "results": results}
+    write_atomic(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def plot_runs(
+    out: Path, name: str, results: Sequence[RunResult], title: str, marks: Sequence[float] = ()
+) -> Path:
+    """Mean accuracy (band: min to max over live nodes) and live nodes over virtual time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, alive_ax) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 1))
+    for result in results:
+        t = [r.time for r in result.rows]
+        (line,) = acc_ax.plot(t, [r.acc_mean for r in result.rows], label=result.label)
+        acc_ax.fill_between(
+            t,
+            [r.acc_min for r in result.rows],
+            [r.acc_max for r in result.rows],
+            color=line.get_color(),
+            alpha=0.15,
+        )
+        alive_ax.plot(t, [r.alive for r in result.rows], color=line.get_color())
+    for x in marks:
+        for ax in (acc_ax, alive_ax):
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+    acc_ax.set_ylabel("test accuracy (mean; band min–max)")
+    acc_ax.set_title(title)
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend(loc="lower right", fontsize="small")
+    alive_ax.set_ylabel("live nodes")
+    alive_ax.set_xlabel("virtual time (s)")
+    alive_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = out / name
+    write_atomic(path, buf.getvalue())
+    return path

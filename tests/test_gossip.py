@@ -1,0 +1,201 @@
+"""The gossip protocol as a pure state machine: events in, actions out; no network, no clock."""
+
+import random
+
+import pytest
+import torch
+
+from learning.gossip import Gossip, GossipConfig
+from learning.integrators import Contribution, Mean, Weighted, make_integrator
+from learning.protocol import (
+    MessageIn,
+    PeerDown,
+    PeerUp,
+    Rejected,
+    RoundDone,
+    Send,
+    SendFailed,
+    Started,
+    StartTimer,
+    TimerFired,
+    Train,
+    Trained,
+)
+from learning.training import TrainStats
+
+STATS = TrainStats(1, 10, 0.5, 0.5)
+
+
+def model(value: float) -> dict:
+    return {"w": torch.full((2, 3), value), "b": torch.full((3,), value)}
+
+
+def node(config=None, peers=("p1", "p2", "p3"), samples=10, integrator=None) -> Gossip:
+    g = Gossip(model(0.0), samples, integrator or Mean(), config or GossipConfig(), random.Random(0))
+    for p in peers:
+        g.handle(PeerUp(p), 0.0)
+    return g
+
+
+def kinds(actions):
+    return [type(a).__name__ for a in actions]
+
+
+def model_msg(peer, value, rnd=0, samples=10, **extra):
+    return MessageIn(peer, "model", {"round": rnd, "samples": samples, **extra}, model(value))
+
+
+def test_async_cycle_trains_sends_integrates_and_trains_again():
+    g = node(GossipConfig(fanout=2))
+    assert g.handle(Started(), 0.0) == [Train(0, g.model)]
+    assert g.handle(model_msg("p1", 3.0), 0.1) == []  # buffered until the next cycle
+    actions = g.handle(Trained(0, model(1.0), STATS), 0.5)
+    sends = [a for a in actions if isinstance(a, Send)]
+    assert len(sends) == 2 and {s.peer for s in sends} <= {"p1", "p2", "p3"}
+    assert all(torch.equal(s.tensors["w"], model(1.0)["w"]) and s.body["round"] == 0 for s in sends)
+    assert kinds(actions)[-2:] == ["RoundDone", "Train"]
+    assert torch.allclose(g.model["w"], torch.full((2, 3), 2.0))  # mean of own 1.0 and received 3.0
+    assert g.round == 1
+
+
+def test_async_keeps_only_the_newest_model_per_peer():
+    g = node(GossipConfig(fanout=1))
+    g.handle(Started(), 0.0)
+    g.handle(model_msg("p1", 10.0), 0.1)
+    g.handle(model_msg("p1", 4.0, rnd=1), 0.2)
+    g.handle(Trained(0, model(0.0), STATS), 0.5)
+    assert torch.allclose(g.model["w"], torch.full((2, 3), 2.0))
+
+
+def test_async_period_rests_between_cycles():
+    g = node(GossipConfig(fanout=1, period=5.0))
+    g.handle(Started(), 0.0)
+    actions = g.handle(Trained(0, model(1.0), STATS), 1.0)
+    assert actions[-1] == StartTimer("cycle", 4.0)
+    assert g.handle(Trained(0, model(1.0), STATS), 1.5) == []  # stale: not training now
+    assert g.handle(TimerFired("cycle"), 5.0) == [Train(1, g.model)]
+
+
+def test_sync_round_waits_for_every_neighbour():
+    g = node(GossipConfig(synchronous=True))
+    g.handle(Started(), 0.0)
+    actions = g.handle(Trained(0, model(3.0), STATS), 1.0)
+    assert kinds(actions) == ["Send", "Send", "Send", "StartTimer"]
+    assert actions[-1] == StartTimer("round-0", 60.0)
+    assert g.handle(model_msg("p1", 0.0), 1.1) == []
+    assert g.handle(model_msg("p2", 0.0, rnd=1), 1.2) == []  # next round's model is kept for later
+    assert g.handle(model_msg("p2", 6.0), 1.3) == []
+    actions = g.handle(model_msg("p3", 3.0), 1.4)
+    assert kinds(actions) == ["RoundDone", "Train"] and g.round == 1
+    assert torch.allclose(g.model["w"], torch.full((2, 3), 3.0))
+    g.handle(Trained(1, model(0.0), STATS), 2.0)
+    assert g.handle(model_msg("p1", 0.0, rnd=1), 2.1) == []
+    assert kinds(g.handle(model_msg("p3", 0.0, rnd=1), 2.2)) == ["RoundDone", "Train"]  # p2's came early
+
+
+def test_sync_round_does_not_wait_for_crashed_or_unreachable_peers():
+    g = node(GossipConfig(synchronous=True))
+    g.handle(Started(), 0.0)
+    g.handle(Trained(0, model(1.0), STATS), 1.0)
+    g.handle(model_msg("p1", 1.0), 1.1)
+    assert g.handle(PeerDown("p2"), 1.2) == []
+    assert kinds(g.handle(SendFailed("p3", "model"), 1.3)) == ["RoundDone", "Train"]
+    assert g.neighbours == ["p1"]
+
+
+def test_sync_round_times_out_when_fewer_models_arrive():
+    g = node(GossipConfig(synchronous=True, round_timeout=5.0))
+    g.handle(Started(), 0.0)
+    g.handle(Trained(0, model(2.0), STATS), 1.0)
+    g.handle(model_msg("p1", 4.0), 2.0)
+    assert g.handle(TimerFired("round-7"), 6.0) == []  # not this round's timer
+    assert kinds(g.handle(TimerFired("round-0"), 6.0)) == ["RoundDone", "Train"]
+    assert torch.allclose(g.model["w"], torch.full((2, 3), 3.0))
+    assert g.handle(model_msg("p2", 9.0, rnd=0), 6.5) == []  # too late for round 0: ignored
+
+
+def test_isolated_sync_node_keeps_training_alone():
+    g = node(GossipConfig(synchronous=True), peers=())
+    g.handle(Started(), 0.0)
+    assert kinds(g.handle(Trained(0, model(1.0), STATS), 1.0)) == ["StartTimer", "RoundDone", "Train"]
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (MessageIn("p1", "model", {"round": 0, "samples": 1}, {"w": torch.zeros(2, 3)}), "names"),
+        (
+            MessageIn("p1", "model", {"round": 0, "samples": 1}, {**model(0), "w": torch.zeros(3, 2)}),
+            "expected",
+        ),
+        (MessageIn("p1", "model", {"round": 0, "samples": 1}, model(float("nan"))), "NaN"),
+        (MessageIn("p1", "model", {"round": -1, "samples": 1}, model(0)), "integer round"),
+        (MessageIn("p1", "model", {"round": "0", "samples": 1}, model(0)), "integer round"),
+        (MessageIn("p1", "model", {"samples": 1}, model(0)), "integer round"),
+        (MessageIn("p1", "gossip-v2", {}, {}), "unknown message kind"),
+    ],
+)
+def test_bad_models_are_rejected_with_a_reason(message, reason):
+    g = node()
+    g.handle(Started(), 0.0)
+    (action,) = g.handle(message, 0.1)
+    assert isinstance(action, Rejected) and action.peer == "p1" and reason in action.reason
+    g.handle(Trained(0, model(5.0), STATS), 1.0)
+    assert torch.equal(g.model["w"], model(5.0)["w"])  # nothing of the bad input was integrated
+
+
+def test_answers_fetch_with_its_current_model():
+    g = node()
+    g.handle(Started(), 0.0)
+    (reply,) = g.handle(MessageIn("p2", "fetch", {}, {}), 0.1)
+    assert (
+        reply.peer == "p2"
+        and reply.kind == "model"
+        and reply.body == {"round": 0, "samples": 10, "reply": True}
+    )
+
+
+def test_joining_node_adopts_a_neighbours_model_and_round():
+    g = node(GossipConfig(join_by_fetch=True, fetch_timeout=3.0))
+    send, timer = g.handle(Started(), 0.0)
+    assert send.kind == "fetch" and timer == StartTimer("fetch", 3.0)
+    assert g.handle(model_msg("nobody-asked", 9.0, rnd=40, reply=True), 0.1) == []  # not the one we asked
+    actions = g.handle(model_msg(send.peer, 7.0, rnd=41, reply=True), 0.2)
+    assert actions == [Train(41, g.model)] and g.round == 41
+    assert torch.equal(g.model["w"], model(7.0)["w"])
+
+
+def test_joining_node_asks_again_when_its_peer_dies_then_gives_up_on_timeout():
+    g = node(GossipConfig(join_by_fetch=True), peers=("p1", "p2"))
+    first, _ = g.handle(Started(), 0.0)
+    second, _ = g.handle(PeerDown(first.peer), 0.5)
+    assert second.kind == "fetch" and second.peer != first.peer
+    assert g.handle(TimerFired("fetch"), 10.0) == [Train(0, g.model)]
+
+
+def test_weighted_integration_and_nodes_without_data():
+    own = Contribution(model(0.0), 0)
+    got = Weighted().integrate(own, [Contribution(model(3.0), 30), Contribution(model(6.0), 10)])
+    assert torch.allclose(got["w"], torch.full((2, 3), 3.75))
+    nobody = Weighted().integrate(own, [Contribution(model(3.0), 0)])  # no data anywhere: plain mean
+    assert torch.allclose(nobody["w"], torch.full((2, 3), 1.5))
+    with pytest.raises(ValueError, match="needs a period"):
+        node(samples=0)
+    with pytest.raises(ValueError, match="unknown integrator"):
+        make_integrator("median-of-medians")
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="every neighbour"):
+        GossipConfig(synchronous=True, fanout=2)
+    with pytest.raises(ValueError, match="fanout"):
+        GossipConfig(fanout=0)
+    with pytest.raises(ValueError, match="timeouts"):
+        GossipConfig(round_timeout=0)
+
+
+def test_round_done_is_reported_each_round():
+    g = node(GossipConfig(fanout=1))
+    g.handle(Started(), 0.0)
+    for r in range(3):
+        assert RoundDone(r + 1) in g.handle(Trained(r, model(1.0), STATS), float(r))

@@ -1,0 +1,158 @@
+"""The engine end to end: the daemon's protocol, learner and driver on the simulated network."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import networkx as nx
+import pytest
+import torch
+import trio
+
+from learning.gossip import Gossip, GossipConfig
+from learning.integrators import Mean
+from learning.learner import Hyperparameters, Learner
+from learning.models import build_model
+from node.driver import Driver, VirtualCompute
+from overlay.sim import SimNetwork
+from overlay.wire import Message
+from simulations import churn, disaster, topologies
+from simulations.engine import ScheduledEvent, SimConfig, Simulation, node_name
+
+
+def test_survivors_keep_learning_after_a_third_crash_mid_round():
+    config = SimConfig(nodes=20, duration=150.0, eval_every=10.0, seed=2)
+    graph = nx.barabasi_albert_graph(20, 2, seed=2)
+    crashed = tuple(range(0, 20, 3))  # 7 nodes, hubs 0 and 3 among them
+    sim = Simulation(config, graph, schedule=[ScheduledEvent(60.3, "crash", crashed)], progress=None)
+    result = sim.run()
+    rows = {r.time: r for r in result.rows}
+    assert rows[60.0].alive == 20 and rows[70.0].alive == 13
+    assert rows[150.0].acc_mean > rows[60.0].acc_mean + 0.05
+    assert rows[150.0].acc_mean > 0.85
+    # no task hangs: every survivor finished rounds after the crash (1 s period: ~90 more)
+    assert min(d.protocol.round for d in sim.drivers.values()) >= 140
+    assert set(result.per_node_accuracy) == {node_name(i) for i in range(20) if i not in crashed}
+
+
+def test_synchronous_rounds_survive_crashes_and_loss():
+    config = SimConfig(
+        nodes=12, duration=60.0, eval_every=10.0, synchronous=True, loss=0.05, round_timeout=5.0
+    )
+    graph = nx.random_regular_graph(3, 12, seed=1)
+    sim = Simulation(config, graph, schedule=[ScheduledEvent(20.5, "crash", (0, 1, 2, 3))], progress=None)
+    result = sim.run()
+    assert result.final.alive == 8
+    assert min(d.protocol.round for d in sim.drivers.values()) > result.rows[3].round
+
+
+def test_a_late_joiner_fetches_the_current_model():
+    config = SimConfig(nodes=10, duration=150.0, eval_every=50.0)
+    graph = nx.cycle_graph(10)
+    sim = Simulation(
+        config, graph, offline=[4], schedule=[ScheduledEvent(100.0, "join", (4,))], progress=None
+    )
+    result = sim.run()
+    rounds = {i: d.protocol.round for i, d in sim.drivers.items()}
+    assert rounds[4] >= 0.9 * rounds[3]  # continued from a neighbour's round ~100, not from 0
+    assert result.per_node_accuracy[node_name(4)] > 0.8
+    assert result.rows[1].alive == 9 and result.rows[-1].alive == 10
+
+
+async def test_the_driver_rejects_a_bad_model_and_keeps_going(nursery, autojump_clock):
+    net = SimNetwork(latency=0.01)
+    await nursery.start(net.run)
+    model = build_model("mlp", (4,), 3, seed=0)
+    learner = Learner(
+        model,
+        torch.randn(20, 4),
+        torch.randint(0, 3, (20,)),
+        Hyperparameters(local_steps=2, local_epochs=None),
+    )
+    protocol = Gossip(
+        learner.initial_state(),
+        learner.samples,
+        Mean(),
+        GossipConfig(period=1.0),
+        __import__("random").Random(0),
+    )
+    attacker = net.add_node("evil")
+    driver = Driver(protocol, net.add_node("good", neighbours=["evil"]), learner, VirtualCompute(1000))
+    nursery.start_soon(driver.run)
+    await trio.sleep(2.5)
+    bad = {n: torch.full_like(t, float("inf")) for n, t in protocol.model.items()}
+    await attacker.send("good", Message("model", {"round": 0, "samples": 5}, bad))
+    await attacker.send("good", Message("model", {"round": 0}, {}))
+    await trio.sleep(3)
+    assert driver.rejected["evil"] == 2
+    assert protocol.round >= 5 and all(torch.isfinite(t).all() for t in protocol.model.values())
+
+
+def run_script(module: str, out, *args: str, hashseed: str = "0") -> None:
+    env = {**os.environ, "PYTHONHASHSEED": hashseed}
+    subprocess.run(
+        [sys.executable, "-m", module, "--out", str(out), "--quiet", *args],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+    )
+
+
+@pytest.mark.slow
+def test_same_seed_same_csv_bit_for_bit_and_other_seeds_differ(tmp_path):
+    small = ["--nodes", "8", "--duration", "20", "--eval-every", "5", "--topologies", "ba", "--loss", "0.1"]
+    run_script("simulations.topologies", tmp_path / "a", *small, "--seed", "4", hashseed="1")
+    run_script("simulations.topologies", tmp_path / "b", *small, "--seed", "4", hashseed="2")
+    run_script("simulations.topologies", tmp_path / "c", *small, "--seed", "5", hashseed="1")
+    a, b, c = ((tmp_path / d / "rounds.csv").read_bytes() for d in "abc")
+    assert a == b
+    assert a != c
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_scenario_scripts_write_their_three_outputs(tmp_path, capsys):
+    tiny = ["--nodes", "12", "--duration", "20", "--eval-every", "5", "--quiet", "--seed", "3"]
+    assert topologies.main([*tiny, "--out", str(tmp_path / "t"), "--topologies", "ring,complete"]) == 0
+    assert churn.main([*tiny, "--out", str(tmp_path / "c"), "--churn-every", "5", "--crash-prob", "0.2"]) == 0
+    assert disaster.main([*tiny, "--out", str(tmp_path / "d"), "--drop-at", "10", "--fraction", "0.25"]) == 0
+    for name in "tcd":
+        out = tmp_path / name
+        assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        rows = read_rows(out / "rounds.csv")
+        assert list(rows[0]) == [
+            "run",
+            "time",
+            "round",
+            "alive",
+            "acc_mean",
+            "acc_min",
+            "acc_max",
+            "consensus_distance",
+            "bytes_sent",
+        ]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["nodes"] == 12 and summary["results"]
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert set(summary["results"]) == {"none", "data", "relay", "hubs"}
+    assert summary["scenario"]["runs"]["hubs"]["dropped"] == 3
+    assert int(read_rows(tmp_path / "d" / "rounds.csv")[-1]["alive"]) == 9
+    churned = [r for r in read_rows(tmp_path / "c" / "rounds.csv") if r["run"] == "churn"]
+    assert min(int(r["alive"]) for r in churned) < 12
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_scenario_arguments_exit_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="unknown topology"):
+        topologies.main(["--topologies", "torus", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least 2 nodes"):
+        churn.main(["--nodes", "1", "--out", str(tmp_path)])
+    (tmp_path / "s.csv").write_text("10,crash,0 1\n20,explode,2\n")
+    with pytest.raises(SystemExit, match=r"s\.csv:2"):
+        churn.main(["--schedule", str(tmp_path / "s.csv"), "--out", str(tmp_path), "--quiet"])
