@@ -31,7 +31,7 @@ class AveragingError(ValueError):
     """Models cannot be averaged together; the message says which tensor is wrong."""
 
 
-def incompatibility(reference: Model, model: Model) -> str | None:
+def incompatibility(reference: Model, model: Model, *, finite: bool = True) -> str | None:
     """Why ``model`` cannot be averaged with ``reference`` (names, shapes, dtypes, finiteness), or None."""
     if list(model) != list(reference):
         return f"tensor names {list(model)[:3]}... do not match {list(reference)[:3]}..."
@@ -39,17 +39,17 @@ def incompatibility(reference: Model, model: Model) -> str | None:
         t = model[name]
         if t.shape != ref.shape or t.dtype != ref.dtype:
             return f"{name!r} is {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if finite and t.is_floating_point() and not torch.isfinite(t).all():
             return f"{name!r} contains NaN or infinite values"
     return None
 
 
-def check_models(models: Sequence[Model]) -> None:
-    """Raise unless all models have the same names, shapes and dtypes and only finite values."""
+def check_models(models: Sequence[Model], *, finite: bool = True) -> None:
+    """Raise unless all models have the same names, shapes, dtypes (and, with ``finite``, finite values)."""
     if not models:
         raise AveragingError("nothing to average")
     for i, m in enumerate(models):
-        reason = incompatibility(models[0], m)
+        reason = incompatibility(models[0], m, finite=finite)
         if reason:
             raise AveragingError(f"model {i}: {reason}")
 
@@ -60,8 +60,12 @@ def mean(models: Sequence[Model]) -> dict[str, torch.Tensor]:
 
 
 def weighted_mean(models: Sequence[Model], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """sum_j w_j θ_j / sum_j w_j, e.g. weighted by each model's number of training samples."""
-    check_models(models)
+    """sum_j w_j θ_j / sum_j w_j, e.g. weighted by each model's number of training samples.
+
+    NaN or Inf in any input makes the average non-finite (even at weight 0, as 0·Inf is NaN), so the
+    inputs' values are checked through the result: one check per tensor instead of one per input.
+    """
+    check_models(models, finite=False)
     w = torch.as_tensor(weights, dtype=torch.float64)
     if w.shape != (len(models),):
         raise AveragingError(f"{len(weights)} weights for {len(models)} models")
@@ -73,6 +77,9 @@ def weighted_mean(models: Sequence[Model], weights: Sequence[float]) -> dict[str
         stacked = torch.stack([m[name].to(torch.float64) for m in models])
         avg = torch.tensordot(w, stacked, dims=1)
         out[name] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
+    if not all(torch.isfinite(t).all() for t in out.values() if t.is_floating_point()):
+        check_models(models)  # names the input at fault
+        raise AveragingError("the average overflowed to infinite values")
     return out
 
 

@@ -19,6 +19,14 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _place(model: nn.Module, device: torch.device | None) -> torch.device:
+    """Move the model to ``device`` (default: :func:`pick_device`) unless it is there already."""
+    device = device or pick_device()
+    if next(model.parameters()).device != device:
+        model.to(device)
+    return device
+
+
 @dataclass(frozen=True)
 class TrainStats:
     steps: int
@@ -63,8 +71,8 @@ def train_local(
         return TrainStats(0, 0, math.nan, math.nan)
     if steps is None:
         steps = max(1, math.ceil(epochs * len(x) / batch_size))
-    device = device or pick_device()
-    model.to(device).train()
+    device = _place(model, device)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -95,8 +103,8 @@ def evaluate(
     device: torch.device | None = None,
 ) -> Evaluation:
     """Accuracy, mean cross-entropy and per-class accuracy of ``model`` on (x, y)."""
-    device = device or pick_device()
-    model.to(device).eval()
+    device = _place(model, device)
+    model.eval()
     correct = torch.zeros(num_classes, dtype=torch.int64)
     seen = torch.zeros(num_classes, dtype=torch.int64)
     loss_sum = 0.0

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from learning.gossip import Gossip, GossipConfig
 from learning.integrators import Mean
 from learning.learner import Hyperparameters, Learner
 from learning.models import build_model
-from node.driver import Driver, VirtualCompute
+from node.driver import Driver, ThreadCompute, VirtualCompute
 from overlay.sim import SimNetwork
 from overlay.wire import Message
 from simulations import churn, disaster, topologies
@@ -156,3 +157,45 @@ def test_bad_scenario_arguments_exit_with_a_message(tmp_path):
     (tmp_path / "s.csv").write_text("10,crash,0 1\n20,explode,2\n")
     with pytest.raises(SystemExit, match=r"s\.csv:2"):
         churn.main(["--schedule", str(tmp_path / "s.csv"), "--out", str(tmp_path), "--quiet"])
+
+
+async def test_thread_compute_trains_off_the_event_loop(nursery):
+    """The daemon's set-up: real clock, training in a worker thread while the loop keeps running."""
+    import threading
+
+    net = SimNetwork(latency=0.001)
+    await nursery.start(net.run)
+    loop_thread = threading.get_ident()
+    threads = set()
+
+    class Recording(Learner):
+        def train(self, state, round):
+            threads.add(threading.get_ident())
+            return super().train(state, round)
+
+    drivers = []
+    for name, peers in (("a", []), ("b", ["a"])):
+        learner = Recording(
+            build_model("mlp", (4,), 3, seed=0),
+            torch.randn(40, 4),
+            torch.randint(0, 3, (40,)),
+            Hyperparameters(local_steps=3, local_epochs=None),
+        )
+        protocol = Gossip(learner.initial_state(), 40, Mean(), GossipConfig(period=0.05), random.Random(0))
+        drivers.append(Driver(protocol, net.add_node(name, neighbours=peers), learner, ThreadCompute()))
+        nursery.start_soon(drivers[-1].run)
+    with trio.fail_after(30):
+        while min(d.protocol.round for d in drivers) < 5:
+            await trio.sleep(0.05)
+    assert threads and loop_thread not in threads
+    assert net.traffic.messages["model"] >= 8
+
+
+@pytest.mark.parametrize("module", ["topologies", "churn", "disaster", "vca_demo"])
+def test_every_scenario_explains_itself(module, capsys):
+    script = __import__(f"simulations.{module}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--nodes", "--seed", "--out"))
