@@ -28,6 +28,11 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """The node is about to leave gracefully: last chance to say goodbye (sends only)."""
+
+
+@dataclass(frozen=True)
 class PeerUp:
     peer: str
 
@@ -63,7 +68,7 @@ class TimerFired:
     name: str
 
 
-Event = Started | PeerUp | PeerDown | MessageIn | SendFailed | Trained | TimerFired
+Event = Started | Stopping | PeerUp | PeerDown | MessageIn | SendFailed | Trained | TimerFired
 
 
 # --- actions (protocol -> driver) -----------------------------------------------------------

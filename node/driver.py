@@ -32,6 +32,7 @@ from learning.protocol import (
     Started,
     StartTimer,
     State,
+    Stopping,
     TimerFired,
     Train,
     Trained,
@@ -102,6 +103,14 @@ class Driver:
             nursery.start_soon(self._pump_overlay)
             async for event in self._events:
                 self._handle(event)
+
+    async def leave(self, timeout: float = 5.0) -> None:
+        """Graceful departure: give the protocol ``Stopping``, send its goodbyes within ``timeout``."""
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for action in self.protocol.handle(Stopping(), trio.current_time()):
+                    if isinstance(action, Send):
+                        nursery.start_soon(self._send, action)
 
     async def _pump_overlay(self) -> None:
         async for event in self.overlay.events:

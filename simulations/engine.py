@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -29,6 +29,7 @@ from learning.integrators import make_integrator
 from learning.learner import Hyperparameters, Learner
 from learning.models import ParameterLayout, build_model
 from learning.partition import partition
+from learning.protocol import LearningProtocol
 from node.driver import Driver, VirtualCompute
 from overlay.sim import SimNetwork, run_virtual
 
@@ -110,6 +111,22 @@ def node_name(i: int) -> str:
     return f"n{i:04d}"
 
 
+ProtocolFactory = Callable[["Simulation", int, Learner, bool], LearningProtocol]
+
+
+def gossip_protocol(sim: Simulation, i: int, learner: Learner, joining: bool) -> Gossip:
+    """The default protocol: gossip as configured by the SimConfig; late joiners fetch a model first."""
+    c = sim.config
+    config = GossipConfig(
+        fanout=None if c.synchronous else c.fanout,
+        synchronous=c.synchronous,
+        round_timeout=c.round_timeout,
+        period=c.period,
+        join_by_fetch=joining,
+    )
+    return Gossip(sim.initial[i], learner.samples, make_integrator(c.integrator), config, sim.rng(i))
+
+
 class Simulation:
     def __init__(
         self,
@@ -121,10 +138,16 @@ class Simulation:
         data_nodes: Sequence[int] | None = None,
         schedule: Sequence[ScheduledEvent] = (),
         offline: Sequence[int] = (),
+        make_protocol: ProtocolFactory | None = None,
+        evaluate: str = "all",
         progress: Callable[[str], None] | None = print,
     ):
         """``graph`` has vertices 0..nodes-1; ``data_nodes`` hold the training data (default all);
-        ``offline`` nodes exist but start down (they can ``join`` later)."""
+        ``offline`` nodes exist but start down (they can ``join`` later); ``make_protocol`` builds each
+        node's protocol (default: gossip); ``evaluate`` is ``all`` live nodes' models or only the
+        ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample)."""
+        if evaluate not in {"all", "freshest"}:
+            raise ValueError(f"evaluate must be 'all' or 'freshest', got {evaluate!r}")
         if sorted(graph.nodes) != list(range(config.nodes)):
             raise ValueError(f"graph must have vertices 0..{config.nodes - 1}")
         self.config = config
@@ -134,6 +157,8 @@ class Simulation:
         self.schedule = sorted(schedule, key=lambda e: e.time)
         self.offline = set(offline)
         self.progress = progress
+        self.make_protocol = make_protocol
+        self.evaluate = evaluate
         holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
         shards = partition(self.data.y_train.numpy(), len(holders), config.partition, config.seed)
         self.shards = {i: np.empty(0, dtype=np.int64) for i in range(config.nodes)}
@@ -153,12 +178,6 @@ class Simulation:
         )
         spread = math.log(c.speed_spread)
         self.speeds = {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
-        self.gossip_config = GossipConfig(
-            fanout=None if c.synchronous else c.fanout,
-            synchronous=c.synchronous,
-            round_timeout=c.round_timeout,
-            period=c.period,
-        )
         eval_idx = torch.randperm(len(self.data.y_test), generator=torch.Generator().manual_seed(c.seed))
         eval_idx = eval_idx[: c.eval_samples]
         self.x_eval, self.y_eval = self.data.x_test[eval_idx], self.data.y_test[eval_idx]
@@ -179,6 +198,10 @@ class Simulation:
             for i in range(c.nodes)
         }
 
+    def rng(self, i: int) -> random.Random:
+        """Node ``i``'s own generator for its protocol's choices."""
+        return random.Random(self.config.seed * 31337 + i)
+
     def _start_node(self, nursery: trio.Nursery, i: int, *, joining: bool) -> None:
         c = self.config
         name = node_name(i)
@@ -188,14 +211,7 @@ class Simulation:
         learner = Learner(
             self.model, self.data.x_train[shard], self.data.y_train[shard], self.hyper, seed=c.seed * 7919 + i
         )
-        config = GossipConfig(**{**asdict(self.gossip_config), "join_by_fetch": joining})
-        protocol = Gossip(
-            self.initial[i],
-            learner.samples,
-            make_integrator(c.integrator),
-            config,
-            random.Random(c.seed * 31337 + i),
-        )
+        protocol = (self.make_protocol or gossip_protocol)(self, i, learner, joining)
         driver = Driver(
             protocol, overlay, learner, VirtualCompute(self.speeds[i]), on_round=self._count_round
         )
@@ -250,9 +266,13 @@ class Simulation:
         t0 = trio.current_time()
         for event in self.schedule:
             await trio.sleep_until(t0 + event.time)
-            if event.action in {"crash", "leave"}:
+            if event.action == "crash":
                 for i in event.nodes:
-                    self._stop_node(i, event.action)
+                    self._stop_node(i, "crash")
+            elif event.action == "leave":
+                for i in event.nodes:
+                    if i in self.drivers:
+                        nursery.start_soon(self._leave, i)
             elif event.action == "join":
                 for i in event.nodes:
                     if not self.network.is_alive(node_name(i)):
@@ -266,6 +286,12 @@ class Simulation:
                     f"  [{self.label}] t={event.time:.0f}s {event.action} {len(event.nodes)} node(s)"
                 )
 
+    async def _leave(self, i: int) -> None:
+        driver = self.drivers.get(i)
+        if driver is not None:
+            await driver.leave()
+            self._stop_node(i, "leave")
+
     async def _observe(self) -> None:
         c = self.config
         t0 = trio.current_time()
@@ -278,6 +304,10 @@ class Simulation:
 
     def _evaluate(self, now: float) -> Row:
         live = sorted(self.drivers)
+        alive = len(live)
+        if live and self.evaluate == "freshest":
+            newest = max(self.drivers[i].protocol.round for i in live)
+            live = [i for i in live if self.drivers[i].protocol.round == newest]
         if not live:
             return Row(self.label, now, math.nan, 0, math.nan, math.nan, math.nan, math.nan, self._bytes())
         evaluator = next(iter(self.drivers.values())).learner
@@ -293,7 +323,7 @@ class Simulation:
             self.label,
             now,
             rounds,
-            len(live),
+            alive,
             float(np.mean(accs)),
             min(accs),
             max(accs),
