@@ -14,10 +14,13 @@ Round k: the aggregators of round k (first ``a`` available of O_k) send the roun
 trainers of round k (first ``s`` available of O_k); each trainer trains one local pass and sends the
 result, tagged k+1, to the aggregators of round k+1; an aggregator aggregates once ``ceil(sf·s)``
 models of its round arrived (or ``aggregation_timeout`` after the first one, our default where the
-authors' code leaves the timeout unused) and sends the result on. The members of the round-1 sample
-start by themselves. A joining node advertises JOIN to a few peers, which apply it after their next
-model send, so a newcomer is sampled only once its JOIN has spread; a leaving node advertises LEAVE,
-applied at once. Crashed nodes fail their pings and age out after ``inactivity_threshold`` rounds.
+authors' code leaves the timeout unused) and sends the result on. Our addition: a trainer that sees
+no newer model within ``watch_timeout`` pings its aggregators again and hands its model to the next
+available candidate if one has died (with one aggregator, its crash would otherwise stop training).
+The members of the round-1 sample start by themselves. A joining node advertises JOIN to a few
+peers, which apply it after their next model send, so a newcomer is sampled only once its JOIN has
+spread; a leaving node advertises LEAVE, applied at once. Crashed nodes fail their pings and age
+out after ``inactivity_threshold`` rounds.
 
 Messages: ``ping``/``pong`` {sel, round}, ``aggregated`` and ``trained`` {round, samples, view} +
 model, ``advert`` {round, index, joined}.
@@ -62,14 +65,15 @@ class ModestConfig:
     ping_timeout: float = 5.0
     ping_interval: float = 1.0
     inactivity_threshold: int = 50
-    aggregation_timeout: float = 10.0
+    aggregation_timeout: float = 5.0
+    watch_timeout: float = 20.0  # a trainer re-checks its aggregators when nothing newer came by then
 
     def __post_init__(self) -> None:
         if self.sample_size < 1 or self.aggregators < 1:
             raise ValueError("sample_size and aggregators must be at least 1")
         if not 0 < self.success_fraction <= 1:
             raise ValueError(f"success_fraction must be in (0, 1], got {self.success_fraction}")
-        if min(self.ping_timeout, self.ping_interval, self.aggregation_timeout) <= 0:
+        if min(self.ping_timeout, self.ping_interval, self.aggregation_timeout, self.watch_timeout) <= 0:
             raise ValueError("timeouts and intervals must be positive")
 
     @property
@@ -183,10 +187,12 @@ class Modest:
         self._rng = rng
         self._joining = joining
         self._now = 0.0
+        self._model_round = 0
         self._train_round = 0
         self._training = False  # a Train action is out for _train_round
         self._agg_round = 0
         self._buffer: dict[str, Contribution] = {}
+        self._handed_to: set[str] = set()  # aggregators that have our latest trained model
         self._aggregated = False  # aggregation of _agg_round done
         self._pending_joins: dict[str, Entry] = {}
         self._selections: dict[int, Selection] = {}
@@ -199,7 +205,11 @@ class Modest:
 
     @property
     def round(self) -> int:
-        """The node's round estimate: the newest round it trained, aggregated or heard of."""
+        """The round of the model this node holds (what an observer should compare)."""
+        return self._model_round
+
+    def estimate(self) -> int:
+        """The spec's round estimate: the newest round trained, aggregated or heard of."""
         return max(self._train_round, self._agg_round, self.view.newest_round())
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -218,6 +228,8 @@ class Modest:
                 return self._on_trained(state)
             case TimerFired(name) if name.startswith("sel-"):
                 return self._on_selection_timer(int(name[4:]))
+            case TimerFired(name) if name == f"watch-{self._train_round + 1}" and self._stalled():
+                return self._hand_over(self._train_round + 1)
             case TimerFired(name) if name == f"agg-{self._agg_round}" and not self._aggregated:
                 return self._aggregate()
         return []
@@ -236,7 +248,7 @@ class Modest:
     def _advertise(self, *, joined: bool) -> list[Action]:
         others = [p for p in self.view.entries if p != self.me]
         targets = self._rng.sample(others, min(self._config.sample_size, len(others)))
-        body = {"round": self.round, "index": self._index, "joined": joined}
+        body = {"round": self.estimate(), "index": self._index, "joined": joined}
         return [Send(p, "advert", body) for p in targets]
 
     def _apply_pending_joins(self) -> None:
@@ -252,7 +264,7 @@ class Modest:
         match kind:
             case "ping":
                 self._seen(peer, rnd)
-                return [Send(peer, "pong", {"sel": body.get("sel"), "round": self.round})]
+                return [Send(peer, "pong", {"sel": body.get("sel"), "round": self.estimate()})]
             case "pong":
                 self._seen(peer, rnd)
                 return self._on_pong(peer, body.get("sel"))
@@ -264,7 +276,7 @@ class Modest:
 
     def _seen(self, peer: str, rnd: int) -> None:
         """A sign of life from ``peer``: its activity becomes at least max(its round, our estimate)."""
-        self.view.refresh(peer, max(rnd, self.round))
+        self.view.refresh(peer, max(rnd, self.estimate()))
 
     def _on_advert(self, peer: str, rnd: int, body: Mapping) -> list[Action]:
         index, joined = body.get("index"), body.get("joined")
@@ -301,7 +313,7 @@ class Modest:
         return self._begin_training(rnd, state) if rnd > self._train_round else []
 
     def _begin_training(self, rnd: int, state: State) -> list[Action]:
-        self._model = state
+        self._model, self._model_round = state, rnd
         self._train_round = rnd
         self._training = True
         return [Train(rnd, state)]
@@ -309,11 +321,28 @@ class Modest:
     def _on_trained(self, state: State) -> list[Action]:
         self._model = state
         self._training = False
-        nxt = self._train_round + 1
+        self._handed_to = set()
+        return self._hand_over(self._train_round + 1)
+
+    def _hand_over(self, nxt: int) -> list[Action]:
+        """Send our trained model to the available aggregators of round ``nxt`` that do not have it yet,
+        then watch: if no newer model reaches us in time, check them again (an aggregator may crash
+        after it received the models, which would otherwise end training for everyone)."""
         body = {"round": nxt, "samples": self._samples}
-        return self._select(
-            nxt, self._config.aggregators, lambda to: self._send_model("trained", to, body, state)
-        )
+
+        def send(aggregators: list[str]) -> list[Action]:
+            new = [p for p in aggregators if p not in self._handed_to]
+            self._handed_to.update(new)
+            if not new:
+                return []  # our aggregators are alive: the round is in their hands
+            watch = StartTimer(f"watch-{nxt}", self._config.watch_timeout)
+            return [*self._send_model("trained", new, body, self._model), watch]
+
+        return self._select(nxt, self._config.aggregators, send)
+
+    def _stalled(self) -> bool:
+        """Trained and handed over, but no model of a newer round has reached us."""
+        return not self._training and self._model_round <= self._train_round
 
     # --- aggregator -------------------------------------------------------------------------
 
@@ -336,8 +365,8 @@ class Modest:
             model = received[0].state
         else:
             model = self._integrator.integrate(received[0], received[1:])
-        self._model = model
         rnd = self._agg_round
+        self._model, self._model_round = model, rnd
         body = {"round": rnd, "samples": self._samples}
         sends = self._select(
             rnd, self._config.sample_size, lambda to: self._send_model("aggregated", to, body, model)
@@ -345,7 +374,7 @@ class Modest:
         return [RoundDone(rnd), *sends]
 
     def _send_model(self, kind: str, peers: list[str], body: dict, state: State) -> list[Action]:
-        self.view.refresh(self.me, self.round)
+        self.view.refresh(self.me, self.estimate())
         full = {**body, "view": self.view.to_wire()}
         actions: list[Action] = [Send(p, kind, full, state) for p in peers if p != self.me]
         self._apply_pending_joins()

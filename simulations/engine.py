@@ -101,6 +101,7 @@ class RunResult:
     node_rounds: int
     bytes_by_kind: dict[str, int]
     per_node_accuracy: dict[str, float] = field(default_factory=dict)  # at the end, live nodes
+    bytes_per_node: dict[str, int] = field(default_factory=dict)  # sent + received over the run
 
     @property
     def final(self) -> Row:
@@ -242,13 +243,19 @@ class Simulation:
         start = time.perf_counter()
         run_virtual(self._main, seed=self.config.seed)
         self.wall_seconds = time.perf_counter() - start
+        traffic = self.network.traffic
+        per_node = {
+            node_name(i): traffic.total_sent(node_name(i)) + sum(traffic.received[node_name(i)].values())
+            for i in range(self.config.nodes)
+        }
         return RunResult(
             self.label,
             self.rows,
             self.wall_seconds,
             self.node_rounds,
-            self.network.traffic.by_kind(),
+            traffic.by_kind(),
             self._final_accuracy,
+            per_node,
         )
 
     async def _main(self) -> None:

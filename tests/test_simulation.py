@@ -19,7 +19,7 @@ from learning.models import build_model
 from node.driver import Driver, ThreadCompute, VirtualCompute
 from overlay.sim import SimNetwork
 from overlay.wire import Message
-from simulations import churn, disaster, topologies
+from simulations import churn, disaster, modest, topologies
 from simulations.engine import ScheduledEvent, SimConfig, Simulation, node_name
 
 
@@ -191,7 +191,7 @@ async def test_thread_compute_trains_off_the_event_loop(nursery):
     assert net.traffic.messages["model"] >= 8
 
 
-@pytest.mark.parametrize("module", ["topologies", "churn", "disaster", "vca_demo"])
+@pytest.mark.parametrize("module", ["topologies", "churn", "disaster", "vca_demo", "modest"])
 def test_every_scenario_explains_itself(module, capsys):
     script = __import__(f"simulations.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as exit_info:
@@ -199,3 +199,31 @@ def test_every_scenario_explains_itself(module, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--nodes", "--seed", "--out"))
+
+
+def test_modest_scenario_compares_methods_and_survives_the_crash(tmp_path):
+    out = tmp_path / "m"
+    args = [
+        "--nodes",
+        "20",
+        "--duration",
+        "24",
+        "--rounds",
+        "20",
+        "--sample",
+        "5",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert modest.main([*args, "--target", "0.3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())["results"]
+    assert set(summary) == {"modest", "d-psgd", "fedavg", "modest-crash"}
+    for method in ("modest", "d-psgd", "fedavg"):
+        assert summary[method]["bytes_to_target"] > 0, method
+    # MoDeST moves a sample per round, D-PSGD every node: fewer bytes to the same accuracy
+    assert summary["modest"]["bytes_to_target"] < summary["d-psgd"]["bytes_to_target"]
+    crash = [r for r in read_rows(out / "rounds.csv") if r["run"] == "modest-crash"]
+    assert int(crash[-1]["alive"]) == 4 and float(crash[-1]["round"]) > float(crash[len(crash) // 2]["round"])
+    for name in ("accuracy_by_round", "accuracy_by_bytes", "bytes_per_node", "crash"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

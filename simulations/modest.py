@@ -1,0 +1,251 @@
+"""MoDeST vs D-PSGD vs a FedAvg reference, and MoDeST through the crash of 80% of its nodes.
+
+Same data split, initial model, hyperparameters and seed for every method:
+- ``modest``: MoDeST (learning/modest.py) with sample size --sample, one aggregator, sf 1.0;
+- ``d-psgd``: synchronous gossip rounds on a ring (the authors' decentralized baseline), every node
+  trains each round and averages with its two neighbours;
+- ``fedavg``: an idealised server, computed in this script for comparison only: each round --sample
+  nodes drawn at random train from the global model and the server averages them (no network; bytes
+  counted as one download and one upload per sampled node);
+- ``modest-crash``: MoDeST with sf 0.9, ping timeout 2 s and inactivity threshold 20 (the authors'
+  crash experiment) while 80% of the nodes crash in 16 batches over the middle of the run.
+
+MoDeST is evaluated on the freshest model (the nodes at the newest round: the current sample), D-PSGD
+on every node's model. Writes rounds.csv, summary.json (with the bytes each method needs to reach
+--target), accuracy_by_round.png, accuracy_by_bytes.png, bytes_per_node.png and crash.png to --out.
+
+    python -m simulations.modest --nodes 60 --seed 1 --out out/modest
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from learning.datasets import load_dataset
+from learning.integrators import Contribution, make_integrator
+from learning.learner import Hyperparameters, Learner
+from learning.models import ParameterLayout, build_model
+from learning.modest import Modest, ModestConfig
+from learning.partition import partition
+from learning.training import evaluate
+from overlay.wire import Message, encoded_size
+from simulations import report
+from simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation, node_name
+
+
+def modest_protocol(config: ModestConfig):
+    """A protocol factory for the engine: every initial node knows every other; joiners know three."""
+
+    def make(sim: Simulation, i: int, learner: Learner, joining: bool) -> Modest:
+        me = node_name(i)
+        if joining:
+            alive = [p for p in sim.network.alive() if p != me]
+            peers = sim.rng(i).sample(alive, min(3, len(alive)))
+        else:
+            peers = [node_name(j) for j in range(sim.config.nodes) if j != i and j not in sim.offline]
+        integrator = make_integrator(sim.config.integrator)
+        return Modest(
+            me, peers, sim.initial[i], learner.samples, integrator, config, sim.rng(i), joining=joining
+        )
+
+    return make
+
+
+def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
+    """The reference: a server that samples ``sample`` nodes per round and averages their models."""
+    data = load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
+    shards = partition(data.y_train.numpy(), config.nodes, config.partition, config.seed)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    hyper = Hyperparameters(
+        batch_size=config.batch_size,
+        lr=config.lr,
+        local_steps=config.local_steps,
+        local_epochs=config.local_epochs,
+    )
+    learners = [
+        Learner(model, data.x_train[s], data.y_train[s], hyper, seed=config.seed * 7919 + i)
+        for i, s in enumerate(shards)
+    ]
+    integrator = make_integrator(config.integrator)
+    state = ParameterLayout.of(model).state(model)
+    model_bytes = encoded_size(Message("model", {"round": 0, "samples": 0}, state))
+    rng = random.Random(config.seed)
+    rows, sent = [], 0
+    for rnd in range(rounds + 1):
+        if rnd:
+            chosen = rng.sample(range(config.nodes), sample)
+            trained = [Contribution(learners[i].train(state, rnd)[0], learners[i].samples) for i in chosen]
+            state = integrator.integrate(trained[0], trained[1:])
+            sent += 2 * sample * model_bytes
+        acc = evaluate(model_with(model, state), data.x_test, data.y_test, data.num_classes).accuracy
+        rows.append(Row("fedavg", math.nan, float(rnd), config.nodes, acc, acc, acc, 0.0, sent))
+    return RunResult("fedavg", rows, 0.0, rounds * sample, {"model": sent})
+
+
+def model_with(model, state):
+    ParameterLayout.of(model).load(model, state)
+    return model
+
+
+def first(rows: Sequence[Row], target: float, field: str) -> float | None:
+    return next((getattr(r, field) for r in rows if r.acc_mean >= target), None)
+
+
+def crash_schedule(nodes: int, duration: float, seed: int) -> list[ScheduledEvent]:
+    """80% of the nodes crash in 16 batches, evenly from 20% to 80% of the run (the authors' shape)."""
+    victims = random.Random(seed).sample(range(nodes), round(0.8 * nodes))
+    batches = np.array_split(np.array(victims), 16)
+    times = np.linspace(0.2 * duration, 0.8 * duration, 16)
+    return [
+        ScheduledEvent(float(t), "crash", tuple(int(v) for v in b)) for t, b in zip(times, batches) if len(b)
+    ]
+
+
+def plot_xy(out: Path, name: str, results: Sequence[RunResult], x: str, xlabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in results:
+        xs = [getattr(row, x) / (1e6 if x == "bytes_sent" else 1) for row in r.rows]
+        ax.plot(xs, [row.acc_mean for row in r.rows], label=r.label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    if x == "bytes_sent":
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, out / name)
+
+
+def plot_bytes_per_node(out: Path, per_node: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.boxplot(list(per_node.values()), tick_labels=list(per_node))
+    ax.set_ylabel("MB sent + received per node")
+    ax.set_title("Traffic per node over the whole run")
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, out / "bytes_per_node.png")
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    report.write_atomic(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = report.parser("modest", __doc__, nodes=60, duration=100.0, eval_every=1.0, integrator="mean")
+    g = p.add_argument_group("MoDeST")
+    g.add_argument("--sample", type=int, default=10, help="sample size s (default 10)")
+    g.add_argument("--aggregators", type=int, default=1, help="aggregators a (default 1)")
+    g.add_argument("--rounds", type=int, default=200, help="rounds for D-PSGD and FedAvg (default 200)")
+    g.add_argument(
+        "--target", type=float, default=0.85, help="accuracy for the to-target figures (default 0.85)"
+    )
+    args = p.parse_args(argv)
+    if not 1 <= args.sample <= args.nodes:
+        p.error("--sample must be between 1 and --nodes")
+    base = report.config_from(args, dial_any=True)
+    report.prepare(args)
+    progress = None if args.quiet else print
+    no_links = nx.empty_graph(base.nodes)  # MoDeST dials whoever it samples; nobody is a standing neighbour
+    normal = ModestConfig(sample_size=args.sample, aggregators=args.aggregators, inactivity_threshold=1000)
+    modest = Simulation(
+        base,
+        no_links,
+        label="modest",
+        make_protocol=modest_protocol(normal),
+        evaluate="freshest",
+        progress=progress,
+    ).run()
+    dpsgd_config = report.config_from(args, synchronous=True, duration=float(args.rounds), period=1.0)
+    dpsgd = Simulation(dpsgd_config, nx.cycle_graph(base.nodes), label="d-psgd", progress=progress).run()
+    reference = fedavg(base, args.sample, args.rounds)
+    crash_config = ModestConfig(
+        sample_size=args.sample,
+        aggregators=args.aggregators,
+        success_fraction=0.9,
+        ping_timeout=2.0,
+        inactivity_threshold=20,
+        aggregation_timeout=2.0,
+        watch_timeout=6.0,
+    )
+    crashed = Simulation(
+        base,
+        no_links,
+        label="modest-crash",
+        make_protocol=modest_protocol(crash_config),
+        evaluate="freshest",
+        schedule=crash_schedule(base.nodes, base.duration, base.seed),
+        progress=progress,
+    ).run()
+
+    by_round = [modest, dpsgd, reference]
+    report.write_rounds(args.out, [*by_round, crashed])
+    targets = {
+        r.label: {
+            "rounds_to_target": first(r.rows, args.target, "round"),
+            "bytes_to_target": first(r.rows, args.target, "bytes_sent"),
+        }
+        for r in by_round
+    }
+    per_node = {r.label: [b / 1e6 for b in r.bytes_per_node.values()] for r in (modest, dpsgd)}
+    plot_bytes_per_node(args.out, per_node)
+    for r in (modest, dpsgd):
+        targets[r.label]["bytes_per_node_median"] = float(np.median(list(r.bytes_per_node.values())))
+        targets[r.label]["bytes_per_node_max"] = max(r.bytes_per_node.values())
+    results = {
+        r.label: {**report.headline(r, args.target), **targets.get(r.label, {})} for r in [*by_round, crashed]
+    }
+    report.write_summary(
+        args.out,
+        base,
+        {"name": "modest", "sample": args.sample, "aggregators": args.aggregators, "target": args.target},
+        results,
+    )
+    plot_xy(args.out, "accuracy_by_round.png", by_round, "round", "round", "Accuracy per round")
+    plot_xy(
+        args.out,
+        "accuracy_by_bytes.png",
+        by_round,
+        "bytes_sent",
+        "MB sent by all nodes (log)",
+        "Accuracy per byte",
+    )
+    report.plot_runs(args.out, "crash.png", [modest, crashed], "MoDeST while 80% of the nodes crash")
+    print(f"wrote {args.out}: rounds.csv, summary.json and plots")
+    for label, t in targets.items():
+        b = t["bytes_to_target"]
+        print(
+            f"  {label:>7}: {args.target:.0%} after {t['rounds_to_target']} rounds, "
+            f"{'-' if b is None else f'{b / 1e6:.1f} MB'}"
+        )
+    print(
+        f"  modest-crash: final accuracy {crashed.final.acc_mean:.3f} with {crashed.final.alive} nodes left"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
