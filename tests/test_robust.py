@@ -1,0 +1,118 @@
+"""Bristle and the robust baselines: the properties the issue names, plus behaviour under outliers."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from learning.averaging import AveragingError
+from learning.bristle import Bristle, BristleConfig, f1_per_class, linear_scorer, prioritize
+from learning.integrators import Contribution
+from learning.robust import Krum, Median, TrimmedMean
+
+
+def head(value, classes=4, dim=3, seed=None):
+    if seed is None:
+        return {"head.weight": torch.full((classes, dim), float(value))}
+    return {"head.weight": torch.randn(classes, dim, generator=torch.Generator().manual_seed(seed))}
+
+
+def contributions(states):
+    return [Contribution(s, 10, f"p{i}") for i, s in enumerate(states)]
+
+
+def test_prioritizer_keeps_the_nearest_and_some_random():
+    own = head(0.0)
+    received = contributions([head(d) for d in [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]])
+    picks = [prioritize(own, received, nearest=3, explore=2, rng=random.Random(s)) for s in range(20)]
+    for chosen in picks:
+        assert [c.state["head.weight"][0, 0].item() for c in chosen[:3]] == [1, 2, 3]
+        assert len(chosen) == 5 and all(c.state["head.weight"][0, 0].item() > 3 for c in chosen[3:])
+    assert len({tuple(c.peer for c in chosen[3:]) for chosen in picks}) > 3  # exploration varies
+    assert len(prioritize(own, received[:2], nearest=3, explore=2, rng=random.Random(0))) == 2
+
+
+def test_a_peer_worse_on_every_familiar_class_gets_weight_zero():
+    bristle = Bristle(lambda s: np.zeros(4), familiar=[0, 1, 2], rng=random.Random(0))
+    omega, big_omega = bristle.weights(np.array([0.9, 0.8, 0.95, 0.0]), np.array([0.1, 0.2, 0.3, 0.9]))
+    assert omega.tolist() == [0.0, 0.0, 0.0] and big_omega == 0.0
+    # equally good gives weight 1 x certainty; better gives more
+    same, _ = bristle.weights(np.array([0.8, 0.8, 0.8, 0]), np.array([0.8, 0.8, 0.8, 0]))
+    better, _ = bristle.weights(np.array([0.5, 0.5, 0.5, 0]), np.array([0.9, 0.9, 0.9, 0]))
+    assert same == pytest.approx([0.8] * 3) and (better > same).all()
+
+
+def scorer_for(features, y):
+    return linear_scorer(features, y, num_classes=4)
+
+
+def test_identical_peers_leave_the_model_unchanged():
+    g = torch.Generator().manual_seed(1)
+    features, y = torch.randn(40, 3, generator=g), torch.arange(40) % 4
+    own = head(0, seed=3)
+    own["head.weight"] -= own["head.weight"].mean(dim=0, keepdim=True)  # Bristle keeps layers centred
+    bristle = Bristle(scorer_for(features, y), familiar=[0, 1, 2, 3], rng=random.Random(0))
+    copies = contributions([{k: v.clone() for k, v in own.items()} for _ in range(5)])
+    out = bristle.integrate(Contribution(own, 10), copies)
+    torch.testing.assert_close(out["head.weight"], own["head.weight"])
+
+
+def test_bristle_ignores_a_saboteur_and_learns_foreign_classes_from_good_peers():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 4
+    y = torch.arange(80) % 4
+    features = centres[y] + 0.3 * torch.randn(80, 4, generator=g)
+    good = {"head.weight": centres.clone()}
+    own = {"head.weight": centres.clone()}
+    own["head.weight"][3] = 0.0  # we never saw class 3: it is foreign to us
+    local = y < 3
+    bristle = Bristle(scorer_for(features[local], y[local]), familiar=[0, 1, 2], rng=random.Random(0))
+    evil = {"head.weight": -10 * centres}
+    out = bristle.integrate(Contribution(own, 10), contributions([good, evil, good]))
+    f1 = f1_per_class(features @ out["head.weight"].T, y, 4)
+    assert f1[:3].min() > 0.9  # familiar classes kept
+    assert f1[3] > 0.5  # the foreign class came from the good peers, not the saboteur
+
+
+@pytest.mark.parametrize("integrator", [Median(), TrimmedMean(b=1), Krum(f=1), Krum(f=1, m=2)])
+def test_robust_baselines_resist_one_outlier(integrator):
+    honest = [head(v) for v in (1.0, 1.1, 0.9, 1.05)]
+    out = integrator.integrate(Contribution(honest[0], 1), contributions([*honest[1:], head(1000.0)]))
+    assert 0.85 < out["head.weight"].mean().item() < 1.15
+
+
+def test_trimmed_mean_and_krum_arithmetic():
+    vals = [head(v) for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    out = TrimmedMean(b=1).integrate(Contribution(vals[0], 1), contributions(vals[1:]))
+    assert out["head.weight"].mean().item() == pytest.approx(3.0)
+    few = TrimmedMean(b=4).integrate(Contribution(vals[0], 1), contributions(vals[1:2]))  # trims what it can
+    assert few["head.weight"].mean().item() == pytest.approx(1.5)
+    picked = Krum(f=1).integrate(Contribution(vals[0], 1), contributions(vals[1:]))
+    assert picked["head.weight"].mean().item() in (2.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    "integrator",
+    [Median(), TrimmedMean(), Krum(), Bristle(lambda s: np.zeros(4), familiar=[0], rng=random.Random(0))],
+)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"head.weight": torch.full((4, 3), float("nan"))},
+        {"head.weight": torch.zeros(3, 3)},
+        {"w": torch.zeros(4, 3)},
+    ],
+)
+def test_integrators_reject_nan_and_wrong_shapes(integrator, bad):
+    with pytest.raises(AveragingError):
+        integrator.integrate(Contribution(head(1.0), 1), contributions([head(1.0), bad]))
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError):
+        TrimmedMean(b=-1)
+    with pytest.raises(ValueError):
+        Krum(m=0)
+    with pytest.raises(ValueError, match="familiar"):
+        Bristle(lambda s: np.zeros(4), familiar=[], rng=random.Random(0), config=BristleConfig())
