@@ -17,8 +17,9 @@ frozen feature extractor: ``learning.models.FrozenFeaturesHead``).
    ("centre every column by its mean") could also mean each class vector's own mean; that variant
    shifts each class's logit by a different amount, so we did not take it.
 
-Departures, stated: private-set-intersection of label sets is not implemented, so every candidate is
-judged on all our familiar classes (k_p = |F|).
+Departure, stated: Bristle learns how many classes a peer shares with it (k_p) by private set
+intersection; here peers announce their label set with their model (``Contribution.labels``), which is
+simpler and less private. A peer that announces nothing is judged on all our familiar classes.
 """
 
 from __future__ import annotations
@@ -92,15 +93,24 @@ class Bristle:
         self.rng = rng
         self.config = config or BristleConfig()
 
-    def weights(self, f_own: np.ndarray, f_peer: np.ndarray) -> tuple[np.ndarray, float]:
-        """Per-familiar-class weights ω and the per-peer weight Ω of one candidate."""
+    def weights(
+        self, f_own: np.ndarray, f_peer: np.ndarray, overlap: int | None = None
+    ) -> tuple[np.ndarray, float]:
+        """Per-familiar-class weights ω and the per-peer weight Ω of one candidate.
+
+        With ``overlap`` k (how many of our classes the peer holds) the peer is judged on the k familiar
+        classes where it does best, and gets no per-class weight on the others.
+        """
         fs, fp = f_own[self.familiar], f_peer[self.familiar]
+        k = len(self.familiar) if overlap is None else overlap
+        selected = np.zeros(len(self.familiar), dtype=bool)
+        selected[np.argsort(-fp, kind="stable")[:k]] = True
         delta = 10 * np.abs(fs - fp)
         score = np.where(fp > fs, delta ** (3 + fs), -(delta ** (4 + fs)))
-        certainty = max(0.0, float(fp.mean() - fp.std()))
+        certainty = max(0.0, float(fp[selected].mean() - fp[selected].std()))
         omega = np.array([max(0.0, 10 * _sigmoid(max(-100.0, s) / 100) - 4) for s in score]) * certainty
-        big_omega = max(0.0, 10 * _sigmoid(float(score.sum()) / 100) - 4) * certainty
-        return omega, big_omega
+        big_omega = max(0.0, 10 * _sigmoid(float(score[selected].sum()) / 100) - 4) * certainty
+        return np.where(selected, omega, 0.0), big_omega
 
     def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State:
         check_models([own.state, *(c.state for c in received)])
@@ -112,7 +122,10 @@ class Bristle:
         familiar = torch.zeros(theta.shape[0], dtype=torch.bool)
         familiar[self.familiar] = True
         for c in candidates:
-            omega, big_omega = self.weights(f_own, self.scorer(c.state))
+            overlap = None if c.labels is None else len(set(c.labels) & set(self.familiar))
+            if overlap == 0:
+                continue  # Bristle only listens to peers that share at least one class with us
+            omega, big_omega = self.weights(f_own, self.scorer(c.state), overlap)
             w = torch.full((theta.shape[0],), big_omega, dtype=torch.float64)
             w[self.familiar] = torch.as_tensor(omega)
             numerator += w[:, None] * c.state[head].double()

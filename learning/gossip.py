@@ -14,7 +14,8 @@ Each cycle a node trains on its own data, sends the result to its neighbours (al
 A node that joins a running swarm may first fetch a neighbour's current model (``join_by_fetch``) and
 continue from its round, instead of starting from its own initialisation.
 
-Messages: ``model`` {round, samples, reply} + tensors; ``fetch`` {} asks a peer for its model.
+Messages: ``model`` {round, samples, reply, labels (optional: the classes the sender holds, for
+integrators such as Bristle)} + tensors; ``fetch`` {} asks a peer for its model.
 Every received model is checked against the node's own (names, shapes, dtypes, finite values) and
 refused with a reason otherwise.
 """
@@ -22,6 +23,7 @@ refused with a reason otherwise.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from learning.averaging import incompatibility
@@ -42,7 +44,10 @@ from learning.protocol import (
     TimerFired,
     Train,
     Trained,
+    is_count,
 )
+
+MAX_LABELS = 10_000  # classes a peer may announce
 
 # How far ahead of our own round a synchronous peer's model may be and still be kept for later.
 MAX_ROUNDS_AHEAD = 2
@@ -68,13 +73,21 @@ class GossipConfig:
 
 class Gossip:
     def __init__(
-        self, model: State, samples: int, integrator: Integrator, config: GossipConfig, rng: random.Random
+        self,
+        model: State,
+        samples: int,
+        integrator: Integrator,
+        config: GossipConfig,
+        rng: random.Random,
+        *,
+        labels: Sequence[int] | None = None,
     ):
         self._model = model
         self._samples = samples
         self._integrator = integrator
         self._config = config
         self._rng = rng
+        self._labels = None if labels is None else sorted(set(labels))  # announced with our models
         if samples == 0 and config.period <= 0:
             raise ValueError("a node without data needs a period, or it could cycle without pause")
         self._round = 0
@@ -155,7 +168,12 @@ class Gossip:
         reason = incompatibility(self._model, tensors)
         if reason:
             return [Rejected(peer, f"model does not fit: {reason}")]
-        contribution = Contribution(dict(tensors), samples, peer)
+        labels = body.get("labels")
+        if labels is not None and not (
+            isinstance(labels, list) and len(labels) <= MAX_LABELS and all(is_count(c) for c in labels)
+        ):
+            return [Rejected(peer, f"labels must be a list of at most {MAX_LABELS} class numbers")]
+        contribution = Contribution(dict(tensors), samples, peer, None if labels is None else tuple(labels))
         if self._phase == "fetching" and body.get("reply") and peer == self._fetching_from:
             self._model, self._round = contribution.state, rnd
             return self._train()
@@ -176,6 +194,8 @@ class Gossip:
                 list(self._neighbours), min(self._config.fanout, len(self._neighbours))
             )
         body = {"round": self._round, "samples": self._samples}
+        if self._labels is not None:
+            body["labels"] = self._labels
         sends: list[Action] = [Send(p, "model", body, state) for p in targets]
         if not self._config.synchronous:
             received, self._latest = list(self._latest.values()), {}

@@ -21,6 +21,7 @@ class Contribution:
     state: State
     samples: int
     peer: str = ""
+    labels: tuple[int, ...] | None = None  # the classes the sender holds, when it says
 
 
 class Integrator(Protocol):

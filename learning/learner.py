@@ -48,6 +48,17 @@ class Learner:
         self.hyper = hyper
         self.seed = seed
         self.device = device
+        self.kept_rows: tuple[str, list[int]] | None = None
+
+    def train_only_rows(self, tensor: str, rows: list[int]) -> None:
+        """Keep training's change to ``tensor`` on ``rows`` only; the other rows stay as they came in.
+
+        Bristle's local step: a node updates the output rows of the classes it holds and leaves the
+        rest of the consensus layer as its peers made it.
+        """
+        if tensor not in self.layout.names:
+            raise ValueError(f"no shared tensor {tensor!r} in this model")
+        self.kept_rows = (tensor, rows)
 
     @property
     def samples(self) -> int:
@@ -73,7 +84,13 @@ class Learner:
             seed=self.seed * 1_000_003 + round,
             device=self.device,
         )
-        return self.layout.state(self.model), stats
+        new = self.layout.state(self.model)
+        if self.kept_rows is not None:
+            name, rows = self.kept_rows
+            others = torch.ones(len(new[name]), dtype=torch.bool)
+            others[rows] = False
+            new[name][others] = state[name][others].to(new[name].device)
+        return new, stats
 
     def evaluate(self, state: State, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Evaluation:
         self.layout.load(self.model, state)

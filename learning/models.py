@@ -1,6 +1,6 @@
 """Models a node trains, a registry to build them by name, and the flat view peers exchange.
 
-Registry names: ``mlp``, ``cnn`` and ``frozen-cnn``; or ``package.module:factory`` for a user's own
+Registry names: ``mlp``, ``cnn``, ``frozen-cnn`` and ``head``; or ``package.module:factory`` for a user's own
 model, where ``factory(input_shape=..., num_classes=...)`` returns an ``nn.Module``.
 
 What peers share is a model's *trainable* parameters, in ``named_parameters()`` order
@@ -117,7 +117,12 @@ def frozen_cnn(
     return FrozenFeaturesHead(features, feature_size(features, input_shape), num_classes)
 
 
-MODELS: dict[str, Factory] = {"mlp": MLP, "cnn": SmallCNN, "frozen-cnn": frozen_cnn}
+def linear_head(input_shape: tuple[int, ...], num_classes: int) -> FrozenFeaturesHead:
+    """Just the bias-free head, for inputs that already are frozen features (computed once, not per step)."""
+    return FrozenFeaturesHead(nn.Flatten(), math.prod(input_shape), num_classes)
+
+
+MODELS: dict[str, Factory] = {"mlp": MLP, "cnn": SmallCNN, "frozen-cnn": frozen_cnn, "head": linear_head}
 
 
 def resolve_factory(spec: str) -> Factory:

@@ -52,6 +52,7 @@ from learning.protocol import (
     TimerFired,
     Train,
     Trained,
+    is_count,
 )
 
 MAX_VIEW = 100_000  # entries accepted in a received view
@@ -130,14 +131,10 @@ class View:
             if not (isinstance(peer, str) and isinstance(value, list) and len(value) == 3):
                 raise ValueError(f"view entry {peer!r} is not [last_active, index, joined]")
             last, index, joined = value
-            if not (_count(last) and _count(index) and isinstance(joined, bool)):
+            if not (is_count(last) and is_count(index) and isinstance(joined, bool)):
                 raise ValueError(f"view entry {peer!r} has bad values {value!r}")
             out[peer] = Entry(last, index, joined)
         return out
-
-
-def _count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def order(peers: list[str], round: int) -> list[str]:
@@ -259,7 +256,7 @@ class Modest:
 
     def _on_message(self, peer: str, kind: str, body: Mapping, tensors: Mapping) -> list[Action]:
         rnd = body.get("round")
-        if not _count(rnd):
+        if not is_count(rnd):
             return [Rejected(peer, f"{kind} message needs a round >= 0, got {rnd!r}")]
         match kind:
             case "ping":
@@ -280,7 +277,7 @@ class Modest:
 
     def _on_advert(self, peer: str, rnd: int, body: Mapping) -> list[Action]:
         index, joined = body.get("index"), body.get("joined")
-        if not (_count(index) and isinstance(joined, bool)):
+        if not (is_count(index) and isinstance(joined, bool)):
             return [Rejected(peer, "advert needs an index >= 0 and a joined flag")]
         entry = {peer: Entry(rnd, index, joined)}
         if joined:
@@ -291,7 +288,7 @@ class Modest:
 
     def _on_model(self, peer: str, kind: str, rnd: int, body: Mapping, tensors: Mapping) -> list[Action]:
         samples = body.get("samples")
-        if not _count(samples):
+        if not is_count(samples):
             return [Rejected(peer, f"{kind} message needs samples >= 0, got {samples!r}")]
         reason = incompatibility(self._model, tensors)
         if reason:

@@ -141,12 +141,14 @@ class Simulation:
         offline: Sequence[int] = (),
         make_protocol: ProtocolFactory | None = None,
         evaluate: str = "all",
+        observed: Sequence[int] | None = None,
         progress: Callable[[str], None] | None = print,
     ):
         """``graph`` has vertices 0..nodes-1; ``data_nodes`` hold the training data (default all);
         ``offline`` nodes exist but start down (they can ``join`` later); ``make_protocol`` builds each
         node's protocol (default: gossip); ``evaluate`` is ``all`` live nodes' models or only the
-        ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample)."""
+        ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample); ``observed``
+        limits evaluation to some nodes (e.g. the honest ones when others attack)."""
         if evaluate not in {"all", "freshest"}:
             raise ValueError(f"evaluate must be 'all' or 'freshest', got {evaluate!r}")
         if sorted(graph.nodes) != list(range(config.nodes)):
@@ -160,6 +162,7 @@ class Simulation:
         self.progress = progress
         self.make_protocol = make_protocol
         self.evaluate = evaluate
+        self.observed = None if observed is None else set(observed)
         holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
         shards = partition(self.data.y_train.numpy(), len(holders), config.partition, config.seed)
         self.shards = {i: np.empty(0, dtype=np.int64) for i in range(config.nodes)}
@@ -312,6 +315,8 @@ class Simulation:
     def _evaluate(self, now: float) -> Row:
         live = sorted(self.drivers)
         alive = len(live)
+        if self.observed is not None:
+            live = [i for i in live if i in self.observed]
         if live and self.evaluate == "freshest":
             newest = max(self.drivers[i].protocol.round for i in live)
             live = [i for i in live if self.drivers[i].protocol.round == newest]

@@ -1,0 +1,84 @@
+"""Byzantine behaviours for simulations: what a malicious node sends instead of its honest model.
+
+An attacker runs the honest protocol (it trains, it receives) behind :class:`Forging`, which swaps
+the tensors of every model it sends for forged ones. Data poisoning (label flipping) needs no wrapper:
+the attacker trains honestly on flipped labels.
+
+- ``label-flip``: y -> (y + 1) mod classes (Bristle's "label-flip-all");
+- ``noise``: Gaussian noise with the spread of the honest model (Gaussian attack);
+- ``sign-flip``: the own model negated and scaled by 4 (sign-flipping / scaled update);
+- ``alie``: "A little is enough" (Baruch et al., NeurIPS 2019): per coordinate, the mean of the honest
+  models the attacker received minus z standard deviations, small enough to pass robust statistics.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from learning.protocol import Action, Event, LearningProtocol, MessageIn, Send, State
+
+Forge = Callable[[State, list[State]], State]
+ATTACKS = ("label-flip", "noise", "sign-flip", "alie")
+
+
+def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return (y + 1) % num_classes
+
+
+def forge(attack: str, rng: random.Random, *, scale: float = 4.0, z: float = 1.0) -> Forge | None:
+    """The forging function of a model-poisoning attack (None for data poisoning)."""
+    if attack == "label-flip":
+        return None
+    if attack == "noise":
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+
+        def noise(own: State, seen: list[State]) -> State:
+            return {k: torch.randn(v.shape, generator=gen).to(v.dtype) * v.std() for k, v in own.items()}
+
+        return noise
+    if attack == "sign-flip":
+        return lambda own, seen: {k: -scale * v for k, v in own.items()}
+    if attack == "alie":
+
+        def alie(own: State, seen: list[State]) -> State:
+            if len(seen) < 2:
+                return own
+            return {
+                k: (torch.stack([s[k] for s in seen]).mean(0) - z * torch.stack([s[k] for s in seen]).std(0))
+                for k in own
+            }
+
+        return alie
+    raise ValueError(f"unknown attack {attack!r}: use one of {', '.join(ATTACKS)}")
+
+
+class Forging:
+    """Wraps an honest protocol; every model it sends is replaced by ``forge(own, recently seen)``."""
+
+    def __init__(self, inner: LearningProtocol, forge: Forge, memory: int = 20):
+        self.inner = inner
+        self.forge = forge
+        self.seen: deque[State] = deque(maxlen=memory)
+
+    @property
+    def model(self) -> State:
+        return self.inner.model
+
+    @property
+    def round(self) -> int:
+        return self.inner.round
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        if isinstance(event, MessageIn) and event.kind == "model":
+            self.seen.append(dict(event.tensors))
+        actions = self.inner.handle(event, now)
+        return [
+            Send(a.peer, a.kind, a.body, self.forge(dict(a.tensors), list(self.seen)))
+            if isinstance(a, Send) and a.kind == "model"
+            else a
+            for a in actions
+        ]
