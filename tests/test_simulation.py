@@ -19,7 +19,7 @@ from learning.models import build_model
 from node.driver import Driver, ThreadCompute, VirtualCompute
 from overlay.sim import SimNetwork
 from overlay.wire import Message
-from simulations import churn, disaster, modest, topologies
+from simulations import byzantine, churn, disaster, modest, topologies
 from simulations.engine import ScheduledEvent, SimConfig, Simulation, node_name
 
 
@@ -191,7 +191,7 @@ async def test_thread_compute_trains_off_the_event_loop(nursery):
     assert net.traffic.messages["model"] >= 8
 
 
-@pytest.mark.parametrize("module", ["topologies", "churn", "disaster", "vca_demo", "modest"])
+@pytest.mark.parametrize("module", ["topologies", "churn", "disaster", "vca_demo", "modest", "byzantine"])
 def test_every_scenario_explains_itself(module, capsys):
     script = __import__(f"simulations.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as exit_info:
@@ -227,3 +227,17 @@ def test_modest_scenario_compares_methods_and_survives_the_crash(tmp_path):
     assert int(crash[-1]["alive"]) == 4 and float(crash[-1]["round"]) > float(crash[len(crash) // 2]["round"])
     for name in ("accuracy_by_round", "accuracy_by_bytes", "bytes_per_node", "crash"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_byzantine_sweep_reports_honest_accuracy_per_cell(tmp_path):
+    out = tmp_path / "b"
+    args = ["--nodes", "10", "--duration", "6", "--eval-every", "3", "--fractions", "0,0.3", "--quiet"]
+    assert (
+        byzantine.main([*args, "--settings", "iid", "--integrators", "bristle,mean", "--out", str(out)]) == 0
+    )
+    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["iid"]
+    assert set(cells) == {"bristle", "mean"} and set(cells["mean"]) == {"0.0", "0.3"}
+    assert cells["mean"]["0.3"] < cells["mean"]["0.0"]  # sign-flipping attackers hurt plain averaging
+    assert (out / "extractor.safetensors").exists() and (out / "byzantine_iid.png").exists()
+    rows = read_rows(out / "rounds.csv")
+    assert {r["run"] for r in rows} == {"iid/0%/bristle", "iid/0%/mean", "iid/30%/bristle", "iid/30%/mean"}

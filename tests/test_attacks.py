@@ -1,0 +1,58 @@
+"""Attack behaviours and the transfer set-up the Byzantine simulations use."""
+
+import random
+
+import pytest
+import torch
+
+from learning.attacks import Forging, flip_labels, forge
+from learning.datasets import load_dataset
+from learning.gossip import Gossip, GossipConfig
+from learning.integrators import Mean
+from learning.protocol import MessageIn, PeerUp, Send, Started, Trained
+from learning.training import TrainStats
+from learning.transfer import extract, load_extractor, pretrain_extractor, save_extractor
+
+
+def model(v):
+    return {"w": torch.full((2, 2), float(v))}
+
+
+def test_forging_replaces_every_sent_model_and_nothing_else():
+    inner = Gossip(model(1), 5, Mean(), GossipConfig(fanout=2), random.Random(0))
+    attacker = Forging(inner, forge("sign-flip", random.Random(0)))
+    for p in ("a", "b"):
+        attacker.handle(PeerUp(p), 0.0)
+    attacker.handle(Started(), 0.0)
+    attacker.handle(MessageIn("a", "model", {"round": 0, "samples": 1}, model(3)), 0.1)
+    actions = attacker.handle(Trained(0, model(2), TrainStats(1, 1, 0, 0)), 1.0)
+    sends = [a for a in actions if isinstance(a, Send)]
+    assert len(sends) == 2 and all(torch.equal(s.tensors["w"], model(-8)["w"]) for s in sends)
+    assert torch.equal(attacker.model["w"], model(2.5)["w"])  # it still integrates honestly for itself
+    (fetch_reply,) = attacker.handle(MessageIn("b", "fetch", {}, {}), 1.1)
+    assert torch.equal(fetch_reply.tensors["w"], -4 * attacker.model["w"])
+
+
+def test_alie_sits_a_little_below_the_honest_mean_and_noise_is_random():
+    seen = [model(1), model(3)]
+    alie = forge("alie", random.Random(0))(model(100), seen)
+    expected = 2.0 - torch.tensor([1.0, 3.0]).std()
+    assert torch.allclose(alie["w"], torch.full((2, 2), expected.item()))
+    assert forge("alie", random.Random(0))(model(7), seen[:1])["w"][0, 0] == 7  # needs two to estimate
+    noise = forge("noise", random.Random(0))
+    a, b = noise({"w": torch.randn(50, 50)}, []), noise({"w": torch.randn(50, 50)}, [])
+    assert not torch.equal(a["w"], b["w"]) and 0.8 < a["w"].std() < 1.2
+    assert forge("label-flip", random.Random(0)) is None
+    assert flip_labels(torch.tensor([0, 4, 9]), 10).tolist() == [1, 5, 0]
+    with pytest.raises(ValueError, match="unknown attack"):
+        forge("charm", random.Random(0))
+
+
+def test_extractor_round_trips_through_safetensors(tmp_path):
+    data = load_dataset("digits", seed=0)
+    features, accuracy = pretrain_extractor(data.x_train[:300], data.y_train[:300], 10, epochs=3)
+    assert accuracy > 0.5 and not any(p.requires_grad for p in features.parameters())
+    save_extractor(features, tmp_path / "f.safetensors")
+    again = load_extractor(tmp_path / "f.safetensors", data.input_shape)
+    assert torch.equal(extract(features, data.x_test), extract(again, data.x_test))
+    assert extract(again, data.x_test).shape == (len(data.x_test), 128)
