@@ -17,6 +17,11 @@ frozen feature extractor: ``learning.models.FrozenFeaturesHead``).
    ("centre every column by its mean") could also mean each class vector's own mean; that variant
    shifts each class's logit by a different amount, so we did not take it.
 
+Our addition: before anything else, candidates whose layer is more than ``max_norm_ratio`` times
+larger (L2) than ours are dropped. F1 cannot see scale, so a scaled-up copy of a good layer passes the
+per-class tests and then dominates the weighted average; in our sign-flip runs the attackers' layers
+grew to ~200x ours and, the few times one got through, undid the honest nodes' progress.
+
 Departure, stated: Bristle learns how many classes a peer shares with it (k_p) by private set
 intersection; here peers announce their label set with their model (``Contribution.labels``), which is
 simpler and less private. A peer that announces nothing is judged on all our familiar classes.
@@ -44,6 +49,7 @@ class BristleConfig:
     nearest: int = 20
     explore: int = 5
     head: str = "head.weight"  # the shared (classes x features) layer
+    max_norm_ratio: float = 3.0  # our addition: drop candidates this many times larger than our own layer
 
 
 def prioritize(
@@ -115,8 +121,10 @@ class Bristle:
     def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State:
         check_models([own.state, *(c.state for c in received)])
         head = self.config.head
-        candidates = prioritize(own.state, received, self.config.nearest, self.config.explore, self.rng)
         theta = own.state[head].double()
+        bound = self.config.max_norm_ratio * max(theta.norm().item(), 1e-12)
+        plausible = [c for c in received if c.state[head].double().norm().item() <= bound]
+        candidates = prioritize(own.state, plausible, self.config.nearest, self.config.explore, self.rng)
         f_own = self.scorer(own.state)
         numerator, denominator = theta.clone(), torch.ones(theta.shape[0], dtype=torch.float64)
         familiar = torch.zeros(theta.shape[0], dtype=torch.bool)

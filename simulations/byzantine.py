@@ -7,18 +7,21 @@ nodes, IID or non-IID (``shards:K``, K classes per node). Every honest node hold
 samples per class as the small local test set Bristle scores peers on.
 
 Nodes gossip asynchronously on a complete graph (one-second cycles: one local epoch, then send to
-every peer and integrate what arrived). Attackers (a fraction of the nodes, chosen at random) run the
-same protocol but send forged models (--attack: label-flip, noise, sign-flip, alie). The sweep runs
-every attacker fraction x data setting x integrator and reports the final mean test accuracy of the
-honest nodes. Writes rounds.csv, summary.json and one PNG per data setting to --out.
+--fanout random peers and integrate what arrived). Attackers (a fraction of the nodes, chosen at
+random) run the same protocol but send forged models (--attack: label-flip, noise, sign-flip, alie).
+The sweep runs every attacker fraction x data setting x integrator, --jobs at a time, and reports the
+final mean test accuracy of the honest nodes. Writes rounds.csv, summary.json and one PNG per data
+setting to --out.
 
     python -m simulations.byzantine --nodes 30 --attack sign-flip
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import networkx as nx
@@ -100,6 +103,21 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
     return make
 
 
+def run_cell(job: tuple) -> RunResult:
+    """One cell of the sweep, in a worker process."""
+    config, data, attackers, name, attack, label = job
+    honest = [i for i in range(config.nodes) if i not in attackers]
+    return Simulation(
+        config,
+        nx.complete_graph(config.nodes),
+        label=label,
+        data=data,
+        observed=honest,
+        progress=None,
+        make_protocol=protocol_factory(name, set(attackers), attack, data.num_classes),
+    ).run()
+
+
 def plot_sweep(out: Path, setting: str, cells: dict, fractions: list[float], integrators: list[str]) -> None:
     import io
 
@@ -131,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         "byzantine",
         __doc__,
         nodes=30,
-        duration=30.0,
-        eval_every=5.0,
+        duration=60.0,
+        eval_every=10.0,
         dataset="digits",
         model="head",
-        lr=0.05,
+        lr=0.2,
+        fanout=10,
     )
     g = p.add_argument_group("byzantine")
     g.add_argument(
@@ -146,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--settings", default="iid,shards:4", help="data settings (default %(default)s)")
     g.add_argument("--integrators", default=",".join(INTEGRATORS), help="(default %(default)s)")
+    g.add_argument(
+        "--jobs", type=int, default=os.cpu_count(), help="runs in parallel (default: one per core)"
+    )
     g.add_argument(
         "--features", type=Path, help="frozen extractor (safetensors); pre-trained and saved if absent"
     )
@@ -159,33 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     report.prepare(args)
     data, how = transfer_data(args.seed, args.features, args.out)
     print(f"frozen extractor {how}; {len(data.y_train)} target samples over {args.nodes} nodes", flush=True)
-    graph = nx.complete_graph(args.nodes)
-    results: list[RunResult] = []
-    cells: dict[str, dict[str, dict[str, float]]] = {}
+    jobs = []
     for setting in args.settings.split(","):
-        config = report.config_from(args, partition=setting, fanout=None, dataset="digits-features")
+        config = report.config_from(args, partition=setting, dataset="digits-features")
         for fraction in fractions:
-            attackers = set(random.Random(args.seed).sample(range(args.nodes), round(fraction * args.nodes)))
-            honest = [i for i in range(args.nodes) if i not in attackers]
-            for name in integrators:
-                label = f"{setting}/{int(100 * fraction)}%/{name}"
-                result = Simulation(
-                    config,
-                    graph,
-                    label=label,
-                    data=data,
-                    observed=honest,
-                    progress=None,
-                    make_protocol=protocol_factory(name, attackers, args.attack, data.num_classes),
-                ).run()
-                results.append(result)
-                accuracy = round(result.final.acc_mean, 4)
-                cells.setdefault(setting, {}).setdefault(name, {})[str(fraction)] = accuracy
-                if not args.quiet:
-                    print(
-                        f"  {label:>24}: honest accuracy {accuracy:.3f}  ({result.wall_seconds:.1f} s)",
-                        flush=True,
-                    )
+            attackers = frozenset(
+                random.Random(args.seed).sample(range(args.nodes), round(fraction * args.nodes))
+            )
+            jobs += [
+                (config, data, attackers, name, args.attack, f"{setting}/{int(100 * fraction)}%/{name}")
+                for name in integrators
+            ]
+    done: dict[str, RunResult] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for result in pool.map(run_cell, jobs):
+            done[result.label] = result
+            if not args.quiet:
+                print(
+                    f"  {result.label:>24}: honest accuracy {result.final.acc_mean:.3f}  "
+                    f"({result.wall_seconds:.1f} s)",
+                    flush=True,
+                )
+    results = [done[job[-1]] for job in jobs]
+    cells: dict[str, dict[str, dict[str, float]]] = {}
+    for (config, _, attackers, name, _, _), result in zip(jobs, results):
+        fraction = round(len(attackers) / args.nodes, 2)
+        cells.setdefault(config.partition, {}).setdefault(name, {})[str(fraction)] = round(
+            result.final.acc_mean, 4
+        )
+    fractions = [round(round(f * args.nodes) / args.nodes, 2) for f in fractions]
+    for setting in cells:
         plot_sweep(args.out, setting, cells, fractions, integrators)
     report.write_rounds(args.out, results)
     report.write_summary(
