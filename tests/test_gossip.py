@@ -199,3 +199,14 @@ def test_round_done_is_reported_each_round():
     g.handle(Started(), 0.0)
     for r in range(3):
         assert RoundDone(r + 1) in g.handle(Trained(r, model(1.0), STATS), float(r))
+
+
+def test_label_sets_ride_along_and_are_checked():
+    g = Gossip(model(0.0), 10, Mean(), GossipConfig(fanout=1), random.Random(0), labels=[3, 1, 3])
+    g.handle(PeerUp("p1"), 0.0)
+    g.handle(Started(), 0.0)
+    (send, *_) = g.handle(Trained(0, model(1.0), STATS), 1.0)
+    assert send.body["labels"] == [1, 3]
+    (bad,) = g.handle(model_msg("p1", 1.0, labels=["x"]), 1.1)
+    assert isinstance(bad, Rejected) and "labels" in bad.reason
+    assert g.handle(model_msg("p1", 1.0, labels=[2]), 1.2) == []

@@ -116,3 +116,28 @@ def test_bad_settings():
         Krum(m=0)
     with pytest.raises(ValueError, match="familiar"):
         Bristle(lambda s: np.zeros(4), familiar=[], rng=random.Random(0), config=BristleConfig())
+
+
+def test_bristle_drops_scaled_up_layers_and_peers_sharing_no_class():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 4
+    y = torch.arange(80) % 4
+    features = centres[y] + 0.3 * torch.randn(80, 4, generator=g)
+    own = {"head.weight": centres - centres.mean(dim=0, keepdim=True)}
+    bristle = Bristle(scorer_for(features, y), familiar=[0, 1, 2, 3], rng=random.Random(0))
+    huge = Contribution({"head.weight": 50 * own["head.weight"] + 1}, 10, "scaled")  # F1 cannot see scale
+    out = bristle.integrate(Contribution(own, 10), [huge])
+    torch.testing.assert_close(out["head.weight"], own["head.weight"])
+    stranger = Contribution({"head.weight": torch.zeros(4, 4)}, 10, "other", labels=(7, 8))
+    out = bristle.integrate(Contribution(own, 10), [stranger])
+    torch.testing.assert_close(out["head.weight"], own["head.weight"])
+
+
+def test_overlap_judges_a_peer_on_its_best_classes_only():
+    bristle = Bristle(lambda s: np.zeros(4), familiar=[0, 1, 2, 3], rng=random.Random(0))
+    own_f1, peer_f1 = np.array([0.9, 0.9, 0.9, 0.9]), np.array([0.9, 0.9, 0.0, 0.0])
+    omega_all, big_omega_all = bristle.weights(own_f1, peer_f1)
+    omega_two, big_omega_two = bristle.weights(own_f1, peer_f1, overlap=2)
+    assert omega_two[:2].tolist() == pytest.approx([0.9, 0.9]) and omega_two[2:].tolist() == [0.0, 0.0]
+    assert big_omega_two > 0 and big_omega_all == 0.0  # judged on all four, the two bad classes sink Ω
+    assert omega_all.tolist() == [0.0] * 4  # and its certainty: mean - std of [0.9, 0.9, 0, 0] is 0
