@@ -56,7 +56,8 @@ def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dat
         )
         features_file = features_file or out / "extractor.safetensors"
         save_extractor(extractor, features_file)
-        how = f"pre-trained on {len(source)} source samples (accuracy {accuracy:.3f}); saved: {features_file}"
+        how = f"pre-trained on {len(source)} source samples (source accuracy {accuracy:.3f})"
+        how += f"; saved: {features_file}"
     target_data = Dataset(
         "digits-features",
         extract(extractor, data.x_train[target]),

@@ -1,7 +1,8 @@
 """The simulation engine: the daemon's own protocol, learner and driver on a simulated network.
 
 A :class:`Simulation` builds one node per graph vertex: a :class:`~learning.learner.Learner` on its
-data shard, a gossip protocol, a :class:`~node.driver.Driver` and a :class:`~overlay.sim.SimOverlay`;
+data shard, a learning protocol (gossip by default; MoDeST, attackers, other integrators through a
+protocol factory), a :class:`~node.driver.Driver` and a :class:`~overlay.sim.SimOverlay`;
 runs them all on one trio loop in virtual time (``overlay.sim.run_virtual``), applies a schedule of
 crashes, leaves, joins and partitions, and evaluates every live node's model at fixed virtual times.
 Everything random derives from the seed, so a seed reproduces a run bit for bit on CPU.
