@@ -241,3 +241,17 @@ def test_byzantine_sweep_reports_honest_accuracy_per_cell(tmp_path):
     assert (out / "extractor.safetensors").exists() and (out / "byzantine_iid.png").exists()
     rows = read_rows(out / "rounds.csv")
     assert {r["run"] for r in rows} == {"iid/0%/bristle", "iid/0%/mean", "iid/30%/bristle", "iid/30%/mean"}
+
+
+@pytest.mark.parametrize("attack", ["label-flip", "noise", "alie"])
+def test_every_attack_runs_in_the_sweep(tmp_path, attack):
+    out = tmp_path / attack
+    args = ["--nodes", "8", "--duration", "4", "--eval-every", "2", "--fractions", "0.25", "--quiet"]
+    assert (
+        byzantine.main(
+            [*args, "--settings", "iid", "--integrators", "bristle", "--attack", attack, "--out", str(out)]
+        )
+        == 0
+    )
+    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["iid"]
+    assert 0.0 <= cells["bristle"]["0.25"] <= 1.0
