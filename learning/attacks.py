@@ -7,8 +7,9 @@ the attacker trains honestly on flipped labels.
 - ``label-flip``: y -> (y + 1) mod classes (Bristle's "label-flip-all");
 - ``noise``: Gaussian noise with the spread of the honest model (Gaussian attack);
 - ``sign-flip``: the own model negated and scaled by 4 (sign-flipping / scaled update);
-- ``alie``: "A little is enough" (Baruch et al., NeurIPS 2019): per coordinate, the mean of the honest
-  models the attacker received minus z standard deviations, small enough to pass robust statistics.
+- ``alie``: "A little is enough" (Baruch et al., NeurIPS 2019): per coordinate, the mean of the models
+  the attacker received (honest and forged alike: it cannot tell) minus z standard deviations, small
+  enough to pass robust statistics.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from collections.abc import Callable
 
 import torch
 
+from learning.averaging import incompatibility
 from learning.protocol import Action, Event, LearningProtocol, MessageIn, Send, State
 
 Forge = Callable[[State, list[State]], State]
 ATTACKS = ("label-flip", "noise", "sign-flip", "alie")
+SIGN_FLIP_SCALE = 4.0
+ALIE_Z = 1.0
+MEMORY = 20  # models an attacker remembers
 
 
 def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (y + 1) % num_classes
 
 
-def forge(attack: str, rng: random.Random, *, scale: float = 4.0, z: float = 1.0) -> Forge | None:
+def forge(attack: str, rng: random.Random) -> Forge | None:
     """The forging function of a model-poisoning attack (None for data poisoning)."""
     if attack == "label-flip":
         return None
@@ -41,14 +46,17 @@ def forge(attack: str, rng: random.Random, *, scale: float = 4.0, z: float = 1.0
 
         return noise
     if attack == "sign-flip":
-        return lambda own, seen: {k: -scale * v for k, v in own.items()}
+        return lambda own, seen: {k: -SIGN_FLIP_SCALE * v for k, v in own.items()}
     if attack == "alie":
 
         def alie(own: State, seen: list[State]) -> State:
             if len(seen) < 2:
                 return own
             return {
-                k: (torch.stack([s[k] for s in seen]).mean(0) - z * torch.stack([s[k] for s in seen]).std(0))
+                k: (
+                    torch.stack([s[k] for s in seen]).mean(0)
+                    - ALIE_Z * torch.stack([s[k] for s in seen]).std(0)
+                )
                 for k in own
             }
 
@@ -59,10 +67,10 @@ def forge(attack: str, rng: random.Random, *, scale: float = 4.0, z: float = 1.0
 class Forging:
     """Wraps an honest protocol; every model it sends is replaced by ``forge(own, recently seen)``."""
 
-    def __init__(self, inner: LearningProtocol, forge: Forge, memory: int = 20):
+    def __init__(self, inner: LearningProtocol, forge: Forge):
         self.inner = inner
         self.forge = forge
-        self.seen: deque[State] = deque(maxlen=memory)
+        self.seen: deque[State] = deque(maxlen=MEMORY)
 
     @property
     def model(self) -> State:
@@ -73,7 +81,11 @@ class Forging:
         return self.inner.round
 
     def handle(self, event: Event, now: float) -> list[Action]:
-        if isinstance(event, MessageIn) and event.kind == "model":
+        if (
+            isinstance(event, MessageIn)
+            and event.kind == "model"
+            and not incompatibility(self.model, event.tensors)
+        ):
             self.seen.append(dict(event.tensors))
         actions = self.inner.handle(event, now)
         return [

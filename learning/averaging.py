@@ -7,8 +7,8 @@ weight variance by about N; VCA rescales each layer of the average around its me
 equals a target: the mean of the inputs' variances ("others"), or a reference model's ("self").
 The correction is applied on every averaging: when the inputs are already correlated the factor is ~1.
 
-Every function checks its inputs first (same names, shapes and dtypes; finite values) and raises
-:class:`AveragingError` rather than produce a model from bad data.
+Every function checks its inputs (same names, shapes and dtypes; finite values, checked through the
+result) and raises :class:`AveragingError` rather than produce a model from bad data.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ def variance_corrected(
     weights: Sequence[float] | None = None,
     *,
     reference: Model | None = None,
-    epsilon: float = VCA_EPSILON,
 ) -> dict[str, torch.Tensor]:
     """VCA: the (weighted) mean of ``models``, each layer rescaled to a target variance.
 
@@ -108,6 +107,6 @@ def variance_corrected(
             target = torch.stack([m[name].double().var(unbiased=False) for m in models]).mean()
         v = value.double()
         mu = v.mean()
-        scale = torch.sqrt((target + epsilon) / (v.var(unbiased=False) + epsilon))
+        scale = torch.sqrt((target + VCA_EPSILON) / (v.var(unbiased=False) + VCA_EPSILON))
         avg[name] = (mu + (v - mu) * scale).to(value.dtype)
     return avg

@@ -77,11 +77,9 @@ def f1_per_class(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.
     return torch.where(tp > 0, 2 * tp / denominator.clamp(min=1), 0.0).numpy()
 
 
-def linear_scorer(
-    features: torch.Tensor, y: torch.Tensor, num_classes: int, head: str = "head.weight"
-) -> Scorer:
+def linear_scorer(features: torch.Tensor, y: torch.Tensor, num_classes: int) -> Scorer:
     """F1 per class of a bias-free linear head on precomputed features of the local test set."""
-    return lambda state: f1_per_class(features @ state[head].T.to(features.dtype), y, num_classes)
+    return lambda state: f1_per_class(features @ state["head.weight"].T.to(features.dtype), y, num_classes)
 
 
 def _sigmoid(x: float) -> float:
@@ -127,8 +125,6 @@ class Bristle:
         candidates = prioritize(own.state, plausible, self.config.nearest, self.config.explore, self.rng)
         f_own = self.scorer(own.state)
         numerator, denominator = theta.clone(), torch.ones(theta.shape[0], dtype=torch.float64)
-        familiar = torch.zeros(theta.shape[0], dtype=torch.bool)
-        familiar[self.familiar] = True
         for c in candidates:
             overlap = None if c.labels is None else len(set(c.labels) & set(self.familiar))
             if overlap == 0:

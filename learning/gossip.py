@@ -98,6 +98,7 @@ class Gossip:
         self._inbox: dict[int, dict[str, Contribution]] = {}  # synchronous: models per round, per peer
         self._expected: dict[str, None] = {}  # synchronous: neighbours still awaited this round
         self._fetching_from: str | None = None
+        self._fetches = 0
 
     @property
     def model(self) -> State:
@@ -119,8 +120,10 @@ class Gossip:
             case PeerUp(peer):
                 self._neighbours[peer] = None
                 return []
-            case PeerDown(peer) | SendFailed(peer):
+            case PeerDown(peer):
                 self._neighbours.pop(peer, None)
+                return self._lost(peer)
+            case SendFailed(peer):  # not gone (only PeerDown says so), but not to be waited for now
                 return self._lost(peer)
             case MessageIn(peer, "fetch"):
                 body = {"round": self._round, "samples": self._samples, "reply": True}
@@ -131,7 +134,7 @@ class Gossip:
                 return [Rejected(peer, f"unknown message kind {kind!r}")]
             case Trained(tag, state) if tag == self._round and self._phase == "training":
                 return self._on_trained(state)
-            case TimerFired("fetch") if self._phase == "fetching":
+            case TimerFired(name) if name == f"fetch-{self._fetches}" and self._phase == "fetching":
                 return self._train()
             case TimerFired("cycle") if self._phase == "resting":
                 return self._train()
@@ -147,7 +150,11 @@ class Gossip:
     def _fetch(self) -> list[Action]:
         self._phase = "fetching"
         self._fetching_from = self._rng.choice(list(self._neighbours))
-        return [Send(self._fetching_from, "fetch"), StartTimer("fetch", self._config.fetch_timeout)]
+        self._fetches += 1  # a timer of an earlier attempt must not cut this one short
+        return [
+            Send(self._fetching_from, "fetch"),
+            StartTimer(f"fetch-{self._fetches}", self._config.fetch_timeout),
+        ]
 
     def _lost(self, peer: str) -> list[Action]:
         if self._phase == "fetching" and peer == self._fetching_from:
@@ -159,7 +166,7 @@ class Gossip:
 
     def _on_model(self, peer: str, body: dict, tensors: dict) -> list[Action]:
         rnd, samples = body.get("round"), body.get("samples")
-        if not (isinstance(rnd, int) and isinstance(samples, int) and rnd >= 0 and samples >= 0):
+        if not (is_count(rnd) and is_count(samples)):
             return [
                 Rejected(
                     peer, f"model message needs integer round and samples >= 0, got {rnd!r}, {samples!r}"

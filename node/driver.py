@@ -91,6 +91,7 @@ class Driver:
         self.on_round = on_round
         self.rejected: Counter[str] = Counter()  # refused inputs per peer
         self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
+        self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -149,11 +150,12 @@ class Driver:
             with trio.fail_after(self.send_timeout):
                 await self.overlay.send(send.peer, Message(send.kind, send.body, send.tensors))
         except (PeerUnreachable, trio.TooSlowError) as exc:
-            log.debug("send of %s to %s failed: %s", send.kind, send.peer, exc or "timeout")
+            log.debug("send of %s to %s failed: %s", send.kind, send.peer, str(exc) or "timeout")
             self._inbox.send_nowait(SendFailed(send.peer, send.kind))
 
     async def _train(self, train: Train) -> None:
-        state, stats = await self.compute.train(self.learner, train.state, train.tag)
+        async with self._training:
+            state, stats = await self.compute.train(self.learner, train.state, train.tag)
         self._inbox.send_nowait(Trained(train.tag, state, stats))
 
     async def _timer(self, name: str, delay: float) -> None:

@@ -160,6 +160,7 @@ class SimNetwork:
             up if up is not None else bw,
             down if down is not None else bw,
             incarnation=old.incarnation + 1 if old else 0,
+            down_free=old.down_free if old else 0.0,  # messages to the old incarnation still hold the line
         )
         for other in dict.fromkeys([*self.graph.setdefault(peer, {}), *neighbours]):
             self.link(peer, other)  # a node that comes back finds its old links again
@@ -269,7 +270,8 @@ class SimNetwork:
     async def _notify_later(self, peer: str, incarnation: int, event: OverlayEvent, at: float) -> None:
         await trio.sleep_until(at)
         state = self.nodes[peer]
-        if state.alive and state.incarnation == incarnation:
+        stale = isinstance(event, PeerDisconnected) and self.usable(peer, event.peer)  # healed meanwhile
+        if state.alive and state.incarnation == incarnation and not stale:
             state.overlay._push(event, incarnation)
 
     async def transmit(self, src: str, dst: str, message: Message) -> None:

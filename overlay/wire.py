@@ -155,12 +155,14 @@ def _tensors(entries: list, blob: memoryview, limits: Limits) -> dict[str, torch
         name, dtype_name, shape, offset, nbytes = entry
         if not isinstance(name, str) or name in tensors:
             raise WireError(f"tensor name {name!r} is not a string or is repeated")
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise WireError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
         if (
             not isinstance(shape, list)
             or len(shape) > limits.max_rank
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limits.max_message for d in shape
+            )
         ):
             raise WireError(f"tensor {name!r}: bad shape {shape!r}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, nbytes)):

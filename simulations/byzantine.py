@@ -7,8 +7,9 @@ nodes, IID or non-IID (``shards:K``, K classes per node). Every honest node hold
 samples per class as the small local test set Bristle scores peers on.
 
 Nodes gossip asynchronously on a complete graph (one-second cycles: one local epoch, then send to
---fanout random peers and integrate what arrived). Attackers (a fraction of the nodes, chosen at
-random) run the same protocol but send forged models (--attack: label-flip, noise, sign-flip, alie).
+every peer, or --fanout random ones, and integrate what arrived). Attackers (a fraction of the nodes,
+chosen at random) run the same protocol but send forged models (--attack: label-flip, noise,
+sign-flip, alie).
 The sweep runs every attacker fraction x data setting x integrator, --jobs at a time, and reports the
 final mean test accuracy of the honest nodes. Writes rounds.csv, summary.json and one PNG per data
 setting to --out.
@@ -82,7 +83,7 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
 
     def make(sim: Simulation, i: int, learner: Learner, joining: bool):
         rng = sim.rng(i)
-        config = GossipConfig(period=sim.config.period)
+        config = GossipConfig(fanout=sim.config.fanout, period=sim.config.period)
         if i in attackers:
             if attack == "label-flip":
                 learner.y = flip_labels(learner.y, num_classes)
@@ -120,14 +121,7 @@ def run_cell(job: tuple) -> RunResult:
 
 
 def plot_sweep(out: Path, setting: str, cells: dict, fractions: list[float], integrators: list[str]) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = report.figure(figsize=(7, 4.5))
     for name in integrators:
         ax.plot(
             [100 * f for f in fractions], [cells[setting][name][str(f)] for f in fractions], "o-", label=name
@@ -138,11 +132,7 @@ def plot_sweep(out: Path, setting: str, cells: dict, fractions: list[float], int
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    report.write_atomic(out / f"byzantine_{setting.replace(':', '')}.png", buf.getvalue())
+    report.save_figure(fig, out / f"byzantine_{setting.replace(':', '')}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset="digits",
         model="head",
         lr=0.2,
-        fanout=10,
+        fanout=None,
     )
     g = p.add_argument_group("byzantine")
     g.add_argument(

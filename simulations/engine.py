@@ -65,6 +65,26 @@ class SimConfig:
     loss: float = 0.0
     dial_any: bool = False  # True: any node may message any other, not only graph neighbours
 
+    def __post_init__(self) -> None:
+        checks = {
+            "nodes must be at least 2": self.nodes >= 2,
+            "fanout must be at least 1 (or None: every neighbour)": self.fanout is None or self.fanout >= 1,
+            "duration, eval_every, speed and bandwidth must be positive": min(
+                self.duration, self.eval_every, self.speed, self.bandwidth
+            )
+            > 0,
+            "speed_spread must be at least 1": self.speed_spread >= 1,
+            "loss must be in [0, 1)": 0 <= self.loss < 1,
+            "latency, period and round_timeout must not be negative": min(
+                self.latency, self.period, self.round_timeout
+            )
+            >= 0,
+            "eval_samples must be at least 1": self.eval_samples >= 1,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ValueError(message)
+
 
 @dataclass(frozen=True)
 class ScheduledEvent:
@@ -322,14 +342,16 @@ class Simulation:
             newest = max(self.drivers[i].protocol.round for i in live)
             live = [i for i in live if self.drivers[i].protocol.round == newest]
         if not live:
-            return Row(self.label, now, math.nan, 0, math.nan, math.nan, math.nan, math.nan, self._bytes())
+            return Row(
+                self.label, now, math.nan, alive, math.nan, math.nan, math.nan, math.nan, self._bytes()
+            )
         evaluator = next(iter(self.drivers.values())).learner
         states = [self.drivers[i].protocol.model for i in live]
         accs = [
             evaluator.evaluate(s, self.x_eval, self.y_eval, self.data.num_classes).accuracy for s in states
         ]
         self._final_accuracy = {node_name(i): a for i, a in zip(live, accs)}
-        flat = torch.stack([torch.cat([t.reshape(-1).float() for t in s.values()]) for s in states])
+        flat = torch.stack([evaluator.layout.flatten(s) for s in states])
         distance = (flat - flat.mean(0)).norm(dim=1).mean().item()
         rounds = float(np.mean([self.drivers[i].protocol.round for i in live]))
         return Row(

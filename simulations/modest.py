@@ -1,7 +1,7 @@
 """MoDeST vs D-PSGD vs a FedAvg reference, and MoDeST through the crash of 80% of its nodes.
 
 Same data split, initial model, hyperparameters and seed for every method:
-- ``modest``: MoDeST (learning/modest.py) with sample size --sample, one aggregator, sf 1.0;
+- ``modest``: MoDeST (learning/modest.py) with sample size --sample, --aggregators (default 1), sf 1.0;
 - ``d-psgd``: synchronous gossip rounds on a ring (the authors' decentralized baseline), every node
   trains each round and averages with its two neighbours;
 - ``fedavg``: an idealised server, computed in this script for comparison only: each round --sample
@@ -34,7 +34,6 @@ from learning.learner import Hyperparameters, Learner
 from learning.models import ParameterLayout, build_model
 from learning.modest import Modest, ModestConfig
 from learning.partition import partition
-from learning.training import evaluate
 from overlay.wire import Message, encoded_size
 from simulations import report
 from simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation, node_name
@@ -84,18 +83,9 @@ def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
             trained = [Contribution(learners[i].train(state, rnd)[0], learners[i].samples) for i in chosen]
             state = integrator.integrate(trained[0], trained[1:])
             sent += 2 * sample * model_bytes
-        acc = evaluate(model_with(model, state), data.x_test, data.y_test, data.num_classes).accuracy
+        acc = learners[0].evaluate(state, data.x_test, data.y_test, data.num_classes).accuracy
         rows.append(Row("fedavg", math.nan, float(rnd), config.nodes, acc, acc, acc, 0.0, sent))
     return RunResult("fedavg", rows, 0.0, rounds * sample, {"model": sent})
-
-
-def model_with(model, state):
-    ParameterLayout.of(model).load(model, state)
-    return model
-
-
-def first(rows: Sequence[Row], target: float, field: str) -> float | None:
-    return next((getattr(r, field) for r in rows if r.acc_mean >= target), None)
 
 
 def crash_schedule(nodes: int, duration: float, seed: int) -> list[ScheduledEvent]:
@@ -109,12 +99,7 @@ def crash_schedule(nodes: int, duration: float, seed: int) -> list[ScheduledEven
 
 
 def plot_xy(out: Path, name: str, results: Sequence[RunResult], x: str, xlabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = report.figure(figsize=(7.5, 4.5))
     for r in results:
         xs = [getattr(row, x) / (1e6 if x == "bytes_sent" else 1) for row in r.rows]
         ax.plot(xs, [row.acc_mean for row in r.rows], label=r.label)
@@ -125,33 +110,16 @@ def plot_xy(out: Path, name: str, results: Sequence[RunResult], x: str, xlabel: 
         ax.set_xscale("symlog", linthresh=1.0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    _save(fig, out / name)
+    report.save_figure(fig, out / name)
 
 
 def plot_bytes_per_node(out: Path, per_node: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = report.figure(figsize=(7.5, 4))
     ax.boxplot(list(per_node.values()), tick_labels=list(per_node))
     ax.set_ylabel("MB sent + received per node")
     ax.set_title("Traffic per node over the whole run")
     ax.grid(alpha=0.3, axis="y")
-    _save(fig, out / "bytes_per_node.png")
-
-
-def _save(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    report.write_atomic(path, buf.getvalue())
+    report.save_figure(fig, out / "bytes_per_node.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("MoDeST")
     g.add_argument("--sample", type=int, default=10, help="sample size s (default 10)")
     g.add_argument("--aggregators", type=int, default=1, help="aggregators a (default 1)")
-    g.add_argument("--rounds", type=int, default=200, help="rounds for D-PSGD and FedAvg (default 200)")
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=200,
+        help="rounds (of one second) for D-PSGD, and for FedAvg (default 200)",
+    )
     g.add_argument(
         "--target", type=float, default=0.85, help="accuracy for the to-target figures (default 0.85)"
     )
@@ -205,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     report.write_rounds(args.out, [*by_round, crashed])
     targets = {
         r.label: {
-            "rounds_to_target": first(r.rows, args.target, "round"),
-            "bytes_to_target": first(r.rows, args.target, "bytes_sent"),
+            "rounds_to_target": report.first_reaching(r.rows, args.target, "round"),
+            "bytes_to_target": report.first_reaching(r.rows, args.target, "bytes_sent"),
         }
         for r in by_round
     }

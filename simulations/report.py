@@ -79,10 +79,6 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
-    if args.nodes < 2:
-        raise SystemExit("error: need at least 2 nodes")
-    if args.eval_every <= 0 or args.duration <= 0:
-        raise SystemExit("error: --duration and --eval-every must be positive")
     values = dict(
         nodes=args.nodes,
         seed=args.seed,
@@ -142,9 +138,9 @@ def _cell(value: object) -> object:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def time_to(rows: Sequence[Row], target: float) -> float | None:
-    """First evaluation time at which mean accuracy reached ``target``."""
-    return next((r.time for r in rows if r.acc_mean >= target), None)
+def first_reaching(rows: Sequence[Row], target: float, column: str = "time") -> float | None:
+    """``column`` (time, round, bytes_sent) of the first row whose mean accuracy reached ``target``."""
+    return next((getattr(r, column) for r in rows if r.acc_mean >= target), None)
 
 
 def headline(result: RunResult, target: float | None = None) -> dict:
@@ -161,7 +157,7 @@ def headline(result: RunResult, target: float | None = None) -> dict:
     }
     if target is not None:
         out["target_accuracy"] = target
-        out["time_to_target"] = time_to(result.rows, target)
+        out["time_to_target"] = first_reaching(result.rows, target)
     return out
 
 
@@ -174,16 +170,32 @@ def write_summary(out: Path, config: SimConfig, scenario: dict, results: dict) -
     write_atomic(out / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def plot_runs(
-    out: Path, name: str, results: Sequence[RunResult], title: str, marks: Sequence[float] = ()
-) -> Path:
-    """Mean accuracy (band: min to max over live nodes) and live nodes over virtual time, one line per run."""
+def figure(*args: object, **kwargs: object):
+    """``plt.subplots`` on the Agg backend: plots are files, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc_ax, alive_ax) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 1))
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def plot_runs(
+    out: Path, name: str, results: Sequence[RunResult], title: str, marks: Sequence[float] = ()
+) -> Path:
+    """Mean accuracy (band: min to max over live nodes) and live nodes over virtual time, one line per run."""
+    fig, (acc_ax, alive_ax) = figure(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 1))
     for result in results:
         t = [r.time for r in result.rows]
         (line,) = acc_ax.plot(t, [r.acc_mean for r in result.rows], label=result.label)
@@ -205,10 +217,4 @@ def plot_runs(
     alive_ax.set_ylabel("live nodes")
     alive_ax.set_xlabel("virtual time (s)")
     alive_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path = out / name
-    write_atomic(path, buf.getvalue())
-    return path
+    return save_figure(fig, out / name)

@@ -117,6 +117,9 @@ async def test_partition_cuts_links_and_heal_restores_them(net, autojump_clock):
     assert (await next_message(a)).peer == "c"
     net.cut("a", "b")
     assert a.peers() == ["c"]
+    net.heal()  # healed before the failure detector fired: the stale disconnect must not arrive
+    await trio.sleep(net.detection_delay + 0.1)
+    assert PeerDisconnected("b") not in await drain(a) and a.peers() == ["b", "c"]
 
 
 async def test_crash_loses_in_flight_messages_and_neighbours_notice(nursery, autojump_clock):

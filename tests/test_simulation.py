@@ -152,8 +152,10 @@ def test_scenario_scripts_write_their_three_outputs(tmp_path, capsys):
 def test_bad_scenario_arguments_exit_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="unknown topology"):
         topologies.main(["--topologies", "torus", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="at least 2 nodes"):
+    with pytest.raises(SystemExit, match="nodes must be at least 2"):
         churn.main(["--nodes", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="fanout must be at least 1"):
+        topologies.main(["--fanout", "0", "--out", str(tmp_path)])
     (tmp_path / "s.csv").write_text("10,crash,0 1\n20,explode,2\n")
     with pytest.raises(SystemExit, match=r"s\.csv:2"):
         churn.main(["--schedule", str(tmp_path / "s.csv"), "--out", str(tmp_path), "--quiet"])

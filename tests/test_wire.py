@@ -78,6 +78,8 @@ def frame(header, blob=b""):
         ),
         (frame({"k": "m", "b": {}, "t": [["w", "f32", [1], True, 4]]}, bytes(8)), "integers"),
         (frame({"k": "m", "b": {1: 2}, "t": []}), "malformed header"),
+        (frame({"k": "m", "b": {}, "t": [["w", ["f32"], [2], 0, 8]]}, bytes(8)), "unknown dtype"),
+        (frame({"k": "m", "b": {}, "t": [["w", "f32", [0, 2**62], 0, 0]]}), "bad shape"),
     ],
 )
 def test_malformed_frames_are_rejected_with_a_reason(data, reason):
