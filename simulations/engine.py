@@ -65,6 +65,14 @@ class SimConfig:
     loss: float = 0.0
     dial_any: bool = False  # True: any node may message any other, not only graph neighbours
 
+    def hyperparameters(self) -> Hyperparameters:
+        return Hyperparameters(
+            batch_size=self.batch_size,
+            lr=self.lr,
+            local_steps=self.local_steps,
+            local_epochs=self.local_epochs,
+        )
+
     def __post_init__(self) -> None:
         checks = {
             "nodes must be at least 2": self.nodes >= 2,
@@ -198,9 +206,7 @@ class Simulation:
         c = self.config
         rng = np.random.default_rng(c.seed)
         self.model = build_model(c.model, self.data.input_shape, self.data.num_classes, seed=c.seed)
-        self.hyper = Hyperparameters(
-            batch_size=c.batch_size, lr=c.lr, local_steps=c.local_steps, local_epochs=c.local_epochs
-        )
+        self.hyper = c.hyperparameters()
         spread = math.log(c.speed_spread)
         self.speeds = {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
         eval_idx = torch.randperm(len(self.data.y_test), generator=torch.Generator().manual_seed(c.seed))
@@ -212,13 +218,12 @@ class Simulation:
         self.drivers: dict[int, Driver] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
         layout = ParameterLayout.of(self.model)
+        shared = layout.state(self.model)  # protocols never change a model in place: one copy serves all
         self.initial = {  # node -> initial parameters
-            i: layout.state(
-                self.model
-                if c.same_init
-                else build_model(
-                    c.model, self.data.input_shape, self.data.num_classes, seed=c.seed * 100_003 + i
-                )
+            i: shared
+            if c.same_init
+            else layout.state(
+                build_model(c.model, self.data.input_shape, self.data.num_classes, seed=c.seed * 100_003 + i)
             )
             for i in range(c.nodes)
         }

@@ -30,7 +30,7 @@ import numpy as np
 
 from learning.datasets import load_dataset
 from learning.integrators import Contribution, make_integrator
-from learning.learner import Hyperparameters, Learner
+from learning.learner import Learner
 from learning.models import ParameterLayout, build_model
 from learning.modest import Modest, ModestConfig
 from learning.partition import partition
@@ -62,12 +62,7 @@ def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
     data = load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
     shards = partition(data.y_train.numpy(), config.nodes, config.partition, config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
-    hyper = Hyperparameters(
-        batch_size=config.batch_size,
-        lr=config.lr,
-        local_steps=config.local_steps,
-        local_epochs=config.local_epochs,
-    )
+    hyper = config.hyperparameters()
     learners = [
         Learner(model, data.x_train[s], data.y_train[s], hyper, seed=config.seed * 7919 + i)
         for i, s in enumerate(shards)

@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         Simulation(config, graph, label=name, progress=None if args.quiet else print).run()
         for name, config in configs.items()
     ]
-    reached = {}
-    for r in results:
-        row = next((row for row in r.rows if row.acc_mean >= args.target), None)
-        reached[r.label] = None if row is None else round(row.round)
+    reached = {r.label: report.first_reaching(r.rows, args.target, "round") for r in results}
     report.write_rounds(args.out, results)
     report.write_summary(
         args.out,
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     report.plot_runs(args.out, "accuracy.png", results, "Plain mean vs VCA from independent initialisations")
     print(f"\nrounds to reach {args.target:.0%} (outputs in {args.out}):")
     for r in results:
-        got = reached[r.label] or f"not within {r.final.round:.0f}"
+        got = f"{reached[r.label]:.0f}" if reached[r.label] else f"not within {r.final.round:.0f}"
         print(f"  {r.label:>4}: {got}  (final accuracy {r.final.acc_mean:.3f})")
     return 0 if all(reached.values()) else 1
 
