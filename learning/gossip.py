@@ -81,6 +81,7 @@ class Gossip:
         rng: random.Random,
         *,
         labels: Sequence[int] | None = None,
+        round: int = 0,
     ):
         self._model = model
         self._samples = samples
@@ -90,7 +91,7 @@ class Gossip:
         self._labels = None if labels is None else sorted(set(labels))  # announced with our models
         if samples == 0 and config.period <= 0:
             raise ValueError("a node without data needs a period, or it could cycle without pause")
-        self._round = 0
+        self._round = round  # a daemon resuming from a checkpoint starts where it stopped
         self._now = self._cycle_started = 0.0
         self._phase = "idle"  # idle | fetching | training | waiting | resting
         self._neighbours: dict[str, None] = {}

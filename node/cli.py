@@ -1,21 +1,106 @@
-"""The ``shoal`` command line."""
+"""The ``shoal`` command line: init, run, id, peers, status, demo, version.
+
+Exit codes: 0 done; 1 unexpected failure (a bug: the traceback is printed); 2 bad usage or
+configuration; 3 could not join the swarm; 4 unusable files (identity, data, checkpoint); 5 no
+daemon answering at the API address.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+import urllib.error
+import urllib.request
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from node import __version__
+
+EXIT_CONFIG, EXIT_JOIN, EXIT_FILES, EXIT_NO_DAEMON = 2, 3, 4, 5
+
+DEFAULT_HOME = Path(os.environ.get("SHOAL_HOME", Path.home() / ".shoal"))
+
+# `shoal run` flags that override config.toml keys (None = not given)
+RUN_FLAGS: list[tuple[str, dict]] = [
+    ("--listen", {"nargs": "+", "metavar": "MULTIADDR", "help": "addresses to listen on"}),
+    ("--announce", {"nargs": "+", "metavar": "MULTIADDR", "help": "addresses to announce instead"}),
+    ("--bootstrap", {"nargs": "+", "metavar": "MULTIADDR", "help": "nodes to join (/ip4/…/tcp/…/p2p/<id>)"}),
+    ("--relay-service", {"action": "store_const", "const": True, "help": "relay for nodes behind NAT"}),
+    ("--upnp", {"action": "store_const", "const": True, "help": "map a port on the router (+4 s at start)"}),
+    ("--dataset", {"help": "digits | mnist1d | fashion-mnist | FILE.npz"}),
+    ("--data", {"metavar": "FILE.npz", "help": "this node's own data (x_train, y_train[, x_test, y_test])"}),
+    ("--shard", {"type": int, "help": "which part of --dataset this node holds"}),
+    ("--shards", {"type": int, "help": "into how many parts --dataset is cut"}),
+    ("--partition", {"help": "iid | dirichlet:<alpha> | shards:<k>"}),
+    ("--model", {"help": "mlp | cnn | frozen-cnn | head | module:factory"}),
+    ("--protocol", {"help": "gossip | modest"}),
+    ("--integrator", {"help": "mean | weighted | vca | median | trimmed | krum"}),
+    ("--lr", {"type": float, "help": "learning rate"}),
+    ("--local-steps", {"type": int, "help": "SGD steps per round"}),
+    ("--period", {"type": float, "help": "least seconds between round starts"}),
+    ("--fanout", {"type": int, "help": "peers each model is sent to per round"}),
+    ("--api", {"metavar": "HOST:PORT", "help": "local status API address (port 0: any free port)"}),
+    ("--checkpoint-every", {"type": int, "metavar": "ROUNDS", "help": "rounds between checkpoints"}),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shoal",
         description="Shoal: a peer-to-peer node daemon for decentralized machine learning.",
-        epilog="Run 'shoal COMMAND --help' for a command's options.",
+        epilog="Run 'shoal COMMAND --help' for a command's options. " + __doc__.split("\n\n", 1)[1].strip(),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description or help)
+        if name not in {"version", "demo"}:
+            sub.add_argument(
+                "--home",
+                type=Path,
+                default=DEFAULT_HOME,
+                help=f"the node's directory (default: $SHOAL_HOME or {DEFAULT_HOME})",
+            )
+        return sub
+
+    command(
+        "init",
+        "create a node's identity key and a commented config.toml",
+        "Create HOME/identity.key (the node's permanent peer id) and HOME/config.toml. Refuses to "
+        "touch an existing identity.",
+    )
+    run = command(
+        "run",
+        "run the daemon (flags override config.toml, SHOAL_<KEY> variables too)",
+        "Run the node until SIGINT/SIGTERM, then leave the swarm gracefully with a final "
+        "checkpoint. Values come from HOME/config.toml, then SHOAL_<KEY> environment variables "
+        "(e.g. SHOAL_BOOTSTRAP), then these flags.",
+    )
+    for flag, options in RUN_FLAGS:
+        run.add_argument(flag, default=None, **options)
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logs, libp2p's included")
+    for name, help in (
+        ("id", "print this node's peer id and addresses"),
+        ("peers", "list the peers the running daemon is connected to"),
+        ("status", "show the running daemon's round, accuracy, peers and traffic"),
+    ):
+        sub = command(name, help)
+        sub.add_argument("--api", metavar="HOST:PORT", help="ask the daemon at this API address instead")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = command(
+        "demo",
+        "run a local swarm of real daemons on 127.0.0.1 until it learns",
+        "Start N daemons as separate processes on 127.0.0.1 (one bootstraps the others), each with "
+        "its own shard of the offline digits data; show their progress; stop when their mean "
+        "test accuracy reaches --target or after --timeout seconds; print a summary.",
+    )
+    demo.add_argument("--nodes", type=int, default=4, help="daemons to start (default 4)")
+    demo.add_argument("--target", type=float, default=0.9, help="mean test accuracy to reach (default 0.9)")
+    demo.add_argument("--timeout", type=float, default=300, help="seconds before giving up (default 300)")
+    demo.add_argument("--keep", type=Path, metavar="DIR", help="keep the nodes' homes in DIR (default: temp)")
     commands.add_parser("version", help="print the version of Shoal and of its main components")
     return parser
 
@@ -27,14 +112,161 @@ def installed(package: str) -> str:
         return "not installed"
 
 
+def fail(message: str, code: int) -> int:
+    print(f"shoal: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "version":
         parts = ", ".join(f"{p} {installed(p)}" for p in ("torch", "libp2p", "trio", "pycrdt"))
         print(f"shoal {__version__} ({parts})")
         return 0
-    build_parser().print_help()
-    return 2
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    return {"init": init, "run": run, "id": ask, "peers": ask, "status": ask, "demo": demo}[args.command](
+        args
+    )
+
+
+def init(args: argparse.Namespace) -> int:
+    from node.config import TEMPLATE
+    from node.daemon import Home
+    from overlay.atomic import write_atomic
+    from overlay.identity import load_or_create_identity, peer_id
+
+    home = Home(args.home)
+    if home.identity.exists():
+        return fail(
+            f"{home.identity} already holds this node's identity; use another --home for a new node",
+            EXIT_FILES,
+        )
+    key_pair, _ = load_or_create_identity(home.identity)
+    if not home.config.exists():
+        write_atomic(home.config, TEMPLATE)
+    print(f"initialised {args.home}\npeer id: {peer_id(key_pair)}\nconfig:  {home.config}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from learning.datasets import DatasetError
+    from learning.models import ModelError
+    from node.checkpoint import CheckpointError
+    from node.config import ConfigError, load
+    from node.daemon import Daemon, Home
+    from overlay.host import BootstrapError, quiet_libp2p_logs
+    from overlay.identity import IdentityError
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    quiet_libp2p_logs(args.verbose)
+    flags = {
+        flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+        for flag, _ in RUN_FLAGS
+    }
+    try:
+        config = load(Home(args.home).config, **flags)
+        daemon = Daemon(args.home, config)
+        trio.run(daemon.run)
+    except ConfigError as e:
+        return fail(f"bad configuration: {e}", EXIT_CONFIG)
+    except BootstrapError as e:
+        return fail(
+            f"{e}\n  check the addresses (shoal id on those nodes prints them) and that they run", EXIT_JOIN
+        )
+    except (DatasetError, ModelError, CheckpointError, IdentityError) as e:
+        return fail(str(e), EXIT_FILES)
+    except OSError as e:  # e.g. the listen or API port is taken
+        return fail(
+            f"{e.strerror or e}: {getattr(e, 'filename', '') or 'check --listen and --api'}", EXIT_CONFIG
+        )
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def ask(args: argparse.Namespace) -> int:
+    """id, peers, status: read the running daemon's /status."""
+    from node.daemon import Home
+
+    address = args.api
+    if address is None:
+        try:
+            address = json.loads(Home(args.home).api.read_text())["api"]
+        except (OSError, ValueError, KeyError):
+            if args.command == "id":
+                return offline_id(args)
+            return fail(
+                f"no daemon running for {args.home} (start one with: shoal run --home {args.home})",
+                EXIT_NO_DAEMON,
+            )
+    try:
+        with urllib.request.urlopen(f"http://{address}/status", timeout=5) as response:
+            status = json.load(response)
+    except (OSError, ValueError) as e:
+        return fail(f"no daemon answers at {address} ({e})", EXIT_NO_DAEMON)
+    if args.command == "id":
+        shown = {"peer": status["peer"], "addresses": status["addresses"]}
+    elif args.command == "peers":
+        shown = status["peers"]
+    else:
+        shown = status
+    if args.json:
+        print(json.dumps(shown, indent=1))
+    elif args.command == "id":
+        print("\n".join([f"peer id: {status['peer']}", *status["addresses"]]))
+    elif args.command == "peers":
+        print("\n".join(f"{p['peer']}  {p['connection']}" for p in status["peers"]) or "no peers")
+    else:
+        print(human_status(status))
+    return 0
+
+
+def offline_id(args: argparse.Namespace) -> int:
+    from node.daemon import Home
+    from overlay.identity import IdentityError, load_identity, peer_id
+
+    try:
+        pid = peer_id(load_identity(Home(args.home).identity))
+    except IdentityError as e:
+        return fail(f"{e} (run: shoal init --home {args.home})", EXIT_FILES)
+    print(json.dumps({"peer": pid, "addresses": []}) if args.json else f"peer id: {pid} (daemon not running)")
+    return 0
+
+
+def human_status(s: dict) -> str:
+    accuracy = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
+    traffic = (
+        f"{sum(s['bytes_in'].values()) / 1e6:.1f} MB in, {sum(s['bytes_out'].values()) / 1e6:.1f} MB out"
+    )
+    lines = [
+        f"peer id:      {s['peer']}",
+        f"task:         {s['task']} ({s['protocol']}, {s['samples']} local samples)",
+        f"reachability: {s['reachability']}"
+        + (f" (relays: {', '.join(s['relays'])})" if s["relays"] else ""),
+        f"round:        {s['round']}   accuracy: {accuracy}",
+        f"peers:        {len(s['peers'])}"
+        + "".join(f"\n  {p['peer']}  {p['connection']}" for p in s["peers"]),
+        f"traffic:      {traffic}, {s['rejected']} inputs rejected",
+        f"uptime:       {s['uptime']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    if args.nodes < 2 or not 0 < args.target <= 1 or args.timeout <= 0:
+        return fail("--nodes must be at least 2, --target in (0, 1], --timeout positive", EXIT_CONFIG)
+    return run_demo(args.nodes, args.target, args.timeout, args.keep)
 
 
 if __name__ == "__main__":

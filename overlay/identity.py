@@ -8,13 +8,14 @@ error that names the file, never a reason to make a new key.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
+
+from overlay.atomic import write_atomic
 
 
 class IdentityError(Exception):
@@ -26,15 +27,7 @@ def load_or_create_identity(path: Path) -> tuple[KeyPair, bool]:
     if path.exists():
         return load_identity(path), False
     key_pair = create_new_key_pair()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key_pair.private_key.serialize())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, key_pair.private_key.serialize(), mode=0o600)
     return key_pair, True
 
 

@@ -13,13 +13,13 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
+from overlay.atomic import write_atomic
 from simulations.engine import Row, RunResult, SimConfig
 
 
@@ -113,15 +113,6 @@ def prepare(args: argparse.Namespace) -> None:
     """Settings every scenario run wants before it starts."""
     torch.set_num_threads(1)  # models this small lose more to thread hand-offs than they gain
     args.out.mkdir(parents=True, exist_ok=True)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def write_rounds(out: Path, results: Sequence[RunResult]) -> None:

@@ -1,0 +1,55 @@
+"""Checkpoints: the model and where the protocol stood, in one safetensors file written atomically.
+
+safetensors holds only tensors and string metadata, so loading a checkpoint never runs code (unlike
+``torch.load`` without ``weights_only``). A daemon killed at any moment leaves the previous
+checkpoint or the new one (``overlay.atomic``), and restarts from it with the same identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_tensors
+
+from learning.protocol import State
+from overlay.atomic import write_atomic
+
+
+class CheckpointError(Exception):
+    """A checkpoint file exists but cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state: State
+    round: int
+    task: str
+
+
+def save(path: Path, checkpoint: Checkpoint) -> None:
+    tensors = {name: t.detach().cpu().contiguous() for name, t in checkpoint.state.items()}
+    metadata = {"round": str(checkpoint.round), "task": checkpoint.task}
+    write_atomic(path, save_tensors(tensors, metadata=metadata))
+
+
+def load(path: Path, task: str) -> Checkpoint | None:
+    """The checkpoint at ``path``; None if there is none; CheckpointError if damaged or another task's."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+        round_ = int(metadata["round"])
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({e}); move it away to start afresh"
+        ) from None
+    if metadata.get("task") != task:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to task {metadata.get('task')}, not this node's task {task} "
+            "(the model or dataset changed?); move it away to start afresh"
+        )
+    return Checkpoint(state, round_, task)

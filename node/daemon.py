@@ -1,0 +1,258 @@
+"""The daemon: one node's life from start to graceful exit, in one trio nursery.
+
+Start: identity from the home directory (created once), data and model from the configuration, the
+last checkpoint if there is one; then the libp2p overlay joins the swarm, the node advertises its
+task in the DHT and connects to the task's providers, and the learning protocol runs on the driver
+(training in a worker thread). Each finished round is evaluated (also off the loop), logged, and
+checkpointed every ``checkpoint_every`` rounds. SIGINT/SIGTERM: announce departure, give the
+protocol its goodbyes within a bound, write a final checkpoint, exit 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from learning.datasets import Dataset, load_dataset, load_npz
+from learning.gossip import Gossip, GossipConfig
+from learning.integrators import make_integrator
+from learning.learner import Hyperparameters, Learner
+from learning.models import ParameterLayout, build_model
+from learning.modest import Modest, ModestConfig
+from learning.partition import partition
+from learning.protocol import LearningProtocol, State
+from learning.training import Evaluation, evaluate, pick_device
+from node import api, checkpoint
+from node.config import Config
+from node.driver import Driver, ThreadCompute
+from overlay.atomic import write_atomic
+from overlay.identity import load_or_create_identity
+from overlay.p2p import Libp2pOverlay, P2PConfig
+from overlay.transfer import digest
+from overlay.wire import Message, encode
+
+log = logging.getLogger("shoal")
+
+EVAL_SAMPLES = 1000  # test samples per evaluation: enough for +-1.5% at 90%, fast on a CPU
+LEAVE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Home:
+    """Files of one node: identity key, configuration, checkpoint, and where its API listens."""
+
+    path: Path
+
+    @property
+    def identity(self) -> Path:
+        return self.path / "identity.key"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.safetensors"
+
+    @property
+    def api(self) -> Path:
+        return self.path / "api.json"
+
+
+def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """The dataset (for its test split) and this node's training samples."""
+    if config.data:
+        data = load_npz(config.data, seed=config.seed)
+        return data, data.x_train, data.y_train
+    data = load_dataset(config.dataset, seed=config.seed)
+    parts = partition(data.y_train.numpy(), config.shards, config.partition, config.seed)
+    shard = torch.as_tensor(parts[config.shard])
+    return data, data.x_train[shard], data.y_train[shard]
+
+
+def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
+    """What peers must agree on to average models: architecture, input shape, classes, protocol."""
+    spec = {
+        "model": config.model,
+        "tensors": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)],
+        "input": list(data.input_shape),
+        "classes": data.num_classes,
+        "protocol": config.protocol,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Daemon:
+    def __init__(self, home: Path, config: Config) -> None:
+        self.home = Home(home)
+        self.config = config
+        self.key_pair, created = load_or_create_identity(self.home.identity)
+        if created:
+            log.info("new identity created in %s", self.home.identity)
+        self.data, x, y = load_data(config)
+        model = build_model(config.model, self.data.input_shape, self.data.num_classes, seed=config.seed)
+        self.layout = ParameterLayout.of(model)
+        self.eval_model = copy.deepcopy(model)
+        self.task = task_id(config, self.data, self.layout)
+        hyper = Hyperparameters(
+            batch_size=config.batch_size, lr=config.lr, local_steps=config.local_steps, local_epochs=None
+        )
+        self.learner = Learner(
+            model, x, y, hyper, seed=config.seed * 7919 + config.shard, device=pick_device()
+        )
+        n = min(EVAL_SAMPLES, len(self.data.y_test))
+        self.x_eval, self.y_eval = self.data.x_test[:n], self.data.y_test[:n]
+        saved = checkpoint.load(self.home.checkpoint, self.task)
+        self.start_round = saved.round if saved else 0
+        self.initial = saved.state if saved else self.learner.initial_state()
+        if saved:
+            log.info("resuming from checkpoint at round %d", saved.round)
+        self.accuracy: float | None = None
+        self.started = time.time()
+        self.overlay: Libp2pOverlay | None = None
+        self.protocol: LearningProtocol | None = None
+        self.driver: Driver | None = None
+        self._rounds = trio.open_memory_channel[int](100)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        c = self.config
+        p2p = P2PConfig(
+            listen=c.listen,
+            announce=c.announce,
+            bootstrap=c.bootstrap,
+            relay_service=c.relay_service,
+            upnp=c.upnp,
+        )
+        async with (
+            Libp2pOverlay.start(self.key_pair, self.task, p2p) as overlay,
+            trio.open_nursery() as nursery,
+        ):
+            self.overlay = overlay
+            log.info(
+                "joined as %s (task %s, %d training samples)",
+                overlay.peer_id,
+                self.task,
+                self.learner.samples,
+            )
+            for addr in overlay.addresses():
+                log.info("others can join with: shoal run --bootstrap %s", addr)
+            port = await nursery.start(api.serve, c.api, self.status)
+            host = c.api.rpartition(":")[0]
+            write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}", "pid": os.getpid()}))
+            log.info("status API on http://%s:%d/status", host, port)
+            await overlay.provide(self.provider_key)
+            peers = [p for p in await overlay.find_providers(self.provider_key) if p != overlay.peer_id]
+            self.protocol = self._protocol(peers)
+            self.driver = Driver(
+                self.protocol, overlay, self.learner, ThreadCompute(), on_round=self._rounds[0].send_nowait
+            )
+            nursery.start_soon(self.driver.run)
+            nursery.start_soon(self._after_rounds)
+            nursery.start_soon(self._rediscover)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("%s: leaving the swarm", signal.Signals(signum).name)
+                    break
+            with trio.move_on_after(LEAVE_TIMEOUT):
+                await self.driver.leave(LEAVE_TIMEOUT / 2)
+                await overlay.leave(LEAVE_TIMEOUT / 2)
+            self._checkpoint()
+            nursery.cancel_scope.cancel()
+        self.home.api.unlink(missing_ok=True)
+
+    @property
+    def provider_key(self) -> str:
+        return f"shoal/{self.task}"
+
+    def _protocol(self, peers: list[str]) -> LearningProtocol:
+        c = self.config
+        rng = random.Random(f"{c.seed}/{self.overlay.peer_id}")
+        integrator = make_integrator(c.integrator)
+        samples = self.learner.samples
+        if c.protocol == "modest":
+            return Modest(
+                self.overlay.peer_id,
+                peers,
+                self.initial,
+                samples,
+                integrator,
+                ModestConfig(),
+                rng,
+                joining=bool(c.bootstrap),
+            )
+        joining = bool(c.bootstrap) and self.start_round == 0  # a fresh joiner fetches the swarm's model
+        config = GossipConfig(fanout=c.fanout, period=c.period, join_by_fetch=joining)
+        return Gossip(self.initial, samples, integrator, config, rng, round=self.start_round)
+
+    async def _after_rounds(self) -> None:
+        """Per finished round: evaluate off the loop, log, record the model version, checkpoint."""
+        last_checkpoint = self.start_round
+        async for rnd in self._rounds[1]:
+            state = self.protocol.model
+            self.accuracy = (await trio.to_thread.run_sync(self._evaluate, state)).accuracy
+            log.info("round %d done: accuracy %.3f, %d peers", rnd, self.accuracy, len(self.overlay.peers()))
+            payload = encode(Message("model", {}, state))
+            self.overlay.metadata.record_model(rnd, digest(payload).hex(), len(payload))
+            if rnd - last_checkpoint >= self.config.checkpoint_every:
+                last_checkpoint = rnd
+                await trio.to_thread.run_sync(self._checkpoint)
+
+    def _evaluate(self, state: State) -> Evaluation:
+        """On a model of its own: training runs at the same time on the learner's."""
+        self.layout.load(self.eval_model, state)
+        return evaluate(
+            self.eval_model, self.x_eval, self.y_eval, self.data.num_classes, device=pick_device()
+        )
+
+    async def _rediscover(self) -> None:
+        """Look for the task's providers again while we have few peers (a lone node after churn)."""
+        while True:
+            await trio.sleep(10)
+            if len(self.overlay.peers()) < 3:
+                await self.overlay.find_providers(self.provider_key)
+
+    def _checkpoint(self) -> None:
+        if self.protocol is None:
+            return
+        checkpoint.save(
+            self.home.checkpoint, checkpoint.Checkpoint(self.protocol.model, self.protocol.round, self.task)
+        )
+        log.info("checkpoint written at round %d", self.protocol.round)
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        overlay = self.overlay
+        peers = overlay.peers() if overlay else []
+        return {
+            "peer": overlay.peer_id if overlay else None,
+            "addresses": overlay.addresses() if overlay else [],
+            "task": self.task,
+            "reachability": overlay.reachability.value if overlay else "unknown",
+            "relays": [str(r) for r in overlay.relaying.relays] if overlay else [],
+            "protocol": self.config.protocol,
+            "round": self.protocol.round if self.protocol else self.start_round,
+            "accuracy": self.accuracy,
+            "samples": self.learner.samples,
+            "peers": [{"peer": p, "connection": overlay.connection_kind(p)} for p in peers],
+            "bytes_in": dict(overlay.bytes_in) if overlay else {},
+            "bytes_out": dict(overlay.bytes_out) if overlay else {},
+            "rejected": (overlay.rejected if overlay else 0)
+            + (sum(self.driver.rejected.values()) if self.driver else 0),
+            "uptime": round(time.time() - self.started, 1),
+        }

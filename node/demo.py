@@ -1,0 +1,172 @@
+"""``shoal demo``: a real swarm on 127.0.0.1, each node a separate ``shoal run`` process.
+
+Each node gets a home with its own identity (created up front, so the bootstrap address is known
+before anything starts, as in Petals' CI), its shard of the offline digits data, a free TCP port and
+a free API port. Progress comes from each daemon's ``/status``; the demo stops the swarm with SIGTERM
+(the daemons' graceful exit) when the mean accuracy reaches the target or time runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from node.daemon import Home
+from overlay.atomic import write_atomic
+from overlay.identity import load_or_create_identity, peer_id
+
+POLL = 2.0
+STOP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_config(i: int, nodes: int, port: int, api_port: int, bootstrap: str | None) -> str:
+    return "\n".join(
+        [
+            "[network]",
+            f'listen = ["/ip4/127.0.0.1/tcp/{port}"]',
+            f"bootstrap = {json.dumps([bootstrap] if bootstrap else [])}",
+            "[task]",
+            'dataset = "digits"',
+            f"shard = {i}",
+            f"shards = {nodes}",
+            "local_steps = 10",
+            "[protocol]",
+            'protocol = "gossip"',
+            'integrator = "vca"',
+            "period = 1.0",
+            "[node]",
+            f'api = "127.0.0.1:{api_port}"',
+            "",
+        ]
+    )
+
+
+def status(api_port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/status", timeout=2) as response:
+            return json.load(response)
+    except (OSError, ValueError):
+        return None
+
+
+def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> int:
+    base = keep or Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+    homes = [Home(base / f"node{i}") for i in range(nodes)]
+    ports = [(free_port(), free_port()) for _ in homes]
+    ids = [peer_id(load_or_create_identity(h.identity)[0]) for h in homes]
+    bootstrap = f"/ip4/127.0.0.1/tcp/{ports[0][0]}/p2p/{ids[0]}"
+    procs: list[subprocess.Popen] = []
+    print(f"starting {nodes} daemons on 127.0.0.1 (homes and logs in {base}); bootstrap node {bootstrap}")
+    try:
+        for i, home in enumerate(homes):
+            write_atomic(home.config, node_config(i, nodes, *ports[i], None if i == 0 else bootstrap))
+            with open(home.path / "daemon.log", "wb") as logfile:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "node.cli", "run", "--home", str(home.path)],
+                        stdout=logfile,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        seen: dict[int, dict] = {}  # each node's latest /status
+        reached = watch(procs, homes, ports, target, timeout, seen)
+    finally:
+        codes = stop(procs)
+    print(summary(ids, seen, codes))
+    if keep is None and reached and all(c == 0 for c in codes):
+        shutil.rmtree(base, ignore_errors=True)
+    if not reached:
+        print(f"the swarm did not reach {target:.0%} mean accuracy within {timeout:.0f} s; logs in {base}")
+        return 1
+    return 0
+
+
+def watch(
+    procs: list[subprocess.Popen],
+    homes: list[Home],
+    ports: list[tuple[int, int]],
+    target: float,
+    timeout: float,
+    seen: dict[int, dict],
+) -> bool:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        time.sleep(POLL)
+        for i, proc in enumerate(procs):
+            if proc.poll() is not None:
+                log = (homes[i].path / "daemon.log").read_text(errors="replace").splitlines()[-15:]
+                print(
+                    f"node {i} exited with code {proc.returncode}; its last log lines:\n  " + "\n  ".join(log)
+                )
+                return False
+            s = status(ports[i][1])
+            if s is not None:
+                seen[i] = s
+        rows = [seen.get(i) for i in range(len(procs))]
+        accuracies = [r["accuracy"] for r in rows if r and r["accuracy"] is not None]
+        rounds = [r["round"] for r in rows if r]
+        peers = [len(r["peers"]) for r in rows if r]
+        if not accuracies:
+            print(
+                f"{time.monotonic() - start:5.0f} s  {len(rows) - rows.count(None)}/{len(procs)} daemons up, "
+                "no round finished yet",
+                flush=True,
+            )
+            continue
+        mean = statistics.fmean(accuracies)
+        print(
+            f"{time.monotonic() - start:5.0f} s  rounds {min(rounds)}-{max(rounds)}  "
+            f"peers {statistics.fmean(peers):.1f}  accuracy mean {mean:.3f} (min {min(accuracies):.3f}, "
+            f"{len(accuracies)}/{len(procs)} nodes)",
+            flush=True,
+        )
+        if len(accuracies) == len(procs) and mean >= target:
+            print(f"reached {target:.0%} mean test accuracy in {time.monotonic() - start:.0f} s")
+            return True
+    return False
+
+
+def stop(procs: list[subprocess.Popen]) -> list[int]:
+    """SIGTERM (graceful leave + final checkpoint), then SIGKILL what is still running after a bound."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    return codes
+
+
+def summary(ids: list[str], seen: dict[int, dict], codes: list[int]) -> str:
+    lines = [
+        f"{'node':>4}  {'peer id':<14} {'round':>5} {'accuracy':>8} {'peers':>5} {'MB out':>7} {'exit':>4}"
+    ]
+    for i, pid in enumerate(ids):
+        s = seen.get(i, {})
+        accuracy = s.get("accuracy")
+        lines.append(
+            f"{i:>4}  {'…' + pid[-12:]:<14} {s.get('round', '-'):>5} "
+            f"{'-' if accuracy is None else f'{accuracy:.3f}':>8} {len(s.get('peers', [])):>5} "
+            f"{sum(s.get('bytes_out', {}).values()) / 1e6:>7.1f} {codes[i]:>4}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Building the libp2p host and joining a swarm: transports, addresses, bootstrap, log noise.
+
+Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/LIBP2P.md):
+
+- TCP + Noise + Yamux only: QUIC loses the last bytes of streams silently (§1c).
+- ``ConnectionConfig(max_connections_per_peer=1)``: otherwise every dial waits out a 250 ms
+  happy-eyeballs delay even after it succeeded (§8).
+- A host listening on ``0.0.0.0`` advertises ``0.0.0.0`` (§6); we announce each interface's address.
+- The DHT, relay, pubsub and identify code log warnings for routine events (§2, pitfall 6); they are
+  shown only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.utils.address_validation import expand_wildcard_address
+
+log = logging.getLogger(__name__)
+
+WILDCARDS = ("/ip4/0.0.0.0/", "/ip6/::/")
+DIAL_TIMEOUT = 5.0  # libp2p's 10 s default doubles the wait on every unreachable address in DHT lookups
+
+
+class BootstrapError(Exception):
+    """No bootstrap address could be joined; the message names each address and why it failed."""
+
+
+def quiet_libp2p_logs(verbose: bool) -> None:
+    """Show libp2p's own log lines only when asked: its routine warnings read like failures to users."""
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    logging.getLogger("multiaddr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as e:
+        raise ValueError(f"{text!r} is not a multiaddr ({e}); expected e.g. /ip4/192.0.2.1/tcp/4001") from e
+
+
+def parse_bootstrap(text: str) -> PeerInfo:
+    """A bootstrap address must name the peer, so a wrong or replaced node is caught by the handshake."""
+    addr = parse_multiaddr(text)
+    try:
+        return info_from_p2p_addr(addr)
+    except Exception as e:
+        raise ValueError(
+            f"bootstrap address {text!r} has no peer id; it must end in /p2p/<peer id>, "
+            "as printed by the node you join"
+        ) from e
+
+
+def announced(candidates: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """The addresses we tell peers: wildcards expanded to each interface's address."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in candidates:
+        if str(addr).startswith(WILDCARDS):
+            out.extend(a for a in expand_wildcard_address(addr) if not str(a).startswith(WILDCARDS))
+        else:
+            out.append(addr)
+    unique = {str(a): a for a in out}
+    return list(unique.values())
+
+
+def build_host(
+    key_pair: KeyPair, listen: Sequence[str], announce: Sequence[str] = (), upnp: bool = False
+) -> IHost:
+    """A host on TCP + Noise + Yamux. ``announce`` replaces the advertised addresses when given
+    (a node behind a port forward)."""
+    fixed = [parse_multiaddr(a) for a in announce]
+
+    def addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        return announced(fixed or candidates)
+
+    return new_host(
+        key_pair=key_pair,
+        listen_addrs=[parse_multiaddr(a) for a in listen],
+        muxer_preference="YAMUX",
+        enable_quic=False,
+        enable_upnp=upnp,
+        connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=DIAL_TIMEOUT),
+        addrs_factory=addrs,
+    )
+
+
+def explain_dial_error(error: BaseException) -> str:
+    """A user-facing reason for a failed dial: libp2p's exceptions nest the cause several levels deep."""
+    text = " ".join(str(e) for e in _chain(error)).lower()
+    if "refused" in text:
+        return "connection refused (nothing listens there: is the node running, is the port right?)"
+    if "peer id" in text or "peerid" in text or "mismatch" in text:
+        return "a different node answered (the /p2p/ peer id does not match: copy the address again)"
+    if "unreachable" in text or "no route" in text:
+        return "no route to that address (check the IP and your network)"
+    if isinstance(error, trio.TooSlowError) or "timed out" in text or "timeout" in text:
+        return "timed out (a firewall or NAT may drop the connection; is the address public?)"
+    return f"{type(error).__name__}: {error}"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    stack = [error]
+    while stack and len(seen) < 20:
+        e = stack.pop()
+        seen.append(e)
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None and x not in seen)
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        stack.extend(getattr(e, "errors", ()))  # libp2p's MultiError, one per address tried
+    return seen
+
+
+async def join(
+    host: IHost, bootstrap: Sequence[PeerInfo], attempts: int = 5, timeout: float = 10.0, backoff: float = 1.0
+) -> list[PeerInfo]:
+    """Connect to every bootstrap peer we can, retrying each with exponential backoff.
+
+    Returns the peers joined; raises BootstrapError naming every address and its last failure when
+    none could be joined (a node that joins nobody is useless and should say so, not idle silently).
+    """
+    joined: list[PeerInfo] = []
+    failures: dict[str, str] = {}
+
+    async def one(info: PeerInfo) -> None:
+        for attempt in range(attempts):
+            # our own backoff decides when to retry, not the swarm's cache of recent failures
+            host.get_network().unblock_peer(info.peer_id)
+            try:
+                with trio.fail_after(timeout):
+                    await host.connect(info)
+                joined.append(info)
+                return
+            except Exception as e:  # libp2p raises many unrelated types for one failed dial
+                failures[_label(info)] = explain_dial_error(e)
+                log.info(
+                    "bootstrap %s attempt %d/%d failed: %s",
+                    _label(info),
+                    attempt + 1,
+                    attempts,
+                    failures[_label(info)],
+                )
+                if attempt + 1 < attempts:
+                    await trio.sleep(min(backoff * 2**attempt, 30.0))
+
+    async with trio.open_nursery() as nursery:
+        for info in bootstrap:
+            nursery.start_soon(one, info)
+    if bootstrap and not joined:
+        lines = "\n".join(f"  {addr}: {why}" for addr, why in failures.items())
+        raise BootstrapError(f"could not join any bootstrap node after {attempts} attempts each:\n{lines}")
+    return joined
+
+
+def _label(info: PeerInfo) -> str:
+    addr = info.addrs[0] if info.addrs else "?"
+    return f"{addr}/p2p/{info.peer_id}"

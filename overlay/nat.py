@@ -1,0 +1,227 @@
+"""Getting past NATs: our own reachability check, Circuit Relay v2 with explicit reservations, DCUtR.
+
+Upstream behaviours worked around here (py-libp2p 0.8.1, ../shared/LIBP2P.md §5):
+
+- AutoNAT v1 answers "public" whenever the asker is already connected: its dial-back reuses the
+  existing connection. Our check (:func:`serve_dialback`) dials back from a *fresh* host with a new
+  key, so only a real inbound connection counts, and only to addresses on the IP we see the asker
+  come from (no reflecting dials at third parties).
+- ``auto_reserve`` never makes a relay reservation: :meth:`Relaying.reserve` makes it explicitly.
+- ``host.get_addrs()`` never contains the ``/p2p-circuit`` address (and an address factory cannot
+  add it: the host cuts addresses at their first ``/p2p/``): :meth:`Relaying.circuit_addrs` builds
+  it, and the overlay advertises it in the metadata document.
+- The swarm never dials ``/p2p-circuit`` addresses itself: :meth:`Relaying.dial` does.
+- ``initiate_hole_punch`` can hang for more than 40 s behind a port-randomising NAT:
+  :meth:`Relaying.upgrade` bounds it; the relayed connection stays in use when it fails.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from enum import StrEnum
+
+import msgpack
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.tools.anyio_service import background_trio_service
+
+from overlay.transfer import Libp2pStream, TransferError, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+DIALBACK = TProtocol("/shoal/dialback/1.0.0")
+MAX_DIALBACK_ADDRS = 4
+MAX_DIALBACK_FRAME = 16 * 1024
+_MULTISTREAM_HELLO = b"\x13/multistream/1.0.0\n"  # varint length 19 + protocol line
+
+
+class Reachability(StrEnum):
+    UNKNOWN = "unknown"
+    PUBLIC = "public"  # a fresh dial from another node reached us
+    PRIVATE = "private"  # it did not: we rely on relays and hole punching
+
+
+def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:
+    return "/p2p-circuit" in str(addr)
+
+
+def _ip(addr: multiaddr.Multiaddr) -> str | None:
+    for proto in ("ip4", "ip6"):
+        try:
+            return str(ipaddress.ip_address(addr.value_for_protocol(proto)))
+        except Exception:
+            continue
+    return None
+
+
+def _without_peer(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    text = str(addr)
+    return multiaddr.Multiaddr(text.split("/p2p/")[0]) if "/p2p/" in text else addr
+
+
+def dialback_candidates(claimed: list[str], observed_ip: str | None) -> list[multiaddr.Multiaddr]:
+    """The claimed addresses we may dial: plain TCP addresses on the IP the request came from."""
+    out = []
+    for text in claimed[:32]:
+        try:
+            addr = _without_peer(multiaddr.Multiaddr(text))
+        except Exception:
+            continue
+        if not is_circuit(addr) and observed_ip is not None and _ip(addr) == observed_ip:
+            out.append(addr)
+    return out[:MAX_DIALBACK_ADDRS]
+
+
+async def serve_dialback(stream: INetStream, timeout: float = 5.0) -> None:
+    """Answer a reachability request: try a fresh connection to the asker and say whether it worked."""
+    asker = stream.muxed_conn.peer_id
+    stream_io = Libp2pStream(stream)
+    remote = stream.get_remote_address()
+    observed_ip = str(ipaddress.ip_address(remote[0])) if remote else None
+    try:
+        with trio.fail_after(timeout):
+            request = msgpack.unpackb(await read_frame(stream_io, MAX_DIALBACK_FRAME))
+        claimed = [a for a in request.get("addrs", []) if isinstance(a, str)]
+    except (TransferError, trio.TooSlowError, ValueError, AttributeError, msgpack.UnpackException) as e:
+        log.info("dial-back request from %s rejected: %s", asker, e)
+        return
+    reached = None
+    for addr in dialback_candidates(claimed, observed_ip):
+        if await _dial_fresh(addr, timeout):
+            reached = str(addr)
+            break
+    with trio.move_on_after(timeout):
+        await write_frame(stream_io, msgpack.packb({"reached": reached, "observed": observed_ip}))
+
+
+async def _dial_fresh(addr: multiaddr.Multiaddr, timeout: float) -> bool:
+    """Open a new TCP connection to ``addr`` and check a libp2p listener answers there.
+
+    A new connection, never a reused one, is what makes the check honest. We stop after
+    multistream-select's greeting: completing a full libp2p connection would add a short-lived peer
+    to the asker's DHT routing table, and its later lookups would wait on that dead entry.
+    """
+    try:
+        host, port = _ip(addr), int(addr.value_for_protocol("tcp"))
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(_MULTISTREAM_HELLO)
+                greeting = b""
+                while len(greeting) < len(_MULTISTREAM_HELLO):
+                    chunk = await stream.receive_some(64)
+                    if not chunk:
+                        break
+                    greeting += chunk
+        return greeting.startswith(_MULTISTREAM_HELLO)
+    except (OSError, trio.TooSlowError, ValueError, trio.BrokenResourceError) as e:
+        log.debug("dial-back to %s failed: %s", addr, e)
+        return False
+
+
+async def ask_dialback(host: IHost, helper: ID, timeout: float = 10.0) -> bool | None:
+    """Ask ``helper`` to dial us back. True/False is its verdict; None if it could not be asked."""
+    addrs = [str(a) for a in host.get_addrs() if not is_circuit(a)]
+    try:
+        with trio.fail_after(timeout):
+            stream = await host.new_stream(helper, [DIALBACK])
+            io = Libp2pStream(stream)
+            await write_frame(io, msgpack.packb({"addrs": addrs}))
+            reply = msgpack.unpackb(await read_frame(io, MAX_DIALBACK_FRAME))
+            await stream.close()
+    except Exception as e:  # the helper does not speak the protocol, went away, or timed out
+        log.debug("dial-back request to %s failed: %s", helper, e)
+        return None
+    if not isinstance(reply, dict):
+        return None
+    log.info(
+        "dial-back from %s: %s (it sees us at %s)",
+        helper,
+        "reached " + str(reply.get("reached")) if reply.get("reached") else "not reachable",
+        reply.get("observed"),
+    )
+    return bool(reply.get("reached"))
+
+
+class Relaying:
+    """Circuit Relay v2 (as a relay with ``serve=True``, always as a client) and DCUtR hole punching."""
+
+    def __init__(self, host: IHost, serve: bool) -> None:
+        self.host = host
+        self.serve = serve
+        limits = RelayLimits(duration=3600, data=1 << 34, max_circuit_conns=64, max_reservations=64)
+        self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=serve)
+        roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if serve else RelayRole(0))
+        self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=roles, limits=limits))
+        self.dcutr = DCUtRProtocol(host)
+        self.relays: list[ID] = []  # relays holding a reservation for us
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with (
+            background_trio_service(self.protocol),
+            background_trio_service(self.dcutr),
+        ):
+            yield
+
+    async def reserve(self, relay: ID, timeout: float = 10.0) -> bool:
+        """Reserve a slot on ``relay`` so peers can reach us through it (explicitly: see module doc)."""
+        discovery = self.transport.discovery
+        with trio.move_on_after(timeout):
+            await discovery.discover_relays()
+            if await discovery.make_reservation(relay):
+                if relay not in self.relays:
+                    self.relays.append(relay)
+                log.info("relay reservation made on %s", relay)
+                return True
+        log.info("relay reservation on %s failed", relay)
+        return False
+
+    def circuit_addrs(self) -> list[multiaddr.Multiaddr]:
+        """``<relay addr>/p2p/<relay>/p2p-circuit`` for each relay holding a reservation for us."""
+        out = []
+        for relay in self.relays:
+            direct = [a for a in self.host.get_peerstore().addrs(relay) if not is_circuit(a)]
+            if direct:
+                out.append(multiaddr.Multiaddr(f"{_without_peer(direct[0])}/p2p/{relay}/p2p-circuit"))
+        return out
+
+    async def dial(self, peer: ID, circuit: str) -> None:
+        """Connect to ``peer`` through the relay named in ``circuit`` (``.../p2p-circuit[/p2p/<peer>]``)."""
+        base = circuit.split("/p2p-circuit")[0]
+        await self.transport.dial(multiaddr.Multiaddr(f"{base}/p2p-circuit/p2p/{peer}"))
+
+    async def upgrade(self, peer: ID, deadline: float) -> bool:
+        """Try to replace a relayed connection by a hole-punched direct one, within ``deadline`` seconds."""
+        with trio.move_on_after(deadline):
+            try:
+                return bool(await self.dcutr.initiate_hole_punch(peer))
+            except Exception as e:  # DCUtR failures just mean we stay on the relay
+                log.info("hole punch to %s failed: %s", peer, e)
+        return False
+
+
+def is_relayed(host: IHost, peer: ID) -> bool:
+    """True when every connection to ``peer`` goes through a relay."""
+    conns = host.get_network().get_connections(peer)
+    if not conns:
+        return False
+    for conn in conns:
+        try:
+            addrs = conn.get_transport_addresses()
+        except Exception:
+            addrs = []
+        if not any(is_circuit(a) for a in addrs):
+            return False
+    return True

@@ -1,0 +1,618 @@
+"""The Overlay on py-libp2p: one node's host, DHT, pubsub, metadata sync, transfers and liveness.
+
+What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
+
+- protocol messages (models included) travel one per stream on ``/shoal/<task>/msg``, framed by
+  ``overlay.transfer`` (length + hash trailer), each send under ``send_timeout`` and each receive
+  under ``receive_timeout``; payloads over 1 MiB are hashed and decoded in a worker thread;
+- the task's metadata document (``overlay.metadata``) is synced by state-vector exchange on
+  ``/shoal/<task>/meta`` with every new peer and with a random peer every ``sync_interval``
+  (anti-entropy), and local edits are published on the task's gossipsub topic;
+- a peer becomes a *task peer* (PeerConnected) once a metadata sync with it succeeded: peers of other
+  tasks (or plain DHT/relay nodes) never speak that protocol and stay invisible to the learner;
+- discovery is Kademlia: server mode once a dial-back proved us reachable (the first node, with no
+  bootstrap, starts as server), client mode otherwise;
+- a ping loop (``overlay.liveness``) declares hung peers down;
+- malformed input is logged with its reason and counted against the sender; a peer over
+  ``max_penalty`` is disconnected and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import msgpack
+import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from overlay.host import build_host, explain_dial_error, join, parse_bootstrap
+from overlay.interface import (
+    Announced,
+    Delivered,
+    OverlayEvent,
+    PeerConnected,
+    PeerDisconnected,
+    PeerUnreachable,
+)
+from overlay.liveness import FailureDetector, ping
+from overlay.metadata import Metadata, MetadataError
+from overlay.nat import DIALBACK, Reachability, Relaying, ask_dialback, is_circuit, is_relayed, serve_dialback
+from overlay.transfer import OFF_LOOP_BYTES, Libp2pStream, TransferError, Truncated, read_frame, write_frame
+from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode
+
+log = logging.getLogger("shoal.overlay")
+
+MAX_ANNOUNCEMENT = 512 * 1024  # gossipsub silently drops messages over 1 MiB (LIBP2P.md §3)
+MAX_META_FRAME = 8 * 2**20
+ANNOUNCEMENTS_PER_SECOND = 8.0
+DIRECT_DIAL_TIMEOUT = 3.0
+LOOKUP_TIMEOUT = 10.0  # gossipsub's spam protection drops a topic's 11th message in a second
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce: tuple[str, ...] = ()
+    bootstrap: tuple[str, ...] = ()
+    relay_service: bool = False
+    upnp: bool = False
+    bootstrap_attempts: int = 5
+    ping_interval: float = 2.0
+    ping_timeout: float = 2.0
+    ping_misses: int = 3
+    send_timeout: float = 120.0
+    receive_timeout: float = 120.0
+    sync_interval: float = 5.0
+    heartbeat_interval: float = 10.0
+    hole_punch_timeout: float = 10.0
+    max_penalty: int = 5
+    limits: Limits = field(default=DEFAULT_LIMITS)
+
+    def __post_init__(self) -> None:
+        for addr in self.bootstrap:
+            parse_bootstrap(addr)  # ValueError with a clear reason, before anything starts
+        if (
+            min(
+                self.ping_interval,
+                self.ping_timeout,
+                self.send_timeout,
+                self.receive_timeout,
+                self.sync_interval,
+                self.heartbeat_interval,
+                self.hole_punch_timeout,
+            )
+            <= 0
+        ):
+            raise ValueError("intervals and timeouts must be positive")
+        if self.ping_misses < 1 or self.max_penalty < 1:
+            raise ValueError("ping_misses and max_penalty must be at least 1")
+
+
+class _Notifee(INotifee):
+    """Forwards libp2p's connection callbacks into a channel: callbacks must not block the swarm."""
+
+    def __init__(self, channel: trio.MemorySendChannel[tuple[str, ID]]) -> None:
+        self.channel = channel
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.channel.send_nowait(("up", conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self.channel.send_nowait(("down", conn.muxed_conn.peer_id))
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+class Libp2pOverlay:
+    """One node on a real network, implementing ``overlay.interface.Overlay`` for one task."""
+
+    def __init__(self, key_pair: KeyPair, task: str, config: P2PConfig) -> None:
+        self.config = config
+        self.task = task
+        self.host = build_host(key_pair, config.listen, config.announce, config.upnp)
+        self._id = self.host.get_id()
+        self.metadata = Metadata(task, str(self._id))
+        self.relaying = Relaying(self.host, serve=config.relay_service)
+        self.dht = KadDHT(self.host, DHTMode.CLIENT if config.bootstrap else DHTMode.SERVER)
+        self.router = GossipSub(
+            protocols=[GOSSIPSUB_PROTOCOL_ID], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1
+        )
+        self.pubsub = Pubsub(self.host, self.router)
+        self.reachability = Reachability.UNKNOWN
+        self.rejections: deque[tuple[str, str]] = deque(maxlen=100)  # the latest, with reasons
+        self.rejected = 0  # all of them
+        self.penalties: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()  # by protocol part: "msg:<kind>", "meta", "announce"
+        self.bytes_out: Counter[str] = Counter()
+        self._events_in, self._events = trio.open_memory_channel[OverlayEvent](1024)
+        self._conn_in, self._conn_out = trio.open_memory_channel[tuple[str, ID]](4096)
+        self._task_peers: set[str] = set()
+        self._banned: set[str] = set()
+        self._provided: set[str] = set()
+        self._detector = FailureDetector(config.ping_misses)
+        self._last_publish: dict[str, float] = {}
+        self._nursery: trio.Nursery | None = None
+        self._msg_protocol = TProtocol(f"/shoal/{task}/msg/1.0.0")
+        self._meta_protocol = TProtocol(f"/shoal/{task}/meta/1.0.0")
+        self._meta_topic = f"shoal/{task}/meta"
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def start(cls, key_pair: KeyPair, task: str, config: P2PConfig) -> AsyncIterator[Libp2pOverlay]:
+        """Listen, join the bootstrap peers (BootstrapError if none answers), run until the block exits."""
+        self = cls(key_pair, task, config)
+        try:
+            async with self._running():
+                yield self
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        config = self.config
+        listen = [Multiaddr(a) for a in config.listen]
+        async with (
+            self.host.run(listen_addrs=listen),
+            trio.open_nursery() as nursery,
+            background_trio_service(self.dht),
+            background_trio_service(self.pubsub),
+            background_trio_service(self.router),
+            self.relaying.running(),
+        ):
+            self._nursery = nursery
+            await self.pubsub.wait_until_ready()
+            self.host.get_network().register_notifee(_Notifee(self._conn_in))
+            self.host.set_stream_handler(self._msg_protocol, self._on_message_stream)
+            self.host.set_stream_handler(self._meta_protocol, self._on_meta_stream)
+            self.host.set_stream_handler(DIALBACK, serve_dialback)
+            nursery.start_soon(self._connections)
+            meta = await self.pubsub.subscribe(self._meta_topic)
+            nursery.start_soon(self._read_topic, self._meta_topic, meta)
+            bootstrap = [parse_bootstrap(a) for a in config.bootstrap]
+            joined = await join(self.host, bootstrap, config.bootstrap_attempts)
+            for info in joined:
+                await self.dht.add_peer(info.peer_id)
+            self.metadata.heartbeat(time.time(), self.addresses(), "joining")
+            for loop in (self._ping_loop, self._sync_loop, self._reachability_loop):
+                nursery.start_soon(loop)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def leave(self, timeout: float = 3.0) -> None:
+        """Tell the swarm we are leaving (metadata state "left"), so peers need not wait for a timeout."""
+        self.metadata.heartbeat(time.time(), self.addresses(), "left")
+        with trio.move_on_after(timeout):
+            await self._publish_metadata()
+            async with trio.open_nursery() as nursery:
+                for peer in list(self._task_peers):
+                    nursery.start_soon(self._sync_with, ID.from_base58(peer))
+
+    # -- Overlay interface -------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return str(self._id)
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[OverlayEvent]:
+        return self._events
+
+    def peers(self) -> list[str]:
+        return sorted(self._task_peers)
+
+    def addresses(self) -> list[str]:
+        """Full multiaddrs (with ``/p2p/<id>``) others can use to reach us, relay circuits included.
+
+        The circuits are added here: ``host.get_addrs()`` never lists them and strips any we give it.
+        """
+        circuits = [f"{a}/p2p/{self._id}" for a in self.relaying.circuit_addrs()]
+        return [str(a) for a in self.host.get_addrs()] + circuits
+
+    async def send(self, peer: str, message: Message) -> None:
+        payload = encode(message)
+        try:
+            with trio.fail_after(self.config.send_timeout):
+                stream = await self._open(peer, self._msg_protocol)
+                try:
+                    await write_frame(Libp2pStream(stream), payload)
+                    await stream.close()
+                except BaseException:
+                    with trio.move_on_after(1):
+                        await stream.reset()
+                    raise
+        except PeerUnreachable:
+            raise
+        except trio.TooSlowError as e:
+            raise PeerUnreachable(
+                f"{peer} did not take {len(payload)} bytes within {self.config.send_timeout:g} s"
+            ) from e
+        except Exception as e:  # libp2p raises many unrelated types for a failed stream
+            raise PeerUnreachable(f"{peer}: {explain_dial_error(e)}") from e
+        self.bytes_out[f"msg:{message.kind}"] += len(payload)
+
+    def subscribe(self, topic: str) -> None:
+        assert self._nursery is not None, "subscribe after start()"
+
+        async def run() -> None:
+            name = self._topic(topic)
+            await self._read_topic(name, await self.pubsub.subscribe(name))
+
+        self._nursery.start_soon(run)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        if len(data) > MAX_ANNOUNCEMENT:
+            raise ValueError(f"announcement of {len(data)} bytes is over {MAX_ANNOUNCEMENT}: use send()")
+        await self._publish(self._topic(topic), data)
+
+    async def provide(self, key: str) -> None:
+        self._provided.add(key)
+        with trio.move_on_after(LOOKUP_TIMEOUT):
+            await self.dht.provide(key)
+
+    async def find_providers(self, key: str, limit: int = 20) -> list[str]:
+        """Providers of ``key`` (self excluded); we also connect to them so they become peers."""
+        infos = [i for i in (await self._providers(key))[:limit] if i.peer_id != self._id]
+
+        async def connect(info: PeerInfo) -> None:
+            with trio.move_on_after(10):
+                try:
+                    addrs = [str(a) for a in info.addrs] + self._known_addrs(str(info.peer_id))
+                    await self._connect(info.peer_id, addrs)
+                except PeerUnreachable as e:
+                    log.info("provider %s: %s", info.peer_id, e)
+
+        async with trio.open_nursery() as nursery:
+            for info in infos:
+                nursery.start_soon(connect, info)
+        return [str(i.peer_id) for i in infos]
+
+    async def _providers(self, key: str) -> list[PeerInfo]:
+        """Provider records for ``key`` from the peers closest to it, where Kademlia stores them.
+
+        Workaround: ``KadDHT.find_providers`` (0.8.1) answers from the local store alone whenever that
+        holds any record, and a provider always holds its own, so a providing node never learned of
+        the others.
+        """
+        dht_key = _encode_key(key)
+        store = self.dht.provider_store
+        found = {info.peer_id: info for info in store.get_providers(dht_key)}
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(5):
+                try:
+                    providers, _ = await store._get_providers_from_peer_with_closers(peer, dht_key)
+                except Exception as e:  # an unresponsive or departed DHT peer
+                    log.debug("provider query to %s failed: %s", peer, e)
+                    return
+                for info in providers:
+                    found.setdefault(info.peer_id, info)
+
+        closest: list[ID] = []
+        with trio.move_on_after(LOOKUP_TIMEOUT):
+            closest = await self.dht.peer_routing.find_closest_peers_network(dht_key)
+        async with trio.open_nursery() as nursery:
+            for peer in closest or self.dht.routing_table.get_peer_ids():
+                if peer != self._id:
+                    nursery.start_soon(ask, peer)
+        return list(found.values())
+
+    def _prune_dht_clients(self) -> None:
+        """Drop routing-table entries of peers that do not serve the DHT.
+
+        Workaround: KadDHT (0.8.1) adds every peer that opens a DHT stream to its routing table, client
+        mode peers included, and hands them out as closer peers; lookups then dial private nodes that
+        cannot be reached and wait out the dial timeout, about 20 s per lookup behind NATs.
+        """
+        table = self.dht.routing_table
+        for peer in table.get_peer_ids():
+            try:
+                protocols = self.host.get_peerstore().get_protocols(peer)
+            except Exception:  # identify has not told us yet
+                continue
+            if protocols and KAD_PROTOCOL not in protocols:
+                table.remove_peer(peer)
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def connection_kind(self, peer: str) -> str:
+        """ "relayed" when all our connections to ``peer`` go through a relay, else "direct"."""
+        return "relayed" if is_relayed(self.host, ID.from_base58(peer)) else "direct"
+
+    # -- connections and task peers ----------------------------------------------------------------
+
+    def _topic(self, topic: str) -> str:
+        return f"shoal/{self.task}/{topic}"
+
+    async def _open(self, peer: str, protocol: TProtocol) -> INetStream:
+        peer_id = ID.from_base58(peer)
+        if peer in self._banned:
+            raise PeerUnreachable(f"{peer} is banned after {self.penalties[peer]} rejected messages")
+        if not self.host.get_network().get_connections(peer_id):
+            await self._connect(peer_id, self._known_addrs(peer))
+        return await self.host.new_stream(peer_id, [protocol])
+
+    def _known_addrs(self, peer: str) -> list[str]:
+        member = self.metadata.members().get(peer)
+        return list(member.addrs) if member else []
+
+    async def _connect(self, peer: ID, addrs: list[str]) -> None:
+        """Direct addresses first (peerstore + given), then each relay circuit, punching a hole after."""
+        direct = [Multiaddr(a) for a in addrs if not is_circuit(a)]
+        if direct:
+            self.host.get_peerstore().add_addrs(peer, direct, 600)
+        circuits = [a for a in addrs if is_circuit(a)]
+        errors = []
+        self.host.get_network().unblock_peer(peer)  # we were asked to try now: skip the failure cache
+        if self.host.get_peerstore().addrs(peer):
+            # behind a NAT a direct dial hangs until its timeout: keep time for the relay then
+            with trio.move_on_after(DIRECT_DIAL_TIMEOUT if circuits else math.inf):
+                try:
+                    await self.host.connect(self.host.get_peerstore().peer_info(peer))
+                    return
+                except Exception as e:  # fall through to relays
+                    errors.append(explain_dial_error(e))
+        for circuit in circuits:
+            try:
+                await self.relaying.dial(peer, circuit)
+            except Exception as e:
+                errors.append(f"via relay: {explain_dial_error(e)}")
+                continue
+            self._nursery.start_soon(self.relaying.upgrade, peer, self.config.hole_punch_timeout)
+            return
+        raise PeerUnreachable(f"cannot connect to {peer}: " + ("; ".join(errors) or "no known address"))
+
+    async def _connections(self) -> None:
+        async for kind, peer in self._conn_out:
+            if kind == "up":
+                self._nursery.start_soon(self._sync_with, peer)
+            elif not self.host.get_network().get_connections(peer):
+                await self._peer_down(str(peer))
+
+    async def _peer_up(self, peer: str) -> None:
+        if peer not in self._task_peers and peer not in self._banned:
+            self._task_peers.add(peer)
+            log.info("peer up: %s (%s)", peer, self.connection_kind(peer))
+            await self._events_in.send(PeerConnected(peer))
+
+    async def _peer_down(self, peer: str) -> None:
+        self._detector.forget(peer)
+        if peer in self._task_peers:
+            self._task_peers.discard(peer)
+            log.info("peer down: %s", peer)
+            await self._events_in.send(PeerDisconnected(peer))
+
+    def _reject(self, peer: str, reason: str, hostile: bool) -> None:
+        """Log and keep the reason; hostile input (not mere truncation) counts against the peer."""
+        log.warning("rejected input from %s: %s", peer, reason)
+        self.rejections.append((peer, reason))
+        self.rejected += 1
+        if hostile:
+            self.penalties[peer] += 1
+            if self.penalties[peer] >= self.config.max_penalty and peer not in self._banned:
+                log.warning("banning %s after %d rejected messages", peer, self.penalties[peer])
+                self._banned.add(peer)
+                self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: str) -> None:
+        await self._peer_down(peer)
+        with trio.move_on_after(2):
+            await self.host.disconnect(ID.from_base58(peer))
+
+    # -- protocol messages -------------------------------------------------------------------------
+
+    async def _on_message_stream(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if peer in self._banned:
+            await stream.reset()
+            return
+        try:
+            with trio.fail_after(self.config.receive_timeout):
+                payload = await read_frame(Libp2pStream(stream), self.config.limits.max_message)
+        except trio.TooSlowError:
+            reason = f"message not complete within {self.config.receive_timeout:g} s"
+            self._reject(peer, reason, hostile=False)
+            await stream.reset()
+            return
+        except TransferError as e:
+            self._reject(peer, str(e), hostile=not isinstance(e, Truncated))
+            await stream.reset()
+            return
+        try:
+            if len(payload) > OFF_LOOP_BYTES:
+                message = await trio.to_thread.run_sync(decode, payload, self.config.limits)
+            else:
+                message = decode(payload, self.config.limits)
+        except WireError as e:
+            self._reject(peer, f"malformed message: {e}", hostile=True)
+            return
+        finally:
+            await stream.close()
+        self.bytes_in[f"msg:{message.kind}"] += len(payload)
+        await self._peer_up(peer)
+        await self._events_in.send(Delivered(peer, message))
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    async def _sync_with(self, peer: ID) -> None:
+        """State-vector exchange (three frames); success makes ``peer`` a task peer."""
+        try:
+            with trio.fail_after(10):
+                stream = await self.host.new_stream(peer, [self._meta_protocol])
+                io = Libp2pStream(stream)
+                await write_frame(io, msgpack.packb({"sv": self.metadata.state_vector()}))
+                reply = _unpack(await read_frame(io, MAX_META_FRAME))
+                self.metadata.apply(reply["u"])
+                await write_frame(io, msgpack.packb({"u": self.metadata.diff(reply["sv"])}))
+                await stream.close()
+            self.bytes_in["meta"] += len(reply["u"])
+        except (MetadataError, KeyError, TypeError, TransferError) as e:
+            self._reject(str(peer), f"metadata sync: {e}", hostile=not isinstance(e, Truncated))
+            return
+        except Exception as e:  # not a peer of this task, or it went away: not our peer then
+            log.debug("no metadata sync with %s: %s", peer, e)
+            return
+        await self._peer_up(str(peer))
+
+    async def _on_meta_stream(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if peer in self._banned:
+            await stream.reset()
+            return
+        io = Libp2pStream(stream)
+        try:
+            with trio.fail_after(10):
+                request = _unpack(await read_frame(io, MAX_META_FRAME))
+                update = self.metadata.diff(request["sv"])
+                await write_frame(io, msgpack.packb({"u": update, "sv": self.metadata.state_vector()}))
+                self.bytes_out["meta"] += len(update)
+                final = _unpack(await read_frame(io, MAX_META_FRAME))
+                self.metadata.apply(final["u"])
+                await stream.close()
+        except (MetadataError, KeyError, TypeError, TransferError) as e:
+            self._reject(peer, f"metadata sync: {e}", hostile=not isinstance(e, Truncated))
+            return
+        except Exception as e:  # timeouts and stream failures: try again at the next sync
+            log.debug("metadata sync from %s failed: %s", peer, e)
+            return
+        await self._peer_up(peer)
+
+    async def _publish_metadata(self) -> None:
+        update = self.metadata.take_outgoing()
+        if update is not None and len(update) <= MAX_ANNOUNCEMENT:
+            await self._publish(self._meta_topic, update)  # bigger ones travel by anti-entropy
+
+    async def _sync_loop(self) -> None:
+        last_heartbeat = 0.0
+        while True:
+            await trio.sleep(1.0)
+            now = time.time()
+            if now - last_heartbeat >= self.config.heartbeat_interval:
+                last_heartbeat = now
+                self.metadata.heartbeat(now, self.addresses(), "training")
+                for gone in self.metadata.expire(now):
+                    log.info("metadata: %s expired", gone)
+            await self._publish_metadata()
+            self._prune_dht_clients()
+            if self._task_peers and random.random() < 1.0 / self.config.sync_interval:
+                self._nursery.start_soon(self._sync_with, ID.from_base58(random.choice(self.peers())))
+
+    # -- announcements -----------------------------------------------------------------------------
+
+    async def _publish(self, topic: str, data: bytes) -> None:
+        """Publish under gossipsub's per-topic rate limit (it drops the excess silently)."""
+        wait = self._last_publish.get(topic, 0.0) + 1.0 / ANNOUNCEMENTS_PER_SECOND - trio.current_time()
+        if wait > 0:
+            await trio.sleep(wait)
+        self._last_publish[topic] = trio.current_time()
+        await self.pubsub.publish(topic, data)
+        self.bytes_out["announce"] += len(data)
+
+    async def _read_topic(self, topic: str, subscription) -> None:
+        while True:
+            message = await subscription.get()
+            sender = str(ID(message.from_id))
+            if sender == self.peer_id:
+                continue
+            self.bytes_in["announce"] += len(message.data)
+            if topic == self._meta_topic:
+                try:
+                    self.metadata.apply(message.data)
+                except MetadataError as e:
+                    self._reject(sender, f"metadata update: {e}", hostile=True)
+            else:
+                await self._events_in.send(
+                    Announced(sender, topic.removeprefix(f"shoal/{self.task}/"), bytes(message.data))
+                )
+
+    # -- liveness and reachability -----------------------------------------------------------------
+
+    async def _ping_loop(self) -> None:
+        async def check(peer: str) -> None:
+            if await ping(self.host, ID.from_base58(peer), self.config.ping_timeout) is not None:
+                self._detector.answered(peer)
+            elif self._detector.missed(peer):
+                log.info("%s missed %d pings in a row", peer, self.config.ping_misses)
+                await self._disconnect(peer)
+
+        while True:
+            async with trio.open_nursery() as nursery:
+                for peer in self.peers():
+                    nursery.start_soon(check, peer)
+                await trio.sleep(self.config.ping_interval)
+
+    async def _reachability_loop(self) -> None:
+        """Ask up to three peers to dial us back; retry every minute until one answers."""
+        while self.reachability is Reachability.UNKNOWN:
+            helpers = [p for p in self.host.get_connected_peers() if p != self._id][:3]
+            verdicts = [await ask_dialback(self.host, h) for h in helpers]
+            if True in verdicts:
+                await self._became(Reachability.PUBLIC)
+            elif False in verdicts:
+                await self._became(Reachability.PRIVATE)
+            else:
+                await trio.sleep(1.0 if not helpers else 60.0)
+
+    async def _became(self, reachability: Reachability) -> None:
+        self.reachability = reachability
+        log.info("reachability: %s", reachability)
+        mode = DHTMode.SERVER if reachability is Reachability.PUBLIC else DHTMode.CLIENT
+        if self.dht.mode != mode:
+            await self.dht.switch_mode(mode)
+        if reachability is Reachability.PRIVATE:
+            for relay in self.host.get_connected_peers():
+                if len(self.relaying.relays) >= 2:
+                    break
+                await self.relaying.reserve(relay)
+        self.metadata.heartbeat(time.time(), self.addresses(), "training")
+        for key in self._provided:
+            await self.provide(key)
+
+
+def _single(error: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (libp2p's services nest nurseries), so
+    callers see ``BootstrapError`` rather than a group wrapping it; real multi-errors stay groups."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _unpack(frame: bytearray) -> dict:
+    try:
+        value = msgpack.unpackb(frame, max_bin_len=MAX_META_FRAME, max_array_len=16, max_map_len=16)
+    except Exception as e:
+        raise MetadataError(f"undecodable sync frame: {e}") from e
+    if not isinstance(value, dict):
+        raise MetadataError("sync frame is not a map")
+    return value

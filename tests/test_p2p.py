@@ -1,0 +1,228 @@
+"""The libp2p overlay with real hosts on 127.0.0.1: joining, DHT discovery, metadata, transfers, faults."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from overlay.host import BootstrapError, quiet_libp2p_logs
+from overlay.interface import Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
+from overlay.nat import Reachability
+from overlay.p2p import Libp2pOverlay, P2PConfig
+from overlay.transfer import Libp2pStream, write_frame
+from overlay.wire import Message
+
+TASK = "test-task"
+FAST = {"ping_interval": 0.5, "ping_timeout": 0.5, "ping_misses": 3, "heartbeat_interval": 1.0}
+PEER_SCRIPT = Path(__file__).with_name("p2p_peer.py")
+
+quiet_libp2p_logs(verbose=False)
+
+
+@asynccontextmanager
+async def swarm(n: int, **config):
+    """``n`` overlays: the first is the bootstrap node, the others join it by its address."""
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            Libp2pOverlay.start(create_new_key_pair(), TASK, P2PConfig(**{**FAST, **config}))
+        )
+        boot = (first.addresses()[0],)
+        nodes = [first]
+        for _ in range(n - 1):
+            cfg = P2PConfig(bootstrap=boot, **{**FAST, **config})
+            node = Libp2pOverlay.start(create_new_key_pair(), TASK, cfg)
+            nodes.append(await stack.enter_async_context(node))
+        yield nodes
+
+
+def random_peer() -> str:
+    return str(ID.from_pubkey(create_new_key_pair().public_key))
+
+
+async def until(predicate, timeout: float, poll: float = 0.2) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(poll)
+
+
+async def next_event(overlay, kind, timeout: float):
+    with trio.fail_after(timeout):
+        async for event in overlay.events:
+            if isinstance(event, kind):
+                return event
+    raise AssertionError("event channel closed")
+
+
+@pytest.mark.slow
+async def test_five_hosts_discover_converge_and_move_a_20mb_model():
+    async with swarm(5) as nodes:
+        await until(lambda: all(n.reachability is Reachability.PUBLIC for n in nodes[1:]), 20)
+        for node in nodes:
+            await node.provide("shoal/" + TASK)
+        found: dict[str, set[str]] = {}
+
+        async def discovered() -> None:
+            for node in nodes:
+                found[node.peer_id] = set(await node.find_providers("shoal/" + TASK))
+
+        with trio.fail_after(30):
+            while True:
+                await discovered()
+                if all(len(f) == 4 for f in found.values()):
+                    break
+                await trio.sleep(0.5)
+        ids = {n.peer_id for n in nodes}
+        assert all(found[n.peer_id] == ids - {n.peer_id} for n in nodes)
+        await until(lambda: all(len(n.peers()) == 4 for n in nodes), 20)
+
+        # concurrent edits on every replica, then convergence through gossip and anti-entropy
+        for i, node in enumerate(nodes):
+            node.metadata.record_model(round=3, digest=f"{i:064x}", size=1000 + i)
+            node.metadata.set_reputation({other.peer_id: i / 10 for other in nodes if other is not node})
+
+        def converged() -> bool:
+            snapshots = {json.dumps(n.metadata.snapshot(), sort_keys=True, default=str) for n in nodes}
+            return (
+                len(snapshots) == 1
+                and len(nodes[0].metadata.members()) == 5
+                and len(nodes[0].metadata.models()) == 5
+            )
+
+        await until(converged, 30)
+
+        # 20 MB model between two joiners, intact
+        weights = torch.randn(5 * 2**20)
+        await nodes[4].send(nodes[2].peer_id, Message("model", {"round": 3}, {"w": weights}))
+        with trio.fail_after(60):
+            async for event in nodes[2].events:
+                if isinstance(event, Delivered) and event.message.kind == "model":
+                    break
+        assert event.peer == nodes[4].peer_id and event.message.body == {"round": 3}
+        assert torch.equal(event.message.tensors["w"], weights)
+
+
+async def test_bad_bootstrap_addresses_say_why():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    closed = f"/ip4/127.0.0.1/tcp/{port}/p2p/{random_peer()}"
+    with pytest.raises(BootstrapError, match="refused"):
+        async with Libp2pOverlay.start(
+            create_new_key_pair(), TASK, P2PConfig(bootstrap=(closed,), bootstrap_attempts=2)
+        ):
+            pass
+    async with swarm(1) as (node,):
+        impostor = node.addresses()[0].rsplit("/p2p/", 1)[0] + f"/p2p/{random_peer()}"
+        with pytest.raises(BootstrapError, match="different node"):
+            async with Libp2pOverlay.start(
+                create_new_key_pair(), TASK, P2PConfig(bootstrap=(impostor,), bootstrap_attempts=1)
+            ):
+                pass
+    with pytest.raises(ValueError, match="no peer id"):
+        P2PConfig(bootstrap=("/ip4/127.0.0.1/tcp/4001",))
+    with pytest.raises(ValueError, match="not a multiaddr"):
+        P2PConfig(bootstrap=("127.0.0.1:4001",))
+
+
+async def test_malformed_messages_are_rejected_with_reasons_and_the_sender_banned():
+    async with swarm(1, max_penalty=5) as (node,):
+        attacker = new_host(key_pair=create_new_key_pair())
+        async with attacker.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            await attacker.connect(info_from_p2p_addr(Multiaddr(node.addresses()[0])))
+            target = info_from_p2p_addr(Multiaddr(node.addresses()[0])).peer_id
+            payloads = [b"garbage" * 10, b"SHL\x01" + b"\xff" * 40, os.urandom(300)]
+            for payload in payloads:
+                stream = await attacker.new_stream(target, [node._msg_protocol])
+                await write_frame(Libp2pStream(stream), payload)
+                await stream.close()
+            await until(lambda: len(node.rejections) == 3, 10)
+            assert all("malformed message" in reason for _, reason in node.rejections)
+            for _ in range(2):
+                stream = await attacker.new_stream(target, [node._msg_protocol])
+                await stream.write(b"not even a frame, just bytes")
+                await stream.close()
+            await until(lambda: str(attacker.get_id()) in node._banned, 10)
+            assert any("not a Shoal frame" in reason for _, reason in node.rejections)
+
+
+async def test_slow_reader_cannot_block_a_sender():
+    async with swarm(2, send_timeout=3.0) as (a, b):
+        await until(lambda: len(a.peers()) == 1, 10)
+        sleeper = new_host(key_pair=create_new_key_pair())
+
+        async def never_reads(stream) -> None:
+            await trio.sleep(60)
+
+        sleeper.set_stream_handler(a._msg_protocol, never_reads)
+        async with sleeper.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            await sleeper.connect(info_from_p2p_addr(Multiaddr(a.addresses()[0])))
+            start = trio.current_time()
+            with pytest.raises(PeerUnreachable):
+                await a.send(str(sleeper.get_id()), Message("model", {}, {"w": torch.zeros(4 * 2**20)}))
+            assert trio.current_time() - start < 10
+            await a.send(b.peer_id, Message("ping"))  # the sender still works for everyone else
+            assert (await next_event(b, Delivered, 10)).message.kind == "ping"
+
+
+def spawn_peer(bootstrap: str, *extra: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen(
+        [sys.executable, str(PEER_SCRIPT), "--task", TASK, "--bootstrap", bootstrap, *extra],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return proc, json.loads(proc.stdout.readline())
+
+
+@pytest.mark.slow
+async def test_peer_killed_mid_transfer_is_an_error_not_a_truncated_model():
+    async with swarm(1) as (node,):
+        proc, hello = await trio.to_thread.run_sync(spawn_peer, node.addresses()[0], "--send-mb", "400")
+        try:
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert json.loads(line) == "sending"
+            await trio.sleep(1.0)  # 400 MB take several seconds on loopback: the kill lands mid-transfer
+            proc.send_signal(signal.SIGKILL)
+            await until(lambda: any(p == hello["peer"] for p, _ in node.rejections), 20)
+            reason = next(r for p, r in node.rejections if p == hello["peer"])
+            assert "stream" in reason, reason
+            assert node.penalties[hello["peer"]] == 0  # a crash is not an attack
+            while True:  # no model was delivered: only connection events came through
+                with trio.move_on_after(0.5):
+                    event = await node.events.receive()
+                    assert not isinstance(event, Delivered)
+                    continue
+                break
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+async def test_hung_peer_is_declared_down_within_the_bound():
+    async with swarm(1) as (node,):
+        proc, hello = await trio.to_thread.run_sync(spawn_peer, node.addresses()[0])
+        try:
+            assert (await next_event(node, PeerConnected, 20)).peer == hello["peer"]
+            proc.send_signal(signal.SIGSTOP)
+            start = trio.current_time()
+            assert (await next_event(node, PeerDisconnected, 15)).peer == hello["peer"]
+            # bound: misses * (interval + timeout) = 3 s, plus one interval of phase
+            assert trio.current_time() - start < 5.0
+            assert hello["peer"] not in node.peers()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()

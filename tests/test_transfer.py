@@ -1,0 +1,126 @@
+"""Frames on in-memory streams: whole payloads only, every other outcome a TransferError with a reason."""
+
+import os
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from overlay.transfer import CHUNK, PREFIX, TRAILER, TransferError, Truncated, digest, read_frame, write_frame
+from overlay.wire import WireError, decode
+
+
+class Pipe:
+    """One direction of trio's in-memory stream pair, as the ByteStream the frame functions expect."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
+        self.stream = stream
+
+    async def read(self, max_bytes: int) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
+class Bytes:
+    """A stream that yields fixed bytes in small pieces, then ends."""
+
+    def __init__(self, data: bytes, piece: int = 7) -> None:
+        self.data, self.pos, self.piece = data, 0, piece
+
+    async def read(self, max_bytes: int) -> bytes:
+        chunk = self.data[self.pos : self.pos + min(max_bytes, self.piece)]
+        self.pos += len(chunk)
+        return chunk
+
+
+async def frame_bytes(payload: bytes) -> bytes:
+    out = bytearray()
+
+    class Sink:
+        async def write(self, data: bytes) -> None:
+            out.extend(data)
+
+    await write_frame(Sink(), payload)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK + 1, 5 * CHUNK + 3])
+async def test_round_trip(size):
+    payload = os.urandom(size)
+    a, b = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_frame, Pipe(a), payload)
+        with trio.fail_after(10):
+            assert await read_frame(Pipe(b), max_payload=size) == payload
+
+
+async def test_sender_gone_mid_payload_is_truncated_not_short():
+    frame = await frame_bytes(os.urandom(100_000))
+    with pytest.raises(Truncated, match="payload after"):
+        await read_frame(Bytes(frame[: PREFIX.size + 5_000], piece=4096), max_payload=1 << 20)
+
+
+async def test_whole_payload_without_trailer_is_rejected():
+    """A crashed sender reads as clean EOF on libp2p: without the trailer we must not accept."""
+    payload = os.urandom(1000)
+    frame = await frame_bytes(payload)
+    with pytest.raises(Truncated, match="trailer"):
+        await read_frame(Bytes(frame[: -TRAILER.size]), max_payload=1 << 20)
+
+
+async def test_corrupted_byte_fails_the_hash():
+    frame = bytearray(await frame_bytes(os.urandom(1000)))
+    frame[PREFIX.size + 500] ^= 0x01
+    with pytest.raises(TransferError, match="hash") as info:
+        await read_frame(Bytes(bytes(frame)), max_payload=1 << 20)
+    assert not isinstance(info.value, Truncated)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda f: b"XYZ" + f[3:], "not a Shoal frame"),
+        (lambda f: f[:3] + bytes([9]) + f[4:], "unsupported frame version 9"),
+        (lambda f: f[:4] + (2**40).to_bytes(8, "little") + f[12:], "over the"),
+    ],
+)
+async def test_bad_prefixes(mutate, match):
+    frame = await frame_bytes(b"payload")
+    with pytest.raises(TransferError, match=match):
+        await read_frame(Bytes(mutate(frame)), max_payload=1 << 20)
+
+
+async def test_trailer_length_must_match_prefix():
+    frame = bytearray(await frame_bytes(b"payload"))
+    frame[-40] ^= 0xFF  # inside the trailer's length field
+    with pytest.raises(TransferError, match="trailer does not match"):
+        await read_frame(Bytes(bytes(frame)), max_payload=1 << 20)
+
+
+def test_digest_is_stable_blake2b_256():
+    assert len(digest(b"")) == 32
+    assert digest(b"abc") == digest(bytearray(b"abc")) != digest(b"abd")
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512), st.integers(min_value=1, max_value=64))
+def test_random_bytes_never_crash_the_reader(data, piece):
+    """1,000 random inputs (some with a valid prefix): a verified payload or a TransferError, never more."""
+
+    async def main() -> None:
+        for raw in (data, PREFIX.pack(b"SHF", 1, len(data)) + data):
+            try:
+                payload = await read_frame(Bytes(raw, piece), max_payload=1 << 16)
+            except TransferError as e:
+                assert str(e)
+                continue
+            try:
+                decode(payload)
+            except WireError as e:
+                assert str(e)
+
+    trio.run(main)
