@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up Shoal in ./.venv and run its main job or its tests: the README's two commands.
 
-    python3 dev.py demo [ARGS]   set up, then run the main job (README, "Quick start")
+    python3 dev.py demo [ARGS]   set up, then run the main job, `shoal demo` (README, "Quick start")
     python3 dev.py test [ARGS]   set up, then run ruff and the whole test suite (ARGS go to pytest)
     python3 dev.py setup         set up only
 
@@ -10,6 +10,9 @@ requirement ask for. torch comes first and on its own, as `torch==2.13.0`, which
 CPU wheel on this kind of machine; a bare `torch` requirement would pull a multi-GB CUDA build.
 On a GPU machine set SHOAL_TORCH to the pip arguments of a CUDA build of the same release before
 the first set-up (see README, "GPU machines").
+The NAT traversal tests build NATs in network namespaces with iptables: run as root on a Debian or
+Ubuntu machine without iptables, `test` installs it with apt-get first (elsewhere they are skipped,
+saying why).
 Only the standard library is used here: this runs before anything is installed.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -60,6 +64,20 @@ def setup() -> None:
     tmp.replace(STAMP)
 
 
+def nat_test_tools() -> None:
+    """iptables for the NAT tests, where we may install it (root, apt-get); a failure only skips them."""
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("iptables") or not shutil.which("apt-get"):
+        return
+    print("+ apt-get install iptables iproute2 (for the NAT traversal tests)", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "iptables", "iproute2"]
+    for attempt in (install, ["apt-get", "update", "-q"], install):  # package lists may be missing
+        done = subprocess.run(attempt, env=env, capture_output=True, text=True)
+        if done.returncode == 0 and attempt is install:
+            return
+    print(f"could not install iptables (the NAT tests will be skipped): {done.stderr.strip()[-300:]}")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help", "help"} or argv[0] not in {"demo", "test", "setup"}:
         print(__doc__)
@@ -72,8 +90,9 @@ def main(argv: list[str]) -> int:
         return 1
     python = str(venv_python())
     if command == "demo":
-        return subprocess.call([python, "-m", "simulations.vca_demo", *rest], cwd=ROOT)
+        return subprocess.call([python, "-m", "node.cli", "demo", *rest], cwd=ROOT)
     if command == "test":
+        nat_test_tools()
         lint = subprocess.call([python, "-m", "ruff", "check", "."], cwd=ROOT)
         tests = subprocess.call([python, "-m", "pytest", *rest], cwd=ROOT)
         return lint or tests

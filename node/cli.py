@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def init(args: argparse.Namespace) -> int:
     from node.config import TEMPLATE
-    from node.daemon import Home
+    from node.home import Home
     from overlay.atomic import write_atomic
     from overlay.identity import load_or_create_identity, peer_id
 
@@ -152,13 +152,24 @@ def init(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import trio
+    from node.config import ConfigError, load
+    from node.home import Home
+
+    flags = {
+        flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+        for flag, _ in RUN_FLAGS
+    }
+    try:
+        config = load(Home(args.home).config, **flags)
+    except ConfigError as e:
+        return fail(f"bad configuration: {e}", EXIT_CONFIG)
+
+    import trio  # the heavy imports (torch, libp2p) only once the configuration is known to be good
 
     from learning.datasets import DatasetError
     from learning.models import ModelError
     from node.checkpoint import CheckpointError
-    from node.config import ConfigError, load
-    from node.daemon import Daemon, Home
+    from node.daemon import Daemon
     from overlay.host import BootstrapError, quiet_libp2p_logs
     from overlay.identity import IdentityError
 
@@ -168,16 +179,8 @@ def run(args: argparse.Namespace) -> int:
         datefmt="%H:%M:%S",
     )
     quiet_libp2p_logs(args.verbose)
-    flags = {
-        flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
-        for flag, _ in RUN_FLAGS
-    }
     try:
-        config = load(Home(args.home).config, **flags)
-        daemon = Daemon(args.home, config)
-        trio.run(daemon.run)
-    except ConfigError as e:
-        return fail(f"bad configuration: {e}", EXIT_CONFIG)
+        trio.run(Daemon(args.home, config).run)
     except BootstrapError as e:
         return fail(
             f"{e}\n  check the addresses (shoal id on those nodes prints them) and that they run", EXIT_JOIN
@@ -195,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
 def ask(args: argparse.Namespace) -> int:
     """id, peers, status: read the running daemon's /status."""
-    from node.daemon import Home
+    from node.home import Home
 
     address = args.api
     if address is None:
@@ -231,7 +234,7 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def offline_id(args: argparse.Namespace) -> int:
-    from node.daemon import Home
+    from node.home import Home
     from overlay.identity import IdentityError, load_identity, peer_id
 
     try:

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from learning.datasets import Dataset, load_dataset, load_npz
 from learning.gossip import Gossip, GossipConfig
 from learning.integrators import make_integrator
 from learning.learner import Hyperparameters, Learner
-from learning.models import ParameterLayout, build_model
+from learning.models import ModelError, ParameterLayout, build_model
 from learning.modest import Modest, ModestConfig
 from learning.partition import partition
 from learning.protocol import LearningProtocol, State
@@ -37,6 +36,7 @@ from learning.training import Evaluation, evaluate, pick_device
 from node import api, checkpoint
 from node.config import Config
 from node.driver import Driver, ThreadCompute
+from node.home import Home
 from overlay.atomic import write_atomic
 from overlay.identity import load_or_create_identity
 from overlay.p2p import Libp2pOverlay, P2PConfig
@@ -47,29 +47,6 @@ log = logging.getLogger("shoal")
 
 EVAL_SAMPLES = 1000  # test samples per evaluation: enough for +-1.5% at 90%, fast on a CPU
 LEAVE_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Home:
-    """Files of one node: identity key, configuration, checkpoint, and where its API listens."""
-
-    path: Path
-
-    @property
-    def identity(self) -> Path:
-        return self.path / "identity.key"
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.toml"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint.safetensors"
-
-    @property
-    def api(self) -> Path:
-        return self.path / "api.json"
 
 
 def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
@@ -117,7 +94,7 @@ class Daemon:
         self.x_eval, self.y_eval = self.data.x_test[:n], self.data.y_test[:n]
         saved = checkpoint.load(self.home.checkpoint, self.task)
         self.start_round = saved.round if saved else 0
-        self.initial = saved.state if saved else self.learner.initial_state()
+        self.initial = self._in_model_order(saved.state) if saved else self.learner.initial_state()
         if saved:
             log.info("resuming from checkpoint at round %d", saved.round)
         self.accuracy: float | None = None
@@ -126,6 +103,17 @@ class Daemon:
         self.protocol: LearningProtocol | None = None
         self.driver: Driver | None = None
         self._rounds = trio.open_memory_channel[int](100)
+
+    def _in_model_order(self, state: State) -> State:
+        """A checkpoint's tensors in the model's parameter order (safetensors sorts names)."""
+        try:
+            ordered = {name: state[name] for name in self.layout.names}
+            self.layout.check(ordered)
+        except (KeyError, ModelError) as e:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {self.home.checkpoint} does not fit the model ({e}); move it away to start over"
+            ) from None
+        return ordered
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

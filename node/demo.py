@@ -9,6 +9,7 @@ a free API port. Progress comes from each daemon's ``/status``; the demo stops t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from node.daemon import Home
+from node.home import Home
 from overlay.atomic import write_atomic
 from overlay.identity import load_or_create_identity, peer_id
 
@@ -44,11 +45,12 @@ def node_config(i: int, nodes: int, port: int, api_port: int, bootstrap: str | N
             'dataset = "digits"',
             f"shard = {i}",
             f"shards = {nodes}",
-            "local_steps = 10",
+            "lr = 0.1",
+            "local_steps = 20",
             "[protocol]",
             'protocol = "gossip"',
             'integrator = "vca"',
-            "period = 1.0",
+            "period = 0.5",
             "[node]",
             f'api = "127.0.0.1:{api_port}"',
             "",
@@ -76,11 +78,12 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> in
         for i, home in enumerate(homes):
             write_atomic(home.config, node_config(i, nodes, *ports[i], None if i == 0 else bootstrap))
             with open(home.path / "daemon.log", "wb") as logfile:
-                procs.append(
+                procs.append(  # one torch thread each: N daemons share this machine's cores
                     subprocess.Popen(
                         [sys.executable, "-m", "node.cli", "run", "--home", str(home.path)],
                         stdout=logfile,
                         stderr=subprocess.STDOUT,
+                        env=dict(os.environ, OMP_NUM_THREADS="1"),
                     )
                 )
         seen: dict[int, dict] = {}  # each node's latest /status

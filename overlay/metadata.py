@@ -1,33 +1,49 @@
-"""One task's replicated swarm metadata: a pycrdt (Yjs) document, and its sync as plain calls.
+"""One task's replicated swarm metadata: a pycrdt (Yjs) document and the sans-IO half of its sync.
 
-Content: one map, ``peers``, with one record per peer, written only by that peer, whole (a plain
-dict; ../shared/DATA.md §A pitfall 1: two peers creating a nested map at one key lose one of them)::
+The libp2p overlay does the I/O: it publishes :meth:`Metadata.take_outgoing` over gossipsub, feeds
+what it receives to :meth:`Metadata.apply`, and repairs gaps with anti-entropy (send
+:meth:`Metadata.state_vector`, answer with :meth:`Metadata.diff`, apply the answer). Nothing here reads a
+clock, sleeps or touches a socket; ``now`` is always passed in.
 
-    peers[peer] = {"addrs": [multiaddr, ...],            # membership: where to reach it (relays too)
-                   "seen": unix time, "state": "joining" | "training" | "left",
-                   "models": [{"round", "digest", "size"}, ...],   # registry: versions it holds
-                   "reputation": {target: score}}                  # its scores of other peers
+Layout: a single root map ``peers``, one key per peer, holding one atomic (JSON) dict that only that
+peer writes::
 
-Why one record per peer: Yjs keeps no history for a key its owner overwrites (flat over 1,000
-rounds, DATA.md §A), but one client writing several keys in turn leaves a tombstone per overwrite
-that cannot merge with its neighbours: measured here, two keys per peer per round grew the document
-by ~25 B per peer-round without end, one key stays flat. Reputation is a row per observer (Yjs has
-no counters: a shared ``+=`` would lose updates); readers average the rows.
+    peers[peer_id] = {"addrs": [multiaddr, ...], "seen": now, "state": "training",
+                      "models": [[round, digest, size], ...],   # its last ``keep_rounds`` rounds
+                      "scores": {target: score}}                # its reputation row
 
-Merge semantics (Yjs maps): concurrent writes of one key resolve to the same winner on every replica
-(ordered by client id); a delete removes only the versions it has seen, so a live peer's record
-written concurrently with someone's expiry of it survives; updates are idempotent and commutative,
-and one that arrives before its dependencies waits, invisible, until they come. As every peer writes
-only its own record, the only conflicts are expiries, which are benign. Records not refreshed for
-``expiry`` seconds (or marked "left") are deleted by whoever notices first, which keeps the document
-bounded under churn; ``seen`` is wall-clock time, so expiry assumes clocks agree to well within it.
+Why one key per peer rather than separate ``members`` / ``models["%08d/peer"]`` / ``reputation`` maps
+(../shared/DATA.md §A): every overwrite or delete leaves a tombstone, and Yjs merges tombstones only when
+they are consecutive items of one client in one key's chain. A peer that always overwrites the same key
+stays flat; a peer alternating between keys leaves ~12 B per overwrite forever, and write-once keys
+leave their whole key per record. Measured with 20 peers writing a heartbeat and a model record each
+round: write-once model keys grew the state to 1.69 MB after 1,000 rounds (~1.7 kB per round, without
+bound), one key per peer in two maps grew ~480 B per round, and this layout stays at ~13 kB. The cost
+is that each write re-sends the peer's whole entry (a few hundred bytes plus ~60 B per scored target).
 
-Trust: nothing authenticates a write (any peer could overwrite any key), so readers validate every
-value and skip malformed ones; updates are size-bounded and malformed ones rejected whole.
+Merge semantics:
 
-Sync, sans-IO: :meth:`state_vector` / :meth:`diff` / :meth:`apply` for anti-entropy (the overlay
-exchanges them with each new peer and periodically with a random one), :meth:`take_outgoing` for
-the incremental updates of local edits (published over gossipsub).
+- A map key resolves concurrent sets last-writer-wins, ordered by the writers' Yjs client ids. Because
+  each peer writes only its own key, no two peers set a key concurrently and no field is lost; entries
+  are atomic dicts, never nested containers (two peers creating a container at one key lose one whole).
+- A delete removes only the items it has seen. When one peer expires another while that peer
+  concurrently heartbeats, the new heartbeat survives the merge and the peer stays a member.
+- Yjs has no counters, so reputation is one row per observer (``scores``) and readers average the rows;
+  concurrent ``+=`` on a shared key would lose updates.
+- Liveness uses the wall-clock ``seen`` the peer wrote, so expiry assumes loosely synchronised clocks
+  (skew well under ``expiry``). An entry more than ``expiry`` in the future is treated like a stale one,
+  otherwise a broken or hostile clock would keep it forever.
+- Writes are not authenticated: any peer can overwrite or delete any key. Readers therefore validate
+  every entry's shape and skip a malformed one without raising, and :meth:`Metadata.expire` removes it.
+  Trust in content (who really wrote it) belongs to the application layer.
+
+Bounded under churn: one entry per live peer, at most ``keep_rounds`` model records per entry, expiry of
+departed peers (a peer that sets state ``"left"`` is removed at the next expiry), and flat tombstones
+(one short run per departed peer or per restart, since each process gets a fresh random client id, as it
+must: reusing a client id without its state corrupts Yjs clocks).
+
+pycrdt pitfalls this respects (DATA.md §A): small ints come back as floats; nothing writes inside an
+observe callback; the Doc is not thread-safe, so touch a ``Metadata`` from one thread (the trio thread).
 """
 
 from __future__ import annotations
@@ -35,35 +51,113 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pycrdt import Doc, Map, TransactionEvent, merge_updates
 
-STATES = ("joining", "training", "left")
-MAX_ADDRS = 16
-
 
 class MetadataError(ValueError):
-    """A malformed or oversized update or state vector; the message says why."""
+    """An update or state vector that is malformed or too large; the message says why."""
 
 
 @dataclass(frozen=True)
 class Member:
+    """A peer's liveness entry. Relay addresses are the ``addrs`` containing ``/p2p-circuit``."""
+
     peer: str
     addrs: tuple[str, ...]
     seen: float
-    state: str
+    state: str  # "joining", "training", "left", ...
 
 
 @dataclass(frozen=True)
 class ModelRecord:
+    """A model a peer announces for a round; ``digest`` names its bytes for transfer and verification."""
+
     round: int
     peer: str
     digest: str
     size: int
 
 
+class _Entry(NamedTuple):
+    member: Member
+    models: tuple[ModelRecord, ...]
+    scores: dict[str, float]
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _natural(value: object) -> int | None:
+    """A non-negative int; the doc returns small ints as floats."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def _parse(peer: str, value: object) -> _Entry | None:
+    """The entry if every required field has the right shape (extra fields are allowed), else None."""
+    if not isinstance(value, dict):
+        return None
+    addrs, seen, state = value.get("addrs"), _finite(value.get("seen")), value.get("state")
+    models, scores = value.get("models"), value.get("scores")
+    if not (
+        isinstance(addrs, list)
+        and all(isinstance(a, str) for a in addrs)
+        and seen is not None
+        and isinstance(state, str)
+        and isinstance(models, list)
+        and isinstance(scores, dict)
+    ):
+        return None
+    records = []
+    for record in models:
+        if not (isinstance(record, list) and len(record) == 3):
+            return None
+        rnd, digest, size = _natural(record[0]), record[1], _natural(record[2])
+        if rnd is None or not isinstance(digest, str) or size is None:
+            return None
+        records.append(ModelRecord(rnd, peer, digest, size))
+    clean_scores = {}
+    for target, score in scores.items():
+        if (value := _finite(score)) is None:
+            return None
+        clean_scores[target] = value
+    return _Entry(Member(peer, tuple(addrs), seen, state), tuple(records), clean_scores)
+
+
+def _checked(data: object, what: str, limit: int) -> bytes:
+    """``data`` as bytes if it is bytes-like, within ``limit`` and plausibly sized, else MetadataError.
+
+    The type check matters: ``bytes(n)`` of a hostile msgpack int would allocate n bytes. The count
+    check too: yrs preallocates for the leading client count, and a 5-byte input claiming 10^8 clients
+    made it allocate ~130 MB before failing.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MetadataError(f"{what} must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > limit:
+        raise MetadataError(f"{what} of {len(data)} bytes exceeds the {limit}-byte limit")
+    count, shift = 0, 0
+    for i, byte in enumerate(data[:10]):
+        count |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            if count > len(data) - i - 1:
+                raise MetadataError(f"{what} claims {count} clients in {len(data)} bytes")
+            return data
+    raise MetadataError(f"{what} does not start with a client count")
+
+
 class Metadata:
+    """The replicated metadata of task ``task`` as seen by ``peer_id``; see the module docstring."""
+
     def __init__(
         self,
         task: str,
@@ -73,152 +167,136 @@ class Metadata:
         keep_rounds: int = 5,
         max_update: int = 4 * 2**20,
     ) -> None:
-        self.task = task
-        self.peer = peer_id
-        self.expiry = expiry
-        self.keep_rounds = keep_rounds
-        self.max_update = max_update
-        self.doc = Doc()
-        self._peers = self.doc.get("peers", type=Map)
-        self._own: dict[str, Any] = {
-            "addrs": [],
-            "seen": 0.0,
-            "state": "joining",
-            "models": [],
-            "reputation": {},
-        }
+        if expiry <= 0 or keep_rounds < 1 or max_update < 1:
+            raise ValueError("expiry, keep_rounds and max_update must be positive")
+        self.task, self.peer_id = task, peer_id
+        self.expiry, self.keep_rounds, self.max_update = expiry, keep_rounds, max_update
+        self._doc: Doc = Doc()
+        self._peers: Map = self._doc.get("peers", type=Map)
+        # This peer's own entry is kept here and rewritten whole: the doc copy may have been
+        # overwritten by a hostile peer, and each rewrite restores it.
+        self._addrs: list[str] = []
+        self._seen: float | None = None
+        self._state = "joining"
+        self._models: list[list[Any]] = []
+        self._scores: dict[str, float] = {}
+        self._applying = False
         self._outgoing: list[bytes] = []
-        self._applying = False  # remote updates are not ours to publish again
-        self._subscription = self.doc.observe(self._on_transaction)
+        self._doc.observe(self._on_transaction)
 
     def _on_transaction(self, event: TransactionEvent) -> None:
-        if not self._applying:
+        if not self._applying:  # only local writes are published; remote ones came from the network
             self._outgoing.append(event.update)
 
-    # -- local writes: each one rewrites our record ------------------------------------------------
+    def _write(self) -> None:
+        """Rewrite this peer's entry; before the first heartbeat there is no entry (no ``seen``) yet."""
+        if self._seen is None:
+            return
+        self._peers[self.peer_id] = {
+            "addrs": list(self._addrs),
+            "seen": self._seen,
+            "state": self._state,
+            "models": [list(m) for m in self._models],
+            "scores": dict(self._scores),
+        }
 
-    def _write(self, **changes: Any) -> None:
-        self._own.update(changes)
-        self._peers[self.peer] = dict(self._own)
+    # -- local writes -------------------------------------------------------------------------------
 
     def heartbeat(self, now: float, addrs: Sequence[str], state: str = "training") -> None:
-        if state not in STATES:
-            raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        self._write(addrs=list(addrs)[:MAX_ADDRS], seen=float(now), state=state)
+        """Announce this peer as alive at ``now`` with its current addresses and state."""
+        self._addrs, self._seen, self._state = list(addrs), float(now), state
+        self._write()
 
     def record_model(self, round: int, digest: str, size: int) -> None:
-        """A model version we hold; the oldest beyond ``keep_rounds`` versions is dropped."""
-        older = [m for m in self._own["models"] if m["round"] != round]
-        self._write(models=[{"round": round, "digest": digest, "size": size}, *older][: self.keep_rounds])
+        """Announce this peer's model for ``round`` (replacing an earlier record of that round) and keep
+        only the records of its last ``keep_rounds`` rounds. Visible from the first heartbeat on."""
+        records = [m for m in self._models if m[0] != round] + [[round, digest, size]]
+        newest = max(m[0] for m in records)
+        self._models = sorted((m for m in records if m[0] > newest - self.keep_rounds), key=lambda m: -m[0])
+        self._write()
 
     def set_reputation(self, scores: Mapping[str, float]) -> None:
-        self._write(reputation={str(k): float(v) for k, v in scores.items()})
+        """Replace this peer's reputation row (its score per target). Visible from the first heartbeat on."""
+        self._scores = {str(target): float(score) for target, score in scores.items()}
+        self._write()
 
     def expire(self, now: float) -> list[str]:
-        """Delete the records of peers gone quiet for ``expiry`` seconds, marked "left", or malformed."""
-        members = self.members()
-        gone = [
-            peer
-            for peer in self._peers.keys()  # noqa: SIM118 (a pycrdt Map)
-            if peer != self.peer
-            and (
-                peer not in members or members[peer].state == "left" or now - members[peer].seen > self.expiry
-            )
-        ]
-        with self.doc.transaction():
-            for peer in gone:
-                del self._peers[peer]
-        return gone
+        """Delete other peers' entries that are stale, too far in the future, ``"left"`` or malformed.
 
-    # -- reads (every value validated: any peer can write anything) --------------------------------
+        Returns the removed peer ids, sorted. Safe against a concurrent heartbeat (module docstring).
+        """
+        removed = []
+        for peer, value in self._peers.items():
+            if peer == self.peer_id:
+                continue
+            entry = _parse(peer, value)
+            if entry is None or entry.member.state == "left" or abs(now - entry.member.seen) > self.expiry:
+                removed.append(peer)
+        if removed:
+            with self._doc.transaction():
+                for peer in removed:
+                    del self._peers[peer]
+        return sorted(removed)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def _entries(self) -> list[_Entry]:
+        return [e for peer, value in self._peers.items() if (e := _parse(peer, value)) is not None]
 
     def members(self) -> dict[str, Member]:
-        out = {}
-        for peer, record in self._peers.items():
-            member = _member(peer, record)
-            if member is not None:
-                out[peer] = member
-        return out
+        """Every well-formed entry, including this peer's and those in state ``"left"``."""
+        return {e.member.peer: e.member for e in self._entries()}
 
     def models(self) -> list[ModelRecord]:
-        """Every model version peers hold, newest round first."""
-        out = []
-        for peer, record in self._peers.items():
-            versions = record.get("models") if isinstance(record, dict) else None
-            for v in versions if isinstance(versions, list) else []:
-                if (
-                    isinstance(v, dict)
-                    and _is_count(v.get("round"))
-                    and isinstance(v.get("digest"), str)
-                    and _is_count(v.get("size"))
-                ):
-                    out.append(ModelRecord(int(v["round"]), peer, v["digest"], int(v["size"])))
-        return sorted(out, key=lambda r: (-r.round, r.peer))
+        """Every announced model, newest round first (ties by peer id)."""
+        records = [r for e in self._entries() for r in e.models]
+        return sorted(records, key=lambda r: (-r.round, r.peer))
 
     def reputation(self) -> dict[str, float]:
-        """Mean score per target over the observers' rows."""
-        scores: dict[str, list[float]] = {}
-        for record in self._peers.values():
-            row = record.get("reputation") if isinstance(record, dict) else None
-            for target, score in row.items() if isinstance(row, dict) else []:
-                if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
-                    scores.setdefault(target, []).append(float(score))
-        return {target: sum(v) / len(v) for target, v in scores.items()}
+        """Mean score per target over the observers that scored it; self-scores are ignored."""
+        sums: dict[str, list[float]] = {}
+        for entry in self._entries():
+            for target, score in entry.scores.items():
+                if target != entry.member.peer:
+                    sums.setdefault(target, []).append(score)
+        return {target: math.fsum(scores) / len(scores) for target, scores in sums.items()}
 
     def snapshot(self) -> dict[str, Any]:
-        return self._peers.to_py()
+        """The document as plain Python values (unvalidated), for tests and status output."""
+        return {"task": self.task, "peers": self._peers.to_py()}
 
-    # -- sync --------------------------------------------------------------------------------------
+    # -- sync, sans-IO ------------------------------------------------------------------------------
 
     def state_vector(self) -> bytes:
-        return self.doc.get_state()
+        """What this replica has seen, to send to a peer that answers with :meth:`diff`."""
+        return self._doc.get_state()
 
     def diff(self, state_vector: bytes) -> bytes:
-        """The update that brings the holder of ``state_vector`` up to date with us."""
-        if not isinstance(state_vector, bytes | bytearray) or len(state_vector) > self.max_update:
-            raise MetadataError("state vector must be bytes within the size limit")
+        """Everything the holder of ``state_vector`` lacks (``b"\\x00"`` asks for the full state)."""
+        state_vector = _checked(state_vector, "state vector", self.max_update)
         try:
-            return self.doc.get_update(bytes(state_vector))
-        except ValueError as e:
-            raise MetadataError(f"bad state vector: {e}") from None
+            return self._doc.get_update(state_vector)
+        except ValueError as exc:
+            raise MetadataError(f"malformed state vector: {exc}") from None
 
     def apply(self, update: bytes) -> None:
-        if not isinstance(update, bytes | bytearray):
-            raise MetadataError(f"update must be bytes, got {type(update).__name__}")
-        if len(update) > self.max_update:
-            raise MetadataError(f"update of {len(update)} bytes is over the {self.max_update}-byte limit")
+        """Merge a remote update. Duplicates and reordering are harmless; an update whose dependencies
+        have not arrived stays pending (invisible) until they do. On error the doc is unchanged."""
+        update = _checked(update, "update", self.max_update)
         self._applying = True
         try:
-            self.doc.apply_update(bytes(update))
-        except ValueError as e:
-            raise MetadataError(f"bad update: {e}") from None
+            self._doc.apply_update(update)  # yrs decodes the whole update before integrating any of it
+        except ValueError as exc:
+            raise MetadataError(f"malformed update: {exc}") from None
         finally:
             self._applying = False
 
     def take_outgoing(self) -> bytes | None:
-        """Our own edits since the last call, merged into one update; None if there were none."""
+        """All local writes since the last call, merged into one update; None if there were none.
+
+        Held in memory until taken, so the overlay should take and publish after each batch of writes.
+        """
         if not self._outgoing:
             return None
-        update = merge_updates(*self._outgoing) if len(self._outgoing) > 1 else self._outgoing[0]
-        self._outgoing.clear()
-        return update
-
-
-def _is_count(x: object) -> bool:
-    """A whole number >= 0 (Yjs gives small integers back as floats: DATA.md §A pitfall 2)."""
-    return (
-        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 and x == int(x)
-    )
-
-
-def _member(peer: str, value: object) -> Member | None:
-    if not isinstance(value, dict):
-        return None
-    addrs, seen, state = value.get("addrs"), value.get("seen"), value.get("state")
-    if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS and all(isinstance(a, str) for a in addrs)):
-        return None
-    if not (isinstance(seen, int | float) and not isinstance(seen, bool) and math.isfinite(seen)):
-        return None
-    if state not in STATES:
-        return None
-    return Member(peer, tuple(addrs), float(seen), state)
+        pending, self._outgoing = self._outgoing, []
+        return pending[0] if len(pending) == 1 else merge_updates(*pending)

@@ -446,7 +446,10 @@ class Libp2pOverlay:
             await stream.reset()
             return
         except TransferError as e:
-            self._reject(peer, str(e), hostile=not isinstance(e, Truncated))
+            if isinstance(e, Truncated) and e.empty:
+                log.debug("%s opened a message stream and closed it unused", peer)
+            else:
+                self._reject(peer, str(e), hostile=not isinstance(e, Truncated))
             await stream.reset()
             return
         try:

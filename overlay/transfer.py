@@ -41,7 +41,13 @@ class TransferError(Exception):
 
 
 class Truncated(TransferError):
-    """The stream ended or failed before the frame was complete: a crashed or vanished sender, not a liar."""
+    """The stream ended or failed before the frame was complete: a crashed or vanished sender, not a liar.
+
+    ``empty``: not a single byte came (a sender that gave up before starting, e.g. while leaving)."""
+
+    def __init__(self, message: str, empty: bool = False) -> None:
+        super().__init__(message)
+        self.empty = empty
 
 
 class ByteStream(Protocol):
@@ -94,7 +100,10 @@ async def _read_exactly(stream: ByteStream, into: memoryview, what: str) -> None
     while filled < len(into):
         chunk = await stream.read(min(CHUNK, len(into) - filled))
         if not chunk:
-            raise Truncated(f"stream ended in the {what} after {filled} of {len(into)} bytes")
+            raise Truncated(
+                f"stream ended in the {what} after {filled} of {len(into)} bytes",
+                empty=what == "frame prefix" and filled == 0,
+            )
         if len(chunk) > len(into) - filled:  # a stream that ignores max_bytes must not overrun the buffer
             raise TransferError(f"stream returned more bytes than asked for in the {what}")
         into[filled : filled + len(chunk)] = chunk

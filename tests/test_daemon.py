@@ -1,0 +1,239 @@
+"""Real `shoal run` daemons as subprocesses on 127.0.0.1: learning, status, kills, restarts, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node import checkpoint
+from node.demo import free_port, node_config, status
+from node.home import Home
+from overlay.identity import load_or_create_identity, peer_id
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ACCURACY = 0.85  # stated test accuracy on the digits data
+
+
+class Node:
+    """A daemon process with its own home, ports and log."""
+
+    def __init__(self, home: Path, i: int, nodes: int, bootstrap: str | None, extra: str = "") -> None:
+        self.home = Home(home)
+        self.port, self.api = free_port(), free_port()
+        self.peer = peer_id(load_or_create_identity(self.home.identity)[0])
+        self.home.config.write_text(node_config(i, nodes, self.port, self.api, bootstrap) + extra)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"/ip4/127.0.0.1/tcp/{self.port}/p2p/{self.peer}"
+
+    def start(self) -> "Node":
+        with open(self.home.path / "daemon.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "run", "--home", str(self.home.path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=ENV,
+            )
+        return self
+
+    def status(self) -> dict | None:
+        return status(self.api)
+
+    def log(self) -> str:
+        return (self.home.path / "daemon.log").read_text(errors="replace")[-3000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def wait_for(predicate, timeout: float, what: str, nodes: list[Node]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for node in nodes:
+            assert node.proc.poll() is None, f"daemon exited with {node.proc.returncode}:\n{node.log()}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last log:\n{nodes[-1].log()}")
+
+
+def swarm(tmp_path: Path, n: int, extra: str = "") -> list[Node]:
+    first = Node(tmp_path / "node0", 0, n, None, extra)
+    nodes = [first] + [Node(tmp_path / f"node{i}", i, n, first.address, extra) for i in range(1, n)]
+    for node in nodes:
+        node.start()
+    return nodes
+
+
+def stop_all(nodes: list[Node]) -> None:
+    for node in nodes:
+        if node.proc and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+
+
+def accuracies(nodes: list[Node]) -> list[float]:
+    return [(s or {}).get("accuracy") or 0.0 for s in (n.status() for n in nodes)]
+
+
+@pytest.mark.slow
+def test_four_daemons_learn_see_each_other_and_exit_cleanly(tmp_path):
+    nodes = swarm(tmp_path, 4)
+    try:
+        wait_for(lambda: min(accuracies(nodes)) >= ACCURACY, 240, f"every node at {ACCURACY:.0%}", nodes)
+        for node in nodes:
+            out = subprocess.run(
+                [sys.executable, "-m", "node.cli", "status", "--json", "--home", str(node.home.path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+            shown = json.loads(out)
+            assert shown["peer"] == node.peer
+            assert {p["peer"] for p in shown["peers"]} == {m.peer for m in nodes} - {node.peer}
+        rounds = [n.status()["round"] for n in nodes]
+        task = nodes[0].status()["task"]
+        start = time.monotonic()
+        assert [n.stop(signal.SIGTERM) for n in nodes] == [0, 0, 0, 0]
+        assert time.monotonic() - start < 30
+        for node, rnd in zip(nodes, rounds, strict=True):
+            saved = checkpoint.load(node.home.checkpoint, task)
+            assert saved is not None and saved.round >= rnd  # the final checkpoint, written at exit
+            assert not node.home.api.exists()
+    finally:
+        stop_all(nodes)
+
+
+@pytest.mark.slow
+def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path):
+    nodes = swarm(tmp_path, 3, "checkpoint_every = 2\n")
+    victim, others = nodes[2], nodes[:2]
+    try:
+        wait_for(
+            lambda: all((n.status() or {}).get("round", 0) >= 6 for n in nodes), 180, "six rounds", nodes
+        )
+        task = victim.status()["task"]
+        victim.stop(signal.SIGKILL)
+        saved = checkpoint.load(victim.home.checkpoint, task)
+        assert saved is not None and saved.round >= 2
+        wait_for(
+            lambda: all(victim.peer not in {p["peer"] for p in o.status()["peers"]} for o in others),
+            20,
+            "the others to mark the killed node down",
+            others,
+        )
+        before = [o.status()["round"] for o in others]
+        wait_for(
+            lambda: all(o.status()["round"] > r for o, r in zip(others, before, strict=True)),
+            30,
+            "the others to keep training",
+            others,
+        )
+
+        victim.start()
+        wait_for(lambda: victim.status() is not None, 60, "the restarted daemon's API", nodes)
+        restarted = victim.status()
+        assert restarted["peer"] == victim.peer
+        assert restarted["round"] >= saved.round  # resumed, not from round 0
+        wait_for(
+            lambda: all(victim.peer in {p["peer"] for p in o.status()["peers"]} for o in others),
+            60,
+            "the others to see it again",
+            nodes,
+        )
+        wait_for(lambda: (victim.status()["accuracy"] or 0) >= ACCURACY, 120, "it to catch up", nodes)
+    finally:
+        stop_all(nodes)
+
+
+@pytest.mark.slow
+def test_a_kill_during_checkpointing_never_leaves_a_damaged_file(tmp_path):
+    """A lone daemon checkpointing every round, SIGKILLed at arbitrary moments, three times."""
+    node = Node(tmp_path / "solo", 0, 1, None, "checkpoint_every = 1\n")
+    try:
+        for delay in (0.4, 1.1, 1.9):
+            node.start()
+            wait_for(
+                lambda: node.home.checkpoint.exists() and (node.status() or {}).get("round", 0) >= 3,
+                90,
+                "a few checkpoints",
+                [node],
+            )
+            task = node.status()["task"]
+            time.sleep(delay)
+            node.stop(signal.SIGKILL)
+            saved = checkpoint.load(node.home.checkpoint, task)  # raises if damaged
+            assert saved is not None and saved.round >= 1
+    finally:
+        stop_all([node])
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+
+
+def assert_one_clear_line(done: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("shoal: error:")]
+    assert len(errors) == 1, done.stderr
+    for word in words:
+        assert word in done.stderr, done.stderr
+
+
+def test_bad_config_data_and_addresses_fail_with_one_clear_line(tmp_path):
+    home = tmp_path / "home"
+    assert run_cli("init", home=home).returncode == 0
+    assert_one_clear_line(run_cli("init", home=home), 4, "already holds")
+    config = home / "config.toml"
+    text = config.read_text()
+    config.write_text(text.replace("lr = 0.05", 'lr = "fast"'))
+    assert_one_clear_line(run_cli("run", home=home), 2, "lr must be float")
+    config.write_text(text + "\n[nonsense]\nx = 1\n")
+    assert_one_clear_line(run_cli("run", home=home), 2, "unknown setting", "[nonsense]")
+    config.write_text(text)
+    assert_one_clear_line(
+        run_cli("run", "--bootstrap", "/ip4/127.0.0.1/tcp/4001", home=home), 2, "no peer id"
+    )
+    assert_one_clear_line(
+        run_cli("run", "--data", str(tmp_path / "missing.npz"), home=home), 4, "missing.npz"
+    )
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert_one_clear_line(run_cli("run", "--data", str(tmp_path / "bad.npz"), home=home), 4, "bad.npz")
+
+
+@pytest.mark.slow
+def test_unreachable_bootstrap_says_which_address_and_why(tmp_path):
+    home = tmp_path / "home"
+    run_cli("init", home=home)
+    stranger = peer_id(load_or_create_identity(tmp_path / "other.key")[0])
+    address = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{stranger}"
+    done = run_cli(
+        "run", "--bootstrap", address, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", home=home
+    )
+    assert_one_clear_line(done, 3, address, "refused")
+
+
+def test_status_without_a_daemon_and_offline_id(tmp_path):
+    home = tmp_path / "home"
+    run_cli("init", home=home)
+    assert_one_clear_line(run_cli("status", home=home), 5, "no daemon running")
+    out = run_cli("id", "--json", home=home)
+    assert out.returncode == 0
+    assert json.loads(out.stdout)["peer"] == peer_id(load_or_create_identity(home / "identity.key")[0])
