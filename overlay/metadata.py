@@ -17,9 +17,10 @@ Why one key per peer rather than separate ``members`` / ``models["%08d/peer"]`` 
 they are consecutive items of one client in one key's chain. A peer that always overwrites the same key
 stays flat; a peer alternating between keys leaves ~12 B per overwrite forever, and write-once keys
 leave their whole key per record. Measured with 20 peers writing a heartbeat and a model record each
-round: write-once model keys grew the state to 1.69 MB after 1,000 rounds (~1.7 kB per round, without
-bound), one key per peer in two maps grew ~480 B per round, and this layout stays at ~13 kB. The cost
-is that each write re-sends the peer's whole entry (a few hundred bytes plus ~60 B per scored target).
+round for 1,000 rounds: write-once model keys grew the full state to 1.69 MB (~1.7 kB per round, without
+bound), one key per peer in two maps by ~480 B per round, while this layout stays at ~19 kB plus ~90 B
+per departed peer (tests/test_metadata.py). The cost is that each write re-sends the peer's whole entry:
+~800 B with one address, 5 model records and 5 scores (~60 B per scored target).
 
 Merge semantics:
 
@@ -126,7 +127,7 @@ def _parse(peer: str, value: object) -> _Entry | None:
         records.append(ModelRecord(rnd, peer, digest, size))
     clean_scores = {}
     for target, score in scores.items():
-        if (value := _finite(score)) is None:
+        if not isinstance(target, str) or (value := _finite(score)) is None:
             return None
         clean_scores[target] = value
     return _Entry(Member(peer, tuple(addrs), seen, state), tuple(records), clean_scores)
@@ -149,10 +150,13 @@ def _checked(data: object, what: str, limit: int) -> bytes:
         count |= (byte & 0x7F) << shift
         shift += 7
         if not byte & 0x80:
-            if False:
+            if count > len(data) - i - 1:
                 raise MetadataError(f"{what} claims {count} clients in {len(data)} bytes")
             return data
     raise MetadataError(f"{what} does not start with a client count")
+
+
+_BLANK: dict[str, Any] = {"addrs": [], "seen": 0.0, "state": "", "models": [], "scores": {}}
 
 
 class Metadata:
@@ -175,11 +179,13 @@ class Metadata:
         self._peers: Map = self._doc.get("peers", type=Map)
         # This peer's own entry is kept here and rewritten whole: the doc copy may have been
         # overwritten by a hostile peer, and each rewrite restores it.
-        self._addrs: list[str] = []
-        self._seen: float | None = None
-        self._state = "joining"
-        self._models: list[list[Any]] = []
-        self._scores: dict[str, float] = {}
+        self._entry: dict[str, Any] = {
+            "addrs": [],
+            "seen": None,
+            "state": "joining",
+            "models": [],
+            "scores": {},
+        }
         self._applying = False
         self._outgoing: list[bytes] = []
         self._doc.observe(self._on_transaction)
@@ -188,37 +194,35 @@ class Metadata:
         if not self._applying:  # only local writes are published; remote ones came from the network
             self._outgoing.append(event.update)
 
-    def _write(self) -> None:
-        """Rewrite this peer's entry; before the first heartbeat there is no entry (no ``seen``) yet."""
-        if self._seen is None:
-            return
-        self._peers[self.peer_id] = {
-            "addrs": list(self._addrs),
-            "seen": self._seen,
-            "state": self._state,
-            "models": [list(m) for m in self._models],
-            "scores": dict(self._scores),
-        }
+    def _write(self, **changes: Any) -> None:
+        """Rewrite this peer's entry with ``changes``; there is no entry before the first heartbeat.
+
+        A change that would make the entry unreadable to peers is a ``ValueError`` and changes nothing.
+        """
+        if _parse(self.peer_id, {**_BLANK, **changes}) is None:  # only the changes need checking
+            raise ValueError(f"refusing to write a malformed entry: {changes}")
+        self._entry = entry = {**self._entry, **changes}
+        if entry["seen"] is not None:
+            self._peers[self.peer_id] = entry
 
     # -- local writes -------------------------------------------------------------------------------
 
     def heartbeat(self, now: float, addrs: Sequence[str], state: str = "training") -> None:
         """Announce this peer as alive at ``now`` with its current addresses and state."""
-        self._addrs, self._seen, self._state = list(addrs), float(now), state
-        self._write()
+        self._write(addrs=list(addrs), seen=now, state=state)
 
     def record_model(self, round: int, digest: str, size: int) -> None:
         """Announce this peer's model for ``round`` (replacing an earlier record of that round) and keep
         only the records of its last ``keep_rounds`` rounds. Visible from the first heartbeat on."""
-        records = [m for m in self._models if m[0] != round] + [[round, digest, size]]
+        records = [m for m in self._entry["models"] if m[0] != round] + [[round, digest, size]]
         newest = max(m[0] for m in records)
-        self._models = sorted((m for m in records if m[0] > newest - self.keep_rounds), key=lambda m: -m[0])
-        self._write()
+        self._write(
+            models=sorted((m for m in records if m[0] > newest - self.keep_rounds), key=lambda m: -m[0])
+        )
 
     def set_reputation(self, scores: Mapping[str, float]) -> None:
         """Replace this peer's reputation row (its score per target). Visible from the first heartbeat on."""
-        self._scores = {str(target): float(score) for target, score in scores.items()}
-        self._write()
+        self._write(scores=dict(scores))
 
     def expire(self, now: float) -> list[str]:
         """Delete other peers' entries that are stale, too far in the future, ``"left"`` or malformed.

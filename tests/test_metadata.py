@@ -176,10 +176,11 @@ def test_the_document_stays_bounded_over_1000_rounds_of_20_peers_with_churn():
     """Each round every peer heartbeats and records a model, every 10 rounds it rewrites its reputation
     row, and every 50 rounds one peer leaves for good and a new one takes its place. All updates go to
     one observer replica that expires peers; the others hold the same doc, since they write only their
-    own keys. Measured: ~19.3 kB after 10 rounds (20 live entries of ~950 B: two addresses, 5 model
-    records with 64-hex digests, a 5-target row), ~21 kB after 1,000 rounds: the growth is ~90 B per
+    own keys. Measured: 18.9 kB after 10 rounds (20 live entries of ~940 B: two addresses, 5 model
+    records with 64-hex digests, a 5-target row), 20.7 kB after 1,000 rounds: the growth is ~90 B per
     departed peer (its key's tombstone and its state-vector entry), none per round. The obvious layout
-    of write-once ``models["%08d/peer"]`` keys measured 1.69 MB after 1,000 rounds, growing without end.
+    of write-once ``models["%08d/peer"]`` keys measured 1.69 MB after 1,000 rounds, growing without end,
+    and writing a second key per peer makes this test's document 1.0 MB.
     """
     observer = Metadata("task", "observer", expiry=10.0)
     nodes = replicas(20)
@@ -299,6 +300,22 @@ def test_an_overwritten_own_entry_is_restored_by_the_next_write():
     assert node.members() == {}
     node.heartbeat(2.0, ["/ip4/10.0.0.1/tcp/1"])
     assert node.models() == [ModelRecord(4, peer_id(0), "mine", 1)] and node.members()[peer_id(0)].seen == 2.0
+
+
+def test_local_writes_that_peers_could_not_read_are_refused():
+    node = holder()
+    before = state(node)
+    for write in (
+        lambda: node.set_reputation({peer_id(1): float("nan")}),
+        lambda: node.record_model(3, "d", -1),
+        lambda: node.heartbeat(float("inf"), []),
+        lambda: node.heartbeat(2.0, [b"/ip4/1.2.3.4"]),
+    ):
+        with pytest.raises(ValueError, match="malformed entry"):
+            write()
+    assert state(node) == before and node.take_outgoing() is not None  # only the holder's heartbeat
+    node.heartbeat(3.0, [])
+    assert node.members()[peer_id(0)].seen == 3.0
 
 
 @settings(max_examples=150, deadline=None)
