@@ -131,6 +131,18 @@ class _Notifee(INotifee):
         pass
 
 
+class _Metered:
+    """Counts what is read from a stream into ``counter[key]``: the progress of large transfers."""
+
+    def __init__(self, stream: Libp2pStream, counter: Counter[str], key: str) -> None:
+        self.stream, self.counter, self.key = stream, counter, key
+
+    async def read(self, max_bytes: int) -> bytes:
+        data = await self.stream.read(max_bytes)
+        self.counter[self.key] += len(data)
+        return data
+
+
 class Libp2pOverlay:
     """One node on a real network, implementing ``overlay.interface.Overlay`` for one task."""
 
@@ -152,6 +164,7 @@ class Libp2pOverlay:
         self.penalties: Counter[str] = Counter()
         self.bytes_in: Counter[str] = Counter()  # by protocol part: "msg:<kind>", "meta", "announce"
         self.bytes_out: Counter[str] = Counter()
+        self.receiving: Counter[str] = Counter()  # bytes so far of messages arriving now, by sender
         self._events_in, self._events = trio.open_memory_channel[OverlayEvent](1024)
         self._conn_in, self._conn_out = trio.open_memory_channel[tuple[str, ID]](4096)
         self._task_peers: set[str] = set()
@@ -181,13 +194,15 @@ class Libp2pOverlay:
     async def _running(self) -> AsyncIterator[None]:
         config = self.config
         listen = [Multiaddr(a) for a in config.listen]
+        # Our tasks' nursery is innermost: cancelling it at exit must not reach libp2p's services, whose
+        # cleanup would then raise Cancelled over (and so silently swallow) an error from the caller.
         async with (
             self.host.run(listen_addrs=listen),
-            trio.open_nursery() as nursery,
             background_trio_service(self.dht),
             background_trio_service(self.pubsub),
             background_trio_service(self.router),
             self.relaying.running(),
+            trio.open_nursery() as nursery,
         ):
             self._nursery = nursery
             await self.pubsub.wait_until_ready()
@@ -437,9 +452,10 @@ class Libp2pOverlay:
         if peer in self._banned:
             await stream.reset()
             return
+        metered = _Metered(Libp2pStream(stream), self.receiving, peer)
         try:
             with trio.fail_after(self.config.receive_timeout):
-                payload = await read_frame(Libp2pStream(stream), self.config.limits.max_message)
+                payload = await read_frame(metered, self.config.limits.max_message)
         except trio.TooSlowError:
             reason = f"message not complete within {self.config.receive_timeout:g} s"
             self._reject(peer, reason, hostile=False)
@@ -452,6 +468,8 @@ class Libp2pOverlay:
                 self._reject(peer, str(e), hostile=not isinstance(e, Truncated))
             await stream.reset()
             return
+        finally:
+            self.receiving.pop(peer, None)
         try:
             if len(payload) > OFF_LOOP_BYTES:
                 message = await trio.to_thread.run_sync(decode, payload, self.config.limits)
