@@ -46,7 +46,10 @@ async def serve() -> None:
                 header += chunk
             (left,) = LENGTH.unpack(header)
             while left:
-                left -= len(await stream.receive_some(min(left, 1 << 20)))
+                chunk = await stream.receive_some(min(left, 1 << 20))
+                if not chunk:
+                    return
+                left -= len(chunk)
             await stream.send_all(b"k")
 
     async with trio.open_nursery() as nursery:

@@ -77,7 +77,13 @@ async def serve(
                         if event.method != b"GET":
                             code, kind, body = 405, "text/plain", b"only GET\n"
                         else:
-                            code, kind, body = respond(event.target.decode(errors="replace").split("?")[0])
+                            try:
+                                code, kind, body = respond(
+                                    event.target.decode(errors="replace").split("?")[0]
+                                )
+                            except Exception as e:  # a failing status must not take the daemon down
+                                log.exception("API request %s failed", event.target)
+                                code, kind, body = 500, "text/plain", f"internal error: {e}\n".encode()
                         headers = [
                             ("content-type", kind),
                             ("content-length", str(len(body))),
@@ -86,7 +92,7 @@ async def serve(
                         await stream.send_all(conn.send(h11.Response(status_code=code, headers=headers)))
                         await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
                     return
-        except (h11.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError) as e:
+        except (h11.ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as e:
             log.debug("API request failed: %s", e)
         finally:
             await stream.aclose()

@@ -1,8 +1,8 @@
 """The ``shoal`` command line: init, run, id, peers, status, demo, version.
 
 Exit codes: 0 done; 1 unexpected failure (a bug: the traceback is printed); 2 bad usage or
-configuration; 3 could not join the swarm; 4 unusable files (identity, data, checkpoint); 5 no
-daemon answering at the API address.
+configuration; 3 could not join the swarm; 4 unusable files (identity, data, checkpoint, home in use);
+5 no daemon answering at the API address; 6 the demo did not reach its target in time.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import urllib.error
 import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from node import __version__
 
-EXIT_CONFIG, EXIT_JOIN, EXIT_FILES, EXIT_NO_DAEMON = 2, 3, 4, 5
+EXIT_CONFIG, EXIT_JOIN, EXIT_FILES, EXIT_NO_DAEMON, EXIT_NOT_REACHED = 2, 3, 4, 5, 6
 
 DEFAULT_HOME = Path(os.environ.get("SHOAL_HOME", Path.home() / ".shoal"))
 
@@ -170,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from learning.models import ModelError
     from node.checkpoint import CheckpointError
     from node.daemon import Daemon
+    from node.home import HomeInUse
     from overlay.host import BootstrapError, quiet_libp2p_logs
     from overlay.identity import IdentityError
 
@@ -185,15 +187,20 @@ def run(args: argparse.Namespace) -> int:
         return fail(
             f"{e}\n  check the addresses (shoal id on those nodes prints them) and that they run", EXIT_JOIN
         )
-    except (DatasetError, ModelError, CheckpointError, IdentityError) as e:
+    except (DatasetError, ModelError, CheckpointError, IdentityError, HomeInUse) as e:
         return fail(str(e), EXIT_FILES)
-    except OSError as e:  # e.g. the listen or API port is taken
-        return fail(
-            f"{e.strerror or e}: {getattr(e, 'filename', '') or 'check --listen and --api'}", EXIT_CONFIG
-        )
+    except OSError as e:
+        if e.filename:  # a file we could not read or write
+            return fail(f"{e.filename}: {e.strerror}", EXIT_FILES)
+        return fail(f"{e.strerror or e} (check the --listen and --api addresses)", EXIT_CONFIG)
     except KeyboardInterrupt:
         return 0
-    return 0
+    # Skip the interpreter's finalisation: an abandoned training thread may still be inside torch, and
+    # finalising under it can abort the process (seen: exit -6 after a clean leave and checkpoint).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def ask(args: argparse.Namespace) -> int:
@@ -245,7 +252,7 @@ def offline_id(args: argparse.Namespace) -> int:
     return 0
 
 
-def human_status(s: dict) -> str:
+def human_status(s: dict[str, Any]) -> str:
     accuracy = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
     traffic = (
         f"{sum(s['bytes_in'].values()) / 1e6:.1f} MB in, {sum(s['bytes_out'].values()) / 1e6:.1f} MB out"
@@ -269,7 +276,7 @@ def demo(args: argparse.Namespace) -> int:
 
     if args.nodes < 2 or not 0 < args.target <= 1 or args.timeout <= 0:
         return fail("--nodes must be at least 2, --target in (0, 1], --timeout positive", EXIT_CONFIG)
-    return run_demo(args.nodes, args.target, args.timeout, args.keep)
+    return 0 if run_demo(args.nodes, args.target, args.timeout, args.keep) else EXIT_NOT_REACHED
 
 
 if __name__ == "__main__":

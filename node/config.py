@@ -49,7 +49,6 @@ class Config:
     # [node]
     api: str = "127.0.0.1:5001"
     checkpoint_every: int = 5
-    target_accuracy: float = 0.0  # 0: train until stopped
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown keys, for the error
 
     def __post_init__(self) -> None:
@@ -71,7 +70,7 @@ SECTIONS = {
         "local_steps",
     ),
     "protocol": ("protocol", "integrator", "period", "fanout"),
-    "node": ("api", "checkpoint_every", "target_accuracy"),
+    "node": ("api", "checkpoint_every"),
 }
 TYPES = {f.name: f.type for f in fields(Config)}
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -115,7 +114,6 @@ fanout = 2                # peers each model is sent to per round
 [node]
 api = "127.0.0.1:5001"    # local status API (/status, /metrics); keep it on 127.0.0.1
 checkpoint_every = 5      # rounds between checkpoints (and one at exit)
-target_accuracy = 0.0     # stop once the model reaches this test accuracy (0: run until stopped)
 """
 
 
@@ -142,8 +140,6 @@ def check(c: Config) -> None:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
     if c.lr <= 0 or c.period < 0:
         raise ConfigError("lr must be positive and period not negative")
-    if not 0 <= c.target_accuracy <= 1:
-        raise ConfigError(f"target_accuracy must be between 0 and 1, got {c.target_accuracy}")
     host, _, port = c.api.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"api: expected host:port such as 127.0.0.1:5001, got {c.api!r}")

@@ -14,9 +14,10 @@ import copy
 import hashlib
 import json
 import logging
-import os
+import math
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
 class Daemon:
     def __init__(self, home: Path, config: Config) -> None:
         self.home = Home(home)
+        self._home_lock = self.home.claim()
         self.config = config
         self.key_pair, created = load_or_create_identity(self.home.identity)
         if created:
@@ -102,7 +104,9 @@ class Daemon:
         self.overlay: Libp2pOverlay | None = None
         self.protocol: LearningProtocol | None = None
         self.driver: Driver | None = None
-        self._rounds = trio.open_memory_channel[int](100)
+        self._rounds = trio.open_memory_channel[int](math.inf)
+        self._checkpointing = threading.Lock()
+        self._checkpointed = -1
 
     def _in_model_order(self, state: State) -> State:
         """A checkpoint's tensors in the model's parameter order (safetensors sorts names)."""
@@ -131,37 +135,40 @@ class Daemon:
             trio.open_nursery() as nursery,
         ):
             self.overlay = overlay
-            log.info(
-                "joined as %s (task %s, %d training samples)",
-                overlay.peer_id,
-                self.task,
-                self.learner.samples,
-            )
-            for addr in overlay.addresses():
-                log.info("others can join with: shoal run --bootstrap %s", addr)
-            port = await nursery.start(api.serve, c.api, self.status)
-            host = c.api.rpartition(":")[0]
-            write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}", "pid": os.getpid()}))
-            log.info("status API on http://%s:%d/status", host, port)
-            await overlay.provide(self.provider_key)
-            peers = [p for p in await overlay.find_providers(self.provider_key) if p != overlay.peer_id]
-            self.protocol = self._protocol(peers)
-            self.driver = Driver(
-                self.protocol, overlay, self.learner, ThreadCompute(), on_round=self._rounds[0].send_nowait
-            )
-            nursery.start_soon(self.driver.run)
-            nursery.start_soon(self._after_rounds)
-            nursery.start_soon(self._rediscover)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                nursery.start_soon(self._serve, nursery)
                 async for signum in signals:
                     log.info("%s: leaving the swarm", signal.Signals(signum).name)
                     break
             with trio.move_on_after(LEAVE_TIMEOUT):
-                await self.driver.leave(LEAVE_TIMEOUT / 2)
+                if self.driver is not None:
+                    await self.driver.leave(LEAVE_TIMEOUT / 2)
                 await overlay.leave(LEAVE_TIMEOUT / 2)
             self._checkpoint()
             nursery.cancel_scope.cancel()
         self.home.api.unlink(missing_ok=True)
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        """Everything after joining: the API, discovery of the task's peers, the protocol."""
+        overlay = self.overlay
+        log.info(
+            "joined as %s (task %s, %d training samples)", overlay.peer_id, self.task, self.learner.samples
+        )
+        for addr in overlay.addresses():
+            log.info("others can join with: shoal run --bootstrap %s", addr)
+        port = await nursery.start(api.serve, self.config.api, self.status)
+        host = self.config.api.rpartition(":")[0]
+        write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}"}))
+        log.info("status API on http://%s:%d/status", host, port)
+        await overlay.provide(self.provider_key)
+        peers = [p for p in await overlay.find_providers(self.provider_key) if p != overlay.peer_id]
+        self.protocol = self._protocol(peers)
+        self.driver = Driver(
+            self.protocol, overlay, self.learner, ThreadCompute(), on_round=self._rounds[0].send_nowait
+        )
+        nursery.start_soon(self.driver.run)
+        nursery.start_soon(self._after_rounds)
+        nursery.start_soon(self._rediscover)
 
     @property
     def provider_key(self) -> str:
@@ -191,21 +198,29 @@ class Daemon:
         """Per finished round: evaluate off the loop, log, record the model version, checkpoint."""
         last_checkpoint = self.start_round
         async for rnd in self._rounds[1]:
+            while True:  # rounds that finished while we evaluated: only the newest is worth a look
+                try:
+                    rnd = self._rounds[1].receive_nowait()
+                except trio.WouldBlock:
+                    break
             state = self.protocol.model
-            self.accuracy = (await trio.to_thread.run_sync(self._evaluate, state)).accuracy
+            evaluation, version, size = await trio.to_thread.run_sync(self._evaluate, state)
+            self.accuracy = evaluation.accuracy
             log.info("round %d done: accuracy %.3f, %d peers", rnd, self.accuracy, len(self.overlay.peers()))
-            payload = encode(Message("model", {}, state))
-            self.overlay.metadata.record_model(rnd, digest(payload).hex(), len(payload))
+            self.overlay.metadata.record_model(rnd, version, size)
             if rnd - last_checkpoint >= self.config.checkpoint_every:
                 last_checkpoint = rnd
                 await trio.to_thread.run_sync(self._checkpoint)
 
-    def _evaluate(self, state: State) -> Evaluation:
-        """On a model of its own: training runs at the same time on the learner's."""
+    def _evaluate(self, state: State) -> tuple[Evaluation, str, int]:
+        """Test accuracy, on a model of its own (training runs at the same time on the learner's), and
+        the model's version for the metadata registry: the hash and size of its tensors' encoding."""
         self.layout.load(self.eval_model, state)
-        return evaluate(
+        payload = encode(Message("model", {}, state))
+        evaluation = evaluate(
             self.eval_model, self.x_eval, self.y_eval, self.data.num_classes, device=pick_device()
         )
+        return evaluation, digest(payload).hex(), len(payload)
 
     async def _rediscover(self) -> None:
         """Look for the task's providers again while we have few peers (a lone node after churn)."""
@@ -215,12 +230,16 @@ class Daemon:
                 await self.overlay.find_providers(self.provider_key)
 
     def _checkpoint(self) -> None:
+        """Write a checkpoint (from a worker thread or, at exit, the loop: hence the lock)."""
         if self.protocol is None:
             return
-        checkpoint.save(
-            self.home.checkpoint, checkpoint.Checkpoint(self.protocol.model, self.protocol.round, self.task)
-        )
-        log.info("checkpoint written at round %d", self.protocol.round)
+        model, rnd = self.protocol.model, self.protocol.round
+        with self._checkpointing:  # the newest wins: a late older write must not replace it
+            if rnd < self._checkpointed:
+                return
+            checkpoint.save(self.home.checkpoint, checkpoint.Checkpoint(model, rnd, self.task))
+            self._checkpointed = rnd
+        log.info("checkpoint written at round %d", rnd)
 
     # -- status ------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ error that names the file, never a reason to make a new key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -27,7 +28,14 @@ def load_or_create_identity(path: Path) -> tuple[KeyPair, bool]:
     if path.exists():
         return load_identity(path), False
     key_pair = create_new_key_pair()
-    write_atomic(path, key_pair.private_key.serialize(), mode=0o600)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.new")
+    write_atomic(staged, key_pair.private_key.serialize(), mode=0o600)
+    try:
+        os.link(staged, path)  # unlike a rename, fails if another process created the key meanwhile
+    except FileExistsError:
+        return load_identity(path), False
+    finally:
+        staged.unlink(missing_ok=True)
     return key_pair, True
 
 

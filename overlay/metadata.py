@@ -156,6 +156,17 @@ def _checked(data: object, what: str, limit: int) -> bytes:
     raise MetadataError(f"{what} does not start with a client count")
 
 
+def _decoding_error(what: str, exc: BaseException) -> MetadataError:
+    """A decoding failure as MetadataError; anything else is re-raised.
+
+    Besides ValueError, yrs can panic on rare hostile input (seen once in ~25k mutated updates); pyo3
+    raises that as ``PanicException``, a BaseException that every ``except Exception`` would let through.
+    """
+    if isinstance(exc, ValueError) or type(exc).__name__ == "PanicException":
+        return MetadataError(f"malformed {what}: {exc}")
+    raise exc
+
+
 _BLANK: dict[str, Any] = {"addrs": [], "seen": 0.0, "state": "", "models": [], "scores": {}}
 
 
@@ -280,8 +291,8 @@ class Metadata:
         state_vector = _checked(state_vector, "state vector", self.max_update)
         try:
             return self._doc.get_update(state_vector)
-        except ValueError as exc:
-            raise MetadataError(f"malformed state vector: {exc}") from None
+        except BaseException as exc:
+            raise _decoding_error("state vector", exc) from None
 
     def apply(self, update: bytes) -> None:
         """Merge a remote update. Duplicates and reordering are harmless; an update whose dependencies
@@ -290,8 +301,8 @@ class Metadata:
         self._applying = True
         try:
             self._doc.apply_update(update)  # yrs decodes the whole update before integrating any of it
-        except ValueError as exc:
-            raise MetadataError(f"malformed update: {exc}") from None
+        except BaseException as exc:
+            raise _decoding_error("update", exc) from None
         finally:
             self._applying = False
 

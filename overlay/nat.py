@@ -87,22 +87,26 @@ async def serve_dialback(stream: INetStream, timeout: float = 5.0) -> None:
     """Answer a reachability request: try a fresh connection to the asker and say whether it worked."""
     asker = stream.muxed_conn.peer_id
     stream_io = Libp2pStream(stream)
-    remote = stream.get_remote_address()
-    observed_ip = str(ipaddress.ip_address(remote[0])) if remote else None
     try:
+        remote = stream.get_remote_address()
+        observed_ip = str(ipaddress.ip_address(remote[0])) if remote else None
         with trio.fail_after(timeout):
-            request = msgpack.unpackb(await read_frame(stream_io, MAX_DIALBACK_FRAME))
-        claimed = [a for a in request.get("addrs", []) if isinstance(a, str)]
-    except (TransferError, trio.TooSlowError, ValueError, AttributeError, msgpack.UnpackException) as e:
+            request = msgpack.unpackb(await read_frame(stream_io, MAX_DIALBACK_FRAME), max_array_len=64)
+        claimed = request.get("addrs") if isinstance(request, dict) else None
+        if not isinstance(claimed, list):
+            raise ValueError("request has no list of addresses")
+    except (TransferError, trio.TooSlowError, ValueError, msgpack.UnpackException) as e:
         log.info("dial-back request from %s rejected: %s", asker, e)
+        await stream.reset()
         return
     reached = None
-    for addr in dialback_candidates(claimed, observed_ip):
+    for addr in dialback_candidates([a for a in claimed if isinstance(a, str)], observed_ip):
         if await _dial_fresh(addr, timeout):
             reached = str(addr)
             break
     with trio.move_on_after(timeout):
         await write_frame(stream_io, msgpack.packb({"reached": reached, "observed": observed_ip}))
+        await stream.close()
 
 
 async def _dial_fresh(addr: multiaddr.Multiaddr, timeout: float) -> bool:
@@ -159,7 +163,6 @@ class Relaying:
 
     def __init__(self, host: IHost, serve: bool) -> None:
         self.host = host
-        self.serve = serve
         limits = RelayLimits(duration=3600, data=1 << 34, max_circuit_conns=64, max_reservations=64)
         self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=serve)
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if serve else RelayRole(0))
@@ -202,9 +205,9 @@ class Relaying:
         base = circuit.split("/p2p-circuit")[0]
         await self.transport.dial(multiaddr.Multiaddr(f"{base}/p2p-circuit/p2p/{peer}"))
 
-    async def upgrade(self, peer: ID, deadline: float) -> bool:
-        """Try to replace a relayed connection by a hole-punched direct one, within ``deadline`` seconds."""
-        with trio.move_on_after(deadline):
+    async def upgrade(self, peer: ID, timeout: float) -> bool:
+        """Try to replace a relayed connection by a hole-punched direct one, within ``timeout`` seconds."""
+        with trio.move_on_after(timeout):
             try:
                 return bool(await self.dcutr.initiate_hole_punch(peer))
             except Exception as e:  # DCUtR failures just mean we stay on the relay

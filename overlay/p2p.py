@@ -19,20 +19,22 @@ What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import msgpack
 import trio
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee, ISubscriptionAPI
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
 from libp2p.peer.id import ID
@@ -40,6 +42,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -56,7 +59,7 @@ from overlay.liveness import FailureDetector, ping
 from overlay.metadata import Metadata, MetadataError
 from overlay.nat import DIALBACK, Reachability, Relaying, ask_dialback, is_circuit, is_relayed, serve_dialback
 from overlay.transfer import OFF_LOOP_BYTES, Libp2pStream, TransferError, Truncated, read_frame, write_frame
-from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode
+from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode, encoded_size
 
 log = logging.getLogger("shoal.overlay")
 
@@ -64,7 +67,11 @@ MAX_ANNOUNCEMENT = 512 * 1024  # gossipsub silently drops messages over 1 MiB (L
 MAX_META_FRAME = 8 * 2**20
 ANNOUNCEMENTS_PER_SECOND = 8.0
 DIRECT_DIAL_TIMEOUT = 3.0
-LOOKUP_TIMEOUT = 10.0  # gossipsub's spam protection drops a topic's 11th message in a second
+RECHECK = 300.0  # seconds between reachability checks (and relay reservation refreshes)
+MAX_RELAYS = 2
+MAX_INBOUND_PER_PEER = 4  # message streams one peer may have open to us at once
+LOOKUP_TIMEOUT = 10.0
+SYNC_TIMEOUT = 10.0  # gossipsub's spam protection drops a topic's 11th message in a second
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ class P2PConfig:
             <= 0
         ):
             raise ValueError("intervals and timeouts must be positive")
+        if self.sync_interval < 1:
+            raise ValueError("sync_interval must be at least 1 s (the sync loop ticks once a second)")
         if self.ping_misses < 1 or self.max_penalty < 1:
             raise ValueError("ping_misses and max_penalty must be at least 1")
 
@@ -132,15 +141,21 @@ class _Notifee(INotifee):
 
 
 class _Metered:
-    """Counts what is read from a stream into ``counter[key]``: the progress of large transfers."""
+    """Counts what is read from a stream into ``counter[key]`` while it lasts: transfers' progress."""
 
     def __init__(self, stream: Libp2pStream, counter: Counter[str], key: str) -> None:
-        self.stream, self.counter, self.key = stream, counter, key
+        self.stream, self.counter, self.key, self.count = stream, counter, key, 0
 
     async def read(self, max_bytes: int) -> bytes:
         data = await self.stream.read(max_bytes)
         self.counter[self.key] += len(data)
+        self.count += len(data)
         return data
+
+    def done(self) -> None:
+        self.counter[self.key] -= self.count
+        if self.counter[self.key] <= 0:
+            del self.counter[self.key]
 
 
 class Libp2pOverlay:
@@ -159,6 +174,7 @@ class Libp2pOverlay:
         )
         self.pubsub = Pubsub(self.host, self.router)
         self.reachability = Reachability.UNKNOWN
+        self._state = "joining"  # in our metadata record: joining, training, left
         self.rejections: deque[tuple[str, str]] = deque(maxlen=100)  # the latest, with reasons
         self.rejected = 0  # all of them
         self.penalties: Counter[str] = Counter()
@@ -169,6 +185,7 @@ class Libp2pOverlay:
         self._conn_in, self._conn_out = trio.open_memory_channel[tuple[str, ID]](4096)
         self._task_peers: set[str] = set()
         self._banned: set[str] = set()
+        self._inbound: Counter[str] = Counter()  # message streams open per peer
         self._provided: set[str] = set()
         self._detector = FailureDetector(config.ping_misses)
         self._last_publish: dict[str, float] = {}
@@ -207,9 +224,9 @@ class Libp2pOverlay:
             self._nursery = nursery
             await self.pubsub.wait_until_ready()
             self.host.get_network().register_notifee(_Notifee(self._conn_in))
-            self.host.set_stream_handler(self._msg_protocol, self._on_message_stream)
-            self.host.set_stream_handler(self._meta_protocol, self._on_meta_stream)
-            self.host.set_stream_handler(DIALBACK, serve_dialback)
+            self.host.set_stream_handler(self._msg_protocol, _guarded(self._on_message_stream))
+            self.host.set_stream_handler(self._meta_protocol, _guarded(self._on_meta_stream))
+            self.host.set_stream_handler(DIALBACK, _guarded(serve_dialback))
             nursery.start_soon(self._connections)
             meta = await self.pubsub.subscribe(self._meta_topic)
             nursery.start_soon(self._read_topic, self._meta_topic, meta)
@@ -217,7 +234,7 @@ class Libp2pOverlay:
             joined = await join(self.host, bootstrap, config.bootstrap_attempts)
             for info in joined:
                 await self.dht.add_peer(info.peer_id)
-            self.metadata.heartbeat(time.time(), self.addresses(), "joining")
+            self.metadata.heartbeat(time.time(), self.addresses(), self._state)
             for loop in (self._ping_loop, self._sync_loop, self._reachability_loop):
                 nursery.start_soon(loop)
             try:
@@ -227,7 +244,8 @@ class Libp2pOverlay:
 
     async def leave(self, timeout: float = 3.0) -> None:
         """Tell the swarm we are leaving (metadata state "left"), so peers need not wait for a timeout."""
-        self.metadata.heartbeat(time.time(), self.addresses(), "left")
+        self._state = "left"  # every later heartbeat keeps saying so
+        self.metadata.heartbeat(time.time(), self.addresses(), self._state)
         with trio.move_on_after(timeout):
             await self._publish_metadata()
             async with trio.open_nursery() as nursery:
@@ -256,7 +274,10 @@ class Libp2pOverlay:
         return [str(a) for a in self.host.get_addrs()] + circuits
 
     async def send(self, peer: str, message: Message) -> None:
-        payload = encode(message)
+        if encoded_size(message) > OFF_LOOP_BYTES:
+            payload = await trio.to_thread.run_sync(encode, message)
+        else:
+            payload = encode(message)
         try:
             with trio.fail_after(self.config.send_timeout):
                 stream = await self._open(peer, self._msg_protocol)
@@ -264,8 +285,7 @@ class Libp2pOverlay:
                     await write_frame(Libp2pStream(stream), payload)
                     await stream.close()
                 except BaseException:
-                    with trio.move_on_after(1):
-                        await stream.reset()
+                    await _reset(stream)
                     raise
         except PeerUnreachable:
             raise
@@ -356,7 +376,7 @@ class Libp2pOverlay:
                 protocols = self.host.get_peerstore().get_protocols(peer)
             except Exception:  # identify has not told us yet
                 continue
-            if protocols and KAD_PROTOCOL not in protocols:
+            if protocols and KAD_PROTOCOL not in protocols:  # a peer turning server pushes identify
                 table.remove_peer(peer)
 
     # -- status ------------------------------------------------------------------------------------
@@ -385,7 +405,9 @@ class Libp2pOverlay:
     async def _connect(self, peer: ID, addrs: list[str]) -> None:
         """Direct addresses first (peerstore + given), then each relay circuit, punching a hole after."""
         direct = [Multiaddr(a) for a in addrs if not is_circuit(a)]
-        if direct:
+        if direct and not self.host.get_peerstore().addrs(peer):
+            # given addresses (metadata, provider records) are not authenticated: used only when we
+            # know none from a connection of our own (identify)
             self.host.get_peerstore().add_addrs(peer, direct, 600)
         circuits = [a for a in addrs if is_circuit(a)]
         errors = []
@@ -450,8 +472,19 @@ class Libp2pOverlay:
     async def _on_message_stream(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         if peer in self._banned:
-            await stream.reset()
+            await _reset(stream)
             return
+        if self._inbound[peer] >= MAX_INBOUND_PER_PEER:
+            self._reject(peer, f"more than {MAX_INBOUND_PER_PEER} messages at once", hostile=False)
+            await _reset(stream)
+            return
+        self._inbound[peer] += 1
+        try:
+            await self._receive(peer, stream)
+        finally:
+            self._inbound[peer] -= 1
+
+    async def _receive(self, peer: str, stream: INetStream) -> None:
         metered = _Metered(Libp2pStream(stream), self.receiving, peer)
         try:
             with trio.fail_after(self.config.receive_timeout):
@@ -459,17 +492,17 @@ class Libp2pOverlay:
         except trio.TooSlowError:
             reason = f"message not complete within {self.config.receive_timeout:g} s"
             self._reject(peer, reason, hostile=False)
-            await stream.reset()
+            await _reset(stream)
             return
         except TransferError as e:
             if isinstance(e, Truncated) and e.empty:
                 log.debug("%s opened a message stream and closed it unused", peer)
             else:
                 self._reject(peer, str(e), hostile=not isinstance(e, Truncated))
-            await stream.reset()
+            await _reset(stream)
             return
         finally:
-            self.receiving.pop(peer, None)
+            metered.done()
         try:
             if len(payload) > OFF_LOOP_BYTES:
                 message = await trio.to_thread.run_sync(decode, payload, self.config.limits)
@@ -487,46 +520,53 @@ class Libp2pOverlay:
     # -- metadata ----------------------------------------------------------------------------------
 
     async def _sync_with(self, peer: ID) -> None:
-        """State-vector exchange (three frames); success makes ``peer`` a task peer."""
-        try:
-            with trio.fail_after(10):
-                stream = await self.host.new_stream(peer, [self._meta_protocol])
-                io = Libp2pStream(stream)
-                await write_frame(io, msgpack.packb({"sv": self.metadata.state_vector()}))
-                reply = _unpack(await read_frame(io, MAX_META_FRAME))
-                self.metadata.apply(reply["u"])
-                await write_frame(io, msgpack.packb({"u": self.metadata.diff(reply["sv"])}))
-                await stream.close()
-            self.bytes_in["meta"] += len(reply["u"])
-        except (MetadataError, KeyError, TypeError, TransferError) as e:
-            self._reject(str(peer), f"metadata sync: {e}", hostile=not isinstance(e, Truncated))
+        """Anti-entropy with ``peer``, on a stream we open."""
+        if str(peer) in self._banned:
             return
-        except Exception as e:  # not a peer of this task, or it went away: not our peer then
+        try:
+            with trio.fail_after(SYNC_TIMEOUT):
+                stream = await self.host.new_stream(peer, [self._meta_protocol])
+        except Exception as e:  # not a peer of this task (no such protocol), or it went away
             log.debug("no metadata sync with %s: %s", peer, e)
             return
-        await self._peer_up(str(peer))
+        await self._exchange(stream, initiator=True)
 
     async def _on_meta_stream(self, stream: INetStream) -> None:
+        await self._exchange(stream, initiator=False)
+
+    async def _exchange(self, stream: INetStream, initiator: bool) -> None:
+        """State-vector exchange in three frames (sv ->, <- diff + sv, diff ->); success makes the other
+        side a task peer: nodes of other tasks never speak this task's protocol."""
         peer = str(stream.muxed_conn.peer_id)
         if peer in self._banned:
-            await stream.reset()
+            await _reset(stream)
             return
-        io = Libp2pStream(stream)
+        io, meta = Libp2pStream(stream), self.metadata
         try:
-            with trio.fail_after(10):
-                request = _unpack(await read_frame(io, MAX_META_FRAME))
-                update = self.metadata.diff(request["sv"])
-                await write_frame(io, msgpack.packb({"u": update, "sv": self.metadata.state_vector()}))
-                self.bytes_out["meta"] += len(update)
-                final = _unpack(await read_frame(io, MAX_META_FRAME))
-                self.metadata.apply(final["u"])
+            with trio.fail_after(SYNC_TIMEOUT):
+                if initiator:
+                    await write_frame(io, msgpack.packb({"sv": meta.state_vector()}))
+                    reply = _unpack(await read_frame(io, MAX_META_FRAME))
+                    meta.apply(reply["u"])
+                    sent = meta.diff(reply["sv"])
+                    await write_frame(io, msgpack.packb({"u": sent}))
+                else:
+                    request = _unpack(await read_frame(io, MAX_META_FRAME))
+                    sent = meta.diff(request["sv"])
+                    await write_frame(io, msgpack.packb({"u": sent, "sv": meta.state_vector()}))
+                    reply = _unpack(await read_frame(io, MAX_META_FRAME))
+                    meta.apply(reply["u"])
                 await stream.close()
-        except (MetadataError, KeyError, TypeError, TransferError) as e:
+        except (MetadataError, KeyError, TransferError) as e:
             self._reject(peer, f"metadata sync: {e}", hostile=not isinstance(e, Truncated))
+            await _reset(stream)
             return
-        except Exception as e:  # timeouts and stream failures: try again at the next sync
-            log.debug("metadata sync from %s failed: %s", peer, e)
+        except Exception as e:  # timeouts and stream failures: the next sync tries again
+            log.debug("metadata sync with %s failed: %s", peer, e)
+            await _reset(stream)
             return
+        self.bytes_in["meta"] += len(reply["u"])
+        self.bytes_out["meta"] += len(sent)
         await self._peer_up(peer)
 
     async def _publish_metadata(self) -> None:
@@ -541,30 +581,37 @@ class Libp2pOverlay:
             now = time.time()
             if now - last_heartbeat >= self.config.heartbeat_interval:
                 last_heartbeat = now
-                self.metadata.heartbeat(now, self.addresses(), "training")
+                if self._state == "joining":
+                    self._state = "training"
+                self.metadata.heartbeat(now, self.addresses(), self._state)
                 for gone in self.metadata.expire(now):
                     log.info("metadata: %s expired", gone)
             await self._publish_metadata()
             self._prune_dht_clients()
-            if self._task_peers and random.random() < 1.0 / self.config.sync_interval:
-                self._nursery.start_soon(self._sync_with, ID.from_base58(random.choice(self.peers())))
+            # anti-entropy with a task peer, or with a connected one whose first sync failed
+            candidates = [ID.from_base58(p) for p in self.peers()] + [
+                p
+                for p in self.host.get_connected_peers()
+                if str(p) not in self._task_peers and self._serves(p, self._meta_protocol)
+            ]
+            if candidates and random.random() < 1.0 / self.config.sync_interval:
+                self._nursery.start_soon(self._sync_with, random.choice(candidates))
 
     # -- announcements -----------------------------------------------------------------------------
 
     async def _publish(self, topic: str, data: bytes) -> None:
         """Publish under gossipsub's per-topic rate limit (it drops the excess silently)."""
-        wait = self._last_publish.get(topic, 0.0) + 1.0 / ANNOUNCEMENTS_PER_SECOND - trio.current_time()
-        if wait > 0:
-            await trio.sleep(wait)
-        self._last_publish[topic] = trio.current_time()
+        slot = max(trio.current_time(), self._last_publish.get(topic, 0.0) + 1.0 / ANNOUNCEMENTS_PER_SECOND)
+        self._last_publish[topic] = slot  # taken before sleeping, so concurrent publishers queue up
+        await trio.sleep_until(slot)
         await self.pubsub.publish(topic, data)
         self.bytes_out["announce"] += len(data)
 
-    async def _read_topic(self, topic: str, subscription) -> None:
+    async def _read_topic(self, topic: str, subscription: ISubscriptionAPI) -> None:
         while True:
             message = await subscription.get()
             sender = str(ID(message.from_id))
-            if sender == self.peer_id:
+            if sender == self.peer_id or sender in self._banned:
                 continue
             self.bytes_in["announce"] += len(message.data)
             if topic == self._meta_topic:
@@ -594,31 +641,67 @@ class Libp2pOverlay:
                 await trio.sleep(self.config.ping_interval)
 
     async def _reachability_loop(self) -> None:
-        """Ask up to three peers to dial us back; retry every minute until one answers."""
-        while self.reachability is Reachability.UNKNOWN:
-            helpers = [p for p in self.host.get_connected_peers() if p != self._id][:3]
-            verdicts = [await ask_dialback(self.host, h) for h in helpers]
+        """Ask up to three peers to dial us back (one "reached" is enough to be public); check again
+        every ``RECHECK`` seconds, since networks change and one helper may be wrong, and keep relay
+        reservations fresh while private."""
+        while True:
+            helpers = [p for p in self.host.get_connected_peers() if p != self._id]
+            random.shuffle(helpers)
+            verdicts = [await ask_dialback(self.host, h) for h in helpers[:3]]
             if True in verdicts:
                 await self._became(Reachability.PUBLIC)
             elif False in verdicts:
                 await self._became(Reachability.PRIVATE)
-            else:
-                await trio.sleep(1.0 if not helpers else 60.0)
+            await trio.sleep(1.0 if self.reachability is Reachability.UNKNOWN else RECHECK)
 
     async def _became(self, reachability: Reachability) -> None:
+        if reachability is not self.reachability:
+            log.info("reachability: %s", reachability)
         self.reachability = reachability
-        log.info("reachability: %s", reachability)
         mode = DHTMode.SERVER if reachability is Reachability.PUBLIC else DHTMode.CLIENT
         if self.dht.mode != mode:
             await self.dht.switch_mode(mode)
+            # peers cache our protocols from identify: tell them we (no longer) serve the DHT, or
+            # _prune_dht_clients on their side would drop us from their routing tables
+            with trio.move_on_after(LOOKUP_TIMEOUT):
+                await push_identify_to_peers(self.host)
+        connected = set(self.host.get_connected_peers())
+        self.relaying.relays = [r for r in self.relaying.relays if r in connected]  # gone: not advertised
         if reachability is Reachability.PRIVATE:
-            for relay in self.host.get_connected_peers():
-                if len(self.relaying.relays) >= 2:
-                    break
+            # (re)reserve: reservations expire after an hour and RECHECK is well under that
+            for relay in [p for p in connected if self._serves(p, HOP_PROTOCOL)][:MAX_RELAYS]:
                 await self.relaying.reserve(relay)
-        self.metadata.heartbeat(time.time(), self.addresses(), "training")
+        self.metadata.heartbeat(time.time(), self.addresses(), self._state)
         for key in self._provided:
             await self.provide(key)
+
+    def _serves(self, peer: ID, protocol: TProtocol) -> bool:
+        """Whether identify told us ``peer`` speaks ``protocol``."""
+        try:
+            return protocol in self.host.get_peerstore().get_protocols(peer)
+        except Exception:  # identify has not told us yet
+            return False
+
+
+def _guarded(handler: Callable[[INetStream], Awaitable[None]]) -> Callable[[INetStream], Awaitable[None]]:
+    """The handler, never raising: an exception leaving a stream handler stops libp2p's whole swarm, so
+    one peer's bad input would take the node down. The stream is reset instead."""
+
+    async def run(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as e:
+            log.warning("%s failed on a stream from %s: %s", handler.__name__, stream.muxed_conn.peer_id, e)
+            await _reset(stream)
+
+    return run
+
+
+async def _reset(stream: INetStream) -> None:
+    """Reset, also from an expired deadline's scope (shielded: unshielded, no RST would go out)."""
+    with trio.move_on_after(1, shield=True):
+        with contextlib.suppress(Exception):
+            await stream.reset()
 
 
 def _single(error: BaseException) -> BaseException:

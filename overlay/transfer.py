@@ -110,8 +110,12 @@ async def _read_exactly(stream: ByteStream, into: memoryview, what: str) -> None
         filled += len(chunk)
 
 
-async def read_frame(stream: ByteStream, max_payload: int) -> bytearray:
-    """Read one frame and return its verified payload; TransferError on anything short of that."""
+async def read_frame(stream: ByteStream, max_payload: int) -> bytes:
+    """Read one frame and return its verified payload; TransferError on anything short of that.
+
+    Memory grows with the bytes that actually arrive, not with the length the prefix claims: a peer
+    must send 256 MiB to make us hold 256 MiB.
+    """
     prefix = bytearray(PREFIX.size)
     await _read_exactly(stream, memoryview(prefix), "frame prefix")
     magic, version, length = PREFIX.unpack(prefix)
@@ -121,8 +125,17 @@ async def read_frame(stream: ByteStream, max_payload: int) -> bytearray:
         raise TransferError(f"unsupported frame version {version} (this node speaks {VERSION})")
     if length > max_payload:
         raise TransferError(f"frame of {length} bytes is over the {max_payload}-byte limit")
-    payload = bytearray(length)
-    await _read_exactly(stream, memoryview(payload), "payload")
+    chunks, received = [], 0
+    while received < length:
+        chunk = await stream.read(min(CHUNK, length - received))
+        if not chunk:
+            raise Truncated(f"stream ended in the payload after {received} of {length} bytes")
+        if len(chunk) > length - received:  # a stream that ignores max_bytes must not overrun the frame
+            raise TransferError("stream returned more bytes than asked for in the payload")
+        chunks.append(chunk)
+        received += len(chunk)
+    payload = b"".join(chunks)
+    del chunks
     trailer = bytearray(TRAILER.size)
     await _read_exactly(stream, memoryview(trailer), "trailer (sender stopped before finishing)")
     magic, _, trailer_length, expected = TRAILER.unpack(trailer)

@@ -32,7 +32,6 @@ Usage::
 import contextlib
 import functools
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -45,7 +44,6 @@ from dataclasses import dataclass, field
 TIMEOUT = 10.0  # seconds for any one setup/teardown command
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL at teardown
 _SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-_NAME_RE = re.compile(r"^shl(\d+)_[0-9a-f]+_\w+$")
 
 
 class NetnsError(RuntimeError):
@@ -101,32 +99,6 @@ def unavailable_reason() -> str | None:
         with contextlib.suppress(NetnsError):
             _run([ip, "netns", "del", probe])
     return None
-
-
-def remove_stale_labs() -> list[str]:
-    """Delete lab namespaces left by processes that no longer exist (e.g. a SIGKILLed run).
-
-    Opt-in, because a pid check can't see processes in another PID namespace sharing /run/netns.
-    """
-    ip = _which("ip") or "ip"
-    removed = []
-    for line in _run([ip, "netns", "list"]).splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = _NAME_RE.match(name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # owner alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        _kill_ns_pids(ip, name)
-        with contextlib.suppress(NetnsError):
-            _run([ip, "netns", "del", name])
-            removed.append(name)
-    return removed
 
 
 def _kill_ns_pids(ip: str, ns: str) -> None:

@@ -38,8 +38,6 @@ async def main(args: argparse.Namespace) -> None:
         listen=tuple(args.listen),
         bootstrap=tuple(args.bootstrap),
         relay_service=args.relay_service,
-        ping_interval=0.5,
-        ping_timeout=0.5,
         heartbeat_interval=1.0,
     )
     overlay_cm = Libp2pOverlay.start(create_new_key_pair(), args.task, config)

@@ -157,8 +157,9 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
 
 
 @pytest.mark.slow
-def test_a_kill_during_checkpointing_never_leaves_a_damaged_file(tmp_path):
-    """A lone daemon checkpointing every round, SIGKILLed at arbitrary moments, three times."""
+def test_repeated_sigkills_of_a_checkpointing_daemon_leave_a_loadable_checkpoint(tmp_path):
+    """A lone daemon checkpointing every round, SIGKILLed at arbitrary moments, three times (the kill
+    exactly inside a write is tests/test_atomic.py's job)."""
     node = Node(tmp_path / "solo", 0, 1, None, "checkpoint_every = 1\n")
     try:
         for delay in (0.4, 1.1, 1.9):

@@ -1,5 +1,6 @@
 """The libp2p overlay with real hosts on 127.0.0.1: joining, DHT discovery, metadata, transfers, faults."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 import trio
@@ -20,9 +22,9 @@ from multiaddr import Multiaddr
 
 from overlay.host import BootstrapError, quiet_libp2p_logs
 from overlay.interface import Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
-from overlay.nat import Reachability
+from overlay.nat import DIALBACK, Reachability
 from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.transfer import Libp2pStream, write_frame
+from overlay.transfer import PREFIX, Libp2pStream, write_frame
 from overlay.wire import Message
 
 TASK = "test-task"
@@ -156,6 +158,37 @@ async def test_malformed_messages_are_rejected_with_reasons_and_the_sender_banne
                 await stream.close()
             await until(lambda: str(attacker.get_id()) in node._banned, 10)
             assert any("not a Shoal frame" in reason for _, reason in node.rejections)
+
+
+async def test_hostile_sync_and_dialback_requests_do_not_take_the_node_down():
+    """Garbage on every protocol a stranger can open: each is refused, and the node keeps working."""
+    async with swarm(2) as (node, friend):
+        await until(lambda: len(node.peers()) == 1, 10)
+        attacker = new_host(key_pair=create_new_key_pair())
+        async with attacker.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            target = info_from_p2p_addr(Multiaddr(node.addresses()[0]))
+            await attacker.connect(target)
+            hostile = [
+                (DIALBACK, msgpack.packb({"addrs": 5})),
+                (DIALBACK, msgpack.packb([1, 2, 3])),
+                (DIALBACK, b"\xc1 not msgpack"),
+                (node._meta_protocol, msgpack.packb({"sv": 5})),
+                (node._meta_protocol, msgpack.packb({"nothing": b""})),
+                (node._meta_protocol, b"\x00" * 64),
+            ]
+            for protocol, payload in hostile:
+                stream = await attacker.new_stream(target.peer_id, [protocol])
+                await write_frame(Libp2pStream(stream), payload)
+                with trio.move_on_after(5):
+                    with contextlib.suppress(Exception):
+                        await stream.read(1024)
+                await stream.reset()
+            oversized = await attacker.new_stream(target.peer_id, [node._msg_protocol])
+            await oversized.write(PREFIX.pack(b"SHF", 1, 2**40))  # claims a terabyte
+            await oversized.close()
+        await until(lambda: any("over the" in reason for _, reason in node.rejections), 10)
+        await friend.send(node.peer_id, Message("ping"))  # still alive and serving
+        assert (await next_event(node, Delivered, 10)).message.kind == "ping"
 
 
 async def test_slow_reader_cannot_block_a_sender():
