@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,11 @@ def test_four_daemons_learn_see_each_other_and_exit_cleanly(tmp_path):
             shown = json.loads(out)
             assert shown["peer"] == node.peer
             assert {p["peer"] for p in shown["peers"]} == {m.peer for m in nodes} - {node.peer}
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{nodes[0].api}/metrics", timeout=5).read().decode()
+        )
+        assert "shoal_peers 3.0" in metrics and "shoal_accuracy 0." in metrics, metrics
+        assert 'shoal_bytes_out_total{kind="msg:model"}' in metrics, metrics
         rounds = [n.status()["round"] for n in nodes]
         task = nodes[0].status()["task"]
         start = time.monotonic()
