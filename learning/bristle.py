@@ -39,9 +39,11 @@ import torch
 
 from learning.averaging import check_models
 from learning.integrators import Contribution
+from learning.learner import Learner
 from learning.protocol import State
 
 Scorer = Callable[[State], np.ndarray]  # a model -> F1 per class on the node's local test set
+LOCAL_TEST_PER_CLASS = 10  # samples per class a node keeps back to score its peers' layers on
 
 
 @dataclass(frozen=True)
@@ -137,3 +139,37 @@ class Bristle:
         merged = numerator / denominator[:, None]
         merged -= merged.mean(dim=0, keepdim=True)  # re-centre across classes: predictions unchanged
         return {**own.state, head: merged.to(own.state[head].dtype)}
+
+
+def hold_out(learner: Learner, per_class: int = LOCAL_TEST_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take up to ``per_class`` samples of each class out of the learner's training data and return them:
+    the small local test set Bristle scores peers on. A node that would keep nothing trains on all of it."""
+    held = torch.zeros(len(learner.y), dtype=torch.bool)
+    for c in learner.y.unique():
+        held[torch.nonzero(learner.y == c).flatten()[:per_class]] = True
+    x_test, y_test = learner.x[held], learner.y[held]
+    if (~held).any():
+        learner.x, learner.y = learner.x[~held], learner.y[~held]
+    return x_test, y_test
+
+
+def for_learner(
+    learner: Learner,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    rng: random.Random,
+    config: BristleConfig | None = None,
+) -> Bristle:
+    """Bristle for a node whose model is a frozen extractor + bias-free head (``FrozenFeaturesHead``):
+    scores peers on the extractor's features of the local test set (computed once), and makes local
+    training touch only the head rows of the classes the node holds."""
+    config = config or BristleConfig()
+    features, head = getattr(learner.model, "features", None), getattr(learner.model, "head", None)
+    if features is None or head is None or tuple(learner.layout.names) != (config.head,):
+        raise ValueError(
+            f"Bristle shares only a bias-free output layer {config.head!r}: use the frozen-cnn or head model"
+        )
+    with torch.no_grad():
+        z = torch.cat([features(x_test[i : i + 1024]) for i in range(0, len(x_test), 1024)])
+    learner.train_only_rows(config.head, learner.y.unique().tolist())
+    return Bristle(linear_scorer(z, y_test, head.out_features), y_test.unique().tolist(), rng, config)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from learning.averaging import mean, variance_corrected, weighted_mean
 from learning.protocol import State
+from learning.robust import Krum, Median, TrimmedMean
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,16 @@ class VCA:
         return variance_corrected([own.state, *(c.state for c in received)])
 
 
-INTEGRATORS: dict[str, type[Integrator]] = {"mean": Mean, "weighted": Weighted, "vca": VCA}
+# The rules a node can pick by name. Bristle is not here: it needs the node's model and data
+# (``learning.bristle.for_learner``).
+INTEGRATORS: dict[str, type[Integrator]] = {
+    "mean": Mean,
+    "weighted": Weighted,
+    "vca": VCA,
+    "median": Median,
+    "trimmed": TrimmedMean,
+    "krum": Krum,
+}
 
 
 def make_integrator(name: str) -> Integrator:

@@ -11,12 +11,15 @@ Each treats the node's own model and the received ones alike, flattened to vecto
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from learning.averaging import check_models
-from learning.integrators import Contribution
 from learning.protocol import State
+
+if TYPE_CHECKING:  # learning.integrators names these rules, so it imports this module
+    from learning.integrators import Contribution
 
 
 def _stack(models: Sequence[State]) -> torch.Tensor:

@@ -38,7 +38,7 @@ RUN_FLAGS: list[tuple[str, dict]] = [
     ("--partition", {"help": "iid | dirichlet:<alpha> | shards:<k>"}),
     ("--model", {"help": "mlp | cnn | frozen-cnn | head | module:factory"}),
     ("--protocol", {"help": "gossip | modest"}),
-    ("--integrator", {"help": "mean | weighted | vca | median | trimmed | krum"}),
+    ("--integrator", {"help": "mean | weighted | vca | median | trimmed | krum | bristle"}),
     ("--lr", {"type": float, "help": "learning rate"}),
     ("--local-steps", {"type": int, "help": "SGD steps per round"}),
     ("--period", {"type": float, "help": "least seconds between round starts"}),
@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_libp2p_logs(args.verbose)
     try:
         trio.run(Daemon(args.home, config).run)
+    except ConfigError as e:  # a setting that only the data or model shows to be wrong
+        return fail(f"bad configuration: {e}", EXIT_CONFIG)
     except BootstrapError as e:
         return fail(
             f"{e}\n  check the addresses (shoal id on those nodes prints them) and that they run", EXIT_JOIN
@@ -259,7 +261,7 @@ def human_status(s: dict[str, Any]) -> str:
     )
     lines = [
         f"peer id:      {s['peer']}",
-        f"task:         {s['task']} ({s['protocol']}, {s['samples']} local samples)",
+        f"task:         {s['task']} ({s['protocol']}, {s['integrator']}, {s['samples']} local samples)",
         f"reachability: {s['reachability']}"
         + (f" (relays: {', '.join(s['relays'])})" if s["relays"] else ""),
         f"round:        {s['round']}   accuracy: {accuracy}",

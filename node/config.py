@@ -15,7 +15,7 @@ from typing import Any
 from overlay.host import parse_bootstrap, parse_multiaddr
 
 PROTOCOLS = ("gossip", "modest")
-INTEGRATORS = ("mean", "weighted", "vca", "median", "trimmed", "krum")
+INTEGRATORS = ("mean", "weighted", "vca", "median", "trimmed", "krum", "bristle")
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,10 @@ class Config:
     integrator: str = "vca"
     period: float = 1.0
     fanout: int = 2
+    sample_size: int = 10
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    aggregation_timeout: float = 5.0
     # [node]
     api: str = "127.0.0.1:5001"
     checkpoint_every: int = 5
@@ -69,7 +73,16 @@ SECTIONS = {
         "lr",
         "local_steps",
     ),
-    "protocol": ("protocol", "integrator", "period", "fanout"),
+    "protocol": (
+        "protocol",
+        "integrator",
+        "period",
+        "fanout",
+        "sample_size",
+        "aggregators",
+        "success_fraction",
+        "aggregation_timeout",
+    ),
     "node": ("api", "checkpoint_every"),
 }
 TYPES = {f.name: f.type for f in fields(Config)}
@@ -107,9 +120,17 @@ local_steps = 20          # SGD steps per round
 
 [protocol]
 protocol = "gossip"       # gossip | modest
-integrator = "vca"        # mean | weighted | vca | median | trimmed | krum
+# How received models are folded into ours: mean | weighted | vca | median | trimmed | krum | bristle
+# (bristle: Byzantine-robust on non-IID data; needs model frozen-cnn or head, shares only the output layer)
+integrator = "vca"
+# gossip:
 period = 1.0              # least seconds between the starts of two rounds
 fanout = 2                # peers each model is sent to per round
+# modest (each round a sample of trainers sends its models to a few aggregators):
+sample_size = 10          # trainers per round; keep it at most the swarm's size, or rounds wait
+aggregators = 1           # aggregators per round
+success_fraction = 1.0    # share of the sample's models an aggregator waits for ...
+aggregation_timeout = 5.0 # ... or at most this many seconds
 
 [node]
 api = "127.0.0.1:5001"    # local status API (/status, /metrics); keep it on 127.0.0.1
@@ -135,11 +156,13 @@ def check(c: Config) -> None:
         raise ConfigError(f"integrator: {c.integrator!r} is not one of {', '.join(INTEGRATORS)}")
     if not 0 <= c.shard < c.shards:
         raise ConfigError(f"shard must be in 0..shards-1 (shards = {c.shards}), got {c.shard}")
-    for name in ("batch_size", "local_steps", "fanout", "checkpoint_every"):
+    for name in ("batch_size", "local_steps", "fanout", "sample_size", "aggregators", "checkpoint_every"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
-    if c.lr <= 0 or c.period < 0:
-        raise ConfigError("lr must be positive and period not negative")
+    if c.lr <= 0 or c.period < 0 or c.aggregation_timeout <= 0:
+        raise ConfigError("lr and aggregation_timeout must be positive and period not negative")
+    if not 0 < c.success_fraction <= 1:
+        raise ConfigError(f"success_fraction must be in (0, 1], got {c.success_fraction}")
     host, _, port = c.api.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"api: expected host:port such as 127.0.0.1:5001, got {c.api!r}")

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 import trio
 
+from learning.bristle import for_learner, hold_out
 from learning.datasets import Dataset, load_dataset, load_npz
 from learning.gossip import Gossip, GossipConfig
-from learning.integrators import make_integrator
+from learning.integrators import Integrator, make_integrator
 from learning.learner import Hyperparameters, Learner
 from learning.models import ModelError, ParameterLayout, build_model
 from learning.modest import Modest, ModestConfig
@@ -35,11 +36,11 @@ from learning.partition import partition
 from learning.protocol import LearningProtocol, State
 from learning.training import Evaluation, evaluate, pick_device
 from node import api, checkpoint
-from node.config import Config
+from node.config import Config, ConfigError
 from node.driver import Driver, ThreadCompute
 from node.home import Home
 from overlay.atomic import write_atomic
-from overlay.identity import load_or_create_identity
+from overlay.identity import load_or_create_identity, peer_id
 from overlay.p2p import Libp2pOverlay, P2PConfig
 from overlay.transfer import digest
 from overlay.wire import Message, encode
@@ -56,7 +57,10 @@ def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
         data = load_npz(config.data, seed=config.seed)
         return data, data.x_train, data.y_train
     data = load_dataset(config.dataset, seed=config.seed)
-    parts = partition(data.y_train.numpy(), config.shards, config.partition, config.seed)
+    try:
+        parts = partition(data.y_train.numpy(), config.shards, config.partition, config.seed)
+    except ValueError as e:
+        raise ConfigError(f"partition: {e}") from None
     shard = torch.as_tensor(parts[config.shard])
     return data, data.x_train[shard], data.y_train[shard]
 
@@ -92,6 +96,8 @@ class Daemon:
         self.learner = Learner(
             model, x, y, hyper, seed=config.seed * 7919 + config.shard, device=pick_device()
         )
+        self.rng = random.Random(f"{config.seed}/{peer_id(self.key_pair)}")
+        self.integrator, self.labels = self._integrator()
         n = min(EVAL_SAMPLES, len(self.data.y_test))
         self.x_eval, self.y_eval = self.data.x_test[:n], self.data.y_test[:n]
         saved = checkpoint.load(self.home.checkpoint, self.task)
@@ -107,6 +113,16 @@ class Daemon:
         self._rounds = trio.open_memory_channel[int](math.inf)
         self._checkpointing = threading.Lock()
         self._checkpointed = -1
+
+    def _integrator(self) -> tuple[Integrator, list[int] | None]:
+        """The configured rule, and the classes to announce with our models (only Bristle uses them)."""
+        if self.config.integrator != "bristle":
+            return make_integrator(self.config.integrator), None
+        try:
+            bristle = for_learner(self.learner, *hold_out(self.learner), self.rng)
+        except ValueError as e:
+            raise ConfigError(f"integrator bristle: {e}") from None
+        return bristle, self.learner.y.unique().tolist()
 
     def _in_model_order(self, state: State) -> State:
         """A checkpoint's tensors in the model's parameter order (safetensors sorts names)."""
@@ -176,8 +192,6 @@ class Daemon:
 
     def _protocol(self, peers: list[str]) -> LearningProtocol:
         c = self.config
-        rng = random.Random(f"{c.seed}/{self.overlay.peer_id}")
-        integrator = make_integrator(c.integrator)
         samples = self.learner.samples
         if c.protocol == "modest":
             return Modest(
@@ -185,14 +199,27 @@ class Daemon:
                 peers,
                 self.initial,
                 samples,
-                integrator,
-                ModestConfig(),
-                rng,
+                self.integrator,
+                ModestConfig(
+                    sample_size=c.sample_size,
+                    aggregators=c.aggregators,
+                    success_fraction=c.success_fraction,
+                    aggregation_timeout=c.aggregation_timeout,
+                ),
+                self.rng,
                 joining=bool(c.bootstrap),
             )
         joining = bool(c.bootstrap) and self.start_round == 0  # a fresh joiner fetches the swarm's model
         config = GossipConfig(fanout=c.fanout, period=c.period, join_by_fetch=joining)
-        return Gossip(self.initial, samples, integrator, config, rng, round=self.start_round)
+        return Gossip(
+            self.initial,
+            samples,
+            self.integrator,
+            config,
+            self.rng,
+            labels=self.labels,
+            round=self.start_round,
+        )
 
     async def _after_rounds(self) -> None:
         """Per finished round: evaluate off the loop, log, record the model version, checkpoint."""
@@ -253,6 +280,7 @@ class Daemon:
             "reachability": overlay.reachability.value if overlay else "unknown",
             "relays": [str(r) for r in overlay.relaying.relays] if overlay else [],
             "protocol": self.config.protocol,
+            "integrator": self.config.integrator,
             "round": self.protocol.round if self.protocol else self.start_round,
             "accuracy": self.accuracy,
             "samples": self.learner.samples,

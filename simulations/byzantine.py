@@ -29,18 +29,16 @@ import networkx as nx
 import torch
 
 from learning.attacks import ATTACKS, Forging, flip_labels, forge
-from learning.bristle import Bristle, linear_scorer
+from learning.bristle import for_learner, hold_out
 from learning.datasets import Dataset, load_dataset
 from learning.gossip import Gossip, GossipConfig
-from learning.integrators import Mean
+from learning.integrators import Mean, make_integrator
 from learning.learner import Learner
-from learning.robust import Krum, Median, TrimmedMean
 from learning.transfer import extract, load_extractor, pretrain_extractor, save_extractor
 from simulations import report
 from simulations.engine import RunResult, Simulation
 
 INTEGRATORS = ("bristle", "mean", "median", "trimmed", "krum")
-LOCAL_TEST_PER_CLASS = 10
 
 
 def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dataset, str]:
@@ -70,14 +68,6 @@ def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dat
     return target_data, how
 
 
-def build_integrator(
-    name: str, x_test: torch.Tensor, y_test: torch.Tensor, num_classes: int, rng: random.Random
-):
-    if name == "bristle":
-        return Bristle(linear_scorer(x_test, y_test, num_classes), y_test.unique().tolist(), rng)
-    return {"mean": Mean, "median": Median, "trimmed": TrimmedMean, "krum": Krum}[name]()
-
-
 def protocol_factory(integrator: str, attackers: set[int], attack: str, num_classes: int):
     """Gossip nodes: attackers forge (or train on flipped labels); the honest use ``integrator``."""
 
@@ -89,15 +79,11 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
                 learner.y = flip_labels(learner.y, num_classes)
                 return Gossip(sim.initial[i], learner.samples, Mean(), config, rng)
             return Forging(Gossip(sim.initial[i], learner.samples, Mean(), config, rng), forge(attack, rng))
-        held = torch.zeros(len(learner.y), dtype=torch.bool)  # the local test set: up to 10 per class
-        for c in learner.y.unique():
-            held[torch.nonzero(learner.y == c).flatten()[:LOCAL_TEST_PER_CLASS]] = True
-        x_test, y_test = learner.x[held], learner.y[held]
-        if (~held).any():
-            learner.x, learner.y = learner.x[~held], learner.y[~held]
+        x_test, y_test = hold_out(learner)  # every honest node keeps the same share back, for fairness
         if integrator == "bristle":
-            learner.train_only_rows("head.weight", learner.y.unique().tolist())
-        chosen = build_integrator(integrator, x_test, y_test, num_classes, rng)
+            chosen = for_learner(learner, x_test, y_test, rng)
+        else:
+            chosen = make_integrator(integrator)
         return Gossip(
             sim.initial[i], learner.samples, chosen, config, rng, labels=learner.y.unique().tolist()
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from learning.integrators import INTEGRATORS
 from overlay.atomic import write_atomic
 from simulations.engine import Row, RunResult, SimConfig
 
@@ -43,7 +44,7 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
     g.add_argument("--model", default=base["model"], help="mlp, cnn, frozen-cnn or module:factory")
     g.add_argument("--partition", default=base["partition"], help="iid, dirichlet:ALPHA or shards:K")
     g.add_argument(
-        "--integrator", default=base["integrator"], help="mean, weighted or vca (default %(default)s)"
+        "--integrator", default=base["integrator"], choices=INTEGRATORS, help="(default %(default)s)"
     )
     g.add_argument("--lr", type=float, default=base["lr"])
     g.add_argument("--batch-size", type=int, default=base["batch_size"])

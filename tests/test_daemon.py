@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from node import checkpoint
+from node.config import INTEGRATORS, Config
 from node.demo import free_port, node_config, status
 from node.home import Home
 from overlay.identity import load_or_create_identity, peer_id
@@ -23,8 +24,11 @@ ACCURACY = 0.85  # stated test accuracy on the digits data
 class Node:
     """A daemon process with its own home, ports and log."""
 
-    def __init__(self, home: Path, i: int, nodes: int, bootstrap: str | None, extra: str = "") -> None:
+    def __init__(
+        self, home: Path, i: int, nodes: int, bootstrap: str | None, extra: str = "", env: dict | None = None
+    ) -> None:
         self.home = Home(home)
+        self.env = {**ENV, **(env or {})}
         self.port, self.api = free_port(), free_port()
         self.peer = peer_id(load_or_create_identity(self.home.identity)[0])
         self.home.config.write_text(node_config(i, nodes, self.port, self.api, bootstrap) + extra)
@@ -40,7 +44,7 @@ class Node:
                 [sys.executable, "-m", "node.cli", "run", "--home", str(self.home.path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=ENV,
+                env=self.env,
             )
         return self
 
@@ -67,9 +71,9 @@ def wait_for(predicate, timeout: float, what: str, nodes: list[Node]) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last log:\n{nodes[-1].log()}")
 
 
-def swarm(tmp_path: Path, n: int, extra: str = "") -> list[Node]:
-    first = Node(tmp_path / "node0", 0, n, None, extra)
-    nodes = [first] + [Node(tmp_path / f"node{i}", i, n, first.address, extra) for i in range(1, n)]
+def swarm(tmp_path: Path, n: int, extra: str = "", env: dict | None = None) -> list[Node]:
+    first = Node(tmp_path / "node0", 0, n, None, extra, env)
+    nodes = [first] + [Node(tmp_path / f"node{i}", i, n, first.address, extra, env) for i in range(1, n)]
     for node in nodes:
         node.start()
     return nodes
@@ -163,6 +167,30 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
 
 
 @pytest.mark.slow
+def test_bristle_daemons_learn_and_accept_each_others_layers(tmp_path):
+    """integrator = bristle over libp2p: labels travel with the models, the scorer runs, nobody is refused."""
+    nodes = swarm(tmp_path, 3, env={"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn"})
+    try:
+        wait_for(lambda: min(accuracies(nodes)) >= 0.75, 180, "every node at 75%", nodes)
+        for shown in (n.status() for n in nodes):
+            assert shown["integrator"] == "bristle" and len(shown["peers"]) == 2
+            assert shown["rejected"] == 0
+    finally:
+        stop_all(nodes)
+
+
+@pytest.mark.slow
+def test_modest_daemons_learn_with_a_sample_the_swarm_can_fill(tmp_path):
+    nodes = swarm(tmp_path, 3, env={"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2"})
+    try:
+        wait_for(lambda: min(accuracies(nodes)) >= ACCURACY, 180, f"every node at {ACCURACY:.0%}", nodes)
+        for shown in (n.status() for n in nodes):
+            assert shown["protocol"] == "modest" and len(shown["peers"]) == 2
+    finally:
+        stop_all(nodes)
+
+
+@pytest.mark.slow
 def test_repeated_sigkills_of_a_checkpointing_daemon_leave_a_loadable_checkpoint(tmp_path):
     """A lone daemon checkpointing every round, SIGKILLed at arbitrary moments, three times (the kill
     exactly inside a write is tests/test_atomic.py's job)."""
@@ -185,13 +213,13 @@ def test_repeated_sigkills_of_a_checkpointing_daemon_leave_a_loadable_checkpoint
         stop_all([node])
 
 
-def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args, "--home", str(home)],
         capture_output=True,
         text=True,
         timeout=120,
-        env=ENV,
+        env={**ENV, **(env or {})},
     )
 
 
@@ -218,6 +246,8 @@ def test_bad_config_data_and_addresses_fail_with_one_clear_line(tmp_path):
     assert_one_clear_line(
         run_cli("run", "--bootstrap", "/ip4/127.0.0.1/tcp/4001", home=home), 2, "no peer id"
     )
+    uncovered = {"SHOAL_PARTITION": "shards:2", "SHOAL_SHARDS": "3"}  # 6 of the 10 classes
+    assert_one_clear_line(run_cli("run", home=home, env=uncovered), 2, "partition", "covers only 6")
     assert_one_clear_line(
         run_cli("run", "--data", str(tmp_path / "missing.npz"), home=home), 4, "missing.npz"
     )
@@ -235,6 +265,26 @@ def test_unreachable_bootstrap_says_which_address_and_why(tmp_path):
         "run", "--bootstrap", address, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", home=home
     )
     assert_one_clear_line(done, 3, address, "refused")
+
+
+@pytest.mark.parametrize("name", INTEGRATORS)
+def test_every_integrator_the_config_offers_folds_models_in_a_daemon(tmp_path, name):
+    from learning.integrators import Contribution
+    from node.daemon import Daemon
+
+    daemon = Daemon(tmp_path, Config(integrator=name, model="frozen-cnn", shards=3))
+    own = daemon.learner.initial_state()
+    other = {k: v + 0.01 for k, v in own.items()}
+    merged = daemon.integrator.integrate(Contribution(own, 10), [Contribution(other, 10, "p", (0, 1))])
+    daemon.layout.check(merged)
+    assert (daemon.labels is not None) == (name == "bristle")
+
+
+def test_bristle_on_a_model_that_shares_more_than_a_head_is_a_config_error(tmp_path):
+    home = tmp_path / "home"
+    run_cli("init", home=home)
+    done = run_cli("run", home=home, env={"SHOAL_INTEGRATOR": "bristle"})
+    assert_one_clear_line(done, 2, "bristle", "frozen-cnn or head")
 
 
 def test_status_without_a_daemon_and_offline_id(tmp_path):

@@ -141,3 +141,28 @@ def test_overlap_judges_a_peer_on_its_best_classes_only():
     assert omega_two[:2].tolist() == pytest.approx([0.9, 0.9]) and omega_two[2:].tolist() == [0.0, 0.0]
     assert big_omega_two > 0 and big_omega_all == 0.0  # judged on all four, the two bad classes sink Ω
     assert omega_all.tolist() == [0.0] * 4  # and its certainty: mean - std of [0.9, 0.9, 0, 0] is 0
+
+
+def test_a_node_holds_out_its_local_test_set_and_trains_only_its_own_rows():
+    from learning.bristle import for_learner, hold_out
+    from learning.learner import Hyperparameters, Learner
+    from learning.models import build_model
+
+    y = torch.tensor([0] * 15 + [2] * 4 + [3] * 12)
+    x = torch.randn(len(y), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    hyper = Hyperparameters(local_steps=3, local_epochs=None, lr=0.5)
+    learner = Learner(build_model("frozen-cnn", (1, 8, 8), 5, seed=0), x, y, hyper)
+    x_test, y_test = hold_out(learner, per_class=10)
+    assert sorted(y_test.tolist()) == [0] * 10 + [2] * 4 + [3] * 10
+    assert sorted(learner.y.tolist()) == [0] * 5 + [3] * 2  # class 2 went whole into the test set
+    assert len(x_test) == 24 and len(learner.x) == 7
+    bristle = for_learner(learner, x_test, y_test, random.Random(0))
+    assert bristle.familiar == [0, 2, 3]
+    before = learner.initial_state()
+    after, _ = learner.train(before, round=1)
+    assert (after["head.weight"] != before["head.weight"]).any(dim=1).tolist() == [1, 0, 0, 1, 0]
+    assert bristle.scorer(after).shape == (5,)
+
+    mlp = Learner(build_model("mlp", (1, 8, 8), 5, seed=0), x, y, hyper)
+    with pytest.raises(ValueError, match="frozen-cnn or head"):
+        for_learner(mlp, x, y, random.Random(0))
