@@ -41,6 +41,7 @@ from learning.averaging import check_models
 from learning.integrators import Contribution
 from learning.learner import Learner
 from learning.protocol import State
+from learning.transfer import extract
 
 Scorer = Callable[[State], np.ndarray]  # a model -> F1 per class on the node's local test set
 LOCAL_TEST_PER_CLASS = 10  # samples per class a node keeps back to score its peers' layers on
@@ -169,7 +170,6 @@ def for_learner(
         raise ValueError(
             f"Bristle shares only a bias-free output layer {config.head!r}: use the frozen-cnn or head model"
         )
-    with torch.no_grad():
-        z = torch.cat([features(x_test[i : i + 1024]) for i in range(0, len(x_test), 1024)])
     learner.train_only_rows(config.head, learner.y.unique().tolist())
-    return Bristle(linear_scorer(z, y_test, head.out_features), y_test.unique().tolist(), rng, config)
+    scorer = linear_scorer(extract(features, x_test), y_test, head.out_features)
+    return Bristle(scorer, y_test.unique().tolist(), rng, config)

@@ -167,25 +167,23 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
 
 
 @pytest.mark.slow
-def test_bristle_daemons_learn_and_accept_each_others_layers(tmp_path):
-    """integrator = bristle over libp2p: labels travel with the models, the scorer runs, nobody is refused."""
-    nodes = swarm(tmp_path, 3, env={"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn"})
+@pytest.mark.parametrize(
+    ("env", "target"),
+    [
+        ({"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn"}, 0.75),
+        ({"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2"}, ACCURACY),  # a sample the swarm can fill
+    ],
+    ids=["bristle", "modest"],
+)
+def test_three_daemons_learn_with_the_other_protocol_and_rules(tmp_path, env, target):
+    """Over libp2p: Bristle's labels travel with the models and nobody is refused; MoDeST's rounds fill."""
+    nodes = swarm(tmp_path, 3, env=env)
     try:
-        wait_for(lambda: min(accuracies(nodes)) >= 0.75, 180, "every node at 75%", nodes)
+        wait_for(lambda: min(accuracies(nodes)) >= target, 180, f"every node at {target:.0%}", nodes)
         for shown in (n.status() for n in nodes):
-            assert shown["integrator"] == "bristle" and len(shown["peers"]) == 2
-            assert shown["rejected"] == 0
-    finally:
-        stop_all(nodes)
-
-
-@pytest.mark.slow
-def test_modest_daemons_learn_with_a_sample_the_swarm_can_fill(tmp_path):
-    nodes = swarm(tmp_path, 3, env={"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2"})
-    try:
-        wait_for(lambda: min(accuracies(nodes)) >= ACCURACY, 180, f"every node at {ACCURACY:.0%}", nodes)
-        for shown in (n.status() for n in nodes):
-            assert shown["protocol"] == "modest" and len(shown["peers"]) == 2
+            assert shown["integrator"] == env.get("SHOAL_INTEGRATOR", "vca")
+            assert shown["protocol"] == env.get("SHOAL_PROTOCOL", "gossip")
+            assert len(shown["peers"]) == 2 and shown["rejected"] == 0
     finally:
         stop_all(nodes)
 
