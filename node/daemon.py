@@ -287,7 +287,6 @@ class Daemon:
             "peers": [{"peer": p, "connection": overlay.connection_kind(p)} for p in peers],
             "bytes_in": dict(overlay.bytes_in) if overlay else {},
             "bytes_out": dict(overlay.bytes_out) if overlay else {},
-            "rejected": (overlay.rejected if overlay else 0)
-            + (sum(self.driver.rejected.values()) if self.driver else 0),
+            "rejected": overlay.rejected if overlay else 0,
             "uptime": round(time.time() - self.started, 1),
         }

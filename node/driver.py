@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -89,7 +88,6 @@ class Driver:
         self.compute = compute
         self.send_timeout = send_timeout
         self.on_round = on_round
-        self.rejected: Counter[str] = Counter()  # refused inputs per peer
         self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
         self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None
@@ -142,8 +140,7 @@ class Driver:
                 if self.on_round is not None:
                     self.on_round(rnd)
             case Rejected(peer, reason):
-                self.rejected[peer] += 1
-                log.warning("rejected input from %s: %s", peer, reason)
+                self.overlay.penalize(peer, reason)
 
     async def _send(self, send: Send) -> None:
         try:

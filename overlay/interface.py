@@ -78,3 +78,8 @@ class Overlay(Protocol):
     async def find_providers(self, key: str, limit: int = 20) -> list[str]:
         """Peers that advertised ``key``, this node excluded."""
         ...
+
+    def penalize(self, peer: str, reason: str) -> None:
+        """Count input from ``peer`` that was refused as wrong (malformed or implausible, not merely
+        late) against it, under the same policy as wire errors: enough of it bans the peer."""
+        ...

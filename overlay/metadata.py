@@ -58,7 +58,13 @@ from pycrdt import Doc, Map, TransactionEvent, merge_updates
 
 
 class MetadataError(ValueError):
-    """An update or state vector that is malformed or too large; the message says why."""
+    """An update or state vector that is malformed or too large; the message says why.
+
+    ``hostile``: whether it proves the sender wrong (malformed bytes) rather than merely refused (over
+    a bound an honest peer may reach by relaying others' records): only the first counts against it.
+    """
+
+    hostile = True
 
 
 @dataclass(frozen=True)

@@ -379,6 +379,9 @@ class Libp2pOverlay:
             if protocols and KAD_PROTOCOL not in protocols:  # a peer turning server pushes identify
                 table.remove_peer(peer)
 
+    def penalize(self, peer: str, reason: str) -> None:
+        self._reject(peer, reason, hostile=True)
+
     # -- status ------------------------------------------------------------------------------------
 
     def connection_kind(self, peer: str) -> str:

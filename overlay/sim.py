@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -337,6 +337,7 @@ class SimOverlay:
         self._network = network
         self._peer_id = peer_id
         self._events_in, self._events = trio.open_memory_channel[OverlayEvent](math.inf)
+        self.penalties: Counter[str] = Counter()  # refused inputs per sender
 
     @property
     def peer_id(self) -> str:
@@ -375,3 +376,6 @@ class SimOverlay:
             p for p in net.providers.get(key, ()) if p != self._peer_id and net.reachable(self._peer_id, p)
         ]
         return found[:limit]
+
+    def penalize(self, peer: str, reason: str) -> None:
+        self.penalties[peer] += 1

@@ -80,14 +80,15 @@ async def test_the_driver_rejects_a_bad_model_and_keeps_going(nursery, autojump_
         __import__("random").Random(0),
     )
     attacker = net.add_node("evil")
-    driver = Driver(protocol, net.add_node("good", neighbours=["evil"]), learner, VirtualCompute(1000))
+    good = net.add_node("good", neighbours=["evil"])
+    driver = Driver(protocol, good, learner, VirtualCompute(1000))
     nursery.start_soon(driver.run)
     await trio.sleep(2.5)
     bad = {n: torch.full_like(t, float("inf")) for n, t in protocol.model.items()}
     await attacker.send("good", Message("model", {"round": 0, "samples": 5}, bad))
     await attacker.send("good", Message("model", {"round": 0}, {}))
     await trio.sleep(3)
-    assert driver.rejected["evil"] == 2
+    assert good.penalties["evil"] == 2
     assert protocol.round >= 5 and all(torch.isfinite(t).all() for t in protocol.model.values())
 
 
