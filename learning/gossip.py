@@ -14,10 +14,20 @@ Each cycle a node trains on its own data, sends the result to its neighbours (al
 A node that joins a running swarm may first fetch a neighbour's current model (``join_by_fetch``) and
 continue from its round, instead of starting from its own initialisation.
 
-Messages: ``model`` {round, samples, reply, labels (optional: the classes the sender holds, for
-integrators such as Bristle)} + tensors; ``fetch`` {} asks a peer for its model.
-Every received model is checked against the node's own (names, shapes, dtypes, finite values) and
-refused with a reason otherwise.
+Messages (``learning.messages``): ``model`` {round, samples, reply, labels (optional: the classes the
+sender holds, for integrators such as Bristle)} + tensors; ``fetch`` {} asks a peer for its model.
+
+Hostile peers (../shared/DESIGN.md principle 7). Every received model is parsed with bounds and checked
+against the node's own (names, shapes, dtypes, finite values, no layer over ``max_norm_ratio`` times
+ours) and refused with a reason otherwise; a model the integrator still cannot take is dropped and
+reported alone (``integrate_contained``). Peers' rounds barely matter here, and that is the defence:
+- asynchronous gossip never reads a peer's round, except that a joiner adopts the round of the model
+  it fetched, which is limited to ``max_round_jump`` above its own. The round is a local counter (logs,
+  metrics, checkpoints): a joiner fetching from a swarm further ahead reports a lower round, nothing
+  else changes, and a lying peer cannot send it to 2**53;
+- synchronous rounds keep a model only for our round up to ``MAX_ROUNDS_AHEAD`` beyond it; others are
+  dropped without blame (late or early models are normal). A synchronous joiner whose swarm is more
+  than ``max_round_jump`` ahead cannot line up with it: set the window above the swarm's age there.
 """
 
 from __future__ import annotations
@@ -26,8 +36,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from learning.averaging import incompatibility
-from learning.integrators import Contribution, Integrator
+from learning.integrators import Contribution, Integrator, integrate_contained
+from learning.messages import GossipModel, model_fault, quote
 from learning.protocol import (
     Action,
     Event,
@@ -44,10 +54,7 @@ from learning.protocol import (
     TimerFired,
     Train,
     Trained,
-    is_count,
 )
-
-MAX_LABELS = 10_000  # classes a peer may announce
 
 # How far ahead of our own round a synchronous peer's model may be and still be kept for later.
 MAX_ROUNDS_AHEAD = 2
@@ -61,6 +68,8 @@ class GossipConfig:
     join_by_fetch: bool = False
     fetch_timeout: float = 10.0
     period: float = 0.0  # least seconds from the start of one round's training to the next
+    max_round_jump: int = 100  # most rounds a fetched model's round may put us ahead of our own
+    max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
 
     def __post_init__(self) -> None:
         if self.fanout is not None and self.fanout < 1:
@@ -69,6 +78,8 @@ class GossipConfig:
             raise ValueError("synchronous rounds (D-PSGD) exchange with every neighbour; leave fanout unset")
         if self.round_timeout <= 0 or self.fetch_timeout <= 0 or self.period < 0:
             raise ValueError("timeouts must be positive and the period not negative")
+        if self.max_round_jump < 1 or not self.max_norm_ratio >= 1:
+            raise ValueError("max_round_jump must be at least 1 and max_norm_ratio at least 1")
 
 
 class Gossip:
@@ -88,7 +99,7 @@ class Gossip:
         self._integrator = integrator
         self._config = config
         self._rng = rng
-        self._labels = None if labels is None else sorted(set(labels))  # announced with our models
+        self._labels = None if labels is None else tuple(sorted(set(labels)))  # announced with our models
         if samples == 0 and config.period <= 0:
             raise ValueError("a node without data needs a period, or it could cycle without pause")
         self._round = round  # a daemon resuming from a checkpoint starts where it stopped
@@ -127,12 +138,12 @@ class Gossip:
             case SendFailed(peer):  # not gone (only PeerDown says so), but not to be waited for now
                 return self._lost(peer)
             case MessageIn(peer, "fetch"):
-                body = {"round": self._round, "samples": self._samples, "reply": True}
-                return [Send(peer, "model", body, self._model)]
+                reply = GossipModel(self._round, self._samples, reply=True)
+                return [Send(peer, "model", reply.body(), self._model)]
             case MessageIn(peer, "model", body, tensors):
                 return self._on_model(peer, body, tensors)
             case MessageIn(peer, kind):
-                return [Rejected(peer, f"unknown message kind {kind!r}")]
+                return [Rejected(peer, f"unknown message kind {quote(kind)}")]
             case Trained(tag, state) if tag == self._round and self._phase == "training":
                 return self._on_trained(state)
             case TimerFired(name) if name == f"fetch-{self._fetches}" and self._phase == "fetching":
@@ -165,31 +176,23 @@ class Gossip:
             return self._maybe_complete()
         return []
 
-    def _on_model(self, peer: str, body: dict, tensors: dict) -> list[Action]:
-        rnd, samples = body.get("round"), body.get("samples")
-        if not (is_count(rnd) and is_count(samples)):
-            return [
-                Rejected(
-                    peer, f"model message needs integer round and samples >= 0, got {rnd!r}, {samples!r}"
-                )
-            ]
-        reason = incompatibility(self._model, tensors)
-        if reason:
-            return [Rejected(peer, f"model does not fit: {reason}")]
-        labels = body.get("labels")
-        if labels is not None and not (
-            isinstance(labels, list) and len(labels) <= MAX_LABELS and all(is_count(c) for c in labels)
-        ):
-            return [Rejected(peer, f"labels must be a list of at most {MAX_LABELS} class numbers")]
-        contribution = Contribution(dict(tensors), samples, peer, None if labels is None else tuple(labels))
-        if self._phase == "fetching" and body.get("reply") and peer == self._fetching_from:
-            self._model, self._round = contribution.state, rnd
+    def _on_model(self, peer: str, body: object, tensors: dict) -> list[Action]:
+        msg = GossipModel.parse(body)
+        if isinstance(msg, str):
+            return [Rejected(peer, msg)]
+        fault = model_fault(self._model, tensors, self._config.max_norm_ratio)
+        if fault:
+            return [Rejected(peer, fault)]
+        contribution = Contribution(dict(tensors), msg.samples, peer, msg.labels)
+        if self._phase == "fetching" and msg.reply and peer == self._fetching_from:
+            self._model = contribution.state
+            self._round = min(msg.round, self._round + self._config.max_round_jump)
             return self._train()
         if not self._config.synchronous:
             self._latest[peer] = contribution
             return []
-        if self._round <= rnd <= self._round + MAX_ROUNDS_AHEAD:
-            self._inbox.setdefault(rnd, {})[peer] = contribution
+        if self._round <= msg.round <= self._round + MAX_ROUNDS_AHEAD:
+            self._inbox.setdefault(msg.round, {})[peer] = contribution
             return self._maybe_complete()
         return []
 
@@ -201,9 +204,7 @@ class Gossip:
             targets = self._rng.sample(
                 list(self._neighbours), min(self._config.fanout, len(self._neighbours))
             )
-        body = {"round": self._round, "samples": self._samples}
-        if self._labels is not None:
-            body["labels"] = self._labels
+        body = GossipModel(self._round, self._samples, labels=self._labels).body()
         sends: list[Action] = [Send(p, "model", body, state) for p in targets]
         if not self._config.synchronous:
             received, self._latest = list(self._latest.values()), {}
@@ -230,15 +231,14 @@ class Gossip:
         return self._integrate_and_continue(received)
 
     def _integrate_and_continue(self, received: list[Contribution]) -> list[Action]:
-        if received:
-            own = Contribution(self._model, self._samples)
-            self._model = self._integrator.integrate(own, received)
+        own = Contribution(self._model, self._samples)
+        self._model, rejected = integrate_contained(self._integrator, own, received)
         self._round += 1
         rest = self._cycle_started + self._config.period - self._now
         if rest > 0:
             self._phase = "resting"
-            return [RoundDone(self._round), StartTimer("cycle", rest)]
-        return [RoundDone(self._round), *self._train()]
+            return [*rejected, RoundDone(self._round), StartTimer("cycle", rest)]
+        return [*rejected, RoundDone(self._round), *self._train()]
 
     def _train(self) -> list[Action]:
         self._phase = "training"

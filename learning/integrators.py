@@ -1,7 +1,8 @@
 """Integrators: how a node folds the models it received into its own.
 
 One interface for every protocol (gossip, MoDeST) and every rule (mean, weighted, VCA; Bristle and
-the robust baselines plug in the same way): ``integrate(own, received) -> new model``.
+the robust baselines plug in the same way): ``integrate(own, received) -> new model``. Protocols call it
+through :func:`integrate_contained`, so a contribution that cannot be integrated costs only itself.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from learning.averaging import mean, variance_corrected, weighted_mean
-from learning.protocol import State
+from learning.averaging import check_models, mean, variance_corrected, weighted_mean
+from learning.protocol import Rejected, State
 from learning.robust import Krum, Median, TrimmedMean
 
 
@@ -52,6 +53,34 @@ class VCA:
 
     def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State:
         return variance_corrected([own.state, *(c.state for c in received)])
+
+
+def integrate_contained(
+    integrator: Integrator, own: Contribution, received: Sequence[Contribution]
+) -> tuple[State, list[Rejected]]:
+    """``integrator.integrate(own, received)``, with any contribution it refuses dropped and reported.
+
+    Received models are checked on receipt (``learning.messages.model_fault``), so this is the second
+    line: when the integration raises (AveragingError or another ValueError), each contribution is
+    integrated with ``own`` alone, those that fail are dropped with a :class:`Rejected` naming the peer,
+    and the rest are integrated. ``own`` is trusted: if it is itself unusable, that is our bug and it
+    raises; so does an integration of contributions that each passed alone, for the same reason.
+    """
+    if not received:
+        return own.state, []
+    try:
+        return integrator.integrate(own, received), []
+    except ValueError:
+        check_models([own.state])
+    kept, rejected = [], []
+    for c in received:
+        try:
+            integrator.integrate(own, [c])
+        except ValueError as exc:
+            rejected.append(Rejected(c.peer, f"model could not be integrated: {exc}"))
+        else:
+            kept.append(c)
+    return (integrator.integrate(own, kept) if kept else own.state), rejected
 
 
 # The rules a node can pick by name. Bristle is not here: it needs the node's model and data

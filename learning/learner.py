@@ -3,10 +3,15 @@
 ``train(state, round)`` and ``evaluate(state)`` take and return named tensors, so a protocol never
 touches an ``nn.Module``. In a simulation many learners may share one module (they run one at a time on
 the event loop's thread); a daemon gives its learner its own.
+
+Training that ends with NaN or infinite weights (finite but huge inputs overflow, a learning rate
+diverges) is rolled back: the node keeps the model it started from, so nothing it sends or integrates
+afterwards is poisoned by it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +20,8 @@ from torch import nn
 from learning.models import ParameterLayout
 from learning.protocol import State
 from learning.training import Evaluation, TrainStats, evaluate, train_local
+
+log = logging.getLogger("shoal.learner")
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,9 @@ class Learner:
         return self.layout.state(self.model)
 
     def train(self, state: State, round: int) -> tuple[State, TrainStats]:
-        """Train a copy of ``state`` on the shard; the seed depends on (node seed, round) only."""
+        """Train a copy of ``state`` on the shard; the seed depends on (node seed, round) only.
+
+        Returns ``state`` itself when training made any weight non-finite (logged as a warning)."""
         h = self.hyper
         self.layout.load(self.model, state)
         stats = train_local(
@@ -90,6 +99,10 @@ class Learner:
             others = torch.ones(len(new[name]), dtype=torch.bool)
             others[rows] = False
             new[name][others] = state[name][others].to(new[name].device)
+        bad = [n for n, t in new.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            log.warning("training round %d made %s non-finite: kept the model from before", round, bad[:3])
+            return state, stats
         return new, stats
 
     def evaluate(self, state: State, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Evaluation:

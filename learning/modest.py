@@ -22,8 +22,38 @@ peers, which apply it after their next model send, so a newcomer is sampled only
 spread; a leaving node advertises LEAVE, applied at once. Crashed nodes fail their pings and age
 out after ``inactivity_threshold`` rounds.
 
-Messages: ``ping``/``pong`` {sel, round}, ``aggregated`` and ``trained`` {round, samples, view} +
-model, ``advert`` {round, index, joined}.
+Messages (``learning.messages``): ``ping``/``pong`` {sel, round}, ``aggregated`` and ``trained``
+{round, samples, view} + model, ``advert`` {round, index, joined}.
+
+Hostile peers (../shared/DESIGN.md principle 7): MoDeST reads rounds everywhere, so it bounds them all.
+Every message is parsed with bounds and every model checked against ours (names, shapes, dtypes,
+finite values, no layer over ``max_norm_ratio`` times ours), or refused with a reason. Then:
+
+- **Window.** Our *own round* is the newest we trained or aggregated (for a joiner, see below). Rounds a
+  peer merely reports (ping, pong, advert, and every view entry's last_active) are *clamped* to our own
+  round + ``max_round_jump``: they are hearsay that an honest peer may pass on from a liar, so refusing
+  them would let one liar get honest messages refused, while clamping caps what the lie can do. The
+  round of a model (aggregated, trained) must lie within that window or the model is refused: taking it
+  would move our own round. Hearsay never moves our own round, so no number of messages walks it up:
+  the estimate stays within one window of rounds we took part in. Rounds behind ours are never refused
+  (stale models are normal and are ignored as before). Choose the window well above the rounds a node
+  may go unsampled, about n/s (the chance of a gap over w rounds is about exp(-w·s/n)): an honest node
+  further behind refuses the model that would have brought it back.
+- **Joiners.** A joining node has no round of its own: until it hears a first round above 0 it applies
+  no window, and takes that first round as its own, so it can join a swarm at round 500. Residual risk:
+  if a liar speaks to it first, it places the joiner's window anywhere up to 2**53 - 1, where an
+  attacker that is also a plausible aggregator of a far round can then lead it away from the swarm.
+- **Roles.** Derived from our view merged with the one the model carries (so a newcomer known to its
+  sender is known to us), with ``role_slack`` extra candidates because availability filtering skips
+  crashed peers and views differ slightly: an ``aggregated`` model of round k is taken only from one of
+  the first ``aggregators + role_slack`` candidates of round k, and only if we are among its first
+  ``sample_size + role_slack``; a ``trained`` model tagged k+1 only from one of the first
+  ``sample_size + role_slack`` candidates of round k, and only if we are among the first
+  ``aggregators + role_slack`` of round k+1. Residual risk: an attacker that really is a plausible
+  aggregator (or trainer) of a round in the window can still send one bad model for it, within the
+  norm bound, and MoDeST has no robust aggregation; by choosing such rounds it can also move the
+  rounds of the nodes it reaches ahead by up to a window each time. Statements about third peers in a
+  view (a forged LEAVE with a higher index) are still believed: they need signatures.
 """
 
 from __future__ import annotations
@@ -32,10 +62,10 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from learning.averaging import incompatibility
-from learning.integrators import Contribution, Integrator
+from learning.integrators import Contribution, Integrator, integrate_contained
+from learning.messages import MAX_ROUND, Advert, Entry, ModestModel, Ping, Pong, model_fault, quote
 from learning.protocol import (
     Action,
     Event,
@@ -52,10 +82,7 @@ from learning.protocol import (
     TimerFired,
     Train,
     Trained,
-    is_count,
 )
-
-MAX_VIEW = 100_000  # entries accepted in a received view
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,9 @@ class ModestConfig:
     inactivity_threshold: int = 50
     aggregation_timeout: float = 5.0
     watch_timeout: float = 20.0  # a trainer re-checks its aggregators when nothing newer came by then
+    max_round_jump: int = 100  # window: most rounds a peer's message may lie beyond our own round
+    role_slack: int = 10  # candidates beyond a (or s) still plausible in a role (module docstring)
+    max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
 
     def __post_init__(self) -> None:
         if self.sample_size < 1 or self.aggregators < 1:
@@ -76,38 +106,35 @@ class ModestConfig:
             raise ValueError(f"success_fraction must be in (0, 1], got {self.success_fraction}")
         if min(self.ping_timeout, self.ping_interval, self.aggregation_timeout, self.watch_timeout) <= 0:
             raise ValueError("timeouts and intervals must be positive")
+        if self.max_round_jump < 1 or self.role_slack < 0 or not self.max_norm_ratio >= 1:
+            raise ValueError("max_round_jump must be at least 1, role_slack >= 0 and max_norm_ratio >= 1")
 
     @property
     def quorum(self) -> int:
         return max(1, math.ceil(self.sample_size * self.success_fraction - 1e-9))
 
 
-@dataclass
-class Entry:
-    last_active: int = 0
-    index: int = 0  # advertisement counter of the peer; only grows
-    joined: bool = True
-
-
 class View:
     """Who is in the swarm, merged by the rule of ALGORITHMS.md §1 (with the fix of commit 2d45f90)."""
 
-    def __init__(self) -> None:
-        self.entries: dict[str, Entry] = {}
+    def __init__(self, entries: Mapping[str, Entry] | None = None) -> None:
+        self.entries: dict[str, Entry] = dict(entries or {})
 
-    def merge(self, other: Mapping[str, Entry]) -> None:
+    def merge(self, other: Mapping[str, Entry], limit: int = MAX_ROUND) -> None:
+        """Take in ``other``, each last_active clamped to ``limit`` (our window)."""
         for peer, theirs in other.items():
+            last = min(theirs.last_active, limit)
             mine = self.entries.get(peer)
             if mine is None:
-                self.entries[peer] = Entry(theirs.last_active, theirs.index, theirs.joined)
-                continue
-            mine.last_active = max(mine.last_active, theirs.last_active)
-            if theirs.index > mine.index:
-                mine.index, mine.joined = theirs.index, theirs.joined
+                self.entries[peer] = replace(theirs, last_active=last)
+            elif theirs.index > mine.index:
+                self.entries[peer] = Entry(max(mine.last_active, last), theirs.index, theirs.joined)
+            elif last > mine.last_active:
+                self.entries[peer] = replace(mine, last_active=last)
 
     def refresh(self, peer: str, round: int) -> None:
-        entry = self.entries.setdefault(peer, Entry())
-        entry.last_active = max(entry.last_active, round)
+        entry = self.entries.get(peer, Entry())
+        self.entries[peer] = replace(entry, last_active=max(entry.last_active, round))
 
     def active(self, round: int, threshold: int, me: str) -> list[str]:
         """Peers that count for round ``round``: joined and active recently; always ``me``."""
@@ -117,24 +144,6 @@ class View:
 
     def newest_round(self) -> int:
         return max((e.last_active for e in self.entries.values()), default=0)
-
-    def to_wire(self) -> dict[str, list]:
-        return {p: [e.last_active, e.index, e.joined] for p, e in self.entries.items()}
-
-    @staticmethod
-    def from_wire(data: object) -> dict[str, Entry]:
-        """Parse a received view; raises ValueError with the reason if it is malformed."""
-        if not isinstance(data, dict) or len(data) > MAX_VIEW:
-            raise ValueError(f"view must be a map of at most {MAX_VIEW} peers")
-        out = {}
-        for peer, value in data.items():
-            if not (isinstance(peer, str) and isinstance(value, list) and len(value) == 3):
-                raise ValueError(f"view entry {peer!r} is not [last_active, index, joined]")
-            last, index, joined = value
-            if not (is_count(last) and is_count(index) and isinstance(joined, bool)):
-                raise ValueError(f"view entry {peer!r} has bad values {value!r}")
-            out[peer] = Entry(last, index, joined)
-        return out
 
 
 def order(peers: list[str], round: int) -> list[str]:
@@ -175,8 +184,7 @@ class Modest:
         joining: bool = False,
     ):
         self.me = me
-        self.view = View()  # connections do not change it: only MoDeST's own messages do
-        self.view.merge({p: Entry() for p in [me, *peers]})
+        self.view = View({p: Entry() for p in [me, *peers]})  # only MoDeST's own messages change it
         self._model = model
         self._samples = samples
         self._integrator = integrator
@@ -188,6 +196,8 @@ class Modest:
         self._train_round = 0
         self._training = False  # a Train action is out for _train_round
         self._agg_round = 0
+        self._heard = not joining  # a joiner has no round of its own until it hears one
+        self._joined_at = 0  # the first round a joiner heard
         self._buffer: dict[str, Contribution] = {}
         self._handed_to: set[str] = set()  # aggregators that have our latest trained model
         self._aggregated = False  # aggregation of _agg_round done
@@ -208,6 +218,22 @@ class Modest:
     def estimate(self) -> int:
         """The spec's round estimate: the newest round trained, aggregated or heard of."""
         return max(self._train_round, self._agg_round, self.view.newest_round())
+
+    def _own_round(self) -> int:
+        """The newest round we took part in (or a joiner first heard of): what the window is around."""
+        return max(self._train_round, self._agg_round, self._joined_at)
+
+    def _limit(self) -> int:
+        """The newest round a peer may make us believe in."""
+        if not self._heard:
+            return MAX_ROUND
+        return min(MAX_ROUND, self._own_round() + self._config.max_round_jump)
+
+    def _hear(self, rnd: int) -> int:
+        """A round a peer told us, clamped to our window; a joiner takes its first one above 0 as its own."""
+        if not self._heard and rnd > 0:
+            self._heard, self._joined_at = True, rnd
+        return min(rnd, self._limit())
 
     def handle(self, event: Event, now: float) -> list[Action]:
         self._now = now
@@ -245,7 +271,7 @@ class Modest:
     def _advertise(self, *, joined: bool) -> list[Action]:
         others = [p for p in self.view.entries if p != self.me]
         targets = self._rng.sample(others, min(self._config.sample_size, len(others)))
-        body = {"round": self.estimate(), "index": self._index, "joined": joined}
+        body = Advert(self.estimate(), self._index, joined).body()
         return [Send(p, "advert", body) for p in targets]
 
     def _apply_pending_joins(self) -> None:
@@ -254,54 +280,88 @@ class Modest:
 
     # --- messages ---------------------------------------------------------------------------
 
-    def _on_message(self, peer: str, kind: str, body: Mapping, tensors: Mapping) -> list[Action]:
-        rnd = body.get("round")
-        if not is_count(rnd):
-            return [Rejected(peer, f"{kind} message needs a round >= 0, got {rnd!r}")]
+    def _on_message(self, peer: str, kind: str, body: object, tensors: Mapping) -> list[Action]:
         match kind:
             case "ping":
-                self._seen(peer, rnd)
-                return [Send(peer, "pong", {"sel": body.get("sel"), "round": self.estimate()})]
+                ping = Ping.parse(body)
+                if isinstance(ping, str):
+                    return [Rejected(peer, ping)]
+                self._seen(peer, self._hear(ping.round))
+                return [Send(peer, "pong", Pong(ping.sel, self.estimate()).body())]
             case "pong":
-                self._seen(peer, rnd)
-                return self._on_pong(peer, body.get("sel"))
+                pong = Pong.parse(body)
+                if isinstance(pong, str):
+                    return [Rejected(peer, pong)]
+                self._seen(peer, self._hear(pong.round))
+                return self._on_pong(peer, pong.sel)
             case "advert":
-                return self._on_advert(peer, rnd, body)
+                advert = Advert.parse(body)
+                if isinstance(advert, str):
+                    return [Rejected(peer, advert)]
+                return self._on_advert(peer, advert)
             case "aggregated" | "trained":
-                return self._on_model(peer, kind, rnd, body, tensors)
-        return [Rejected(peer, f"unknown message kind {kind!r}")]
+                return self._on_model(peer, kind, body, tensors)
+        return [Rejected(peer, f"unknown message kind {quote(kind)}")]
 
     def _seen(self, peer: str, rnd: int) -> None:
         """A sign of life from ``peer``: its activity becomes at least max(its round, our estimate)."""
         self.view.refresh(peer, max(rnd, self.estimate()))
 
-    def _on_advert(self, peer: str, rnd: int, body: Mapping) -> list[Action]:
-        index, joined = body.get("index"), body.get("joined")
-        if not (is_count(index) and isinstance(joined, bool)):
-            return [Rejected(peer, "advert needs an index >= 0 and a joined flag")]
-        entry = {peer: Entry(rnd, index, joined)}
-        if joined:
+    def _on_advert(self, peer: str, advert: Advert) -> list[Action]:
+        entry = {peer: Entry(self._hear(advert.round), advert.index, advert.joined)}
+        if advert.joined:
             self._pending_joins.update(entry)  # applied after our next model send
         else:
             self.view.merge(entry)
         return []
 
-    def _on_model(self, peer: str, kind: str, rnd: int, body: Mapping, tensors: Mapping) -> list[Action]:
-        samples = body.get("samples")
-        if not is_count(samples):
-            return [Rejected(peer, f"{kind} message needs samples >= 0, got {samples!r}")]
-        reason = incompatibility(self._model, tensors)
-        if reason:
-            return [Rejected(peer, f"model does not fit: {reason}")]
-        try:
-            view = View.from_wire(body.get("view", {}))
-        except ValueError as exc:
-            return [Rejected(peer, f"bad view: {exc}")]
-        self.view.merge(view)
-        self._seen(peer, rnd)
+    def _on_model(self, peer: str, kind: str, body: object, tensors: Mapping) -> list[Action]:
+        msg = ModestModel.parse(body, kind)
+        if isinstance(msg, str):
+            return [Rejected(peer, msg)]
+        fault = model_fault(self._model, tensors, self._config.max_norm_ratio)
+        if fault:
+            return [Rejected(peer, fault)]
+        if msg.round > self._limit():
+            return [
+                Rejected(
+                    peer,
+                    f"{kind} model of round {msg.round} is more than {self._config.max_round_jump} rounds "
+                    f"ahead of our round {self._own_round()}",
+                )
+            ]
+        implausible = self._implausible_role(peer, kind, msg)
+        if implausible:
+            return [Rejected(peer, implausible)]
+        self._hear(msg.round)
+        self.view.merge(msg.view, self._limit())
+        self._seen(peer, msg.round)
         if kind == "aggregated":
-            return self._on_aggregated(rnd, dict(tensors))
-        return self._on_trained_model(peer, rnd, Contribution(dict(tensors), samples, peer))
+            return self._on_aggregated(msg.round, dict(tensors))
+        return self._on_trained_model(peer, msg.round, Contribution(dict(tensors), msg.samples, peer))
+
+    def _implausible_role(self, peer: str, kind: str, msg: ModestModel) -> str | None:
+        """Why ``peer`` cannot be sending us this model, by the roles of our view merged with its own."""
+        view = View(self.view.entries)
+        view.merge(msg.view)
+        c = self._config
+
+        def plausible(who: str, rnd: int, wanted: int) -> bool:
+            candidates = order(view.active(rnd, c.inactivity_threshold, self.me), rnd)
+            return who in candidates[: wanted + c.role_slack]
+
+        k = msg.round
+        if kind == "aggregated":
+            if not plausible(peer, k, c.aggregators):
+                return f"aggregated model of round {k} from a peer that is no plausible aggregator of it"
+            if not plausible(self.me, k, c.sample_size):
+                return f"aggregated model of round {k} sent to us, no plausible trainer of it"
+        else:
+            if not plausible(peer, k - 1, c.sample_size):
+                return f"trained model tagged {k} from a peer that is no plausible trainer of round {k - 1}"
+            if not plausible(self.me, k, c.aggregators):
+                return f"trained model tagged {k} sent to us, no plausible aggregator of round {k}"
+        return None
 
     # --- trainer ----------------------------------------------------------------------------
 
@@ -325,7 +385,6 @@ class Modest:
         """Send our trained model to the available aggregators of round ``nxt`` that do not have it yet,
         then watch: if no newer model reaches us in time, check them again (an aggregator may crash
         after it received the models, which would otherwise end training for everyone)."""
-        body = {"round": nxt, "samples": self._samples}
 
         def send(aggregators: list[str]) -> list[Action]:
             new = [p for p in aggregators if p not in self._handed_to]
@@ -333,7 +392,7 @@ class Modest:
             if not new:
                 return []  # our aggregators are alive: the round is in their hands
             watch = StartTimer(f"watch-{nxt}", self._config.watch_timeout)
-            return [*self._send_model("trained", new, body, self._model), watch]
+            return [*self._send_model("trained", new, nxt, self._model), watch]
 
         return self._select(nxt, self._config.aggregators, send)
 
@@ -355,28 +414,26 @@ class Modest:
         return [StartTimer(f"agg-{rnd}", self._config.aggregation_timeout)] if first else []
 
     def _aggregate(self) -> list[Action]:
+        """FedAvg of the buffer; our own trained model, when in it, is the trusted one a faulty
+        contribution is told apart by (``integrate_contained``)."""
         self._aggregated = True
-        received = list(self._buffer.values())
+        mine = self._buffer.pop(self.me, None)
+        received = [*([mine] if mine else []), *self._buffer.values()]
         self._buffer = {}
-        if len(received) == 1:
-            model = received[0].state
-        else:
-            model = self._integrator.integrate(received[0], received[1:])
+        model, rejected = integrate_contained(self._integrator, received[0], received[1:])
         rnd = self._agg_round
         self._model, self._model_round = model, rnd
-        body = {"round": rnd, "samples": self._samples}
         sends = self._select(
-            rnd, self._config.sample_size, lambda to: self._send_model("aggregated", to, body, model)
+            rnd, self._config.sample_size, lambda to: self._send_model("aggregated", to, rnd, model)
         )
-        return [RoundDone(rnd), *sends]
+        return [*rejected, RoundDone(rnd), *sends]
 
-    def _send_model(self, kind: str, peers: list[str], body: dict, state: State) -> list[Action]:
+    def _send_model(self, kind: str, peers: list[str], rnd: int, state: State) -> list[Action]:
         self.view.refresh(self.me, self.estimate())
-        full = {**body, "view": self.view.to_wire()}
-        actions: list[Action] = [Send(p, kind, full, state) for p in peers if p != self.me]
+        body = ModestModel(rnd, self._samples, self.view.entries).body()
+        actions: list[Action] = [Send(p, kind, body, state) for p in peers if p != self.me]
         self._apply_pending_joins()
         if self.me in peers:  # we picked ourselves: hand it over locally
-            rnd = body["round"]
             if kind == "aggregated":
                 actions += self._on_aggregated(rnd, state)
             else:
@@ -405,15 +462,15 @@ class Modest:
                 sel.chosen.add(peer)
             else:
                 sel.pending[peer] = self._now
-                actions.append(Send(peer, "ping", {"sel": sel.id, "round": sel.round}))
+                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
         if not sel.pending and not sel.done:
             sel.done = True
             del self._selections[sel.id]
             actions += sel.then(sel.result())
         return actions
 
-    def _on_pong(self, peer: str, sel_id: object) -> list[Action]:
-        sel = self._selections.get(sel_id) if isinstance(sel_id, int) else None
+    def _on_pong(self, peer: str, sel_id: int) -> list[Action]:
+        sel = self._selections.get(sel_id)
         if sel is None or peer not in sel.pending:
             return []
         del sel.pending[peer]
@@ -438,7 +495,7 @@ class Modest:
             if self._now - since >= self._config.ping_timeout:
                 del sel.pending[peer]
             else:
-                actions.append(Send(peer, "ping", {"sel": sel.id, "round": sel.round}))
+                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
         actions += self._fill(sel)
         if not sel.done:
             actions.append(StartTimer(f"sel-{sel.id}", self._config.ping_interval))

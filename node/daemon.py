@@ -43,7 +43,7 @@ from overlay.atomic import write_atomic
 from overlay.identity import load_or_create_identity, peer_id
 from overlay.p2p import Libp2pOverlay, P2PConfig
 from overlay.transfer import digest
-from overlay.wire import Message, encode
+from overlay.wire import DEFAULT_LIMITS, Limits, Message, encode, encoded_size
 
 log = logging.getLogger("shoal")
 
@@ -75,6 +75,13 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
         "protocol": config.protocol,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def message_limit(state: State) -> int:
+    """The largest message a peer of this task may send us: one model of the task plus the largest
+    header (a MoDeST view rides along). Anything bigger is refused at its frame prefix, so a peer cannot
+    make us buffer more than a model's worth per message."""
+    return encoded_size(Message("model", {}, state)) + DEFAULT_LIMITS.max_header + 4096
 
 
 class Daemon:
@@ -145,6 +152,7 @@ class Daemon:
             bootstrap=c.bootstrap,
             relay_service=c.relay_service,
             upnp=c.upnp,
+            limits=Limits(max_message=message_limit(self.initial)),
         )
         async with (
             Libp2pOverlay.start(self.key_pair, self.task, p2p) as overlay,
@@ -285,6 +293,7 @@ class Daemon:
             "accuracy": self.accuracy,
             "samples": self.learner.samples,
             "peers": [{"peer": p, "connection": overlay.connection_kind(p)} for p in peers],
+            "members": sorted(overlay.metadata.members()) if overlay else [],
             "bytes_in": dict(overlay.bytes_in) if overlay else {},
             "bytes_out": dict(overlay.bytes_out) if overlay else {},
             "rejected": overlay.rejected if overlay else 0,

@@ -5,6 +5,9 @@ messages), timer expiries and finished training, one at a time, and carries out 
 protocol returns: sends (each under a deadline, failures reported back as ``SendFailed``), training
 (through a :class:`Compute`), timers. The daemon runs it on libp2p with training in a worker thread;
 simulations run it on ``overlay.sim`` with training charged in virtual time.
+
+Input from peers is contained to that input (../shared/DESIGN.md principle 7): a protocol's ``Rejected``
+becomes ``overlay.penalize``, and so does a ValueError a protocol raises on a peer's message.
 """
 
 from __future__ import annotations
@@ -124,8 +127,19 @@ class Driver:
         self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
 
     def _handle(self, event: Event) -> None:
+        """Feed one event to the protocol. A ValueError raised on a peer's message is that message's fault
+        (the protocols parse bounds into reasons; this catches what slipped through): the sender is
+        penalised and the node goes on. Any other exception is a bug of ours and ends the node loudly."""
         assert self._nursery is not None
-        for action in self.protocol.handle(event, trio.current_time()):
+        try:
+            actions = self.protocol.handle(event, trio.current_time())
+        except ValueError as exc:
+            if not isinstance(event, MessageIn):
+                raise
+            log.warning("%s message from %s could not be handled: %s", event.kind, event.peer, exc)
+            self.overlay.penalize(event.peer, f"{event.kind} message could not be handled: {exc}")
+            return
+        for action in actions:
             self._act(action, self._nursery)
 
     def _act(self, action: Action, nursery: trio.Nursery) -> None:

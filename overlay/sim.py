@@ -20,6 +20,11 @@ known address); without, only to neighbours (a disaster scenario's radio graph).
 the neighbours ``detection_delay`` seconds later (a failure detector's timeout); a graceful leave after
 one latency.
 
+Refused input goes through the same policy as on libp2p (``overlay.penalties``, in virtual time): a
+banned peer's messages and announcements are dropped at delivery, it leaves the banning node's
+``peers()`` (PeerDisconnected) until the ban ends (PeerConnected, if the link is still usable), and
+sends to it fail.
+
 Bytes are counted per node and per message kind, sent when a message enters the uplink and received
 when it is delivered. Announcements model gossipsub: they reach every live subscriber that is not
 partitioned from the publisher after two latencies, and count their bytes once per recipient.
@@ -45,6 +50,7 @@ from overlay.interface import (
     PeerDisconnected,
     PeerUnreachable,
 )
+from overlay.penalties import Penalties
 from overlay.wire import Message, encoded_size
 
 T = TypeVar("T")
@@ -117,6 +123,8 @@ class SimNetwork:
         loss: float = 0.0,
         dial_any: bool = True,
         detection_delay: float = 2.0,
+        max_penalty: int = 5,
+        ban_duration: float = 600.0,
     ):
         if not 0.0 <= loss < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {loss}")
@@ -125,6 +133,7 @@ class SimNetwork:
         self.loss = loss
         self.dial_any = dial_any
         self.detection_delay = detection_delay
+        self.max_penalty, self.ban_duration = max_penalty, ban_duration
         self.rng = random.Random(seed)
         self.nodes: dict[str, NodeState] = {}
         self.graph: dict[str, dict[str, None]] = {}  # ordered adjacency sets
@@ -337,7 +346,7 @@ class SimOverlay:
         self._network = network
         self._peer_id = peer_id
         self._events_in, self._events = trio.open_memory_channel[OverlayEvent](math.inf)
-        self.penalties: Counter[str] = Counter()  # refused inputs per sender
+        self.policy = Penalties(network.max_penalty, network.ban_duration)
 
     @property
     def peer_id(self) -> str:
@@ -347,16 +356,31 @@ class SimOverlay:
     def events(self) -> trio.MemoryReceiveChannel[OverlayEvent]:
         return self._events
 
+    @property
+    def penalties(self) -> Counter[str]:
+        return self.policy.counts()
+
     def _push(self, event: OverlayEvent, incarnation: int) -> None:
         state = self._network.nodes[self._peer_id]
-        if state.alive and state.overlay is self and state.incarnation == incarnation:
-            self._events_in.send_nowait(event)
+        if not (state.alive and state.overlay is self and state.incarnation == incarnation):
+            return
+        if self.policy.banned(event.peer, trio.current_time()):
+            if isinstance(event, Delivered):
+                self._network.traffic.lost += 1
+            return  # nothing from a banned peer: its messages, announcements, or link changes
+        self._events_in.send_nowait(event)
 
     def peers(self) -> list[str]:
-        net = self._network
-        return [n for n in net.graph.get(self._peer_id, ()) if net.usable(self._peer_id, n)]
+        net, now = self._network, trio.current_time()
+        return [
+            n
+            for n in net.graph.get(self._peer_id, ())
+            if net.usable(self._peer_id, n) and not self.policy.banned(n, now)
+        ]
 
     async def send(self, peer: str, message: Message) -> None:
+        if self.policy.banned(peer, trio.current_time()):
+            raise PeerUnreachable(f"{peer} is banned for sending wrong input")
         await self._network.transmit(self._peer_id, peer, message)
 
     def subscribe(self, topic: str) -> None:
@@ -378,4 +402,17 @@ class SimOverlay:
         return found[:limit]
 
     def penalize(self, peer: str, reason: str) -> None:
-        self.penalties[peer] += 1
+        now = trio.current_time()
+        banned = self.policy.reject(peer, "refused by protocol", reason, now)
+        if banned and self._network.is_alive(self._peer_id):
+            self._events_in.send_nowait(PeerDisconnected(peer))
+            self._network._spawn(self._lift_ban, peer, now + self._network.ban_duration)
+
+    async def _lift_ban(self, peer: str, at: float) -> None:
+        await trio.sleep_until(at)
+        now = trio.current_time()
+        self.policy.tick(now)
+        state = self._network.nodes[self._peer_id]
+        live = state.alive and state.overlay is self
+        if live and not self.policy.banned(peer, now) and self._network.usable(self._peer_id, peer):
+            self._events_in.send_nowait(PeerConnected(peer))

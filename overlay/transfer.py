@@ -13,6 +13,18 @@ accepts a payload only after reading the trailer, the same length twice and a ma
 Why chunks of 1 MiB: Yamux + Noise cost Python work per write; 256 KiB–1 MiB writes are about 1.5x
 faster than 64 KiB ones and bigger writes add nothing (LIBP2P.md §1).
 
+Why bounds beyond the length limit (measured against real daemons: four frames claiming 256 MiB, fed
+100 MiB each and then 1 byte/s, held 400 MB of one node's memory for minutes):
+
+- :class:`Inflight` reserves a frame's claimed length at its prefix, node-wide and per peer, and
+  refuses the frame there (:class:`Refused`) when it does not fit;
+- :class:`Pace` drops a frame (:class:`TooSlow`) that delivers fewer than ``min_rate * window`` bytes in
+  any ``window`` of its life. Per window, not averaged since the start: a frame fed 100 MiB at once and
+  then trickled would keep a 64 KiB/s average for 1,600 s.
+
+Refused and TooSlow, like Truncated, say nothing against the sender (``hostile`` is False): an honest
+peer meets them under load or on a bad link. Every other TransferError proves the bytes wrong.
+
 The functions take any object with ``read(n) -> bytes`` (``b""`` at the end) and ``write(data)``,
 so the frame logic is tested on in-memory streams and used unchanged on libp2p streams.
 """
@@ -21,6 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -37,7 +53,13 @@ OFF_LOOP_BYTES = 1 << 20  # hash/decode payloads larger than this in a worker th
 
 
 class TransferError(Exception):
-    """The frame did not arrive whole and intact; the message says what went wrong."""
+    """The frame did not arrive whole and intact; the message says what went wrong.
+
+    ``hostile``: whether it proves the sender wrong (bad bytes) rather than slow, gone or unlucky;
+    ``kind``: the reason's class, for log summaries."""
+
+    hostile = True
+    kind = "malformed frame"
 
 
 class Truncated(TransferError):
@@ -45,9 +67,120 @@ class Truncated(TransferError):
 
     ``empty``: not a single byte came (a sender that gave up before starting, e.g. while leaving)."""
 
+    hostile = False
+    kind = "truncated"
+
     def __init__(self, message: str, empty: bool = False) -> None:
         super().__init__(message)
         self.empty = empty
+
+
+class TooSlow(TransferError):
+    """The frame fell below the minimum rate: a bad link or a peer holding our memory, not provably wrong."""
+
+    hostile = False
+    kind = "slow"
+
+
+class Refused(TransferError):
+    """No room for the length the frame announced: our load, not the sender's fault."""
+
+    hostile = False
+    kind = "load"
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A frame must deliver at least ``min_rate * window`` bytes (or finish) in every ``window`` seconds,
+    the first window being the grace period in which a sender starts up."""
+
+    min_rate: float
+    window: float
+
+    def __post_init__(self) -> None:
+        if self.min_rate <= 0 or self.window <= 0:
+            raise ValueError("min_rate and window must be positive")
+
+
+class _Paced:
+    """A ByteStream whose reads are bounded by when the current window would miss its quota."""
+
+    def __init__(self, stream: ByteStream, pace: Pace) -> None:
+        self.stream, self.pace = stream, pace
+        self.quota = pace.min_rate * pace.window
+        self.start = trio.current_time()
+        self.window = 0  # index of the window the last bytes arrived in
+        self.in_window = 0  # bytes that arrived in it
+
+    def _deadline(self) -> float:
+        ends = self.window + (2 if self.in_window >= self.quota else 1)
+        return self.start + ends * self.pace.window
+
+    def _too_slow(self) -> TooSlow:
+        return TooSlow(
+            f"under {self.pace.min_rate / 1024:g} KiB/s for {self.pace.window:g} s "
+            f"({self.in_window} bytes in its window {self.window})"
+        )
+
+    async def read(self, max_bytes: int) -> bytes:
+        with trio.move_on_at(self._deadline()) as scope:
+            chunk = await self.stream.read(max_bytes)
+        if scope.cancelled_caught:
+            raise self._too_slow()
+        window = int((trio.current_time() - self.start) // self.pace.window)
+        if window > self.window:  # the windows passed since the last bytes must each have met the quota
+            if self.in_window < self.quota or window > self.window + 1:
+                raise self._too_slow()
+            self.window, self.in_window = window, 0
+        self.in_window += len(chunk)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+
+
+class Inflight:
+    """Bytes of incoming frames being received, node-wide and per peer.
+
+    A frame reserves the length its prefix announces before any payload is read, and holds it until
+    the caller is done with the payload (decoded or dropped): so the memory peers can make us hold is
+    bounded by ``total``, and one identity cannot take more than ``per_peer`` of it.
+    """
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        if not 0 < per_peer <= total:
+            raise ValueError("need 0 < per_peer <= total")
+        self.total, self.per_peer = total, per_peer
+        self.used = 0
+        self.by_peer: Counter[str] = Counter()
+
+    @contextmanager
+    def claim(self, peer: str) -> Iterator[Callable[[int], None]]:
+        """An ``admit(length)`` for :func:`read_frame`; everything it admitted is released at exit."""
+        held = 0
+
+        def admit(length: int) -> None:
+            nonlocal held
+            if self.used + length > self.total:
+                raise Refused(
+                    f"no room for a {length}-byte frame: {self.used} of {self.total} bytes in flight"
+                )
+            if self.by_peer[peer] + length > self.per_peer:
+                raise Refused(
+                    f"no room for a {length}-byte frame: this peer has {self.by_peer[peer]} of its "
+                    f"{self.per_peer} bytes in flight"
+                )
+            self.used += length
+            self.by_peer[peer] += length
+            held += length
+
+        try:
+            yield admit
+        finally:
+            self.used -= held
+            self.by_peer[peer] -= held
+            if self.by_peer[peer] <= 0:
+                del self.by_peer[peer]
 
 
 class ByteStream(Protocol):
@@ -110,12 +243,21 @@ async def _read_exactly(stream: ByteStream, into: memoryview, what: str) -> None
         filled += len(chunk)
 
 
-async def read_frame(stream: ByteStream, max_payload: int) -> bytes:
+async def read_frame(
+    stream: ByteStream,
+    max_payload: int,
+    *,
+    pace: Pace | None = None,
+    admit: Callable[[int], None] | None = None,
+) -> bytes:
     """Read one frame and return its verified payload; TransferError on anything short of that.
 
-    Memory grows with the bytes that actually arrive, not with the length the prefix claims: a peer
-    must send 256 MiB to make us hold 256 MiB.
+    ``admit(length)`` is called with the announced length before any payload is read and may raise
+    (``Inflight.claim``). Memory grows with the bytes that actually arrive, not with the length the
+    prefix claims: a peer must send 256 MiB to make us hold 256 MiB.
     """
+    if pace is not None:
+        stream = _Paced(stream, pace)
     prefix = bytearray(PREFIX.size)
     await _read_exactly(stream, memoryview(prefix), "frame prefix")
     magic, version, length = PREFIX.unpack(prefix)
@@ -125,6 +267,8 @@ async def read_frame(stream: ByteStream, max_payload: int) -> bytes:
         raise TransferError(f"unsupported frame version {version} (this node speaks {VERSION})")
     if length > max_payload:
         raise TransferError(f"frame of {length} bytes is over the {max_payload}-byte limit")
+    if admit is not None:
+        admit(length)
     chunks, received = [], 0
     while received < length:
         chunk = await stream.read(min(CHUNK, length - received))

@@ -51,8 +51,11 @@ class Node:
     def status(self) -> dict | None:
         return status(self.api)
 
+    def full_log(self) -> str:
+        return (self.home.path / "daemon.log").read_text(errors="replace")
+
     def log(self) -> str:
-        return (self.home.path / "daemon.log").read_text(errors="replace")[-3000:]
+        return self.full_log()[-3000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:

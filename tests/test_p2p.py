@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 import torch
 import trio
@@ -25,7 +27,7 @@ from overlay.interface import Delivered, PeerConnected, PeerDisconnected, PeerUn
 from overlay.nat import DIALBACK, Reachability
 from overlay.p2p import Libp2pOverlay, P2PConfig
 from overlay.transfer import PREFIX, Libp2pStream, write_frame
-from overlay.wire import Message
+from overlay.wire import Limits, Message, encode
 
 TASK = "test-task"
 FAST = {"ping_interval": 0.5, "ping_timeout": 0.5, "ping_misses": 3, "heartbeat_interval": 1.0}
@@ -151,13 +153,13 @@ async def test_malformed_messages_are_rejected_with_reasons_and_the_sender_banne
                 await write_frame(Libp2pStream(stream), payload)
                 await stream.close()
             await until(lambda: len(node.rejections) == 3, 10)
-            assert all("malformed message" in reason for _, reason in node.rejections)
+            assert all(r.kind == "malformed message" and r.wrong for r in node.rejections)
             for _ in range(2):
                 stream = await attacker.new_stream(target, [node._msg_protocol])
                 await stream.write(b"not even a frame, just bytes")
                 await stream.close()
-            await until(lambda: str(attacker.get_id()) in node._banned, 10)
-            assert any("not a Shoal frame" in reason for _, reason in node.rejections)
+            await until(lambda: node.banned(str(attacker.get_id())), 10)
+            assert any("not a Shoal frame" in r.reason for r in node.rejections)
 
 
 async def test_hostile_sync_and_dialback_requests_do_not_take_the_node_down():
@@ -186,7 +188,7 @@ async def test_hostile_sync_and_dialback_requests_do_not_take_the_node_down():
             oversized = await attacker.new_stream(target.peer_id, [node._msg_protocol])
             await oversized.write(PREFIX.pack(b"SHF", 1, 2**40))  # claims a terabyte
             await oversized.close()
-        await until(lambda: any("over the" in reason for _, reason in node.rejections), 10)
+        await until(lambda: any("over the" in r.reason for r in node.rejections), 10)
         await friend.send(node.peer_id, Message("ping"))  # still alive and serving
         assert (await next_event(node, Delivered, 10)).message.kind == "ping"
 
@@ -230,8 +232,8 @@ async def test_peer_killed_mid_transfer_is_an_error_not_a_truncated_model():
                 lambda: node.receiving[hello["peer"]] > 20 * 2**20, 30
             )  # well into the 200 MB (the limit is 256 MiB)
             proc.send_signal(signal.SIGKILL)
-            await until(lambda: any(p == hello["peer"] for p, _ in node.rejections), 20)
-            reason = next(r for p, r in node.rejections if p == hello["peer"])
+            await until(lambda: any(r.peer == hello["peer"] for r in node.rejections), 20)
+            reason = next(r.reason for r in node.rejections if r.peer == hello["peer"])
             assert "stream" in reason, reason
             assert node.penalties[hello["peer"]] == 0  # a crash is not an attack
             while True:  # no model was delivered: only connection events came through
@@ -261,3 +263,118 @@ async def test_hung_peer_is_declared_down_within_the_bound():
             proc.send_signal(signal.SIGCONT)
             proc.kill()
             proc.wait()
+
+
+@asynccontextmanager
+async def stranger():
+    """A bare libp2p host on 127.0.0.1 that speaks our protocols only as far as a test makes it."""
+    host = new_host(key_pair=create_new_key_pair())
+    async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        yield host
+
+
+async def open_frame(host, node, claimed: int):
+    stream = await host.new_stream(ID.from_base58(node.peer_id), [node._msg_protocol])
+    await stream.write(PREFIX.pack(b"SHF", 1, claimed))
+    return stream
+
+
+@pytest.mark.slow
+async def test_trickling_frames_from_many_identities_are_dropped_and_memory_stays_bounded():
+    """Eight identities each open a frame claiming the 64 MiB maximum, feed 24 MiB fast, then 1 byte/s.
+
+    Bound: the node holds at most ``max_inflight`` (128 MiB) of frames, so 5 of the 8 are refused at
+    their prefix; the 3 admitted ones are dropped by the min-rate rule within two windows (4 s).
+    Bound asserted: RSS growth under 160 MiB, while the claims add up to 512 MiB and the fed bytes to
+    192 MiB (an unbounded node held all fed bytes until its receive timeout).
+    """
+    limits = Limits(max_message=64 * 2**20)
+    config = {"limits": limits, "max_inflight": 128 * 2**20, "rate_window": 2.0, "min_rate": 64 * 1024}
+    fed, chunk = 24 * 2**20, bytes(2**20)
+    async with swarm(1, **config) as (node,), AsyncExitStack() as stack:
+        hosts = [await stack.enter_async_context(stranger()) for _ in range(8)]
+        target = info_from_p2p_addr(Multiaddr(node.addresses()[0]))
+        for host in hosts:
+            await host.connect(target)
+        process = psutil.Process()
+        base = peak = process.memory_info().rss
+        trickling: list[float] = []
+
+        async def attack(host) -> None:
+            with contextlib.suppress(Exception):  # reset by the node: that is the point
+                stream = await open_frame(host, node, limits.max_message)
+                for _ in range(fed // len(chunk)):
+                    await stream.write(chunk)
+                trickling.append(trio.current_time())
+                for _ in range(60):
+                    await stream.write(b"x")
+                    await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            for host in hosts:
+                nursery.start_soon(attack, host)
+            with trio.fail_after(40):
+                while len([r for r in node.rejections if r.kind == "slow"]) < 3:
+                    peak = max(peak, process.memory_info().rss)
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        slow = [r for r in node.rejections if r.kind == "slow"]
+        refused = [r for r in node.rejections if r.kind == "load"]
+        assert len(slow) == 3 and len(refused) == 5, [r.reason for r in node.rejections]
+        assert max(r.at for r in slow) - min(trickling) < 3 * config["rate_window"]
+        assert node.penalties == {}  # slow and refused are not wrong
+        assert node.inflight.used == 0
+        growth = (peak - base) / 2**20
+        print(f"RSS growth under the trickle attack: {growth:.0f} MiB")
+        assert growth < 160, growth
+
+
+async def test_a_flood_of_valid_messages_bans_the_flooder_with_bounded_logs(caplog):
+    async with swarm(2) as (node, friend):
+        await until(lambda: len(node.peers()) == 1, 10)
+        payload = encode(Message("ping"))
+        async with stranger() as flooder:
+            await flooder.connect(info_from_p2p_addr(Multiaddr(node.addresses()[0])))
+            flooder_id, target = str(flooder.get_id()), ID.from_base58(node.peer_id)
+            with caplog.at_level(logging.INFO, logger="shoal"):
+                sent = 0
+                with trio.fail_after(20):
+                    while not node.banned(flooder_id) and sent < 500:
+                        with contextlib.suppress(Exception):
+                            stream = await flooder.new_stream(target, [node._msg_protocol])
+                            await write_frame(Libp2pStream(stream), payload)
+                            await stream.close()
+                        sent += 1
+            assert node.banned(flooder_id), f"not banned after {sent} streams"
+            assert sent < 100  # the burst (50) and max_penalty (5) excess streams, plus stragglers
+            lines = [r for r in caplog.records if r.name.startswith("shoal")]
+            assert len(lines) <= 10, [r.getMessage() for r in lines]
+            await friend.send(node.peer_id, Message("model", {"round": 1}))
+            with trio.fail_after(10):
+                async for event in node.events:
+                    if isinstance(event, Delivered) and event.peer == friend.peer_id:
+                        break
+            assert not node.banned(friend.peer_id)
+
+
+async def test_a_ban_expires_after_ban_duration():
+    async with swarm(1, max_penalty=2, ban_duration=2.0) as (node,), stranger() as peer:
+        target = info_from_p2p_addr(Multiaddr(node.addresses()[0]))
+        await peer.connect(target)
+        for _ in range(2):
+            stream = await peer.new_stream(target.peer_id, [node._msg_protocol])
+            await stream.write(b"not a frame at all, just bytes")
+            await stream.close()
+        await until(lambda: node.banned(str(peer.get_id())), 10)
+        await until(lambda: not node.banned(str(peer.get_id())), 5)
+        with trio.fail_after(10):
+            while True:  # we were disconnected: dial again until the node takes our message
+                with contextlib.suppress(Exception):
+                    await peer.connect(target)
+                    stream = await peer.new_stream(target.peer_id, [node._msg_protocol])
+                    await write_frame(Libp2pStream(stream), encode(Message("hello")))
+                    await stream.close()
+                with trio.move_on_after(1):
+                    async for event in node.events:
+                        if isinstance(event, Delivered) and event.message.kind == "hello":
+                            return

@@ -1,0 +1,120 @@
+"""Real daemons on 127.0.0.1 against a hostile peer process (tests/hostile_peer.py), beside a clean swarm.
+
+Each test runs two swarms of three `shoal run` daemons at once on the same machine: one clean, one
+joined by an attacker that goes through its attack phases one after the other. Both swarms share the
+CPU, so the clean one is the fair reference for accuracy and memory. For every phase the honest
+daemons must stay alive and keep finishing rounds; at the end their accuracy must be within a few
+points of the clean swarm's, their memory must have grown by less than a bound over the clean
+swarm's growth, their logs must stay short, and their rounds must not have been moved far ahead.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_daemon import ACCURACY, ENV, Node, accuracies, stop_all, swarm, wait_for
+
+PHASE_SECONDS = 8.0
+ACCURACY_MARGIN = 0.05  # "within a few points" of the clean swarm
+RSS_MARGIN = 100 * 2**20  # bytes of resident memory an attacked daemon may grow beyond a clean one
+LOG_LINES = 400  # lines an attacked daemon may write in the whole test
+PHASES = {
+    "gossip": ["huge", "rounds", "malformed", "flood", "trickle", "metadata"],
+    "modest": ["rounds", "hijack", "huge", "malformed", "flood"],
+}
+SETTINGS = {"gossip": {}, "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2"}}
+
+
+def rss(node: Node) -> int:
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def rounds(nodes: list[Node]) -> list[int]:
+    return [(n.status() or {}).get("round", -1) for n in nodes]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["gossip", "modest"])
+def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
+    env = SETTINGS[protocol]
+    clean = swarm(tmp_path / "clean", 3, env=env)
+    attacked = swarm(tmp_path / "attacked", 3, env=env)
+    everyone = clean + attacked
+    attacker = None
+    try:
+        wait_for(
+            lambda: min(accuracies(everyone)) >= ACCURACY, 240, f"both swarms at {ACCURACY:.0%}", everyone
+        )
+        memory = {id(n): rss(n) for n in everyone}
+        out = (tmp_path / "attacker.jsonl").open("w")
+        attacker = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("hostile_peer.py")), "--config",
+             str(attacked[0].home.config), "--bootstrap", attacked[0].address, "--phases",
+             *PHASES[protocol], "--seconds", str(PHASE_SECONDS)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )  # fmt: skip
+        reached: dict[str, list[int]] = {}  # phase -> rounds of the attacked daemons when it began
+        deadline = time.monotonic() + 90 + len(PHASES[protocol]) * (PHASE_SECONDS + 10)
+        while attacker.poll() is None:
+            assert time.monotonic() < deadline, "the attacker did not finish its phases"
+            for node in everyone:
+                assert node.proc.poll() is None, f"daemon exited with {node.proc.returncode}:\n{node.log()}"
+            for line in (tmp_path / "attacker.jsonl").read_text().splitlines():
+                event = json.loads(line) if line.startswith("{") else {}
+                if "start" in event and event["phase"] not in reached:
+                    reached[event["phase"]] = rounds(attacked)
+                elif "end" in event and "ended " + event["phase"] not in reached:
+                    before = reached[event["phase"]]
+                    wait_for(
+                        lambda b=before: all(r > s for r, s in zip(rounds(attacked), b, strict=True)),
+                        30,
+                        f"rounds to go on through the {event['phase']!r} attack",
+                        attacked,
+                    )
+                    reached["ended " + event["phase"]] = rounds(attacked)
+            time.sleep(0.5)
+        log = (tmp_path / "attacker.jsonl").read_text()
+        assert attacker.returncode == 0, log
+        assert all(p in reached for p in PHASES[protocol]), log
+
+        final_clean, final_attacked = accuracies(clean), accuracies(attacked)
+        mean = sum(final_clean) / 3
+        assert min(final_attacked) >= mean - ACCURACY_MARGIN, (final_clean, final_attacked)
+        clean_growth = max(rss(n) - memory[id(n)] for n in clean)
+        for node in attacked:
+            assert rss(node) - memory[id(node)] < clean_growth + RSS_MARGIN, node.log()
+            assert len(node.full_log().splitlines()) < LOG_LINES, node.log()
+            shown = node.status()
+            assert shown["round"] < 10**6 and shown["rejected"] > 0, shown
+            assert {m.peer for m in attacked} <= set(shown["members"]), shown["members"]
+    finally:
+        if attacker is not None and attacker.poll() is None:
+            attacker.kill()
+        stop_all(everyone)
+
+
+@pytest.mark.slow
+def test_twenty_sigterms_under_traffic_all_exit_0_without_a_traceback(tmp_path):
+    for batch in range(4):
+        nodes = swarm(tmp_path / f"batch{batch}", 5)
+        try:
+            wait_for(lambda n=nodes: min(rounds(n)) >= 3, 180, "every daemon training", nodes)
+            for node in nodes:
+                node.proc.send_signal(signal.SIGTERM)
+            codes = [node.stop(timeout=30) for node in nodes]
+            assert codes == [0] * 5, [n.log() for n in nodes]
+            for node in nodes:
+                assert "Traceback" not in node.full_log(), node.log()
+                assert "checkpoint written" in node.log()
+        finally:
+            stop_all(nodes)
