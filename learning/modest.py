@@ -96,7 +96,7 @@ class ModestConfig:
     aggregation_timeout: float = 5.0
     watch_timeout: float = 20.0  # a trainer re-checks its aggregators when nothing newer came by then
     max_round_jump: int = 100  # window: most rounds a peer's message may lie beyond our own round
-    role_slack: int = 10  # candidates beyond a (or s) still plausible in a role (module docstring)
+    role_slack: int = 16  # candidates beyond a (or s) still plausible in a role (module docstring)
     max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
 
     def __post_init__(self) -> None:

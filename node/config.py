@@ -30,6 +30,7 @@ class Config:
     bootstrap: tuple[str, ...] = ()
     relay_service: bool = False
     upnp: bool = False
+    ban_duration: float = 600.0
     # [task]
     dataset: str = "digits"
     data: str = ""
@@ -50,6 +51,9 @@ class Config:
     aggregators: int = 1
     success_fraction: float = 1.0
     aggregation_timeout: float = 5.0
+    max_round_jump: int = 100
+    max_norm_ratio: float = 10.0
+    role_slack: int = 16
     # [node]
     api: str = "127.0.0.1:5001"
     checkpoint_every: int = 5
@@ -60,7 +64,7 @@ class Config:
 
 
 SECTIONS = {
-    "network": ("listen", "announce", "bootstrap", "relay_service", "upnp"),
+    "network": ("listen", "announce", "bootstrap", "relay_service", "upnp", "ban_duration"),
     "task": (
         "dataset",
         "data",
@@ -82,6 +86,9 @@ SECTIONS = {
         "aggregators",
         "success_fraction",
         "aggregation_timeout",
+        "max_round_jump",
+        "max_norm_ratio",
+        "role_slack",
     ),
     "node": ("api", "checkpoint_every"),
 }
@@ -104,6 +111,8 @@ bootstrap = []
 relay_service = false
 # Ask the router for a port mapping by UPnP (adds about 4 s to the start).
 upnp = false
+# Seconds a peer stays cut off after sending too much wrong input (malformed, implausible, floods).
+ban_duration = 600.0
 
 [task]
 # Nodes train the same task only if model, input shape, classes and protocol match.
@@ -131,6 +140,10 @@ sample_size = 10          # trainers per round; keep it at most the swarm's size
 aggregators = 1           # aggregators per round
 success_fraction = 1.0    # share of the sample's models an aggregator waits for ...
 aggregation_timeout = 5.0 # ... or at most this many seconds
+# every peer is a possible adversary (README, "Hostile peers"):
+max_round_jump = 100      # most rounds a peer's message may move this node's round ahead
+max_norm_ratio = 10.0     # models with a layer's L2 norm over this many times ours are refused
+role_slack = 16           # modest: how far past the first a (or s) candidates a sender may rank in its role
 
 [node]
 api = "127.0.0.1:5001"    # local status API (/status, /metrics); keep it on 127.0.0.1
@@ -156,11 +169,21 @@ def check(c: Config) -> None:
         raise ConfigError(f"integrator: {c.integrator!r} is not one of {', '.join(INTEGRATORS)}")
     if not 0 <= c.shard < c.shards:
         raise ConfigError(f"shard must be in 0..shards-1 (shards = {c.shards}), got {c.shard}")
-    for name in ("batch_size", "local_steps", "fanout", "sample_size", "aggregators", "checkpoint_every"):
+    for name in (
+        "batch_size",
+        "local_steps",
+        "fanout",
+        "sample_size",
+        "aggregators",
+        "checkpoint_every",
+        "max_round_jump",
+    ):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
-    if c.lr <= 0 or c.period < 0 or c.aggregation_timeout <= 0:
-        raise ConfigError("lr and aggregation_timeout must be positive and period not negative")
+    if c.lr <= 0 or c.period < 0 or c.aggregation_timeout <= 0 or c.ban_duration <= 0:
+        raise ConfigError("lr, aggregation_timeout and ban_duration must be positive and period not negative")
+    if not c.max_norm_ratio >= 1 or c.role_slack < 0:
+        raise ConfigError("max_norm_ratio must be at least 1 and role_slack not negative")
     if not 0 < c.success_fraction <= 1:
         raise ConfigError(f"success_fraction must be in (0, 1], got {c.success_fraction}")
     host, _, port = c.api.rpartition(":")

@@ -152,6 +152,7 @@ class Daemon:
             bootstrap=c.bootstrap,
             relay_service=c.relay_service,
             upnp=c.upnp,
+            ban_duration=c.ban_duration,
             limits=Limits(max_message=message_limit(self.initial)),
         )
         async with (
@@ -213,12 +214,21 @@ class Daemon:
                     aggregators=c.aggregators,
                     success_fraction=c.success_fraction,
                     aggregation_timeout=c.aggregation_timeout,
+                    max_round_jump=c.max_round_jump,
+                    max_norm_ratio=c.max_norm_ratio,
+                    role_slack=c.role_slack,
                 ),
                 self.rng,
                 joining=bool(c.bootstrap),
             )
         joining = bool(c.bootstrap) and self.start_round == 0  # a fresh joiner fetches the swarm's model
-        config = GossipConfig(fanout=c.fanout, period=c.period, join_by_fetch=joining)
+        config = GossipConfig(
+            fanout=c.fanout,
+            period=c.period,
+            join_by_fetch=joining,
+            max_round_jump=c.max_round_jump,
+            max_norm_ratio=c.max_norm_ratio,
+        )
         return Gossip(
             self.initial,
             samples,

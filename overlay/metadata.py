@@ -93,7 +93,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -101,6 +101,8 @@ from typing import Any, NamedTuple
 from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.peer.id import ID
 from pycrdt import Doc, Map, TransactionEvent, merge_updates
+
+from overlay.yupdate import UpdateError, check_state_vector, check_update
 
 DOMAIN = "shoal/metadata/1"  # signed first, so a record signature is never valid as any other signature
 MAX_INT = 2**53 - 1  # numbers travel as JSON (float64) numbers: beyond this, ints lose precision
@@ -244,12 +246,14 @@ def _public_key(peer: str) -> PublicKey | None:
         return None
 
 
-def _checked(data: object, what: str, limit: int) -> bytes:
-    """``data`` as bytes if it is bytes-like, within ``limit`` and plausibly sized, else MetadataError.
+def _checked(data: object, what: str, limit: int, parse: Callable[[bytes], None]) -> bytes:
+    """``data`` as bytes if it is bytes-like, within ``limit`` and ``parse`` accepts it, else MetadataError.
 
     The type check matters: ``bytes(n)`` of a hostile msgpack int would allocate n bytes. The count
     check too: yrs preallocates for the leading client count, and a 5-byte input claiming 10^8 clients
-    made it allocate ~130 MB before failing.
+    made it allocate ~130 MB before failing. Then the whole input is parsed by :mod:`overlay.yupdate`:
+    yrs decodes nested ``Any`` values recursively, and an 80 kB update of 40,000 nested arrays
+    overflowed its stack (SIGSEGV, which nothing in Python can catch).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MetadataError(f"{what} must be bytes, not {type(data).__name__}")
@@ -263,6 +267,10 @@ def _checked(data: object, what: str, limit: int) -> bytes:
         if not byte & 0x80:
             if count > len(data) - i - 1:
                 raise MetadataError(f"{what} claims {count} clients in {len(data)} bytes")
+            try:
+                parse(data)
+            except UpdateError as exc:
+                raise MetadataError(f"malformed {what}: {exc}") from None
             return data
     raise MetadataError(f"{what} does not start with a client count")
 
@@ -525,7 +533,7 @@ class Metadata:
 
     def diff(self, state_vector: bytes) -> bytes:
         """Everything the holder of ``state_vector`` lacks (``b"\\x00"`` asks for the full state)."""
-        state_vector = _checked(state_vector, "state vector", self.max_update)
+        state_vector = _checked(state_vector, "state vector", self.max_update, check_state_vector)
         try:
             return self._doc.get_update(state_vector)
         except BaseException as exc:
@@ -535,7 +543,7 @@ class Metadata:
         """Merge a remote update. Duplicates and reordering are harmless; an update whose dependencies
         have not arrived stays pending (invisible) until they do. On error the doc is unchanged:
         MetadataFull if the document would outgrow ``max_state``, else MetadataError."""
-        update = _checked(update, "update", self.max_update)
+        update = _checked(update, "update", self.max_update, check_update)
         if self._size + len(update) > self.max_state:
             if not self._exact:  # the estimate only grows; measure (~10 ms at 1 MB) before refusing
                 self._size, self._exact = len(self._doc.get_update()), True

@@ -291,11 +291,15 @@ class Simulation:
         self._setup()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.network.run)
-            for i in range(self.config.nodes):
-                if i not in self.offline:
-                    self._start_node(nursery, i, joining=False)
-            nursery.start_soon(self._apply_schedule, nursery)
-            await self._observe()
+            # The nodes stop before the network that carries their messages: a send started as the
+            # run ends must not find the network's nursery closed.
+            async with trio.open_nursery() as nodes:
+                for i in range(self.config.nodes):
+                    if i not in self.offline:
+                        self._start_node(nodes, i, joining=False)
+                nodes.start_soon(self._apply_schedule, nodes)
+                await self._observe()
+                nodes.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
     async def _apply_schedule(self, nursery: trio.Nursery) -> None:

@@ -2,9 +2,10 @@
 
 It joins the task of the honest daemons (same ``config.toml`` task settings, so the same task id),
 becomes their task peer like any node, and then runs attack phases one after the other, each for
-``--seconds``. Every message it sends is well-formed on the wire unless the phase is about malformed
-input; the values are what an adversary would choose. Prints JSON lines: ``{"peer"}`` once joined,
-``{"phase", "start"}`` / ``{"phase", "end", "sent"}`` around each phase.
+``--seconds``, each under a fresh identity (identities cost nothing; an honest node bans per peer).
+Every message it sends is well-formed on the wire unless the phase is about malformed input; the values
+are what an adversary would choose. Prints JSON lines ``{"phase", "start", "peer", "peers"}`` once a
+phase's identity has joined and ``{"phase", "end", "sent"}`` when the phase is over.
 
 Phases:
 - ``huge``: gossip ``model`` messages with the right names, shapes and dtypes, every value 1e30.
@@ -206,10 +207,10 @@ class Attacker:
                 stream = await sybil._open(victim, sybil._msg_protocol)
                 io = Libp2pStream(stream)
                 await io.write(PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, limit))
-                chunk = bytes(1 << 20)
+                chunk = bytes(1 << 16)
                 for _ in range(int(limit * 0.9) // len(chunk)):
                     await io.write(chunk)
-                    self.sent += 1
+                self.sent += 1
                 while True:
                     await io.write(b"\0")
                     await trio.sleep(1)
@@ -275,23 +276,27 @@ async def main(args: argparse.Namespace) -> None:
     template = layout.state(model)
     task = task_id(config, data, layout)
     args.frame_limit = message_limit(template)
-    p2p = P2PConfig(bootstrap=tuple(args.bootstrap), heartbeat_interval=1.0)
-    async with Libp2pOverlay.start(create_new_key_pair(), task, p2p) as overlay, trio.open_nursery() as n:
-        attacker = Attacker(overlay, template, args)
-        n.start_soon(attacker.listen)
-        await overlay.provide(f"shoal/{task}")
-        with trio.move_on_after(60):
-            while len(overlay.peers()) < args.peers:
-                await overlay.find_providers(f"shoal/{task}")
-                await trio.sleep(0.5)
-        say({"peer": overlay.peer_id, "peers": overlay.peers()})
-        for phase in args.phases:
-            say({"phase": phase, "start": time.time()})
-            attacker.sent = 0
+    estimate = 0
+    for phase in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
+        p2p = P2PConfig(bootstrap=tuple(args.bootstrap), heartbeat_interval=1.0)
+        async with (
+            Libp2pOverlay.start(create_new_key_pair(), task, p2p) as overlay,
+            trio.open_nursery() as nursery,
+        ):
+            attacker = Attacker(overlay, template, args)
+            attacker.estimate = estimate
+            nursery.start_soon(attacker.listen)
+            await overlay.provide(f"shoal/{task}")
+            with trio.move_on_after(60):
+                while len(overlay.peers()) < args.peers:
+                    await overlay.find_providers(f"shoal/{task}")
+                    await trio.sleep(0.5)
+            say({"phase": phase, "start": time.time(), "peer": overlay.peer_id, "peers": overlay.peers()})
             with trio.move_on_after(args.seconds):
                 await getattr(attacker, phase)()
             say({"phase": phase, "end": time.time(), "sent": attacker.sent})
-        n.cancel_scope.cancel()
+            estimate = attacker.estimate
+            nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

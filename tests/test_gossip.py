@@ -217,3 +217,39 @@ def test_label_sets_ride_along_and_are_checked():
     (bad,) = g.handle(model_msg("p1", 1.0, labels=["x"]), 1.1)
     assert isinstance(bad, Rejected) and "labels" in bad.reason
     assert g.handle(model_msg("p1", 1.0, labels=[2]), 1.2) == []
+
+
+def test_a_fetched_round_is_limited_to_the_window():
+    g = node(GossipConfig(join_by_fetch=True, max_round_jump=50))
+    send, _ = g.handle(Started(), 0.0)
+    assert g.handle(model_msg(send.peer, 1.0, rnd=2**53 - 1, reply=True), 0.1) == [Train(50, g.model)]
+
+
+def test_huge_models_are_refused_on_receipt_for_every_integrator():
+    g = Gossip(model(0.5), 10, Mean(), GossipConfig(fanout=1), random.Random(0))
+    g.handle(PeerUp("p1"), 0.0)
+    g.handle(Started(), 0.0)
+    (action,) = g.handle(model_msg("p1", 1e30), 0.1)
+    assert isinstance(action, Rejected) and "L2 norm" in action.reason
+    assert g.handle(model_msg("p1", 4.0), 0.2) == []  # within 10x: taken
+
+
+class Refusing(Mean):
+    def integrate(self, own, received):
+        if any(c.peer == "p2" for c in received):
+            raise ValueError("p2's model overflows")
+        return super().integrate(own, received)
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_a_model_the_integrator_refuses_is_dropped_and_reported_once(synchronous):
+    config = GossipConfig(synchronous=synchronous) if synchronous else GossipConfig(fanout=1)
+    g = node(config, peers=("p1", "p2"), integrator=Refusing())
+    g.handle(Started(), 0.0)
+    g.handle(model_msg("p1", 3.0), 0.1)
+    g.handle(model_msg("p2", 9.0), 0.2)
+    actions = g.handle(Trained(0, model(1.0), STATS), 1.0)
+    assert [a for a in actions if isinstance(a, Rejected)] == [
+        Rejected("p2", "model could not be integrated: p2's model overflows")
+    ]
+    assert g.round == 1 and torch.allclose(g.model["w"], torch.full((2, 3), 2.0))  # own 1.0 and p1's 3.0

@@ -20,7 +20,7 @@ from node.driver import Driver, ThreadCompute, VirtualCompute
 from overlay.sim import SimNetwork
 from overlay.wire import Message
 from simulations import byzantine, churn, disaster, modest, topologies
-from simulations.engine import ScheduledEvent, SimConfig, Simulation, node_name
+from simulations.engine import ScheduledEvent, SimConfig, Simulation, gossip_protocol, node_name
 
 
 def test_survivors_keep_learning_after_a_third_crash_mid_round():
@@ -258,3 +258,101 @@ def test_every_attack_runs_in_the_sweep(tmp_path, attack):
     )
     cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["iid"]
     assert 0.0 <= cells["bristle"]["0.25"] <= 1.0
+
+
+def hostile_swarm(protocol: str, hostile: set[int]):
+    """A small swarm in which the ``hostile`` nodes run every attack of simulations/hostile.py."""
+    from learning.modest import ModestConfig
+    from simulations.hostile import ATTACKS, with_hostile
+    from simulations.modest import modest_protocol
+
+    nodes = 12
+    common = dict(nodes=nodes, duration=24.0, eval_every=12.0, seed=3)
+    if protocol == "gossip":
+        config, graph, modest_config = SimConfig(**common), nx.random_regular_graph(4, nodes, seed=3), None
+        make, attacks, evaluate = gossip_protocol, [a for a in ATTACKS if a != "hijack"], "all"
+    else:
+        config = SimConfig(**common, dial_any=True, integrator="mean", local_steps=4, local_epochs=None)
+        graph = nx.empty_graph(nodes)
+        # no crashes here, so a small role slack: rounds where an attacker is no plausible aggregator exist
+        modest_config = ModestConfig(
+            sample_size=4, ping_timeout=2.0, aggregation_timeout=2.0, watch_timeout=6.0, role_slack=4
+        )
+        make, attacks, evaluate = modest_protocol(modest_config), list(ATTACKS), "freshest"
+    honest = [i for i in range(nodes) if i not in hostile]
+    sim = Simulation(
+        config,
+        graph,
+        make_protocol=with_hostile(make, hostile, protocol, attacks, config=modest_config),
+        observed=honest,
+        evaluate=evaluate,
+        progress=None,
+    )
+    return sim, sim.run(), honest
+
+
+@pytest.mark.parametrize("protocol", ["gossip", "modest"])
+def test_honest_nodes_withstand_a_quarter_of_hostile_peers(protocol):
+    from learning.messages import MAX_ROUND
+
+    clean, clean_result, _ = hostile_swarm(protocol, set())
+    sim, result, honest = hostile_swarm(protocol, {1, 5, 9})  # 25%: huge, far rounds, hijack, garbage
+    rounds = {i: sim.drivers[i].protocol.round for i in honest}
+    clean_rounds = [d.protocol.round for d in clean.drivers.values()]
+    window = 100
+    assert max(rounds.values()) <= max(clean_rounds) + window < MAX_ROUND  # never led away by a liar
+    assert result.final.round > result.rows[1].round  # and still finishing rounds at the end
+    for i in honest:
+        assert all(torch.isfinite(t).all() for t in sim.drivers[i].protocol.model.values())
+    assert result.final.acc_mean > clean_result.final.acc_mean - 0.05
+    penalties = [sim.network.nodes[node_name(i)].overlay.penalties for i in honest]
+    assert sum(p[node_name(h)] for p in penalties for h in (1, 5, 9)) > 0
+    assert not any(p[node_name(h)] for p in penalties for h in honest)  # no honest peer was blamed
+    if protocol == "modest":
+        for i in honest:
+            node = sim.drivers[i].protocol
+            assert node.estimate() <= node._own_round() + window
+
+
+class Raising:
+    """A protocol that raises ``error`` on every message: a slip past its own parsing."""
+
+    def __init__(self, error: Exception):
+        self.error, self.model, self.round, self.messages = error, {}, 0, 0
+
+    def handle(self, event, now):
+        if type(event).__name__ == "MessageIn":
+            self.messages += 1
+            raise self.error
+        return []
+
+
+async def test_the_driver_contains_value_errors_on_messages_but_not_our_bugs(nursery, autojump_clock):
+    net = SimNetwork(latency=0.01)
+    await nursery.start(net.run)
+    learner = Learner(
+        build_model("mlp", (4,), 3), torch.randn(4, 4), torch.randint(0, 3, (4,)), Hyperparameters()
+    )
+    sender, good = net.add_node("evil"), net.add_node("good", neighbours=["evil"])
+    protocol = Raising(ValueError("implausible"))
+    nursery.start_soon(Driver(protocol, good, learner, VirtualCompute(1000)).run)
+    await sender.send("good", Message("model", {}, {}))
+    await sender.send("good", Message("model", {}, {}))
+    await trio.sleep(1)
+    assert protocol.messages == 2 and good.penalties["evil"] == 2  # both seen: the node went on
+
+    bug = net.add_node("buggy", neighbours=["evil"])
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(Driver(Raising(KeyError("our bug")), bug, learner, VirtualCompute(1000)).run)
+            await sender.send("buggy", Message("model", {}, {}))
+            await trio.sleep(1)
+
+    def leaves(exc):
+        return (
+            [e for sub in exc.exceptions for e in leaves(sub)]
+            if isinstance(exc, BaseExceptionGroup)
+            else [exc]
+        )
+
+    assert any(isinstance(e, KeyError) for e in leaves(info.value))  # not swallowed

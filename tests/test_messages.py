@@ -1,0 +1,265 @@
+"""Bounds on every field the protocols read, containment of what slips through, and MoDeST's window and
+roles: each rejection with its reason."""
+
+import random
+
+import pytest
+import torch
+
+from learning.averaging import AveragingError
+from learning.integrators import Contribution, Mean, integrate_contained
+from learning.learner import Hyperparameters, Learner
+from learning.messages import (
+    MAX_LABELS,
+    MAX_ROUND,
+    MAX_SAMPLES,
+    MAX_VIEW,
+    Advert,
+    Entry,
+    GossipModel,
+    ModestModel,
+    Ping,
+    Pong,
+    model_fault,
+    parse_view,
+)
+from learning.models import build_model
+from learning.modest import Modest, ModestConfig, order
+from learning.protocol import MessageIn, Rejected, Started
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ([1, 2], "body must be a map"),
+        ({"samples": 1}, "round must be an integer"),
+        ({"round": True, "samples": 1}, "round must be an integer"),
+        ({"round": 1.0, "samples": 1}, "round must be an integer"),
+        ({"round": -1, "samples": 1}, "round must be an integer"),
+        ({"round": 2**63, "samples": 1}, "round must be an integer"),
+        ({"round": MAX_ROUND + 1, "samples": 1}, "round must be an integer"),
+        ({"round": 0, "samples": MAX_SAMPLES + 1}, "samples must be an integer"),
+        ({"round": 0, "samples": -1}, "samples must be an integer"),
+        ({"round": 0, "samples": 1, "reply": 1}, "reply must be true or false"),
+        ({"round": 0, "samples": 1, "labels": "x"}, "labels"),
+        ({"round": 0, "samples": 1, "labels": [MAX_LABELS]}, "labels"),
+        ({"round": 0, "samples": 1, "labels": list(range(MAX_LABELS + 1))}, "labels"),
+        ({"round": 0, "samples": 1, "labels": ["x" * 10_000]}, "labels"),
+    ],
+)
+def test_gossip_model_bounds(body, reason):
+    msg = GossipModel.parse(body)
+    assert isinstance(msg, str) and reason in msg and len(msg) < 200  # reasons quote input briefly
+
+
+def test_gossip_model_round_trip_and_the_largest_values():
+    msg = GossipModel(MAX_ROUND, MAX_SAMPLES, reply=True, labels=(1, 3))
+    assert GossipModel.parse(msg.body()) == msg
+    assert GossipModel(0, 5).body() == {"round": 0, "samples": 5}
+
+
+@pytest.mark.parametrize(
+    ("cls", "body", "reason"),
+    [
+        (Ping, {"round": 1}, "sel must be an integer"),
+        (Ping, {"sel": "0", "round": 1}, "sel must be an integer"),
+        (Pong, {"sel": MAX_ROUND + 1, "round": 1}, "pong message: sel"),
+        (Pong, {"sel": 0, "round": 2**63}, "pong message: round"),
+        (Advert, {"round": 1, "index": -1, "joined": True}, "index must be an integer"),
+        (Advert, {"round": 1, "index": 1, "joined": "yes"}, "joined must be true or false"),
+    ],
+)
+def test_modest_small_message_bounds(cls, body, reason):
+    msg = cls.parse(body)
+    assert isinstance(msg, str) and reason in msg
+
+
+@pytest.mark.parametrize(
+    ("view", "reason"),
+    [
+        ([1, 2], "view must be a map"),
+        ({f"p{i}": [0, 0, True] for i in range(MAX_VIEW + 1)}, "at most"),
+        ({"": [0, 0, True]}, "not a peer id"),
+        ({"p" * 300: [0, 0, True]}, "not a peer id"),
+        ({"p": [0, 0]}, "is not [last_active"),
+        ({"p": [2**63, 0, True]}, "bad values"),
+        ({"p": [0, -1, True]}, "bad values"),
+        ({"p": [0, 0, 1]}, "bad values"),
+    ],
+)
+def test_views_are_bounded(view, reason):
+    msg = ModestModel.parse({"round": 1, "samples": 1, "view": view}, "trained")
+    assert isinstance(msg, str) and msg.startswith("trained message") and reason in msg
+
+
+def test_view_round_trip():
+    view = {"a": Entry(3, 1, True), "b": Entry(0, 2, False)}
+    assert parse_view(ModestModel(1, 2, view).body()["view"]) == view
+    assert ModestModel.parse(ModestModel(1, 2, view).body(), "aggregated") == ModestModel(1, 2, view)
+
+
+def layers(w: float, b: float = 0.0) -> dict:
+    return {"w": torch.full((4, 4), w), "b": torch.full((4,), b), "steps": torch.tensor([3])}
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (layers(1e30), "'w' has L2 norm"),
+        (layers(0.5 * 11), "'w' has L2 norm"),  # just over 10x our 0.5
+        (layers(0.5, 1.1), "'b' has L2 norm"),  # over 10x the floor of our zero bias
+        (layers(float("inf")), "NaN or infinite"),
+        ({"w": torch.zeros(4, 4)}, "names"),
+    ],
+)
+def test_implausible_models_are_refused(model, reason):
+    fault = model_fault(layers(0.5), model, max_norm_ratio=10)
+    assert fault is not None and reason in fault
+
+
+def test_plausible_models_pass_even_against_zero_layers():
+    assert model_fault(layers(0.5), layers(-4.9, 0.9), max_norm_ratio=10) is None
+    assert model_fault(layers(0.0), layers(0.9, 0.9), max_norm_ratio=10) is None  # floor: 0.1 per element
+
+
+# --- containment -----------------------------------------------------------------------------
+
+
+class Picky(Mean):
+    """Refuses to integrate any model of the peer "evil", as an integrator might on values it cannot use."""
+
+    def integrate(self, own, received):
+        if any(c.peer == "evil" for c in received):
+            raise AveragingError("cannot use evil's model")
+        return super().integrate(own, received)
+
+
+def test_a_contribution_the_integrator_refuses_costs_only_itself():
+    own = Contribution(layers(0.0), 1)
+    received = [Contribution(layers(3.0), 1, "good"), Contribution(layers(9.0), 1, "evil")]
+    model, rejected = integrate_contained(Picky(), own, received)
+    assert rejected == [Rejected("evil", "model could not be integrated: cannot use evil's model")]
+    assert torch.allclose(model["w"], torch.full((4, 4), 1.5))  # own and good only
+    assert integrate_contained(Mean(), own, []) == (own.state, [])
+
+
+def test_our_own_bad_model_is_our_bug_and_raises():
+    own = Contribution(layers(float("nan")), 1)
+    with pytest.raises(AveragingError):
+        integrate_contained(Mean(), own, [Contribution(layers(1.0), 1, "good")])
+
+
+def test_training_to_non_finite_weights_is_rolled_back(caplog):
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model = build_model("mlp", (4,), 3, seed=0)
+    learner = Learner(model, x, y, Hyperparameters(local_steps=3, local_epochs=None))
+    initial = learner.initial_state()
+    start = {n: torch.full_like(t, 1e30) for n, t in initial.items()}  # finite, but overflows
+    state, stats = learner.train(start, round=1)
+    assert state is start and stats.steps == 3
+    assert "non-finite" in caplog.text
+    good, _ = learner.train(initial, round=2)
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
+# --- MoDeST: window and roles ----------------------------------------------------------------
+
+PEERS = [f"p{i:02d}" for i in range(12)]
+CONFIG = ModestConfig(sample_size=4, aggregators=1, role_slack=1, max_round_jump=100)
+
+
+def modest(me="p00", joining=False, config=CONFIG):
+    return Modest(
+        me, [p for p in PEERS if p != me], layers(0.5), 10, Mean(), config, random.Random(0), joining=joining
+    )
+
+
+def role(rnd: int, rank: int) -> str:
+    """The peer at ``rank`` in round ``rnd``'s candidate order (everyone active)."""
+    return order(PEERS, rnd)[rank]
+
+
+def find_round(me: str, want_trainer: bool, lo: int = 2) -> tuple[int, str]:
+    """A round where ``me`` is (or is not) among its plausible trainers, and its first aggregator."""
+    for rnd in range(lo, lo + 500):
+        if (me in order(PEERS, rnd)[: CONFIG.sample_size + CONFIG.role_slack]) == want_trainer and role(
+            rnd, 0
+        ) != me:
+            return rnd, role(rnd, 0)
+    raise AssertionError("no such round")
+
+
+def aggregated(peer: str, rnd: int, view: dict | None = None) -> MessageIn:
+    return MessageIn(peer, "aggregated", {"round": rnd, "samples": 1, "view": view or {}}, layers(0.6))
+
+
+def test_hearsay_is_clamped_to_the_window_and_cannot_walk_it_up():
+    node = modest()
+    for step in range(1, 6):  # a liar pings with ever larger rounds: each is clamped to our round + 100
+        (pong,) = node.handle(MessageIn("p01", "ping", {"sel": 0, "round": step * 90}, {}), 1.0)
+        assert pong.kind == "pong" and pong.body["round"] <= 100
+    node.handle(MessageIn("p01", "advert", {"round": 10**9, "index": 1, "joined": False}, {}), 1.0)
+    assert node.estimate() == 100 and node.round == 0
+
+
+def test_a_model_beyond_the_window_is_refused():
+    node = modest()
+    (action,) = node.handle(aggregated(role(10**6, 0), 10**6), 1.0)
+    assert isinstance(action, Rejected) and "more than 100 rounds ahead of our round 0" in action.reason
+    assert node.round == 0 and node.estimate() == 0
+
+
+def test_an_aggregated_model_only_from_a_plausible_aggregator_to_a_plausible_trainer():
+    rnd, aggregator = find_round("p00", want_trainer=True)
+    impostor = role(rnd, 5)  # deeper than aggregators + role_slack
+    (action,) = modest().handle(aggregated(impostor, rnd), 1.0)
+    assert isinstance(action, Rejected) and "no plausible aggregator" in action.reason
+    node = modest()
+    (train,) = node.handle(aggregated(aggregator, rnd), 1.0)
+    assert type(train).__name__ == "Train" and node.round == rnd
+    other, aggregator = find_round("p00", want_trainer=False)
+    (action,) = modest().handle(aggregated(aggregator, other), 1.0)
+    assert isinstance(action, Rejected) and "no plausible trainer" in action.reason
+
+
+def test_a_trained_model_only_from_a_plausible_trainer_to_a_plausible_aggregator():
+    limit = CONFIG.aggregators + CONFIG.role_slack
+    rnd = next(r for r in range(2, 500) if role(r, 0) not in order(PEERS, r - 1)[: CONFIG.sample_size])
+    me, trainer, stranger = role(rnd, 0), role(rnd - 1, 0), role(rnd - 1, 8)
+    body = {"round": rnd, "samples": 1, "view": {}}
+    (action,) = modest(me).handle(MessageIn(stranger, "trained", body, layers(0.6)), 1.0)
+    assert isinstance(action, Rejected) and "no plausible trainer" in action.reason
+    assert modest(me).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)[0].name == f"agg-{rnd}"
+    bystander = order(PEERS, rnd)[limit + 1]
+    if bystander != trainer:
+        (action,) = modest(bystander).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)
+        assert isinstance(action, Rejected) and "no plausible aggregator" in action.reason
+
+
+def test_a_view_entry_far_ahead_is_clamped_not_refused():
+    rnd, aggregator = find_round("p00", want_trainer=True)
+    node = modest()
+    node.handle(aggregated(aggregator, rnd, view={"p05": [2**52, 0, True]}), 1.0)
+    assert node.round == rnd and node.view.entries["p05"].last_active == 100  # our round 0 at receipt + 100
+
+
+def test_a_fresh_joiner_joins_a_swarm_far_ahead_then_applies_the_window():
+    rnd, aggregator = find_round("p00", want_trainer=True, lo=500)
+    node = modest(joining=True)
+    node.handle(Started(), 0.0)
+    swarm = {p: [rnd, 0, True] for p in PEERS}  # the view riding along says who is active now
+    (_train,) = node.handle(aggregated(aggregator, rnd, view=swarm), 1.0)  # no round heard yet: no window
+    assert node.round == rnd
+    (action,) = node.handle(aggregated(role(rnd + 1000, 0), rnd + 1000), 2.0)
+    assert isinstance(action, Rejected) and "ahead of our round" in action.reason
+
+
+def test_config_bounds():
+    with pytest.raises(ValueError, match="max_round_jump"):
+        ModestConfig(max_round_jump=0)
+    with pytest.raises(ValueError, match="role_slack"):
+        ModestConfig(role_slack=-1)
+    with pytest.raises(ValueError, match="max_norm_ratio"):
+        ModestConfig(max_norm_ratio=0.5)
