@@ -96,7 +96,7 @@ async def serve_dialback(stream: INetStream, timeout: float = 5.0) -> None:
         if not isinstance(claimed, list):
             raise ValueError("request has no list of addresses")
     except (TransferError, trio.TooSlowError, ValueError, msgpack.UnpackException) as e:
-        log.info("dial-back request from %s rejected: %s", asker, e)
+        log.debug("dial-back request from %s rejected: %s", asker, e)  # any peer can repeat it at will
         await stream.reset()
         return
     reached = None

@@ -616,7 +616,7 @@ class Libp2pOverlay:
 
     async def _read(
         self, peer: str, stream: INetStream, limit: int, admit: Callable[[int], None], what: str
-    ) -> bytearray | None:
+    ) -> bytes | None:
         """One frame from ``peer`` under the node's bounds (size, rate, budget, ``receive_timeout``), or
         None after recording why not and resetting the stream."""
         metered = _Metered(Libp2pStream(stream), self.receiving, peer)
@@ -624,7 +624,8 @@ class Libp2pOverlay:
             with trio.fail_after(self.config.receive_timeout):
                 return await read_frame(metered, limit, pace=self._pace, admit=admit)
         except trio.TooSlowError:
-            self._reject(peer, "slow", f"{what} not complete within {self.config.receive_timeout:g} s", False)
+            reason = f"{what} not complete within {self.config.receive_timeout:g} s"
+            self._reject(peer, "slow", reason, wrong=False)
         except TransferError as e:
             if isinstance(e, Truncated) and e.empty:
                 log.debug("%s opened a %s stream and closed it unused", peer, what)
@@ -863,7 +864,7 @@ def _single(error: BaseException) -> BaseException:
     return error
 
 
-def _unpack(frame: bytearray) -> dict:
+def _unpack(frame: bytes) -> dict:
     try:
         value = msgpack.unpackb(frame, max_bin_len=MAX_META_FRAME, max_array_len=16, max_map_len=16)
     except Exception as e:

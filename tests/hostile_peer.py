@@ -98,8 +98,13 @@ class Attacker:
     async def huge(self) -> None:
         model = {n: torch.full_like(t, HUGE) for n, t in self.template.items()}
         while True:
-            await self.to_all("model", {"round": self.estimate, "samples": 1000}, model)
-            await self.to_all("trained", {"round": self.estimate + 1, "samples": 1000, "view": {}}, model)
+            if self.args.protocol == "gossip":
+                await self.to_all("model", {"round": self.estimate, "samples": 1000}, model)
+            else:
+                me = self.overlay.peer_id
+                view = {p: [self.estimate, 1, True] for p in [me, *self.targets()]}
+                for kind, rnd in (("aggregated", self.estimate), ("trained", self.estimate + 1)):
+                    await self.to_all(kind, {"round": rnd, "samples": 1000, "view": view}, model)
             await trio.sleep(0.3)
 
     async def rounds(self) -> None:
@@ -108,7 +113,9 @@ class Attacker:
         while True:
             for rnd in far:
                 me = self.overlay.peer_id
-                await self.to_all("model", {"round": rnd, "samples": rnd}, model)
+                if self.args.protocol == "gossip":
+                    await self.to_all("model", {"round": rnd, "samples": rnd}, model)
+                    continue
                 await self.to_all("ping", {"sel": rnd, "round": rnd})
                 await self.to_all("advert", {"round": rnd, "index": rnd, "joined": True})
                 view = {me: [rnd, 1, True], **{p: [rnd, rnd, True] for p in self.targets()}}
@@ -170,9 +177,12 @@ class Attacker:
             await trio.sleep(0.2)
 
     async def flood(self) -> None:
-        """Eight senders per victim, each as fast as the victim takes them: fetches (each asks the
-        victim to send its whole model back) and copies of a plausible model."""
-        messages = [Message("fetch", {}), Message("model", {"round": 0, "samples": 1}, self.template)]
+        """Eight senders per victim, each as fast as the victim takes them: gossip fetches (each asks
+        the victim to send its whole model back) and copies of a plausible model, or MoDeST pings."""
+        if self.args.protocol == "gossip":
+            messages = [Message("fetch", {}), Message("model", {"round": 0, "samples": 1}, self.template)]
+        else:
+            messages = [Message("ping", {"sel": 1, "round": 0}), Message("pong", {"sel": 1, "round": 0})]
 
         async def spam(peer: str) -> None:
             while True:
@@ -276,6 +286,7 @@ async def main(args: argparse.Namespace) -> None:
     template = layout.state(model)
     task = task_id(config, data, layout)
     args.frame_limit = message_limit(template)
+    args.protocol = config.protocol
     estimate = 0
     for phase in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
         p2p = P2PConfig(bootstrap=tuple(args.bootstrap), heartbeat_interval=1.0)

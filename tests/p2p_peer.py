@@ -3,7 +3,8 @@
 Prints JSON lines on stdout: ``{"peer", "addrs"}`` once joined; with ``--status``, every 0.5 s
 ``{"status": {"reachability", "relays", "peers": {peer: "direct"|"relayed"}}}``; ``{"received": kind,
 "from": peer, "bytes": n}`` per delivered message; ``"sending"`` before each send when ``--send-mb``
-is given (it then sends that many MB to every peer, over and over).
+is given (it then sends that many MB to every peer, over and over). With ``--publish`` it also
+publishes about 500 announcements a second on topic ``x`` (spam protection off).
 """
 
 import argparse
@@ -71,9 +72,18 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 await trio.sleep(0.5)
 
+        async def publish() -> None:
+            overlay.subscribe("x")
+            overlay.router.spam_protection_enabled = False
+            while True:
+                await overlay.pubsub.publish(f"shoal/{args.task}/x", b"announcement")
+                await trio.sleep(0.002)  # without a pause the flood starves this node's own sends
+
         n.start_soon(report)
         if args.status:
             n.start_soon(status)
+        if args.publish:
+            n.start_soon(publish)
         model = Message("model", {}, {"w": torch.ones(int(args.send_mb * 2**20) // 4)})
         while True:
             for peer in overlay.peers() if args.send_mb else []:
@@ -93,6 +103,7 @@ if __name__ == "__main__":
     parser.add_argument("--relay-service", action="store_true")
     parser.add_argument("--status", action="store_true")
     parser.add_argument("--send-mb", type=float, default=0.0)
+    parser.add_argument("--publish", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="debug logs (libp2p's included) on stderr")
     try:
         trio.run(main, parser.parse_args())

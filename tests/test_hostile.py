@@ -61,7 +61,7 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
              *PHASES[protocol], "--seconds", str(PHASE_SECONDS)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=ENV,
+            env={**ENV, **env},  # the same task as the attacked swarm's
         )  # fmt: skip
         reached: dict[str, list[int]] = {}  # phase -> rounds of the attacked daemons when it began
         deadline = time.monotonic() + 90 + len(PHASES[protocol]) * (PHASE_SECONDS + 10)
@@ -72,6 +72,7 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
             for line in (tmp_path / "attacker.jsonl").read_text().splitlines():
                 event = json.loads(line) if line.startswith("{") else {}
                 if "start" in event and event["phase"] not in reached:
+                    assert len(event["peers"]) == 3, f"the attacker did not join: {event}"
                     reached[event["phase"]] = rounds(attacked)
                 elif "end" in event and "ended " + event["phase"] not in reached:
                     before = reached[event["phase"]]
@@ -89,6 +90,10 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
 
         final_clean, final_attacked = accuracies(clean), accuracies(attacked)
         mean = sum(final_clean) / 3
+        growth = [rss(n) - memory[id(n)] for n in everyone]
+        print(json.dumps({"protocol": protocol, "rounds": reached, "accuracy": [final_clean, final_attacked],
+                          "rss_growth_mb": [round(g / 2**20) for g in growth],
+                          "log_lines": [len(n.full_log().splitlines()) for n in attacked]}))  # fmt: skip
         assert min(final_attacked) >= mean - ACCURACY_MARGIN, (final_clean, final_attacked)
         clean_growth = max(rss(n) - memory[id(n)] for n in clean)
         for node in attacked:

@@ -8,7 +8,20 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.transfer import CHUNK, PREFIX, TRAILER, TransferError, Truncated, digest, read_frame, write_frame
+from overlay.transfer import (
+    CHUNK,
+    PREFIX,
+    TRAILER,
+    Inflight,
+    Pace,
+    Refused,
+    TooSlow,
+    TransferError,
+    Truncated,
+    digest,
+    read_frame,
+    write_frame,
+)
 from overlay.wire import WireError, decode
 
 
@@ -128,3 +141,49 @@ def test_random_bytes_never_crash_the_reader_or_the_decoder(data, piece):
         assert delivered >= 1  # the framed copy always arrives
 
     trio.run(main)
+
+
+class Paced:
+    """A stream that yields ``burst`` bytes at once, then ``rate`` bytes per second (virtual time)."""
+
+    def __init__(self, data: bytes, burst: int, rate: int) -> None:
+        self.data, self.pos, self.burst, self.rate = data, 0, burst, rate
+
+    async def read(self, max_bytes: int) -> bytes:
+        if self.pos >= self.burst:
+            await trio.sleep(1)
+        n = min(max_bytes, self.burst - self.pos if self.pos < self.burst else self.rate)
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+
+async def test_a_frame_fed_fast_then_trickled_is_dropped_within_two_windows(autojump_clock):
+    frame = await frame_bytes(os.urandom(4 * CHUNK))
+    start = trio.current_time()
+    with pytest.raises(TooSlow, match="under 64 KiB/s") as info:
+        await read_frame(Paced(frame, burst=2 * CHUNK, rate=1), 8 * CHUNK, pace=Pace(64 * 1024, 5.0))
+    assert not info.value.hostile
+    assert trio.current_time() - start <= 10.0  # not the 1,600 s a since-start average would allow
+
+
+async def test_a_slow_but_steady_frame_arrives(autojump_clock):
+    payload = os.urandom(2 * CHUNK)  # 2 MiB at 150 KiB/s: about 14 s, each window above 64 KiB/s
+    frame = await frame_bytes(payload)
+    stream = Paced(frame, burst=0, rate=150 * 1024)
+    assert await read_frame(stream, 4 * CHUNK, pace=Pace(64 * 1024, 5.0)) == payload
+
+
+async def test_inflight_refuses_frames_that_do_not_fit_and_releases_on_exit():
+    budget = Inflight(total=3 * CHUNK, per_peer=2 * CHUNK)
+    frame = await frame_bytes(os.urandom(CHUNK))
+    with budget.claim("a") as admit_a, budget.claim("b") as admit_b:
+        await read_frame(Bytes(frame, CHUNK), CHUNK, admit=admit_a)
+        await read_frame(Bytes(frame, CHUNK), CHUNK, admit=admit_a)
+        with pytest.raises(Refused, match="this peer has"):  # a's share is used up
+            await read_frame(Bytes(frame, CHUNK), CHUNK, admit=admit_a)
+        await read_frame(Bytes(frame, CHUNK), CHUNK, admit=admit_b)
+        with pytest.raises(Refused, match="in flight") as info:  # the node's budget is used up
+            await read_frame(Bytes(frame, CHUNK), CHUNK, admit=admit_b)
+        assert not info.value.hostile and budget.used == 3 * CHUNK
+    assert budget.used == 0 and not budget.by_peer
