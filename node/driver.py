@@ -136,7 +136,6 @@ class Driver:
         except ValueError as exc:
             if not isinstance(event, MessageIn):
                 raise
-            log.warning("%s message from %s could not be handled: %s", event.kind, event.peer, exc)
             self.overlay.penalize(event.peer, f"{event.kind} message could not be handled: {exc}")
             return
         for action in actions:

@@ -380,7 +380,7 @@ class Libp2pOverlay:
                     addrs = [str(a) for a in info.addrs] + self._known_addrs(str(info.peer_id))
                     await self._connect(info.peer_id, addrs)
                 except PeerUnreachable as e:
-                    log.info("provider %s: %s", info.peer_id, e)
+                    log.debug("provider %s: %s", info.peer_id, e)  # stale records of departed peers: often
 
         async with trio.open_nursery() as nursery:
             for info in infos:

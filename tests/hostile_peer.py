@@ -1,19 +1,16 @@
 """A hostile participant of a Shoal swarm, built on Shoal's own overlay: for tests/test_hostile.py.
 
-It joins the task of the honest daemons (same ``config.toml`` task settings, so the same task id),
-becomes their task peer like any node, and then runs attack phases one after the other, each for
-``--seconds``, each under a fresh identity (identities cost nothing; an honest node bans per peer).
-Every message it sends is well-formed on the wire unless the phase is about malformed input; the values
-are what an adversary would choose. Prints JSON lines ``{"phase", "start", "peer", "peers"}`` once a
-phase's identity has joined and ``{"phase", "end", "sent"}`` when the phase is over.
+It joins the task of the honest daemons (same ``config.toml`` and ``SHOAL_*`` task settings, so the
+same task id), becomes their task peer like any node, and then runs attack phases one after the other,
+each for ``--seconds`` and each under a fresh identity (identities cost nothing; an honest node bans
+per peer). Prints JSON lines ``{"phase", "start", "peer", "peers"}`` once a phase's identity has
+joined and ``{"phase", "end", "sent", "bytes"}`` when the phase is over.
 
 Phases:
-- ``huge``: gossip ``model`` messages with the right names, shapes and dtypes, every value 1e30.
-- ``rounds``: rounds and counts of 2**63 - 1, 2**53 + 1, far-future and negative, in every kind.
-- ``hijack``: MoDeST ``aggregated`` / ``trained`` models with random weights for the next rounds (where
-  this peer is not a plausible aggregator) and for far-future rounds.
-- ``malformed``: bodies of the wrong types and shapes, unknown kinds, bad views.
-- ``flood``: as many small valid messages (and ``fetch`` requests) as the node takes, from parallel tasks.
+- ``huge``, ``far-rounds``, ``hijack``, ``garbage``: the simulator's hostile protocol
+  (``simulations.hostile.Hostile``, which documents what each sends) run by the node's own driver on
+  the libp2p overlay, every 0.2 s.
+- ``flood``: as many small valid messages as the node takes, from parallel senders.
 - ``trickle``: several fresh identities each open frames claiming the largest allowed size, send most of
   it quickly, then one byte a second.
 - ``metadata``: forged records (a record for an honest peer written by us), replays of an honest peer's
@@ -31,24 +28,23 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from learning.learner import Hyperparameters, Learner
 from learning.models import ParameterLayout, build_model
-from learning.modest import order
-from node.config import load
+from learning.modest import ModestConfig
+from node.config import Config, load
 from node.daemon import load_data, message_limit, task_id
+from node.driver import Driver, ThreadCompute
 from overlay.host import quiet_libp2p_logs
-from overlay.interface import Delivered
 from overlay.metadata import Metadata
 from overlay.p2p import Libp2pOverlay, P2PConfig
 from overlay.transfer import MAGIC as FRAME_MAGIC
 from overlay.transfer import PREFIX, Libp2pStream
 from overlay.transfer import VERSION as FRAME_VERSION
 from overlay.wire import Message
-
-HUGE = 1e30
+from simulations.hostile import ATTACKS, Hostile
 
 
 def say(value: object) -> None:
@@ -56,130 +52,43 @@ def say(value: object) -> None:
 
 
 class Attacker:
-    def __init__(self, overlay: Libp2pOverlay, template: dict[str, torch.Tensor], args: argparse.Namespace):
+    def __init__(self, overlay: Libp2pOverlay, learner: Learner, config: Config, args: argparse.Namespace):
         self.overlay = overlay
-        self.template = template
+        self.learner = learner
+        self.template = learner.initial_state()
+        self.config = config
         self.args = args
         self.sent = 0
-        self.estimate = 0  # the swarm's round, as its pongs and models tell us
         self.rng = random.Random(1)
 
     def targets(self) -> list[str]:
         return self.overlay.peers()
 
-    async def send(self, peer: str, kind: str, body: dict, tensors: dict | None = None) -> None:
-        try:
-            with trio.move_on_after(5):
-                await self.overlay.send(peer, Message(kind, body, tensors or {}))
-                self.sent += 1
-        except Exception:  # a victim that bans us refuses: keep attacking the others
-            pass
-
-    async def to_all(self, kind: str, body: dict, tensors: dict | None = None) -> None:
-        async with trio.open_nursery() as nursery:
-            for peer in self.targets():
-                nursery.start_soon(self.send, peer, kind, body, tensors)
-
-    def random_model(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        return {n: torch.randn_like(t) * scale for n, t in self.template.items()}
-
-    async def listen(self) -> None:
-        """Learn the swarm's round from what it sends us (pongs, models)."""
-        async for event in self.overlay.events:
-            if isinstance(event, Delivered):
-                rnd = event.message.body.get("round")
-                if isinstance(rnd, int) and rnd < 2**31:
-                    self.estimate = max(self.estimate, rnd)
-                if event.message.kind == "ping":
-                    await self.send(event.peer, "pong", {"sel": event.message.body.get("sel"), "round": 0})
-
-    # -- phases --------------------------------------------------------------------------------
-
-    async def huge(self) -> None:
-        model = {n: torch.full_like(t, HUGE) for n, t in self.template.items()}
-        while True:
-            if self.args.protocol == "gossip":
-                await self.to_all("model", {"round": self.estimate, "samples": 1000}, model)
-            else:
-                me = self.overlay.peer_id
-                view = {p: [self.estimate, 1, True] for p in [me, *self.targets()]}
-                for kind, rnd in (("aggregated", self.estimate), ("trained", self.estimate + 1)):
-                    await self.to_all(kind, {"round": rnd, "samples": 1000, "view": view}, model)
-            await trio.sleep(0.3)
-
-    async def rounds(self) -> None:
-        model = {n: t.clone() for n, t in self.template.items()}
-        far = (2**63 - 1, 2**53 + 1, 2**40, self.estimate + 10**6)
-        while True:
-            for rnd in far:
-                me = self.overlay.peer_id
-                if self.args.protocol == "gossip":
-                    await self.to_all("model", {"round": rnd, "samples": rnd}, model)
-                    continue
-                await self.to_all("ping", {"sel": rnd, "round": rnd})
-                await self.to_all("advert", {"round": rnd, "index": rnd, "joined": True})
-                view = {me: [rnd, 1, True], **{p: [rnd, rnd, True] for p in self.targets()}}
-                await self.to_all("aggregated", {"round": rnd, "samples": 10, "view": view}, model)
-                await self.to_all("trained", {"round": rnd, "samples": rnd, "view": view}, model)
-            await trio.sleep(0.3)
-
-    async def hijack(self) -> None:
-        me = self.overlay.peer_id
-        await self.to_all("advert", {"round": self.estimate, "index": 1, "joined": True})
-        while True:
-            everyone = [me, *self.targets()]
-            ahead = [
-                r
-                for r in range(self.estimate + 1, self.estimate + 50)
-                if me not in order(everyone, r)[: self.args.plausible]
-            ]
-            for rnd in [*ahead[:3], self.estimate + 2**20, 2**40]:
-                view = {p: [rnd, 1, True] for p in everyone}
-                body = {"round": rnd, "samples": 100, "view": view}
-                await self.to_all("aggregated", body, self.random_model())
-                await self.to_all("trained", body, self.random_model())
-            await trio.sleep(0.3)
-
-    async def malformed(self) -> None:
-        names = list(self.template)
-        first = self.template[names[0]]
-        wrong_shape = {**self.template, names[0]: torch.zeros(first.numel() + 1)}
-        bodies = [
-            ("model", {"round": "x", "samples": 1}, self.template),
-            ("model", {"round": -1, "samples": 1}, self.template),
-            ("model", {"round": 1, "samples": -5}, self.template),
-            ("model", {"round": 1.5, "samples": 1}, self.template),
-            ("model", {"round": True, "samples": True}, self.template),
-            ("model", {"round": 1, "samples": 1, "labels": list(range(20_000))}, self.template),
-            ("model", {"round": 1, "samples": 1, "labels": "abc"}, self.template),
-            ("model", {"round": 1, "samples": 1}, wrong_shape),
-            ("model", {"round": 1, "samples": 1}, {"nonsense": torch.zeros(3)}),
-            ("model", {"round": 1, "samples": 1}, {}),
-            (
-                "model",
-                {"round": 1, "samples": 1, "reply": "yes"},
-                {n: t.double() for n, t in self.template.items()},
-            ),
-            ("model", {}, self.template),
-            ("fetch", {"round": [1, 2]}, {}),
-            ("no-such-kind", {"round": 1}, {}),
-            ("ping", {"sel": "x", "round": 1}, {}),
-            ("pong", {"sel": -1, "round": 1}, {}),
-            ("advert", {"round": 1, "index": "y", "joined": 3}, {}),
-            ("aggregated", {"round": 1, "samples": 1, "view": "not a view"}, self.template),
-            ("aggregated", {"round": 1, "samples": 1, "view": {"p": [1, 2]}}, self.template),
-            ("trained", {"round": 1, "samples": 1, "view": {str(i): [1, 1, True] for i in range(9_000)}}, {}),
-            ("trained", {"round": 1, "samples": 1, "view": {}}, {n: t[:0] for n, t in self.template.items()}),
-        ]
-        while True:
-            for kind, body, tensors in bodies:
-                await self.to_all(kind, body, tensors)
-            await trio.sleep(0.2)
+    async def protocol(self, mode: str) -> None:
+        """One of the simulator's hostile modes, through the node's own driver."""
+        c = self.config
+        victims = ModestConfig(
+            sample_size=c.sample_size,
+            aggregators=c.aggregators,
+            max_round_jump=c.max_round_jump,
+            role_slack=c.role_slack,
+        )
+        hostile = Hostile(
+            self.overlay.peer_id,
+            self.targets(),
+            self.template,
+            c.protocol,
+            [mode],
+            self.rng,
+            period=0.2,
+            config=victims,
+        )
+        await Driver(hostile, self.overlay, self.learner, ThreadCompute()).run()
 
     async def flood(self) -> None:
         """Eight senders per victim, each as fast as the victim takes them: gossip fetches (each asks
         the victim to send its whole model back) and copies of a plausible model, or MoDeST pings."""
-        if self.args.protocol == "gossip":
+        if self.config.protocol == "gossip":
             messages = [Message("fetch", {}), Message("model", {"round": 0, "samples": 1}, self.template)]
         else:
             messages = [Message("ping", {"sel": 1, "round": 0}), Message("pong", {"sel": 1, "round": 0})]
@@ -280,23 +189,16 @@ async def main(args: argparse.Namespace) -> None:
     quiet_libp2p_logs(False)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     config = load(Path(args.config))
-    data, _, _ = load_data(config)
+    data, x, y = load_data(config)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
     layout = ParameterLayout.of(model)
-    template = layout.state(model)
     task = task_id(config, data, layout)
-    args.frame_limit = message_limit(template)
-    args.protocol = config.protocol
-    estimate = 0
+    learner = Learner(model, x, y, Hyperparameters(local_steps=1, local_epochs=None))
+    args.frame_limit = message_limit(learner.initial_state())
     for phase in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
         p2p = P2PConfig(bootstrap=tuple(args.bootstrap), heartbeat_interval=1.0)
-        async with (
-            Libp2pOverlay.start(create_new_key_pair(), task, p2p) as overlay,
-            trio.open_nursery() as nursery,
-        ):
-            attacker = Attacker(overlay, template, args)
-            attacker.estimate = estimate
-            nursery.start_soon(attacker.listen)
+        async with Libp2pOverlay.start(create_new_key_pair(), task, p2p) as overlay:
+            attacker = Attacker(overlay, learner, config, args)
             await overlay.provide(f"shoal/{task}")
             with trio.move_on_after(60):
                 while len(overlay.peers()) < args.peers:
@@ -304,10 +206,12 @@ async def main(args: argparse.Namespace) -> None:
                     await trio.sleep(0.5)
             say({"phase": phase, "start": time.time(), "peer": overlay.peer_id, "peers": overlay.peers()})
             with trio.move_on_after(args.seconds):
-                await getattr(attacker, phase)()
-            say({"phase": phase, "end": time.time(), "sent": attacker.sent})
-            estimate = attacker.estimate
-            nursery.cancel_scope.cancel()
+                if phase in ATTACKS:
+                    await attacker.protocol(phase)
+                else:
+                    await getattr(attacker, phase)()
+            sent = overlay.bytes_out.total()
+            say({"phase": phase, "end": time.time(), "sent": attacker.sent, "bytes": sent})
 
 
 if __name__ == "__main__":
@@ -319,7 +223,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
     parser.add_argument("--identities", type=int, default=3, help="fresh identities in the trickle phase")
     parser.add_argument("--sybils", type=int, default=2000, help="fake records in the metadata phase")
-    parser.add_argument("--plausible", type=int, default=3, help="MoDeST ranks that may aggregate")
     try:
         trio.run(main, parser.parse_args())
     except KeyboardInterrupt:

@@ -24,10 +24,16 @@ ACCURACY_MARGIN = 0.05  # "within a few points" of the clean swarm
 RSS_MARGIN = 100 * 2**20  # bytes of resident memory an attacked daemon may grow beyond a clean one
 LOG_LINES = 400  # lines an attacked daemon may write in the whole test
 PHASES = {
-    "gossip": ["huge", "rounds", "malformed", "flood", "trickle", "metadata"],
-    "modest": ["rounds", "hijack", "huge", "malformed", "flood"],
+    "gossip": ["huge", "far-rounds", "garbage", "flood", "trickle", "metadata"],
+    "modest": ["far-rounds", "hijack", "huge", "garbage", "flood"],
 }
-SETTINGS = {"gossip": {}, "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2"}}
+# MoDeST: a role slack of 1 (aggregator among the first 2 candidates of a round, trainers among the first
+# 3) so that in a swarm this small the attacker holds no role in most rounds (the default of 16 is sized
+# for crashes in large swarms and accepts every peer of a 4-node swarm in every role).
+SETTINGS = {
+    "gossip": {},
+    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_ROLE_SLACK": "1"},
+}
 
 
 def rss(node: Node) -> int:
@@ -114,9 +120,9 @@ def test_twenty_sigterms_under_traffic_all_exit_0_without_a_traceback(tmp_path):
         nodes = swarm(tmp_path / f"batch{batch}", 5)
         try:
             wait_for(lambda n=nodes: min(rounds(n)) >= 3, 180, "every daemon training", nodes)
-            for node in nodes:
+            for node in nodes:  # all at once: each leaves while the others still send to it
                 node.proc.send_signal(signal.SIGTERM)
-            codes = [node.stop(timeout=30) for node in nodes]
+            codes = [node.proc.wait(timeout=30) for node in nodes]
             assert codes == [0] * 5, [n.log() for n in nodes]
             for node in nodes:
                 assert "Traceback" not in node.full_log(), node.log()
