@@ -52,8 +52,16 @@ finite values, no layer over ``max_norm_ratio`` times ours), or refused with a r
   ``aggregators + role_slack`` of round k+1. Residual risk: an attacker that really is a plausible
   aggregator (or trainer) of a round in the window can still send one bad model for it, within the
   norm bound, and MoDeST has no robust aggregation; by choosing such rounds it can also move the
-  rounds of the nodes it reaches ahead by up to a window each time. Statements about third peers in a
-  view (a forged LEAVE with a higher index) are still believed: they need signatures.
+  rounds of the nodes it reaches ahead by up to a window each time.
+- **Blame and liveness.** A model refused only by the window or the role check is dropped without a
+  penalty: an honest sender whose view holds fewer peers than ours (a join that has not reached it)
+  ranks higher in its own view, and a node that fell behind sees honest rounds as far ahead. Since a
+  refused model is never resent, a node that has neither begun training nor aggregated for
+  ``watch_timeout`` takes a model the role check alone refuses (measured: three daemons joining at
+  once with a slack of 1 otherwise stalled at round 2 for good). Residual risk: an attacker can make a
+  node idle that long take one model per ``watch_timeout``, still within the window and norm bound.
+  Statements about third peers in a view (a forged LEAVE with a higher index) are still believed:
+  they need signatures.
 """
 
 from __future__ import annotations
@@ -205,6 +213,7 @@ class Modest:
         self._selections: dict[int, Selection] = {}
         self._next_selection = 0
         self._index = 0  # our own advertisement counter
+        self._progressed = 0.0  # when we started, last began training or aggregated (role check fallback)
 
     @property
     def model(self) -> State:
@@ -260,6 +269,7 @@ class Modest:
     # --- membership -------------------------------------------------------------------------
 
     def _start(self) -> list[Action]:
+        self._progressed = self._now
         if self._joining:
             self._index += 1
             return self._advertise(joined=True)
@@ -323,16 +333,14 @@ class Modest:
         if fault:
             return [Rejected(peer, fault)]
         if msg.round > self._limit():
-            return [
-                Rejected(
-                    peer,
-                    f"{kind} model of round {msg.round} is more than {self._config.max_round_jump} rounds "
-                    f"ahead of our round {self._own_round()}",
-                )
-            ]
+            reason = (
+                f"{kind} model of round {msg.round} is more than {self._config.max_round_jump} rounds "
+                f"ahead of our round {self._own_round()}"
+            )
+            return [Rejected(peer, reason, blame=False)]  # or we fell behind: not proof of a lie
         implausible = self._implausible_role(peer, kind, msg)
-        if implausible:
-            return [Rejected(peer, implausible)]
+        if implausible and self._now - self._progressed < self._config.watch_timeout:
+            return [Rejected(peer, implausible, blame=False)]  # or its view is ahead of ours
         self._hear(msg.round)
         self.view.merge(msg.view, self._limit())
         self._seen(peer, msg.round)
@@ -370,6 +378,7 @@ class Modest:
         return self._begin_training(rnd, state) if rnd > self._train_round else []
 
     def _begin_training(self, rnd: int, state: State) -> list[Action]:
+        self._progressed = self._now
         self._model, self._model_round = state, rnd
         self._train_round = rnd
         self._training = True
@@ -416,6 +425,7 @@ class Modest:
     def _aggregate(self) -> list[Action]:
         """FedAvg of the buffer; our own trained model, when in it, is the trusted one a faulty
         contribution is told apart by (``integrate_contained``)."""
+        self._progressed = self._now
         self._aggregated = True
         mine = self._buffer.pop(self.me, None)
         received = [*([mine] if mine else []), *self._buffer.values()]

@@ -107,10 +107,12 @@ class RoundDone:
 
 @dataclass(frozen=True)
 class Rejected:
-    """Input from a peer was refused; the driver logs the reason and may penalise the peer."""
+    """Input from a peer was refused. ``blame``: it proves the peer wrong, and the driver penalises it;
+    without, it may be an honest peer's lag (a view or round we have not caught up with): only dropped."""
 
     peer: str
     reason: str
+    blame: bool = True
 
 
 Action = Send | Train | StartTimer | RoundDone | Rejected

@@ -152,8 +152,10 @@ class Driver:
             case RoundDone(rnd):
                 if self.on_round is not None:
                     self.on_round(rnd)
-            case Rejected(peer, reason):
+            case Rejected(peer, reason, blame=True):
                 self.overlay.penalize(peer, reason)
+            case Rejected(peer, reason):
+                log.debug("dropped input from %s: %s", peer, reason)
 
     async def _send(self, send: Send) -> None:
         try:

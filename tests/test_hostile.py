@@ -6,6 +6,8 @@ CPU, so the clean one is the fair reference for accuracy and memory. For every p
 daemons must stay alive and keep finishing rounds; at the end their accuracy must be within a few
 points of the clean swarm's, their memory must have grown by less than a bound over the clean
 swarm's growth, their logs must stay short, and their rounds must not have been moved far ahead.
+Then all six daemons get SIGTERM at once, under traffic, and must exit 0 without a traceback; with
+the eight of the last test that makes the issue's twenty.
 """
 
 import json
@@ -19,7 +21,7 @@ import pytest
 
 from tests.test_daemon import ACCURACY, ENV, Node, accuracies, stop_all, swarm, wait_for
 
-PHASE_SECONDS = 8.0
+PHASE_SECONDS = 5.0
 ACCURACY_MARGIN = 0.05  # "within a few points" of the clean swarm
 RSS_MARGIN = 100 * 2**20  # bytes of resident memory an attacked daemon may grow beyond a clean one
 LOG_LINES = 400  # lines an attacked daemon may write in the whole test
@@ -27,12 +29,13 @@ PHASES = {
     "gossip": ["huge", "far-rounds", "garbage", "flood", "trickle", "metadata"],
     "modest": ["far-rounds", "hijack", "huge", "garbage", "flood"],
 }
-# MoDeST: a role slack of 1 (aggregator among the first 2 candidates of a round, trainers among the first
-# 3) so that in a swarm this small the attacker holds no role in most rounds (the default of 16 is sized
-# for crashes in large swarms and accepts every peer of a 4-node swarm in every role).
+# MoDeST: a role slack of 2 (aggregator among the first 3 candidates of a round, trainers among the first
+# 4), so that with the attacker in the view it holds no aggregator role in a quarter of the rounds, which
+# are the ones it hijacks (the default of 16 is sized for crashes in large swarms and accepts every peer
+# of a small swarm in every role).
 SETTINGS = {
     "gossip": {},
-    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_ROLE_SLACK": "1"},
+    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_ROLE_SLACK": "2"},
 }
 
 
@@ -47,6 +50,18 @@ def rounds(nodes: list[Node]) -> list[int]:
     return [(n.status() or {}).get("round", -1) for n in nodes]
 
 
+def sigterm_all(nodes: list[Node]) -> None:
+    """SIGTERM every daemon at once (each leaves while the others still send to it): all exit 0 with a
+    final checkpoint and no traceback."""
+    for node in nodes:
+        node.proc.send_signal(signal.SIGTERM)
+    codes = [node.proc.wait(timeout=30) for node in nodes]
+    assert codes == [0] * len(nodes), [n.log() for n in nodes]
+    for node in nodes:
+        assert "Traceback" not in node.full_log(), node.log()
+        assert "checkpoint written" in node.log()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["gossip", "modest"])
 def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
@@ -56,9 +71,7 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
     everyone = clean + attacked
     attacker = None
     try:
-        wait_for(
-            lambda: min(accuracies(everyone)) >= ACCURACY, 240, f"both swarms at {ACCURACY:.0%}", everyone
-        )
+        wait_for(lambda: min(rounds(everyone)) >= 3, 180, "both swarms training", everyone)
         memory = {id(n): rss(n) for n in everyone}
         out = (tmp_path / "attacker.jsonl").open("w")
         attacker = subprocess.Popen(
@@ -100,7 +113,10 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
         print(json.dumps({"protocol": protocol, "rounds": reached, "accuracy": [final_clean, final_attacked],
                           "rss_growth_mb": [round(g / 2**20) for g in growth],
                           "log_lines": [len(n.full_log().splitlines()) for n in attacked]}))  # fmt: skip
-        assert min(final_attacked) >= mean - ACCURACY_MARGIN, (final_clean, final_attacked)
+        assert min(final_clean) >= ACCURACY and min(final_attacked) >= mean - ACCURACY_MARGIN, (
+            final_clean,
+            final_attacked,
+        )
         clean_growth = max(rss(n) - memory[id(n)] for n in clean)
         for node in attacked:
             assert rss(node) - memory[id(node)] < clean_growth + RSS_MARGIN, node.log()
@@ -108,6 +124,7 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
             shown = node.status()
             assert shown["round"] < 10**6 and shown["rejected"] > 0, shown
             assert {m.peer for m in attacked} <= set(shown["members"]), shown["members"]
+        sigterm_all(everyone)
     finally:
         if attacker is not None and attacker.poll() is None:
             attacker.kill()
@@ -115,17 +132,10 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
 
 
 @pytest.mark.slow
-def test_twenty_sigterms_under_traffic_all_exit_0_without_a_traceback(tmp_path):
-    for batch in range(4):
-        nodes = swarm(tmp_path / f"batch{batch}", 5)
-        try:
-            wait_for(lambda n=nodes: min(rounds(n)) >= 3, 180, "every daemon training", nodes)
-            for node in nodes:  # all at once: each leaves while the others still send to it
-                node.proc.send_signal(signal.SIGTERM)
-            codes = [node.proc.wait(timeout=30) for node in nodes]
-            assert codes == [0] * 5, [n.log() for n in nodes]
-            for node in nodes:
-                assert "Traceback" not in node.full_log(), node.log()
-                assert "checkpoint written" in node.log()
-        finally:
-            stop_all(nodes)
+def test_sigterms_under_traffic_all_exit_0_without_a_traceback(tmp_path):
+    nodes = swarm(tmp_path, 8)
+    try:
+        wait_for(lambda: min(rounds(nodes)) >= 3, 180, "every daemon training", nodes)
+        sigterm_all(nodes)
+    finally:
+        stop_all(nodes)

@@ -25,7 +25,7 @@ from learning.messages import (
 )
 from learning.models import build_model
 from learning.modest import Modest, ModestConfig, order
-from learning.protocol import MessageIn, Rejected, Started
+from learning.protocol import MessageIn, Rejected, Started, Train
 
 # --- parsing ---------------------------------------------------------------------------------
 
@@ -222,6 +222,22 @@ def test_an_aggregated_model_only_from_a_plausible_aggregator_to_a_plausible_tra
     other, aggregator = find_round("p00", want_trainer=False)
     (action,) = modest().handle(aggregated(aggregator, other), 1.0)
     assert isinstance(action, Rejected) and "no plausible trainer" in action.reason
+
+
+def test_role_and_window_refusals_blame_nobody_and_an_idle_node_takes_the_model_after_all():
+    """An honest sender whose view lags ours, or a node that fell behind, looks like a liar: the refusal
+    is not held against the sender, and a node that made no progress for watch_timeout (a refused model
+    is never resent) takes what only the role check refused, so the swarm cannot stall on it."""
+    rnd, _ = find_round("p00", want_trainer=True)
+    impostor = role(rnd, 5)
+    node = modest()
+    node.handle(Started(), 0.0)
+    (refused,) = node.handle(aggregated(impostor, rnd), 1.0)
+    assert isinstance(refused, Rejected) and not refused.blame
+    (far,) = node.handle(aggregated(role(10**6, 0), 10**6), 1.0)
+    assert isinstance(far, Rejected) and not far.blame
+    (train,) = node.handle(aggregated(impostor, rnd), CONFIG.watch_timeout + 1.0)
+    assert isinstance(train, Train) and node.round == rnd
 
 
 def test_a_trained_model_only_from_a_plausible_trainer_to_a_plausible_aggregator():
