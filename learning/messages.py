@@ -35,7 +35,9 @@ from learning.averaging import incompatibility
 MAX_ROUND = 2**53 - 1
 MAX_SAMPLES = 10**9
 MAX_LABELS = 10_000
-MAX_VIEW = 100_000
+# Peers in a MoDeST view, sent and kept: half the wire's 10,000 entries per map, so that an honest
+# node's view always fits in a message (a larger one would be refused as malformed and get it banned).
+MAX_VIEW = 5_000
 MAX_PEER_ID = 256
 # Per-element RMS below which a layer of ours counts as this large when bounding a received layer: a
 # zero-initialised layer (biases, LoRA-style adapters) would otherwise refuse every trained peer's.

@@ -43,16 +43,16 @@ finite values, no layer over ``max_norm_ratio`` times ours), or refused with a r
   no window, and takes that first round as its own, so it can join a swarm at round 500. Residual risk:
   if a liar speaks to it first, it places the joiner's window anywhere up to 2**53 - 1, where an
   attacker that is also a plausible aggregator of a far round can then lead it away from the swarm.
-- **Roles.** Derived from our view merged with the one the model carries (so a newcomer known to its
-  sender is known to us), with ``role_slack`` extra candidates because availability filtering skips
-  crashed peers and views differ slightly: an ``aggregated`` model of round k is taken only from one of
-  the first ``aggregators + role_slack`` candidates of round k, and only if we are among its first
-  ``sample_size + role_slack``; a ``trained`` model tagged k+1 only from one of the first
-  ``sample_size + role_slack`` candidates of round k, and only if we are among the first
-  ``aggregators + role_slack`` of round k+1. Residual risk: an attacker that really is a plausible
-  aggregator (or trainer) of a round in the window can still send one bad model for it, within the
-  norm bound, and MoDeST has no robust aggregation; by choosing such rounds it can also move the
-  rounds of the nodes it reaches ahead by up to a window each time.
+- **Roles.** Derived from our view plus the peers the model's view adds (so a newcomer known to its
+  sender is known to us; its entries for peers we know are not taken for this), with ``role_slack``
+  extra candidates because availability filtering skips crashed peers and views differ slightly: an
+  ``aggregated`` model of round k is taken only from one of the first ``aggregators + role_slack``
+  candidates of round k, and only if we are among its first ``sample_size + role_slack``; a ``trained``
+  model tagged k+1 only from one of the first ``sample_size + role_slack`` candidates of round k, and
+  only if we are among the first ``aggregators + role_slack`` of round k+1. Residual risk: an attacker
+  that really is a plausible aggregator (or trainer) of a round in the window can still send one bad
+  model for it, within the norm bound, and MoDeST has no robust aggregation; by choosing such rounds it
+  can also move the rounds of the nodes it reaches ahead by up to a window each time.
 - **Blame and liveness.** A model refused only by the window or the role check is dropped without a
   penalty: an honest sender whose view holds fewer peers than ours (a join that has not reached it)
   ranks higher in its own view, and a node that fell behind sees honest rounds as far ahead. Since a
@@ -73,7 +73,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from learning.integrators import Contribution, Integrator, integrate_contained
-from learning.messages import MAX_ROUND, Advert, Entry, ModestModel, Ping, Pong, model_fault, quote
+from learning.messages import MAX_ROUND, MAX_VIEW, Advert, Entry, ModestModel, Ping, Pong, model_fault, quote
 from learning.protocol import (
     Action,
     Event,
@@ -134,14 +134,18 @@ class View:
             last = min(theirs.last_active, limit)
             mine = self.entries.get(peer)
             if mine is None:
-                self.entries[peer] = replace(theirs, last_active=last)
+                if len(self.entries) < MAX_VIEW:  # a full view takes no newcomers (views are never pruned)
+                    self.entries[peer] = replace(theirs, last_active=last)
             elif theirs.index > mine.index:
                 self.entries[peer] = Entry(max(mine.last_active, last), theirs.index, theirs.joined)
             elif last > mine.last_active:
                 self.entries[peer] = replace(mine, last_active=last)
 
     def refresh(self, peer: str, round: int) -> None:
-        entry = self.entries.get(peer, Entry())
+        entry = self.entries.get(peer)
+        if entry is None and len(self.entries) >= MAX_VIEW:
+            return
+        entry = entry or Entry()
         self.entries[peer] = replace(entry, last_active=max(entry.last_active, round))
 
     def active(self, round: int, threshold: int, me: str) -> list[str]:
@@ -349,9 +353,18 @@ class Modest:
         return self._on_trained_model(peer, msg.round, Contribution(dict(tensors), msg.samples, peer))
 
     def _implausible_role(self, peer: str, kind: str, msg: ModestModel) -> str | None:
-        """Why ``peer`` cannot be sending us this model, by the roles of our view merged with its own."""
-        view = View(self.view.entries)
-        view.merge(msg.view)
+        """Why ``peer`` cannot be sending us this model, by the roles of our view plus what its view adds:
+        newcomers and newer activity, never a status change of a peer we know (a LEAVE with a higher
+        index for every honest peer would let it rank itself first; more active peers only rank it lower)."""
+        known = self.view.entries
+        view = View(known)
+        view.merge(
+            {
+                p: Entry(e.last_active, known[p].index, known[p].joined) if p in known else e
+                for p, e in msg.view.items()
+            },
+            self._limit(),
+        )
         c = self._config
 
         def plausible(who: str, rnd: int, wanted: int) -> bool:

@@ -128,8 +128,3 @@ class LearningProtocol(Protocol):
     def round(self) -> int: ...
 
     def handle(self, event: Event, now: float) -> list[Action]: ...
-
-
-def is_count(x: object) -> bool:
-    """A non-negative int (and not a bool): what rounds, indices and sample counts must be on the wire."""
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0

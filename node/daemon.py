@@ -219,7 +219,8 @@ class Daemon:
                     role_slack=c.role_slack,
                 ),
                 self.rng,
-                joining=bool(c.bootstrap),
+                # a restart joins anew, seed or not: its checkpoint's round is far behind the swarm's
+                joining=bool(c.bootstrap) or self.start_round > 0,
             )
         joining = bool(c.bootstrap) and self.start_round == 0  # a fresh joiner fetches the swarm's model
         config = GossipConfig(

@@ -98,6 +98,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.peer.id import ID
 from pycrdt import Doc, Map, TransactionEvent, merge_updates
@@ -237,13 +238,15 @@ def _peer_id(key_pair: KeyPair) -> str:
 
 @lru_cache(maxsize=4096)
 def _public_key(peer: str) -> PublicKey | None:
-    """The key a peer id embeds (Ed25519 ids do), or None: then nothing can be signed under it."""
+    """The Ed25519 key a peer id embeds, or None: then nothing can be signed under it. Other key types
+    are refused: a secp256k1 key's ``verify`` raises on our signatures instead of answering False."""
     if len(peer) > MAX_PEER_ID:
         return None
     try:
-        return ID.from_base58(peer).extract_public_key()
-    except ValueError:
+        key = ID.from_base58(peer).extract_public_key()
+    except Exception:  # a hostile id: base58, multihash and key decoding raise assorted types
         return None
+    return key if isinstance(key, Ed25519PublicKey) else None
 
 
 def _checked(data: object, what: str, limit: int, parse: Callable[[bytes], None]) -> bytes:
@@ -454,7 +457,7 @@ class Metadata:
             return None
         try:
             payload = _payload(self.task, peer, value["c"], value["r"])
-        except (ValueError, RecursionError):
+        except (ValueError, TypeError, RecursionError):  # TypeError: a binary value JSON cannot hold
             return None
         if len(payload) + len(signature) > self.max_entry_bytes:
             return None
@@ -469,7 +472,10 @@ class Metadata:
             signature = bytes.fromhex(record.signature)
         except ValueError:
             return None
-        return record if key.verify(record.payload, signature) else None
+        try:
+            return record if key.verify(record.payload, signature) else None
+        except Exception:  # the key library's own complaint about a hostile signature: not valid
+            return None
 
     def _accept(self, peer: str, value: object) -> bool:
         """Whether the doc's ``value`` for ``peer`` is (now) the record readers see of it."""

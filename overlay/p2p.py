@@ -85,6 +85,7 @@ ANNOUNCEMENTS_PER_SECOND = 8.0
 DIRECT_DIAL_TIMEOUT = 3.0
 RECHECK = 300.0  # seconds between reachability checks (and relay reservation refreshes)
 MAX_RELAYS = 2
+MAX_KIND, MAX_KINDS = 32, 64  # traffic counters: per message kind only for kinds this short, this many
 MAX_INBOUND_PER_PEER = 4  # message streams one peer may have open to us at once
 LOOKUP_TIMEOUT = 10.0
 SYNC_TIMEOUT = 10.0  # gossipsub's spam protection drops a topic's 11th message in a second
@@ -349,7 +350,7 @@ class Libp2pOverlay:
             ) from e
         except Exception as e:  # libp2p raises many unrelated types for a failed stream
             raise PeerUnreachable(f"{peer}: {explain_dial_error(e)}") from e
-        self.bytes_out[f"msg:{message.kind}"] += len(payload)
+        self.bytes_out[self._kind_key(message.kind)] += len(payload)
 
     def subscribe(self, topic: str) -> None:
         assert self._nursery is not None, "subscribe after start()"
@@ -432,6 +433,15 @@ class Libp2pOverlay:
                 continue
             if protocols and KAD_PROTOCOL not in protocols:  # a peer turning server pushes identify
                 table.remove_peer(peer)
+
+    def _kind_key(self, kind: str) -> str:
+        """The traffic counter of a message kind: kinds are peer input, so a new one gets its own
+        counter (and Prometheus label) only while they are few and short."""
+        key = f"msg:{kind}"
+        if key in self.bytes_in or key in self.bytes_out:
+            return key
+        known = {k for k in (*self.bytes_in, *self.bytes_out) if k.startswith("msg:")}
+        return key if len(kind) <= MAX_KIND and len(known) < MAX_KINDS else "msg:other"
 
     def penalize(self, peer: str, reason: str) -> None:
         self._reject(peer, "refused by protocol", reason, wrong=True)
@@ -610,7 +620,7 @@ class Libp2pOverlay:
             finally:
                 del payload  # not held past the reservation while the delivery below waits
                 await stream.close()
-        self.bytes_in[f"msg:{message.kind}"] += size
+        self.bytes_in[self._kind_key(message.kind)] += size
         await self._peer_up(peer)
         await self._events_in.send(Delivered(peer, message))
 
@@ -714,8 +724,9 @@ class Libp2pOverlay:
                 if self._state == "joining":
                     self._state = "training"
                 self.metadata.heartbeat(now, self.addresses(), self._state)
-                for gone in self.metadata.expire(now):
-                    log.info("metadata: %s expired", gone)
+                gone = self.metadata.expire(now)
+                if gone:  # junk and Sybil records expire by the thousand: one line, a few names
+                    log.info("metadata: %d expired (%s)", len(gone), ", ".join(gone[:3]))
             await self._publish_metadata()
             self._prune_dht_clients()
             # anti-entropy with a task peer, or with a connected one whose first sync failed

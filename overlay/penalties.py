@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("shoal.overlay.penalties")
 
 SUMMARY_PEERS = 3  # peers named in a summary line, the busiest first
+MAX_REASON = 200  # characters of a reason kept and logged: reasons may quote a peer's input
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Penalties:
         record = self._fresh(peer, now)
         record.last = now
         self.rejected += 1
+        reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
         self.rejections.append(Rejection(peer, kind, reason, wrong, now))
         if kind in record.logged or not self._line():
             self._unlogged[peer, kind] += 1
