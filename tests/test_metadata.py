@@ -337,6 +337,24 @@ def test_hostile_entries_are_skipped_by_readers_and_removed_by_expiry():
     assert len(node.expire(5.0)) == len(values) - 1 and set(node.snapshot()["peers"]) == {peer_id(0), fine}
 
 
+def test_records_under_other_key_types_or_with_binary_fields_are_ignored_without_raising():
+    """A secp256k1 peer id embeds a key whose ``verify`` raises on a malformed signature, and a binary
+    value cannot be encoded for checking: both are junk to readers, never an exception."""
+    from libp2p.crypto.secp256k1 import create_new_key_pair as secp256k1_pair
+    from libp2p.peer.id import ID
+
+    secp = str(ID.from_pubkey(secp256k1_pair().public_key))
+    good = record(5.0)
+    values = {
+        secp: {"r": good, "c": 1.0, "s": "00" * 64},
+        peer_id(310): {**sign_record("task", key(310), 1, good), "r": {**good, "blob": b"\x00\x01"}},
+    }
+    node = Metadata("task", key(0), max_update=64_000, max_state=60_000)
+    node.heartbeat(5.0, [])
+    node.apply(overwrite(node, values))
+    assert set(node.members()) == {peer_id(0)}
+
+
 def test_an_overwritten_own_entry_is_ignored_and_restored_by_the_next_write():
     node = holder()
     node.record_model(4, "mine", 1)
