@@ -534,16 +534,17 @@ class Libp2pOverlay:
             await self._events_in.send(PeerDisconnected(peer))
 
     def _reject(self, peer: str, kind: str, reason: str, wrong: bool) -> None:
-        """Refused input, under the node's policy; a peer it bans is cut off: streams, pubsub, connection."""
+        """Refused input, under the node's policy; a peer it bans is cut off: streams, connection, and its
+        gossip is dropped on arrival (``_read_topic``). Not pubsub's blacklist: py-libp2p 0.8.1 removes a
+        blacklisted peer at once and then again when its connection closes, and that second removal
+        raises KeyError out of pubsub's service and ended the daemon (seen in tests/test_hostile.py)."""
         if self.policy.reject(peer, kind, reason, trio.current_time(), wrong=wrong) and self._nursery:
-            self.pubsub.add_to_blacklist(ID.from_base58(peer))  # its gossip is dropped on arrival
             self._spawn(self._disconnect, peer)
 
     def _tick(self) -> None:
         """Once a second: end expired bans, forget idle rate-limit state, log a due summary."""
         now = trio.current_time()
-        for peer in self.policy.tick(now):
-            self.pubsub.remove_from_blacklist(ID.from_base58(peer))
+        self.policy.tick(now)
         self._streams.forget_idle(now)
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
