@@ -62,6 +62,10 @@ finite values, no layer over ``max_norm_ratio`` times ours), or refused with a r
   node idle that long take one model per ``watch_timeout``, still within the window and norm bound.
   Statements about third peers in a view (a forged LEAVE with a higher index) are still believed:
   they need signatures.
+
+Size: one state machine (view, availability selection, trainer, aggregator, the bounds on peers'
+input) kept in one module because every part reads the same round state; the view and selection
+could move out once a second sampling protocol needs them.
 """
 
 from __future__ import annotations

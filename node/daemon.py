@@ -77,6 +77,19 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def modest_config(c: Config) -> ModestConfig:
+    """MoDeST's settings from the node's configuration (also what a peer must assume of its victims)."""
+    return ModestConfig(
+        sample_size=c.sample_size,
+        aggregators=c.aggregators,
+        success_fraction=c.success_fraction,
+        aggregation_timeout=c.aggregation_timeout,
+        max_round_jump=c.max_round_jump,
+        max_norm_ratio=c.max_norm_ratio,
+        role_slack=c.role_slack,
+    )
+
+
 def message_limit(state: State) -> int:
     """The largest message a peer of this task may send us: one model of the task plus the largest
     header (a MoDeST view rides along). Anything bigger is refused at its frame prefix, so a peer cannot
@@ -209,15 +222,7 @@ class Daemon:
                 self.initial,
                 samples,
                 self.integrator,
-                ModestConfig(
-                    sample_size=c.sample_size,
-                    aggregators=c.aggregators,
-                    success_fraction=c.success_fraction,
-                    aggregation_timeout=c.aggregation_timeout,
-                    max_round_jump=c.max_round_jump,
-                    max_norm_ratio=c.max_norm_ratio,
-                    role_slack=c.role_slack,
-                ),
+                modest_config(c),
                 self.rng,
                 # a restart joins anew, seed or not: its checkpoint's round is far behind the swarm's
                 joining=bool(c.bootstrap) or self.start_round > 0,

@@ -87,6 +87,9 @@ towards ``max_state``; compaction needs all peers to move to a new document toge
 
 pycrdt pitfalls this respects (DATA.md §A): small ints come back as floats; nothing writes inside an
 observe callback; the Doc is not thread-safe, so touch a ``Metadata`` from one thread (the trio thread).
+
+Size: the document and the verification of its records stay together (the verified cache is
+updated inside the document's transactions); the update parser already lives in ``yupdate.py``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
   peer (``message_rate``, ``message_burst``: the excess is a flood, which is wrong), and every
   incoming frame reserves its announced length from a node-wide and a per-peer budget
   (``max_inflight``, ``max_peer_inflight``) and must keep up ``min_rate`` (``overlay.transfer``).
+
+Size: still the one class issue 13 splits into per-concern components (DHT, reachability,
+metadata sync, budgets); until then each concern keeps its own section below.
 """
 
 from __future__ import annotations

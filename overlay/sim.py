@@ -28,6 +28,8 @@ sends to it fail.
 Bytes are counted per node and per message kind, sent when a message enters the uplink and received
 when it is delivered. Announcements model gossipsub: they reach every live subscriber that is not
 partitioned from the publisher after two latencies, and count their bytes once per recipient.
+
+Size: the network model and the per-node overlay share the link state, so they stay together.
 """
 
 from __future__ import annotations

@@ -33,9 +33,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from learning.learner import Hyperparameters, Learner
 from learning.models import ParameterLayout, build_model
-from learning.modest import ModestConfig
 from node.config import Config, load
-from node.daemon import load_data, message_limit, task_id
+from node.daemon import load_data, message_limit, modest_config, task_id
 from node.driver import Driver, ThreadCompute
 from overlay.host import quiet_libp2p_logs
 from overlay.metadata import Metadata
@@ -66,22 +65,15 @@ class Attacker:
 
     async def protocol(self, mode: str) -> None:
         """One of the simulator's hostile modes, through the node's own driver."""
-        c = self.config
-        victims = ModestConfig(
-            sample_size=c.sample_size,
-            aggregators=c.aggregators,
-            max_round_jump=c.max_round_jump,
-            role_slack=c.role_slack,
-        )
         hostile = Hostile(
             self.overlay.peer_id,
             self.targets(),
             self.template,
-            c.protocol,
+            self.config.protocol,
             [mode],
             self.rng,
             period=0.2,
-            config=victims,
+            config=modest_config(self.config),
         )
         await Driver(hostile, self.overlay, self.learner, ThreadCompute()).run()
 
