@@ -1,9 +1,16 @@
-"""How fast does a model move between two nodes on loopback? Shoal's transfer vs raw TCP, same run.
+"""How fast does a model move between two nodes on loopback? Shoal's transfer beside raw TCP and beside a
+bare py-libp2p stream, interleaved in the same run.
 
 A receiver process and this (sender) process; for each size, each transfer is timed from the first
-byte sent to a one-byte (TCP) or one-message (Shoal) acknowledgement, so both include the receiver's
-work: for Shoal that is TCP + Noise + Yamux, the frame's hash check and decoding the message into
-tensors. Prints the median and range of MB/s (1 MB = 10^6 bytes) over ``--repeat`` transfers.
+byte sent to a one-byte (TCP, bare stream) or one-message (Shoal) acknowledgement, so all include the
+receiver's work. The bare stream is the same libp2p connection (TCP + Noise + Yamux, Shoal's 1 MiB
+frames) with the bytes written and counted and nothing else: the limit of the transport. Shoal adds its
+frame (length, BLAKE3 trailer), the receiver's budgets and pace, decoding into tensors with bounds and
+the finiteness check, and the message ack. Prints the median and range of MB/s (1 MB = 10^6 bytes)
+over ``--repeat`` transfers, and each median's ratio to raw TCP.
+
+For reference, measured on this VM (issue 12, 100 MB, two processes on loopback): hivemind's tensor
+stream 102 MB/s, lattica's (pickle) 104 MB/s, Shoal before issue 12 53-111 MB/s.
 
     python benchmarks/transfer_speed.py                  # 1, 20 and 100 MB, 5 transfers each
     python benchmarks/transfer_speed.py --sizes 20 --repeat 9
@@ -19,10 +26,16 @@ import statistics
 import struct
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import torch
 import trio
+from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
 
 from overlay.host import quiet_libp2p_logs
 from overlay.interface import Delivered
@@ -31,47 +44,78 @@ from overlay.wire import Message, encoded_size
 
 TASK = "benchmark"
 LENGTH = struct.Struct("<Q")
+BARE = TProtocol("/shoal-benchmark/bare/1.0.0")
+# the benchmark sends hundreds of messages a second to one peer, over a daemon's flood limit
+CONFIG = P2PConfig(message_rate=1e6, message_burst=10**6)
+
+
+async def _length_prefixed(
+    read: Callable[[int], Awaitable[bytes]], ack: Callable[[], Awaitable[None]]
+) -> None:
+    """Receive length-prefixed payloads, counting bytes only, and ack each one."""
+    while True:
+        header = b""
+        while len(header) < LENGTH.size:
+            chunk = await read(LENGTH.size - len(header))
+            if not chunk:
+                return
+            header += chunk
+        (left,) = LENGTH.unpack(header)
+        while left:
+            chunk = await read(min(left, 1 << 24))
+            if not chunk:
+                return
+            left -= len(chunk)
+        await ack()
 
 
 async def serve() -> None:
-    """Receiver: raw TCP (length-prefixed payload, 1-byte ack) and a Shoal node that acks each model."""
+    """Receiver: raw TCP, a bare libp2p stream and a Shoal node that acks each model."""
 
     async def tcp_client(stream: trio.SocketStream) -> None:
-        while True:
-            header = b""
-            while len(header) < LENGTH.size:
-                chunk = await stream.receive_some(LENGTH.size - len(header))
-                if not chunk:
-                    return
-                header += chunk
-            (left,) = LENGTH.unpack(header)
-            while left:
-                chunk = await stream.receive_some(min(left, 1 << 20))
-                if not chunk:
-                    return
-                left -= len(chunk)
-            await stream.send_all(b"k")
+        await _length_prefixed(stream.receive_some, lambda: stream.send_all(b"k"))
+
+    async def bare_stream(stream: INetStream) -> None:
+        async def read(n: int) -> bytes:
+            try:
+                return await stream.read(n)
+            except StreamEOF:
+                return b""
+
+        await _length_prefixed(read, lambda: stream.write(b"k"))
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, tcp_client, 0)
         port = listeners[0].socket.getsockname()[1]
-        async with Libp2pOverlay.start(create_new_key_pair(), TASK, P2PConfig()) as node:
+        async with Libp2pOverlay.start(create_new_key_pair(), TASK, CONFIG) as node:
+            node.host.set_stream_handler(BARE, bare_stream)
             print(json.dumps({"tcp": port, "shoal": node.addresses()[0]}), flush=True)
             async for event in node.events:
                 if isinstance(event, Delivered):
                     await node.send(event.peer, Message("ack"))
 
 
-async def tcp_seconds(port: int, payload: bytes) -> float:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        view = memoryview(payload)
-        start = trio.current_time()
-        await stream.send_all(LENGTH.pack(len(payload)))
-        for i in range(0, len(view), 1 << 20):
-            await stream.send_all(view[i : i + (1 << 20)])
-        await stream.receive_some(1)
-        return trio.current_time() - start
+async def _send_length_prefixed(
+    write: Callable[[bytes | memoryview], Awaitable[None]], payload: bytes
+) -> None:
+    view = memoryview(payload)
+    await write(LENGTH.pack(len(payload)))
+    for i in range(0, len(view), 1 << 20):
+        await write(view[i : i + (1 << 20)])
+
+
+async def tcp_seconds(stream: trio.SocketStream, payload: bytes) -> float:
+    start = trio.current_time()
+    await _send_length_prefixed(stream.send_all, payload)
+    await stream.receive_some(1)
+    return trio.current_time() - start
+
+
+async def bare_seconds(stream: INetStream, payload: bytes) -> float:
+    start = trio.current_time()
+    await _send_length_prefixed(stream.write, payload)
+    await stream.read(1)
+    return trio.current_time() - start
 
 
 async def shoal_seconds(node: Libp2pOverlay, peer: str, message: Message) -> float:
@@ -84,20 +128,40 @@ async def shoal_seconds(node: Libp2pOverlay, peer: str, message: Message) -> flo
 
 
 async def measure(args: argparse.Namespace, receiver: dict) -> None:
-    config = P2PConfig(bootstrap=(receiver["shoal"],))
-    async with Libp2pOverlay.start(create_new_key_pair(), TASK, config) as node:
+    config = replace(CONFIG, bootstrap=(receiver["shoal"],))
+    async with (
+        Libp2pOverlay.start(create_new_key_pair(), TASK, config) as node,
+        await trio.open_tcp_stream("127.0.0.1", receiver["tcp"]) as tcp,
+    ):
         peer = receiver["shoal"].rsplit("/p2p/", 1)[1]
-        print(f"{'size':>8} {'raw TCP MB/s':>22} {'Shoal MB/s':>22} {'ratio':>6}")
+        bare = await node.host.new_stream(ID.from_base58(peer), [BARE])
+        columns = ("raw TCP", "bare libp2p stream", "Shoal")
+        print(
+            f"{'size':>8} "
+            + " ".join(f"{c + ' MB/s':>22}" for c in columns)
+            + "  Shoal ÷ TCP  ÷ bare  Shoal ms"
+        )
         for size_mb in args.sizes:
             message = Message("model", {}, {"w": torch.randn(int(size_mb * 1e6) // 4)})
             payload = os.urandom(encoded_size(message))
             mb = len(payload) / 1e6
-            await shoal_seconds(node, peer, message)  # warm-up: Yamux's window grows in the first transfer
-            tcp = [mb / await tcp_seconds(receiver["tcp"], payload) for _ in range(args.repeat)]
-            shoal = [mb / await shoal_seconds(node, peer, message) for _ in range(args.repeat)]
-            row = [f"{statistics.median(r):7.1f} ({min(r):.0f}–{max(r):.0f})" for r in (tcp, shoal)]
-            ratio = statistics.median(tcp) / statistics.median(shoal)
-            print(f"{size_mb:>6g}MB {row[0]:>22} {row[1]:>22} {ratio:>5.1f}x", flush=True)
+            # warm-up: Yamux's window grows in the first transfer, the message stream is opened
+            await shoal_seconds(node, peer, message)
+            await bare_seconds(bare, payload)
+            runs: dict[str, list[float]] = {c: [] for c in columns}
+            for _ in range(args.repeat):  # interleaved, so a noisy moment hits all three alike
+                runs["raw TCP"].append(await tcp_seconds(tcp, payload))
+                runs["bare libp2p stream"].append(await bare_seconds(bare, payload))
+                runs["Shoal"].append(await shoal_seconds(node, peer, message))
+            rates = {c: [mb / t for t in ts] for c, ts in runs.items()}
+            median = {c: statistics.median(r) for c, r in rates.items()}
+            row = " ".join(f"{f'{median[c]:7.1f} ({min(r):.0f}–{max(r):.0f})':>22}" for c, r in rates.items())
+            ms = 1000 * statistics.median(runs["Shoal"])
+            print(
+                f"{size_mb:>6g}MB {row}  {median['Shoal'] / median['raw TCP']:>11.3f}  "
+                f"{median['Shoal'] / median['bare libp2p stream']:>5.2f}  {ms:>8.2f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -105,7 +169,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 20, 100], help="model sizes in MB")
-    parser.add_argument("--repeat", type=int, default=5, help="transfers per size and transport")
+    parser.add_argument("--repeat", type=int, default=7, help="transfers per size and transport")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet_libp2p_logs(verbose=False)

@@ -43,7 +43,7 @@ from overlay.atomic import write_atomic
 from overlay.identity import load_or_create_identity, peer_id
 from overlay.p2p import Libp2pOverlay, P2PConfig
 from overlay.transfer import digest
-from overlay.wire import DEFAULT_LIMITS, Limits, Message, encode, encoded_size
+from overlay.wire import DEFAULT_LIMITS, Limits, Message, encode_parts, encoded_size
 
 log = logging.getLogger("shoal")
 
@@ -267,11 +267,11 @@ class Daemon:
         """Test accuracy, on a model of its own (training runs at the same time on the learner's), and
         the model's version for the metadata registry: the hash and size of its tensors' encoding."""
         self.layout.load(self.eval_model, state)
-        payload = encode(Message("model", {}, state))
+        parts = encode_parts(Message("model", {}, state))
         evaluation = evaluate(
             self.eval_model, self.x_eval, self.y_eval, self.data.num_classes, device=pick_device()
         )
-        return evaluation, digest(payload).hex(), len(payload)
+        return evaluation, digest(*parts).hex(), sum(len(p) for p in parts)
 
     async def _rediscover(self) -> None:
         """Look for the task's providers again while we have few peers (a lone node after churn)."""

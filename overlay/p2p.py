@@ -36,6 +36,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgpack
 import trio
@@ -55,7 +56,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.anyio_service.exceptions import LifecycleError
 from multiaddr import Multiaddr
 
-from overlay.host import build_host, explain_dial_error, join, parse_bootstrap
+from overlay.host import build_host, explain_dial_error, grow_receive_window, join, parse_bootstrap
 from overlay.interface import (
     Announced,
     Delivered,
@@ -68,8 +69,10 @@ from overlay.liveness import FailureDetector, ping
 from overlay.metadata import Metadata, MetadataError
 from overlay.nat import DIALBACK, Reachability, Relaying, ask_dialback, is_circuit, is_relayed, serve_dialback
 from overlay.penalties import Penalties, RateLimit, Rejection
+from overlay.streams import RECEIVE_IDLE, StreamPool
 from overlay.transfer import (
     OFF_LOOP_BYTES,
+    Idle,
     Inflight,
     Libp2pStream,
     Pace,
@@ -78,7 +81,7 @@ from overlay.transfer import (
     read_frame,
     write_frame,
 )
-from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode, encoded_size
+from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode_parts, encoded_size
 
 log = logging.getLogger("shoal.overlay")
 
@@ -241,6 +244,7 @@ class Libp2pOverlay:
         self._conn_in, self._conn_out = trio.open_memory_channel[tuple[str, ID]](4096)
         self._task_peers: set[str] = set()
         self._inbound: Counter[str] = Counter()  # message streams open per peer
+        self._outbox = StreamPool(lambda peer: self._open(peer, self._msg_protocol), _reset)
         self._provided: set[str] = set()
         self._detector = FailureDetector(config.ping_misses)
         self._last_publish: dict[str, float] = {}
@@ -333,27 +337,26 @@ class Libp2pOverlay:
 
     async def send(self, peer: str, message: Message) -> None:
         if encoded_size(message) > OFF_LOOP_BYTES:
-            payload = await trio.to_thread.run_sync(encode, message)
+            parts = await trio.to_thread.run_sync(encode_parts, message)
         else:
-            payload = encode(message)
+            parts = encode_parts(message)
+        size = sum(len(p) for p in parts)
+
+        async def write(stream: INetStream) -> None:
+            await write_frame(Libp2pStream(stream), parts)
+
         try:
             with trio.fail_after(self.config.send_timeout):
-                stream = await self._open(peer, self._msg_protocol)
-                try:
-                    await write_frame(Libp2pStream(stream), payload)
-                    await stream.close()
-                except BaseException:
-                    await _reset(stream)
-                    raise
+                await self._outbox.run(peer, write)
         except PeerUnreachable:
             raise
         except trio.TooSlowError as e:
             raise PeerUnreachable(
-                f"{peer} did not take {len(payload)} bytes within {self.config.send_timeout:g} s"
+                f"{peer} did not take {size} bytes within {self.config.send_timeout:g} s"
             ) from e
         except Exception as e:  # libp2p raises many unrelated types for a failed stream
             raise PeerUnreachable(f"{peer}: {explain_dial_error(e)}") from e
-        self.bytes_out[self._kind_key(message.kind)] += len(payload)
+        self.bytes_out[self._kind_key(message.kind)] += size
 
     def subscribe(self, topic: str) -> None:
         assert self._nursery is not None, "subscribe after start()"
@@ -531,6 +534,7 @@ class Libp2pOverlay:
 
     async def _peer_down(self, peer: str) -> None:
         self._detector.forget(peer)
+        self._outbox.forget(peer)
         if peer in self._task_peers:
             self._task_peers.discard(peer)
             log.info("peer down: %s", peer)
@@ -607,42 +611,69 @@ class Libp2pOverlay:
                 del self._inbound[peer]
 
     async def _receive(self, peer: str, stream: INetStream) -> None:
+        """Messages from ``peer`` on one stream, until the sender closes it or leaves it idle (it may send
+        one per stream or reuse the stream: ``overlay.streams``). Every frame after the stream's first
+        counts against the peer's message rate as a new stream would."""
+        grow_receive_window(stream, min(self.config.limits.max_message, self.config.peer_inflight))
+        first = True
+        while await self._receive_one(peer, stream):
+            if not first and not self._streams.allow(peer, trio.current_time()):
+                rate = f"{self.config.message_rate:g}/s, burst {self.config.message_burst}"
+                self._reject(peer, "flood", f"messages faster than {rate}", wrong=True)
+                await _reset(stream)
+                return
+            first = False
+        await stream.close()
+
+    async def _receive_one(self, peer: str, stream: INetStream) -> bool:
+        """Read, decode and deliver one message; False once the stream is done (ended, idle, or reset
+        after refused input)."""
         # the frame's reservation is held until its payload is decoded: both copies are in memory
         with self.inflight.claim(peer) as admit:
             payload = await self._read(peer, stream, self.config.limits.max_message, admit, "message")
             if payload is None:
-                return
+                return False
             size = len(payload)
             try:
+                # tensors are views into the frame's buffer, which is ours: no second copy of the model
                 if size > OFF_LOOP_BYTES:
-                    message = await trio.to_thread.run_sync(decode, payload, self.config.limits)
+                    message = await trio.to_thread.run_sync(
+                        partial(decode, payload, self.config.limits, copy=False)
+                    )
                 else:
-                    message = decode(payload, self.config.limits)
+                    message = decode(payload, self.config.limits, copy=False)
             except WireError as e:
                 self._reject(peer, "malformed message", str(e), wrong=True)
-                return
+                await _reset(stream)
+                return False
             finally:
                 del payload  # not held past the reservation while the delivery below waits
-                await stream.close()
         self.bytes_in[self._kind_key(message.kind)] += size
         await self._peer_up(peer)
         await self._events_in.send(Delivered(peer, message))
+        return True
 
     async def _read(
         self, peer: str, stream: INetStream, limit: int, admit: Callable[[int], None], what: str
-    ) -> bytes | None:
+    ) -> memoryview | None:
         """One frame from ``peer`` under the node's bounds (size, rate, budget, ``receive_timeout``), or
-        None after recording why not and resetting the stream."""
+        None at the stream's end (quietly) and after recording why not and resetting the stream."""
         metered = _Metered(Libp2pStream(stream), self.receiving, peer)
         try:
-            with trio.fail_after(self.config.receive_timeout):
-                return await read_frame(metered, limit, pace=self._pace, admit=admit)
-        except trio.TooSlowError:
-            reason = f"{what} not complete within {self.config.receive_timeout:g} s"
-            self._reject(peer, "slow", reason, wrong=False)
+            return await read_frame(
+                metered,
+                limit,
+                pace=self._pace,
+                admit=admit,
+                idle=RECEIVE_IDLE,
+                timeout=self.config.receive_timeout,
+            )
         except TransferError as e:
-            if isinstance(e, Truncated) and e.empty:
-                log.debug("%s opened a %s stream and closed it unused", peer, what)
+            if isinstance(e, Truncated) and e.empty and not isinstance(e, Idle):
+                log.debug("%s %s stream: %s", peer, what, e)  # ended between frames: done with it
+                return None
+            if isinstance(e, Idle):  # senders close streams idle for IDLE_CLOSE, long before this
+                log.debug("%s %s stream: %s", peer, what, e)
             else:
                 self._reject(peer, e.kind, f"{what}: {e}", wrong=e.hostile)
         finally:
@@ -722,6 +753,7 @@ class Libp2pOverlay:
         while True:
             await trio.sleep(1.0)
             self._tick()
+            self._spawn(self._outbox.close_idle)
             now = time.time()
             if now - last_heartbeat >= self.config.heartbeat_interval:
                 last_heartbeat = now

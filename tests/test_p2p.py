@@ -429,3 +429,65 @@ async def test_only_the_named_pubsub_shutdown_errors_are_contained(monkeypatch):
         reading_raises(error)
         with pytest.raises(type(error)):
             await handler(Stream())
+
+
+async def test_messages_to_a_peer_reuse_one_stream_and_a_dropped_stream_loses_nothing(monkeypatch):
+    async with swarm(2) as (a, b):
+        await until(lambda: len(a.peers()) == 1 and len(b.peers()) == 1, 10)
+        streams = set()
+        for i in range(5):
+            await a.send(b.peer_id, Message("model", {"i": i}, {"w": torch.full((300_000,), float(i))}))
+            streams.update(id(s) for s, _ in a._outbox._idle[b.peer_id])
+        assert len(streams) == 1  # five models, one stream
+        got = []
+        with trio.fail_after(10):
+            async for event in b.events:
+                if isinstance(event, Delivered):
+                    got.append(event.message.body["i"])
+                    assert torch.equal(event.message.tensors["w"], torch.full((300_000,), float(got[-1])))
+                    if len(got) == 5:
+                        break
+        assert got == list(range(5))
+        # the receiver drops the stream (as after RECEIVE_IDLE): the next message goes on a new one
+        ((stream, _),) = a._outbox._idle[b.peer_id]
+        await stream.muxed_stream.reset()
+        await a.send(b.peer_id, Message("model", {"i": 5}))
+        event = await next_event(b, Delivered, 10)
+        assert event.message.body == {"i": 5}
+        assert id(a._outbox._idle[b.peer_id][0][0]) not in streams
+
+
+async def test_a_flood_of_frames_on_one_stream_is_a_flood_too():
+    async with swarm(1) as (node,), stranger() as flooder:
+        await flooder.connect(info_from_p2p_addr(Multiaddr(node.addresses()[0])))
+        payload, sent, streams = encode(Message("ping")), 0, 0
+        with trio.fail_after(20):
+            while not node.banned(str(flooder.get_id())) and sent < 500:
+                with contextlib.suppress(Exception):  # a stream reset for flooding: open another
+                    stream = await flooder.new_stream(ID.from_base58(node.peer_id), [node._msg_protocol])
+                    streams += 1
+                    while sent < 500:
+                        await write_frame(Libp2pStream(stream), payload)
+                        sent += 1
+                await trio.sleep(0.05)
+        assert node.banned(str(flooder.get_id())), f"not banned after {sent} frames on {streams} streams"
+        assert streams <= 10 and any(r.kind == "flood" for r in node.rejections)
+
+
+def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guarded(monkeypatch, caplog):
+    """Fails when py-libp2p renames what overlay.host sets (the setting would silently do nothing)."""
+    import inspect
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    from overlay import host
+
+    assert "MAX_MESSAGE_SIZE" in inspect.getsource(yamux.YamuxStream.write)
+    assert "target_recv_window" in inspect.getsource(yamux.YamuxStream._auto_tune_and_send_window_update)
+    host.bigger_yamux_frames()
+    assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME
+    monkeypatch.setattr(yamux, "MAX_MESSAGE_SIZE", 64 * 1024)
+    monkeypatch.setattr(host.importlib.metadata, "version", lambda name: "0.9.0")
+    with caplog.at_level(logging.WARNING, logger="overlay.host"):
+        host.bigger_yamux_frames()
+    assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and "keeping its Yamux frame size" in caplog.text

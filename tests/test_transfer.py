@@ -12,6 +12,7 @@ from overlay.transfer import (
     CHUNK,
     PREFIX,
     TRAILER,
+    Idle,
     Inflight,
     Pace,
     Refused,
@@ -114,9 +115,29 @@ async def test_trailer_length_must_match_prefix():
         await read_frame(Bytes(bytes(frame)), max_payload=1 << 20)
 
 
-def test_digest_is_stable_blake2b_256():
+def test_digest_is_stable_blake3_256_over_parts():
     assert len(digest(b"")) == 32
-    assert digest(b"abc") == digest(bytearray(b"abc")) != digest(b"abd")
+    assert digest(b"abc") == digest(bytearray(b"abc")) == digest(b"a", memoryview(b"bc")) != digest(b"abd")
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [CHUNK + 5, 7, 2 * CHUNK], [0, CHUNK - 12, 1]])
+async def test_a_payload_given_in_parts_arrives_as_their_concatenation(sizes):
+    parts = [os.urandom(n) for n in sizes]
+    frame = await frame_bytes(parts)
+    assert await read_frame(Bytes(frame, CHUNK), sum(sizes)) == b"".join(parts)
+
+
+async def test_frames_follow_each_other_on_one_stream_and_an_idle_stream_says_so():
+    one, two = await frame_bytes(b"first"), await frame_bytes(b"second")
+    stream = Bytes(one + two, 4096)
+    assert await read_frame(stream, 100) == b"first"
+    assert await read_frame(stream, 100) == b"second"
+    with pytest.raises(Truncated) as ended:
+        await read_frame(stream, 100)
+    assert ended.value.empty  # the end between frames is the stream's end, not a lost frame
+    _, b = trio.testing.memory_stream_pair()
+    with pytest.raises(Idle):
+        await read_frame(Pipe(b), 100, idle=0.05)
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,105 @@
+"""Message streams to each peer, reused from one message to the next.
+
+A new libp2p stream costs a Yamux SYN and a multistream-select negotiation (a round trip), and starts
+with Yamux's 256 KiB send window: py-libp2p 0.8.1's writer polls every 10 ms for more credit once that
+is spent, so every message over 256 KiB on a fresh stream waited at least 10 ms. Measured with
+``benchmarks/transfer_speed.py`` (README "Model transfer speed"), a reused stream, whose receiver has
+already granted a large window (``overlay.host.grow_receive_window``), cuts a 1 MB model from ~35 ms
+to a few.
+
+The receiver reads frames from a stream until it ends (``overlay.transfer.read_frame``'s ``idle``), so
+reuse needs no change to the frame format: a sender may still open a stream per message.
+A frame is whole or not at all, so a send that fails on a reused stream (the peer restarted, or
+dropped the stream as idle) never delivered anything and is tried once more on a new stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from libp2p.abc import INetStream
+
+log = logging.getLogger("shoal.overlay")
+
+IDLE_CLOSE = 20.0  # a sender closes streams unused this long; receivers wait longer (RECEIVE_IDLE)
+RECEIVE_IDLE = 60.0
+MAX_IDLE_PER_PEER = 2
+
+
+class StreamPool:
+    """Idle outgoing streams per peer. ``open(peer)`` makes a new stream; ``reset(stream)`` drops one."""
+
+    def __init__(
+        self,
+        open: Callable[[str], Awaitable[INetStream]],
+        reset: Callable[[INetStream], Awaitable[None]],
+    ) -> None:
+        self._open, self._reset = open, reset
+        self._idle: dict[str, list[tuple[INetStream, float]]] = {}
+        self._closing: list[INetStream] = []
+
+    async def run(self, peer: str, use: Callable[[INetStream], Awaitable[None]]) -> None:
+        """``use`` a stream to ``peer`` for one message: an idle one, or a new one. The stream goes back
+        to the pool when ``use`` returns and is reset when it raises; if a reused stream raised an
+        Exception, ``use`` runs once more on a new stream (a cancellation, e.g. the caller's deadline,
+        is not retried)."""
+        reused = self._take(peer)
+        if reused is not None:
+            try:
+                await use(reused)
+            except Exception as e:
+                await self._reset(reused)
+                log.debug("reused stream to %s failed (%s); opening a new one", peer, e)
+            except BaseException:
+                await self._reset(reused)
+                raise
+            else:
+                self._give(peer, reused)
+                return
+        stream = await self._open(peer)
+        try:
+            await use(stream)
+        except BaseException:
+            await self._reset(stream)
+            raise
+        self._give(peer, stream)
+
+    def _take(self, peer: str) -> INetStream | None:
+        idle, now = self._idle.pop(peer, []), trio.current_time()
+        while idle:
+            stream, since = idle.pop()
+            if stream.is_closed:
+                continue
+            if now - since >= IDLE_CLOSE:  # the receiver may be about to drop it: close_idle's job
+                self._closing.append(stream)
+                continue
+            if idle:
+                self._idle[peer] = idle
+            return stream
+        return None
+
+    def _give(self, peer: str, stream: INetStream) -> None:
+        idle = self._idle.setdefault(peer, [])
+        if len(idle) >= MAX_IDLE_PER_PEER:
+            self._closing.append(idle.pop(0)[0])  # the oldest makes room; closed by close_idle
+        idle.append((stream, trio.current_time()))
+
+    async def close_idle(self, older_than: float = IDLE_CLOSE) -> None:
+        """Close streams unused for ``older_than`` seconds (all of them with 0) and those set aside."""
+        now = trio.current_time()
+        for peer, idle in list(self._idle.items()):
+            self._closing.extend(s for s, t in idle if now - t >= older_than)
+            idle[:] = [(s, t) for s, t in idle if now - t < older_than]
+            if not idle:
+                del self._idle[peer]
+        closing, self._closing = self._closing, []
+        for stream in closing:
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.close()
+
+    def forget(self, peer: str) -> None:
+        """The peer went down or is banned: its streams go with its connection."""
+        self._idle.pop(peer, None)
