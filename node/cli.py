@@ -39,6 +39,7 @@ RUN_FLAGS: list[tuple[str, dict]] = [
     ("--model", {"help": "mlp | cnn | frozen-cnn | head | module:factory"}),
     ("--protocol", {"help": "gossip | modest"}),
     ("--integrator", {"help": "mean | weighted | vca | median | trimmed | krum | bristle"}),
+    ("--codec", {"help": "fp32 | fp16 | bf16 | int8 | topk: how models travel (part of the task)"}),
     ("--lr", {"type": float, "help": "learning rate"}),
     ("--local-steps", {"type": int, "help": "SGD steps per round"}),
     ("--period", {"type": float, "help": "least seconds between round starts"}),

@@ -16,6 +16,7 @@ from overlay.host import parse_bootstrap, parse_multiaddr
 
 PROTOCOLS = ("gossip", "modest")
 INTEGRATORS = ("mean", "weighted", "vca", "median", "trimmed", "krum", "bristle")
+CODECS = ("fp32", "fp16", "bf16", "int8", "topk")  # learning.compression.CODECS, without importing torch
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,8 @@ class Config:
     max_round_jump: int = 100
     max_norm_ratio: float = 10.0
     role_slack: int = 16
+    codec: str = "fp32"
+    topk_fraction: float = 0.1
     # [node]
     api: str = "127.0.0.1:5001"
     checkpoint_every: int = 5
@@ -89,6 +92,8 @@ SECTIONS = {
         "max_round_jump",
         "max_norm_ratio",
         "role_slack",
+        "codec",
+        "topk_fraction",
     ),
     "node": ("api", "checkpoint_every"),
 }
@@ -144,6 +149,11 @@ aggregation_timeout = 5.0 # ... or at most this many seconds
 max_round_jump = 100      # most rounds a peer's message may move this node's round ahead
 max_norm_ratio = 10.0     # models with a layer's L2 norm over this many times ours are refused
 role_slack = 16           # modest: how far past the first a (or s) candidates a sender may rank in its role
+# How models travel (part of the task: peers with another codec are another swarm; README "Compressed
+# updates"): fp32 | fp16 | bf16 | int8 | topk (differences to the last model sent to that peer, top
+# topk_fraction of them by magnitude, whole int8 models when a peer has none)
+codec = "fp32"
+topk_fraction = 0.1
 
 [node]
 api = "127.0.0.1:5001"    # local status API (/status, /metrics); keep it on 127.0.0.1
@@ -184,6 +194,10 @@ def check(c: Config) -> None:
         raise ConfigError("lr, aggregation_timeout and ban_duration must be positive and period not negative")
     if not c.max_norm_ratio >= 1 or c.role_slack < 0:
         raise ConfigError("max_norm_ratio must be at least 1 and role_slack not negative")
+    if c.codec not in CODECS:
+        raise ConfigError(f"codec: {c.codec!r} is not one of {', '.join(CODECS)}")
+    if not 0 < c.topk_fraction <= 1:
+        raise ConfigError(f"topk_fraction must be in (0, 1], got {c.topk_fraction}")
     if not 0 < c.success_fraction <= 1:
         raise ConfigError(f"success_fraction must be in (0, 1], got {c.success_fraction}")
     host, _, port = c.api.rpartition(":")

@@ -26,6 +26,7 @@ import torch
 import trio
 
 from learning.bristle import for_learner, hold_out
+from learning.compression import CodecConfig
 from learning.datasets import Dataset, load_dataset, load_npz
 from learning.gossip import Gossip, GossipConfig
 from learning.integrators import Integrator, make_integrator
@@ -73,6 +74,7 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
         "input": list(data.input_shape),
         "classes": data.num_classes,
         "protocol": config.protocol,
+        "codec": [config.codec, config.topk_fraction] if config.codec == "topk" else config.codec,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -202,7 +204,12 @@ class Daemon:
         peers = [p for p in await overlay.find_providers(self.provider_key) if p != overlay.peer_id]
         self.protocol = self._protocol(peers)
         self.driver = Driver(
-            self.protocol, overlay, self.learner, ThreadCompute(), on_round=self._rounds[0].send_nowait
+            self.protocol,
+            overlay,
+            self.learner,
+            ThreadCompute(),
+            on_round=self._rounds[0].send_nowait,
+            codec=CodecConfig(self.config.codec, self.config.topk_fraction),
         )
         nursery.start_soon(self.driver.run)
         nursery.start_soon(self._after_rounds)
@@ -305,6 +312,7 @@ class Daemon:
             "relays": [str(r) for r in overlay.relaying.relays] if overlay else [],
             "protocol": self.config.protocol,
             "integrator": self.config.integrator,
+            "codec": self.config.codec,
             "round": self.protocol.round if self.protocol else self.start_round,
             "accuracy": self.accuracy,
             "samples": self.learner.samples,

@@ -6,8 +6,12 @@ protocol returns: sends (each under a deadline, failures reported back as ``Send
 (through a :class:`Compute`), timers. The daemon runs it on libp2p with training in a worker thread;
 simulations run it on ``overlay.sim`` with training charged in virtual time.
 
+Models pass through the node's :class:`~learning.compression.Compression` on the way out and in, so
+protocols always see whole models whatever the codec.
+
 Input from peers is contained to that input (../shared/DESIGN.md principle 7): a protocol's ``Rejected``
-becomes ``overlay.penalize``, and so does a ValueError a protocol raises on a peer's message.
+becomes ``overlay.penalize``, and so does a ValueError a protocol raises on a peer's message or a model
+the codec refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Protocol
 
 import trio
 
+from learning.codecs import CodecError
+from learning.compression import RESET, CodecConfig, Compression, Stale
 from learning.learner import Learner
 from learning.protocol import (
     Action,
@@ -44,6 +50,7 @@ from overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnecte
 from overlay.wire import Message
 
 log = logging.getLogger("shoal.driver")
+FP32 = CodecConfig()
 
 
 class Compute(Protocol):
@@ -84,6 +91,7 @@ class Driver:
         *,
         send_timeout: float = 60.0,
         on_round: Callable[[int], None] | None = None,
+        codec: CodecConfig = FP32,
     ):
         self.protocol = protocol
         self.overlay = overlay
@@ -91,6 +99,7 @@ class Driver:
         self.compute = compute
         self.send_timeout = send_timeout
         self.on_round = on_round
+        self.compression = Compression(codec, protocol.model)
         self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
         self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None
@@ -112,19 +121,33 @@ class Driver:
             async with trio.open_nursery() as nursery:
                 for action in self.protocol.handle(Stopping(), trio.current_time()):
                     if isinstance(action, Send):
-                        nursery.start_soon(self._send, action)
+                        self._act(action, nursery)
 
     async def _pump_overlay(self) -> None:
         async for event in self.overlay.events:
             match event:
+                case Delivered(peer, message) if message.kind == RESET:
+                    self.compression.forget(peer)
                 case Delivered(peer, message):
-                    self._inbox.send_nowait(MessageIn(peer, message.kind, message.body, message.tensors))
+                    self._deliver(peer, message)
                 case PeerConnected(peer):
                     self._inbox.send_nowait(PeerUp(peer))
                 case PeerDisconnected(peer):
                     self._inbox.send_nowait(PeerDown(peer))
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
+
+    def _deliver(self, peer: str, message: Message) -> None:
+        try:
+            body, model = self.compression.decode(peer, message.body, message.tensors)
+        except Stale as exc:
+            log.debug("%s message from %s dropped: %s; asking for a keyframe", message.kind, peer, exc)
+            self._act(Send(peer, RESET), self._nursery)
+            return
+        except CodecError as exc:
+            self.overlay.penalize(peer, f"{message.kind} message could not be decoded: {exc}")
+            return
+        self._inbox.send_nowait(MessageIn(peer, message.kind, body, model))
 
     def _handle(self, event: Event) -> None:
         """Feed one event to the protocol. A ValueError raised on a peer's message is that message's fault
@@ -143,8 +166,9 @@ class Driver:
 
     def _act(self, action: Action, nursery: trio.Nursery) -> None:
         match action:
-            case Send():
-                nursery.start_soon(self._send, action)
+            case Send(peer, kind, body, tensors):
+                body, wire = self.compression.encode(peer, body, tensors)  # in order, per peer
+                nursery.start_soon(self._send, Send(peer, kind, body, wire))
             case Train():
                 nursery.start_soon(self._train, action)
             case StartTimer(name, delay):
@@ -163,7 +187,10 @@ class Driver:
                 await self.overlay.send(send.peer, Message(send.kind, send.body, send.tensors))
         except (PeerUnreachable, trio.TooSlowError) as exc:
             log.debug("send of %s to %s failed: %s", send.kind, send.peer, str(exc) or "timeout")
-            self._inbox.send_nowait(SendFailed(send.peer, send.kind))
+            if send.tensors:
+                self.compression.forget(send.peer)
+            if send.kind != RESET:  # the codec's own message: the protocol never sent it
+                self._inbox.send_nowait(SendFailed(send.peer, send.kind))
 
     async def _train(self, train: Train) -> None:
         async with self._training:

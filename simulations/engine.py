@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import trio
 
+from learning.compression import CodecConfig
 from learning.datasets import Dataset, load_dataset
 from learning.gossip import Gossip, GossipConfig
 from learning.integrators import make_integrator
@@ -64,6 +65,8 @@ class SimConfig:
     speed_spread: float = 1.0  # node speeds are log-uniform in [speed/spread, speed*spread]
     loss: float = 0.0
     dial_any: bool = False  # True: any node may message any other, not only graph neighbours
+    codec: str = "fp32"  # how models travel (learning.compression)
+    topk_fraction: float = 0.1
 
     def hyperparameters(self) -> Hyperparameters:
         return Hyperparameters(
@@ -73,7 +76,11 @@ class SimConfig:
             local_epochs=self.local_epochs,
         )
 
+    def codec_config(self) -> CodecConfig:
+        return CodecConfig(self.codec, self.topk_fraction)
+
     def __post_init__(self) -> None:
+        self.codec_config()  # ValueError naming the codec setting that is wrong
         checks = {
             "nodes must be at least 2": self.nodes >= 2,
             "fanout must be at least 1 (or None: every neighbour)": self.fanout is None or self.fanout >= 1,
@@ -243,7 +250,12 @@ class Simulation:
         )
         protocol = (self.make_protocol or gossip_protocol)(self, i, learner, joining)
         driver = Driver(
-            protocol, overlay, learner, VirtualCompute(self.speeds[i]), on_round=self._count_round
+            protocol,
+            overlay,
+            learner,
+            VirtualCompute(self.speeds[i]),
+            on_round=self._count_round,
+            codec=c.codec_config(),
         )
         self.drivers[i] = driver
         scope = trio.CancelScope()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from learning.compression import CODECS
 from learning.integrators import INTEGRATORS
 from overlay.atomic import write_atomic
 from simulations.engine import Row, RunResult, SimConfig
@@ -64,6 +65,15 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
         "--period", type=float, default=base["period"], help="least seconds per round (default %(default)s)"
     )
     g.add_argument("--round-timeout", type=float, default=base["round_timeout"], help="synchronous: seconds")
+    g.add_argument(
+        "--codec", default=base["codec"], choices=CODECS, help="how models travel (default %(default)s)"
+    )
+    g.add_argument(
+        "--topk-fraction",
+        type=float,
+        default=base["topk_fraction"],
+        help="topk: share of each difference sent",
+    )
     g = p.add_argument_group("network and time (virtual seconds)")
     g.add_argument(
         "--duration", type=float, default=base["duration"], help="simulated seconds (default %(default)s)"
@@ -95,6 +105,8 @@ def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
         fanout=args.fanout,
         period=args.period,
         round_timeout=args.round_timeout,
+        codec=args.codec,
+        topk_fraction=args.topk_fraction,
         duration=args.duration,
         eval_every=args.eval_every,
         latency=args.latency,

@@ -185,19 +185,22 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
 @pytest.mark.parametrize(
     ("env", "target"),
     [
-        ({"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn"}, 0.75),
-        ({"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2"}, ACCURACY),  # a sample the swarm can fill
+        ({"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn", "SHOAL_CODEC": "int8"}, 0.75),
+        # a sample the swarm can fill; top-k differences with error feedback over real libp2p streams
+        ({"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_CODEC": "topk"}, ACCURACY),
     ],
     ids=["bristle", "modest"],
 )
 def test_three_daemons_learn_with_the_other_protocol_and_rules(tmp_path, env, target):
-    """Over libp2p: Bristle's labels travel with the models and nobody is refused; MoDeST's rounds fill."""
+    """Over libp2p: Bristle's labels travel with the models and nobody is refused; MoDeST's rounds fill;
+    both with compressed models."""
     nodes = swarm(tmp_path, 3, env=env)
     try:
         wait_for(lambda: min(accuracies(nodes)) >= target, 180, f"every node at {target:.0%}", nodes)
         for shown in (n.status() for n in nodes):
             assert shown["integrator"] == env.get("SHOAL_INTEGRATOR", "vca")
             assert shown["protocol"] == env.get("SHOAL_PROTOCOL", "gossip")
+            assert shown["codec"] == env["SHOAL_CODEC"]
             assert len(shown["peers"]) == 2 and shown["rejected"] == 0
         sigterm_all(nodes)
     finally:
@@ -308,3 +311,10 @@ def test_status_without_a_daemon_and_offline_id(tmp_path):
     out = run_cli("id", "--json", home=home)
     assert out.returncode == 0
     assert json.loads(out.stdout)["peer"] == peer_id(load_or_create_identity(home / "identity.key")[0])
+
+
+def test_the_codecs_the_config_offers_are_the_ones_implemented():
+    from learning.compression import CODECS as IMPLEMENTED
+    from node.config import CODECS
+
+    assert CODECS == IMPLEMENTED

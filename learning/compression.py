@@ -1,0 +1,142 @@
+"""Compressed model messages: what a node sends in place of a full fp32 model, and how it reads them back.
+
+One :class:`Compression` per node sits between the protocol and the overlay (``node.driver``), so gossip
+and MoDeST send and receive whole models as before, in the daemon and in the simulator alike. The codec
+is part of the task (``node.daemon`` hashes it into the task id): peers with different codecs never meet.
+
+- ``fp32``, ``fp16``, ``bf16``, ``int8``: each model on its own (``learning.codecs``), nothing kept.
+- ``topk``: the difference to a *reference* both ends hold, sparsified to the top ``topk_fraction`` by
+  magnitude (Deep Gradient Compression). The reference of a pair is what the receiver reconstructed
+  from the last message of that sender: the sender computes it too (decoding is bit-identical), so what
+  top-k drops stays in the next difference (error feedback, as in CHOCO-gossip's estimates of its
+  neighbours) instead of in a separate residual. A first message, or one after a reference was lost,
+  is a *keyframe*: the whole model in int8. Why per pair and not per round: gossip has no shared round
+  model, and in MoDeST the receiver of a trained model (next round's aggregator) need not hold the model
+  it was trained from; a pair's last exchange is the one reference both ends are sure of. Cost: MoDeST
+  samples new partners each round, so in swarms much larger than its sample most messages are keyframes
+  (int8, ~4x); repeated partners (gossip neighbours, small swarms) get the top-k gain.
+
+Each top-k message says which reference it needs (``base``, the sequence number of the sender's previous
+message to us) and names its own (``seq``). A receiver that does not hold the base (it restarted, evicted
+it, or a message was lost) drops the message without blame and answers ``codec-reset``; the sender's next
+message to it is a keyframe. References are bounded: ``max_references`` peers per direction (least
+recently used evicted), each a copy of the model.
+
+Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
+checks (indices, counts, scales, finite values). A peer can make us hold one reference for it, which it
+can only make wrong for itself; what it decodes to still meets the protocol's checks (``model_fault``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from learning import codecs
+from learning.messages import is_count, quote
+
+CODECS = (*codecs.STATELESS, "topk")
+RESET = "codec-reset"  # message kind: "I do not hold the reference you used; send a keyframe"
+KEYFRAME = "int8"
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    name: str = "fp32"
+    topk_fraction: float = 0.1
+    max_references: int = 16
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
+        if self.max_references < 1:
+            raise ValueError("max_references must be at least 1")
+
+
+class Stale(codecs.CodecError):
+    """A top-k message on a reference we do not hold: nobody's fault, answered with ``codec-reset``."""
+
+
+@dataclass
+class _Reference:
+    seq: int
+    model: dict[str, torch.Tensor]
+
+
+class Compression:
+    """Encodes models for one peer at a time and decodes what peers send; ``template`` is our model (names,
+    shapes and dtypes every received model must have)."""
+
+    def __init__(self, config: CodecConfig, template: State) -> None:
+        self.config = config
+        self.template = {k: v.detach().clone() for k, v in template.items()}
+        self._out: OrderedDict[str, _Reference] = OrderedDict()  # what each peer holds of ours
+        self._in: OrderedDict[str, _Reference] = OrderedDict()  # what we hold of each peer's
+
+    def encode(self, peer: str, body: Mapping[str, Any], model: State) -> tuple[dict, State]:
+        """Body and wire tensors of a model message to ``peer``. For top-k the peer's reference moves on
+        now (sends to one peer are encoded in order); :meth:`forget` it if the send fails."""
+        name = self.config.name
+        if name == "fp32" or not model:
+            return dict(body), dict(model)
+        if name != "topk":
+            return dict(body), codecs.compress(name, model)
+        ref = self._out.get(peer)
+        if ref is None:
+            wire = codecs.compress(KEYFRAME, model)
+            held = codecs.decompress(KEYFRAME, wire, self.template)
+            header = {"seq": 1, "base": 0}
+        else:
+            delta = {k: v - ref.model[k] if v.is_floating_point() else v for k, v in model.items()}
+            wire = codecs.sparsify(delta, self.config.topk_fraction)
+            dense = codecs.densify(wire, self.template)
+            held = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
+            header = {"seq": ref.seq + 1, "base": ref.seq}
+        self._keep(self._out, peer, _Reference(header["seq"], held))
+        return {**body, "z": header}, wire
+
+    def decode(self, peer: str, body: Mapping[str, Any], wire: State) -> tuple[dict, State]:
+        """Body (without the codec's fields) and model of a message from ``peer``; CodecError if refused
+        (:class:`Stale` when only our reference is missing)."""
+        name = self.config.name
+        if name == "fp32" or not wire:
+            return dict(body), dict(wire)
+        if name != "topk":
+            return dict(body), codecs.decompress(name, wire, self.template)
+        header = body.get("z")
+        if not (isinstance(header, Mapping) and set(header) == {"seq", "base"}):
+            raise codecs.CodecError(f"top-k message without its seq and base fields: {quote(header)}")
+        seq, base = header["seq"], header["base"]
+        if not (is_count(seq) and is_count(base) and seq == base + 1):
+            raise codecs.CodecError(f"top-k seq {quote(seq)} must be base {quote(base)} + 1")
+        rest = {k: v for k, v in body.items() if k != "z"}
+        if base == 0:
+            model = codecs.decompress(KEYFRAME, wire, self.template)
+        else:
+            ref = self._in.get(peer)
+            if ref is None or ref.seq != base:
+                self._in.pop(peer, None)
+                raise Stale(f"top-k message on reference {base}, we hold {ref.seq if ref else 'none'}")
+            dense = codecs.densify(wire, self.template)
+            # finite: the reference is, and float16 values (at most 65504) cannot carry it past float32's max
+            model = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
+        self._keep(self._in, peer, _Reference(seq, model))
+        return rest, {k: v.clone() for k, v in model.items()}
+
+    def forget(self, peer: str) -> None:
+        """``peer`` may not hold our last message (the send failed, or it asked for a keyframe)."""
+        self._out.pop(peer, None)
+
+    def _keep(self, table: OrderedDict[str, _Reference], peer: str, ref: _Reference) -> None:
+        table[peer] = ref
+        table.move_to_end(peer)
+        while len(table) > self.config.max_references:
+            table.popitem(last=False)
