@@ -17,9 +17,11 @@ is part of the task (``node.daemon`` hashes it into the task id): peers with dif
   (int8, ~4x); repeated partners (gossip neighbours, small swarms) get the top-k gain.
 
 Each top-k message says which reference it needs (``base``, the sequence number of the sender's previous
-message to us) and names its own (``seq``). A receiver that does not hold the base (it restarted, evicted
-it, or a message was lost) drops the message without blame and answers ``codec-reset``; the sender's next
-message to it is a keyframe. References are bounded: ``max_references`` peers per direction (least
+message to us, 0 for a keyframe) and names its own (``seq``, unique among the sender's messages, so two
+keyframes or a late message are never mistaken for each other). A receiver that does not hold the base
+(it restarted, evicted it, a message was lost or overtaken) drops the message without blame and answers
+``codec-reset`` (at most one per peer per ``RESET_INTERVAL``, ``node.driver``); the sender's next message
+to it is a keyframe. References are bounded: ``max_references`` peers per direction (least
 recently used evicted), each a copy of the model.
 
 Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
@@ -77,8 +79,10 @@ class Compression:
 
     def __init__(self, config: CodecConfig, template: State) -> None:
         self.config = config
-        self.template = {k: v.detach().clone() for k, v in template.items()}
+        # shapes and dtypes only, but a copy: the protocol's model changes; fp32 needs none
+        self.template = {} if config.name == "fp32" else {k: v.detach().clone() for k, v in template.items()}
         self._out: OrderedDict[str, _Reference] = OrderedDict()  # what each peer holds of ours
+        self._seq = 0  # our last message's sequence number, to any peer
         self._in: OrderedDict[str, _Reference] = OrderedDict()  # what we hold of each peer's
 
     def encode(self, peer: str, body: Mapping[str, Any], model: State) -> tuple[dict, State]:
@@ -93,15 +97,16 @@ class Compression:
         if ref is None:
             wire = codecs.compress(KEYFRAME, model)
             held = codecs.decompress(KEYFRAME, wire, self.template)
-            header = {"seq": 1, "base": 0}
+            base = 0
         else:
             delta = {k: v - ref.model[k] if v.is_floating_point() else v for k, v in model.items()}
             wire = codecs.sparsify(delta, self.config.topk_fraction)
             dense = codecs.densify(wire, self.template)
             held = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
-            header = {"seq": ref.seq + 1, "base": ref.seq}
-        self._keep(self._out, peer, _Reference(header["seq"], held))
-        return {**body, "z": header}, wire
+            base = ref.seq
+        self._seq += 1
+        self._keep(self._out, peer, _Reference(self._seq, held))
+        return {**body, "z": {"seq": self._seq, "base": base}}, wire
 
     def decode(self, peer: str, body: Mapping[str, Any], wire: State) -> tuple[dict, State]:
         """Body (without the codec's fields) and model of a message from ``peer``; CodecError if refused
@@ -115,15 +120,14 @@ class Compression:
         if not (isinstance(header, Mapping) and set(header) == {"seq", "base"}):
             raise codecs.CodecError(f"top-k message without its seq and base fields: {quote(header)}")
         seq, base = header["seq"], header["base"]
-        if not (is_count(seq) and is_count(base) and seq == base + 1):
-            raise codecs.CodecError(f"top-k seq {quote(seq)} must be base {quote(base)} + 1")
+        if not (is_count(seq) and is_count(base) and base < seq):
+            raise codecs.CodecError(f"top-k seq {quote(seq)} must be a count above base {quote(base)}")
         rest = {k: v for k, v in body.items() if k != "z"}
         if base == 0:
             model = codecs.decompress(KEYFRAME, wire, self.template)
         else:
             ref = self._in.get(peer)
-            if ref is None or ref.seq != base:
-                self._in.pop(peer, None)
+            if ref is None or ref.seq != base:  # ours stays: an overtaken message may still need it
                 raise Stale(f"top-k message on reference {base}, we hold {ref.seq if ref else 'none'}")
             dense = codecs.densify(wire, self.template)
             # finite: the reference is, and float16 values (at most 65504) cannot carry it past float32's max

@@ -74,7 +74,7 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
         "input": list(data.input_shape),
         "classes": data.num_classes,
         "protocol": config.protocol,
-        "codec": [config.codec, config.topk_fraction] if config.codec == "topk" else config.codec,
+        "codec": config.codec,  # not topk_fraction: receivers decode any number of kept values
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

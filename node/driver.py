@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -51,6 +51,19 @@ from overlay.wire import Message
 
 log = logging.getLogger("shoal.driver")
 FP32 = CodecConfig()
+RESET_INTERVAL = 5.0
+T = TypeVar("T")
+MAX_RESET_PEERS = 1024
+OFF_LOOP_ELEMENTS = 1 << 20  # models with more values are encoded and decoded in a worker thread
+
+
+async def _maybe_in_thread(fn: Callable[..., T], peer: str, body: Mapping, tensors: Mapping) -> T:
+    """``fn(peer, body, tensors)``; in a worker thread for big models, so the loop keeps answering pings
+    (a 25M-parameter keyframe takes seconds). Simulations run small models on the loop: a thread would
+    let the virtual clock jump."""
+    if sum(t.numel() for t in tensors.values()) > OFF_LOOP_ELEMENTS:
+        return await trio.to_thread.run_sync(fn, peer, body, tensors)
+    return fn(peer, body, tensors)
 
 
 class Compute(Protocol):
@@ -103,6 +116,8 @@ class Driver:
         self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
         self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None
+        self._encoding: dict[str, trio.Lock] = {}  # per peer, while sends to it are being encoded
+        self._resets: dict[str, float] = {}  # when we last asked each peer for a keyframe
 
     async def run(self) -> None:
         """Run until cancelled, or until the overlay closes its event channel (the node went down)."""
@@ -129,7 +144,7 @@ class Driver:
                 case Delivered(peer, message) if message.kind == RESET:
                     self.compression.forget(peer)
                 case Delivered(peer, message):
-                    self._deliver(peer, message)
+                    await self._deliver(peer, message)
                 case PeerConnected(peer):
                     self._inbox.send_nowait(PeerUp(peer))
                 case PeerDisconnected(peer):
@@ -137,17 +152,28 @@ class Driver:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
 
-    def _deliver(self, peer: str, message: Message) -> None:
+    async def _deliver(self, peer: str, message: Message) -> None:
         try:
-            body, model = self.compression.decode(peer, message.body, message.tensors)
+            body, model = await _maybe_in_thread(self.compression.decode, peer, message.body, message.tensors)
         except Stale as exc:
-            log.debug("%s message from %s dropped: %s; asking for a keyframe", message.kind, peer, exc)
-            self._act(Send(peer, RESET), self._nursery)
+            log.debug("%s message from %s dropped: %s", message.kind, peer, exc)
+            self._ask_for_keyframe(peer)
             return
         except CodecError as exc:
             self.overlay.penalize(peer, f"{message.kind} message could not be decoded: {exc}")
             return
         self._inbox.send_nowait(MessageIn(peer, message.kind, body, model))
+
+    def _ask_for_keyframe(self, peer: str) -> None:
+        """``codec-reset`` to ``peer``, at most once per RESET_INTERVAL: a burst of stale differences (or a
+        peer sending them on purpose) costs one small message."""
+        now = trio.current_time()
+        if now - self._resets.get(peer, -math.inf) < RESET_INTERVAL:
+            return
+        if len(self._resets) >= MAX_RESET_PEERS:
+            self._resets = {p: t for p, t in self._resets.items() if now - t < RESET_INTERVAL}
+        self._resets[peer] = now
+        self._act(Send(peer, RESET), self._nursery)
 
     def _handle(self, event: Event) -> None:
         """Feed one event to the protocol. A ValueError raised on a peer's message is that message's fault
@@ -166,9 +192,8 @@ class Driver:
 
     def _act(self, action: Action, nursery: trio.Nursery) -> None:
         match action:
-            case Send(peer, kind, body, tensors):
-                body, wire = self.compression.encode(peer, body, tensors)  # in order, per peer
-                nursery.start_soon(self._send, Send(peer, kind, body, wire))
+            case Send():
+                nursery.start_soon(self._send, action)
             case Train():
                 nursery.start_soon(self._train, action)
             case StartTimer(name, delay):
@@ -181,10 +206,30 @@ class Driver:
             case Rejected(peer, reason):
                 log.debug("dropped input from %s: %s", peer, reason)
 
+    async def _encode(self, send: Send) -> Message:
+        """The message with its model in the codec; per peer in the order the sends were started (a top-k
+        difference names the previous message to that peer); big models in a worker thread."""
+        lock = self._encoding.setdefault(send.peer, trio.Lock())
+        try:
+            async with lock:
+                body, wire = await _maybe_in_thread(
+                    self.compression.encode, send.peer, send.body, send.tensors
+                )
+        finally:
+            if not lock.statistics().tasks_waiting:
+                self._encoding.pop(send.peer, None)
+        return Message(send.kind, body, wire)
+
     async def _send(self, send: Send) -> None:
         try:
+            message = await self._encode(send) if send.tensors else Message(send.kind, send.body)
+        except ValueError as exc:  # our own model cannot be encoded (non-finite): our bug, not the peer's
+            log.error("not sending %s to %s: %s", send.kind, send.peer, exc)
+            self._inbox.send_nowait(SendFailed(send.peer, send.kind))
+            return
+        try:
             with trio.fail_after(self.send_timeout):
-                await self.overlay.send(send.peer, Message(send.kind, send.body, send.tensors))
+                await self.overlay.send(send.peer, message)
         except (PeerUnreachable, trio.TooSlowError) as exc:
             log.debug("send of %s to %s failed: %s", send.kind, send.peer, str(exc) or "timeout")
             if send.tensors:

@@ -2,9 +2,10 @@
 
 What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
 
-- protocol messages (models included) travel one per stream on ``/shoal/<task>/msg``, framed by
-  ``overlay.transfer`` (length + hash trailer), each send under ``send_timeout`` and each receive
-  under ``receive_timeout``; payloads over 1 MiB are hashed and decoded in a worker thread;
+- protocol messages (models included) travel on ``/shoal/<task>/msg`` streams reused per peer
+  (``overlay.streams``), one frame each (``overlay.transfer``: length + hash trailer), each send under
+  ``send_timeout`` and each receive under ``receive_timeout``; messages over 1 MiB are encoded and
+  decoded in a worker thread, decoded tensors are views into the received frame;
 - the task's metadata document (``overlay.metadata``) is synced by state-vector exchange on
   ``/shoal/<task>/meta`` with every new peer and with a random peer every ``sync_interval``
   (anti-entropy), and local edits are published on the task's gossipsub topic;
@@ -72,7 +73,6 @@ from overlay.penalties import Penalties, RateLimit, Rejection
 from overlay.streams import RECEIVE_IDLE, StreamPool
 from overlay.transfer import (
     OFF_LOOP_BYTES,
-    Idle,
     Inflight,
     Libp2pStream,
     Pace,
@@ -614,24 +614,23 @@ class Libp2pOverlay:
         """Messages from ``peer`` on one stream, until the sender closes it or leaves it idle (it may send
         one per stream or reuse the stream: ``overlay.streams``). Every frame after the stream's first
         counts against the peer's message rate as a new stream would."""
-        grow_receive_window(stream, min(self.config.limits.max_message, self.config.peer_inflight))
-        first = True
-        while await self._receive_one(peer, stream):
-            if not first and not self._streams.allow(peer, trio.current_time()):
-                rate = f"{self.config.message_rate:g}/s, burst {self.config.message_burst}"
-                self._reject(peer, "flood", f"messages faster than {rate}", wrong=True)
-                await _reset(stream)
-                return
-            first = False
-        await stream.close()
+        grow_receive_window(stream, self.config.limits.max_message)
+        counted = True  # the stream's first frame was counted when the stream opened
+        while await self._receive_one(peer, stream, counted):
+            counted = False
 
-    async def _receive_one(self, peer: str, stream: INetStream) -> bool:
+    async def _receive_one(self, peer: str, stream: INetStream, counted: bool) -> bool:
         """Read, decode and deliver one message; False once the stream is done (ended, idle, or reset
         after refused input)."""
-        # the frame's reservation is held until its payload is decoded: both copies are in memory
+        # the frame's reservation is held until its payload is decoded (the tensors are views of it)
         with self.inflight.claim(peer) as admit:
             payload = await self._read(peer, stream, self.config.limits.max_message, admit, "message")
             if payload is None:
+                return False
+            if not counted and not self._streams.allow(peer, trio.current_time()):
+                rate = f"{self.config.message_rate:g}/s, burst {self.config.message_burst}"
+                self._reject(peer, "flood", f"messages faster than {rate}", wrong=True)
+                await _reset(stream)
                 return False
             size = len(payload)
             try:
@@ -647,7 +646,7 @@ class Libp2pOverlay:
                 await _reset(stream)
                 return False
             finally:
-                del payload  # not held past the reservation while the delivery below waits
+                del payload  # the message's tensors keep what they view of it alive, nothing else
         self.bytes_in[self._kind_key(message.kind)] += size
         await self._peer_up(peer)
         await self._events_in.send(Delivered(peer, message))
@@ -657,7 +656,8 @@ class Libp2pOverlay:
         self, peer: str, stream: INetStream, limit: int, admit: Callable[[int], None], what: str
     ) -> memoryview | None:
         """One frame from ``peer`` under the node's bounds (size, rate, budget, ``receive_timeout``), or
-        None at the stream's end (quietly) and after recording why not and resetting the stream."""
+        None, the stream reset, once it ended between frames or went idle (quietly) or after recording
+        why its input was refused."""
         metered = _Metered(Libp2pStream(stream), self.receiving, peer)
         try:
             return await read_frame(
@@ -669,10 +669,7 @@ class Libp2pOverlay:
                 timeout=self.config.receive_timeout,
             )
         except TransferError as e:
-            if isinstance(e, Truncated) and e.empty and not isinstance(e, Idle):
-                log.debug("%s %s stream: %s", peer, what, e)  # ended between frames: done with it
-                return None
-            if isinstance(e, Idle):  # senders close streams idle for IDLE_CLOSE, long before this
+            if isinstance(e, Truncated) and e.empty:  # ended between frames or idle: done with it
                 log.debug("%s %s stream: %s", peer, what, e)
             else:
                 self._reject(peer, e.kind, f"{what}: {e}", wrong=e.hostile)

@@ -1,6 +1,6 @@
 """Moving one encoded message over a byte stream: an explicit frame with a length and a hash trailer.
 
-Layout of a frame (one frame per stream)::
+Layout of a frame (a stream carries one or more, one after the other)::
 
     b"SHF" | version u8 | payload length u64 LE        (prefix, 12 bytes)
     payload, written in pieces of up to CHUNK bytes
@@ -54,7 +54,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 
 MAGIC = b"SHF"
 TRAILER_MAGIC = b"END"
-VERSION = 1
+VERSION = 2  # 2: BLAKE3 trailer (1: BLAKE2b)
 PREFIX = struct.Struct("<3sBQ")
 TRAILER = struct.Struct("<3sBQ32s")
 CHUNK = 1 << 20
@@ -88,8 +88,6 @@ class Truncated(TransferError):
 
 class Idle(Truncated):
     """No frame began within the wait allowed between messages: the sender is done with the stream."""
-
-    kind = "idle"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, empty=True)

@@ -182,6 +182,10 @@ def _tensors(entries: list, blob: memoryview, limits: Limits, share: bool) -> di
         dtype = DTYPES[dtype_name]
         if nbytes != math.prod(shape) * dtype.itemsize:
             raise WireError(f"tensor {name!r}: {nbytes} bytes do not fit shape {shape} of {dtype_name}")
+        if offset % dtype.itemsize:  # decoded tensors may be views of the buffer: keep them aligned
+            raise WireError(
+                f"tensor {name!r}: offset {offset} is not a multiple of its {dtype.itemsize}-byte values"
+            )
         if offset < end_of_previous or offset + nbytes > len(blob):
             raise WireError(f"tensor {name!r}: bytes {offset}..{offset + nbytes} overlap or run past the end")
         end_of_previous = offset + nbytes

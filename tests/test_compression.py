@@ -61,6 +61,20 @@ def test_a_lost_reference_is_stale_not_hostile_and_a_reset_brings_a_keyframe():
     assert torch.allclose(got["w"], step(MODEL, 3)["w"], atol=0.02)
 
 
+def test_overtaken_and_repeated_keyframes_never_leave_the_two_ends_apart():
+    """Two keyframes (after two resets) that arrive in reverse: the receiver holds the older one, the next
+    difference names the newer one and is refused as stale, not applied to the wrong model."""
+    a, b = pair("topk")
+    first = a.encode("b", {}, MODEL)
+    a.forget("b")
+    second = a.encode("b", {}, step(MODEL, 1))
+    assert first[0]["z"]["seq"] != second[0]["z"]["seq"]
+    b.decode("a", *second)
+    b.decode("a", *first)  # late
+    with pytest.raises(Stale):
+        b.decode("a", *a.encode("b", {}, step(MODEL, 2)))
+
+
 def test_references_are_bounded_per_direction():
     a = Compression(CodecConfig("topk", max_references=3), MODEL)
     for i in range(10):
@@ -73,10 +87,10 @@ def test_references_are_bounded_per_direction():
     [
         (None, "without its seq and base"),
         ({"seq": 1}, "without its seq and base"),
-        ({"seq": 5, "base": 1}, "must be base"),
-        ({"seq": -1, "base": -2}, "must be base"),
-        ({"seq": True, "base": 0}, "must be base"),
-        ({"seq": 2**60, "base": 2**60 - 1}, "must be base"),
+        ({"seq": 1, "base": 1}, "must be a count above base"),
+        ({"seq": -1, "base": -2}, "must be a count above base"),
+        ({"seq": True, "base": 0}, "must be a count above base"),
+        ({"seq": 2**60, "base": 2**60 - 1}, "must be a count above base"),
     ],
 )
 def test_malformed_topk_headers_are_codec_errors(z, reason):

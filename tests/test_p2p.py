@@ -29,7 +29,7 @@ from overlay.host import BootstrapError, quiet_libp2p_logs
 from overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
 from overlay.nat import DIALBACK, Reachability
 from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.transfer import PREFIX, Libp2pStream, write_frame
+from overlay.transfer import PREFIX, VERSION, Libp2pStream, write_frame
 from overlay.wire import Limits, Message, encode
 
 TASK = "test-task"
@@ -189,7 +189,7 @@ async def test_hostile_sync_and_dialback_requests_do_not_take_the_node_down():
                         await stream.read(1024)
                 await stream.reset()
             oversized = await attacker.new_stream(target.peer_id, [node._msg_protocol])
-            await oversized.write(PREFIX.pack(b"SHF", 1, 2**40))  # claims a terabyte
+            await oversized.write(PREFIX.pack(b"SHF", VERSION, 2**40))  # claims a terabyte
             await oversized.close()
         await until(lambda: any("over the" in r.reason for r in node.rejections), 10)
         await friend.send(node.peer_id, Message("ping"))  # still alive and serving
@@ -278,7 +278,7 @@ async def stranger():
 
 async def open_frame(host, node, claimed: int):
     stream = await host.new_stream(ID.from_base58(node.peer_id), [node._msg_protocol])
-    await stream.write(PREFIX.pack(b"SHF", 1, claimed))
+    await stream.write(PREFIX.pack(b"SHF", VERSION, claimed))
     return stream
 
 
