@@ -116,7 +116,7 @@ class Driver:
         self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
         self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None
-        self._encoding: dict[str, trio.Lock] = {}  # per peer, while sends to it are being encoded
+        self._encoding = trio.Lock()  # fair: encodings run in the order their sends started
         self._resets: dict[str, float] = {}  # when we last asked each peer for a keyframe
 
     async def run(self) -> None:
@@ -207,17 +207,11 @@ class Driver:
                 log.debug("dropped input from %s: %s", peer, reason)
 
     async def _encode(self, send: Send) -> Message:
-        """The message with its model in the codec; per peer in the order the sends were started (a top-k
-        difference names the previous message to that peer); big models in a worker thread."""
-        lock = self._encoding.setdefault(send.peer, trio.Lock())
-        try:
-            async with lock:
-                body, wire = await _maybe_in_thread(
-                    self.compression.encode, send.peer, send.body, send.tensors
-                )
-        finally:
-            if not lock.statistics().tasks_waiting:
-                self._encoding.pop(send.peer, None)
+        """The message with its model in the codec, big models in a worker thread. One at a time, in the
+        order the sends were started: a top-k difference names the previous message to that peer, and
+        the codec's references are not shared between threads."""
+        async with self._encoding:
+            body, wire = await _maybe_in_thread(self.compression.encode, send.peer, send.body, send.tensors)
         return Message(send.kind, body, wire)
 
     async def _send(self, send: Send) -> None:
