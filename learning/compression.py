@@ -130,7 +130,8 @@ class Compression:
             if ref is None or ref.seq != base:  # ours stays: an overtaken message may still need it
                 raise Stale(f"top-k message on reference {base}, we hold {ref.seq if ref else 'none'}")
             dense = codecs.densify(wire, self.template)
-            # finite: the reference is, and float16 values (at most 65504) cannot carry it past float32's max
+            # finite for float32 models (float16 values cannot carry a finite reference past float32's
+            # max); in a narrower model it may overflow, and the protocol's finiteness check refuses it
             model = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
         self._keep(self._in, peer, _Reference(seq, model))
         return rest, {k: v.clone() for k, v in model.items()}
