@@ -75,6 +75,25 @@ def test_overtaken_and_repeated_keyframes_never_leave_the_two_ends_apart():
         b.decode("a", *a.encode("b", {}, step(MODEL, 2)))
 
 
+def test_a_reply_is_a_difference_to_what_the_peer_just_sent_us():
+    """MoDeST's aggregator: the model it sends a trainer is close to the one that trainer just sent it."""
+    a, b = pair("topk")
+    b.decode("a", *a.encode("b", {}, MODEL))  # a -> b: a keyframe
+    reply = step(MODEL, 1)
+    body, wire = b.encode("a", {}, reply)  # b has sent a nothing yet, but holds what a sent it
+    assert body["z"]["ref"] == 2 and wire_bytes(wire) * 5 < wire_bytes(MODEL)
+    _, got = a.decode("b", body, wire)
+    assert torch.allclose(got["w"], reply["w"], atol=0.05)
+
+
+def test_a_difference_that_would_lag_far_behind_goes_as_a_keyframe():
+    a, b = pair("topk", topk_fraction=0.01)
+    b.decode("a", *a.encode("b", {}, MODEL))
+    far = {k: torch.randn(v.shape) for k, v in MODEL.items()}  # nothing like the reference
+    body, _ = a.encode("b", {}, far)
+    assert body["z"]["ref"] == 0
+
+
 def test_references_are_bounded_per_direction():
     a = Compression(CodecConfig("topk", max_references=3), MODEL)
     for i in range(10):
@@ -85,12 +104,14 @@ def test_references_are_bounded_per_direction():
 @pytest.mark.parametrize(
     ("z", "reason"),
     [
-        (None, "without its seq and base"),
-        ({"seq": 1}, "without its seq and base"),
-        ({"seq": 1, "base": 1}, "must be a count above base"),
-        ({"seq": -1, "base": -2}, "must be a count above base"),
-        ({"seq": True, "base": 0}, "must be a count above base"),
-        ({"seq": 2**60, "base": 2**60 - 1}, "must be a count above base"),
+        (None, "without its seq, base and ref"),
+        ({"seq": 1, "base": 0}, "without its seq, base and ref"),
+        ({"seq": 1, "base": 1, "ref": 0}, "is not a seq, a base and its kind"),
+        ({"seq": 1, "base": 0, "ref": 1}, "is not a seq, a base and its kind"),
+        ({"seq": -1, "base": 0, "ref": 0}, "is not a seq, a base and its kind"),
+        ({"seq": True, "base": 0, "ref": 0}, "is not a seq, a base and its kind"),
+        ({"seq": 2**60, "base": 0, "ref": 0}, "is not a seq, a base and its kind"),
+        ({"seq": 3, "base": 1, "ref": 7}, "is not a seq, a base and its kind"),
     ],
 )
 def test_malformed_topk_headers_are_codec_errors(z, reason):

@@ -92,7 +92,7 @@ async def test_the_driver_rejects_a_bad_model_and_keeps_going(nursery, autojump_
     if codec == "topk":  # a difference to a reference we never held: dropped, a keyframe asked for, no blame
         _, wire = Compression(CodecConfig("topk"), protocol.model).encode("good", {}, protocol.model)
         await attacker.send(
-            "good", Message("model", {"round": 0, "samples": 5, "z": {"seq": 8, "base": 7}}, wire)
+            "good", Message("model", {"round": 0, "samples": 5, "z": {"seq": 8, "base": 7, "ref": 1}}, wire)
         )
     await trio.sleep(3)
     assert good.penalties["evil"] == 2
