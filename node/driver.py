@@ -57,11 +57,13 @@ MAX_RESET_PEERS = 1024
 OFF_LOOP_ELEMENTS = 1 << 20  # models with more values are encoded and decoded in a worker thread
 
 
-async def _maybe_in_thread(fn: Callable[..., T], peer: str, body: Mapping, tensors: Mapping) -> T:
-    """``fn(peer, body, tensors)``; in a worker thread for big models, so the loop keeps answering pings
-    (a 25M-parameter keyframe takes seconds). Simulations run small models on the loop: a thread would
-    let the virtual clock jump."""
-    if sum(t.numel() for t in tensors.values()) > OFF_LOOP_ELEMENTS:
+async def _codec_call(
+    compression: Compression, fn: Callable[..., T], peer: str, body: Mapping, tensors: Mapping
+) -> T:
+    """``fn(peer, body, tensors)``, in a worker thread when a codec has a big model to work on, so the
+    loop keeps answering pings (a 25M-parameter keyframe takes seconds); fp32 passes models through.
+    Simulations run small models on the loop: a thread would let the virtual clock jump."""
+    if compression.config.name != "fp32" and sum(t.numel() for t in tensors.values()) > OFF_LOOP_ELEMENTS:
         return await trio.to_thread.run_sync(fn, peer, body, tensors)
     return fn(peer, body, tensors)
 
@@ -154,7 +156,9 @@ class Driver:
 
     async def _deliver(self, peer: str, message: Message) -> None:
         try:
-            body, model = await _maybe_in_thread(self.compression.decode, peer, message.body, message.tensors)
+            body, model = await _codec_call(
+                self.compression, self.compression.decode, peer, message.body, message.tensors
+            )
         except Stale as exc:
             log.debug("%s message from %s dropped: %s", message.kind, peer, exc)
             self._ask_for_keyframe(peer)
@@ -211,7 +215,9 @@ class Driver:
         order the sends were started: a top-k difference names the previous message to that peer, and
         the codec's references are not shared between threads."""
         async with self._encoding:
-            body, wire = await _maybe_in_thread(self.compression.encode, send.peer, send.body, send.tensors)
+            body, wire = await _codec_call(
+                self.compression, self.compression.encode, send.peer, send.body, send.tensors
+            )
         return Message(send.kind, body, wire)
 
     async def _send(self, send: Send) -> None:

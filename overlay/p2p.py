@@ -4,8 +4,8 @@ What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
 
 - protocol messages (models included) travel on ``/shoal/<task>/msg`` streams reused per peer
   (``overlay.streams``), one frame each (``overlay.transfer``: length + hash trailer), each send under
-  ``send_timeout`` and each receive under ``receive_timeout``; messages over 1 MiB are encoded and
-  decoded in a worker thread, decoded tensors are views into the received frame;
+  ``send_timeout`` and each receive under ``receive_timeout``; messages over 1 MiB are decoded in a
+  worker thread, into tensors that are views of the received frame;
 - the task's metadata document (``overlay.metadata``) is synced by state-vector exchange on
   ``/shoal/<task>/meta`` with every new peer and with a random peer every ``sync_interval``
   (anti-entropy), and local edits are published on the task's gossipsub topic;
@@ -81,7 +81,7 @@ from overlay.transfer import (
     read_frame,
     write_frame,
 )
-from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode_parts, encoded_size
+from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode_parts
 
 log = logging.getLogger("shoal.overlay")
 
@@ -336,10 +336,7 @@ class Libp2pOverlay:
         return [str(a) for a in self.host.get_addrs()] + circuits
 
     async def send(self, peer: str, message: Message) -> None:
-        if encoded_size(message) > OFF_LOOP_BYTES:
-            parts = await trio.to_thread.run_sync(encode_parts, message)
-        else:
-            parts = encode_parts(message)
+        parts = encode_parts(message)  # views of the tensors: no copy, nothing to move off the loop
         size = sum(len(p) for p in parts)
 
         async def write(stream: INetStream) -> None:

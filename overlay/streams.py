@@ -71,17 +71,13 @@ class StreamPool:
         self._give(peer, stream)
 
     def _take(self, peer: str) -> INetStream | None:
-        idle, now = self._idle.pop(peer, []), trio.current_time()
+        idle, now = self._idle.get(peer, []), trio.current_time()  # empty lists go in close_idle
         while idle:
             stream, since = idle.pop()
-            if _unusable(stream):
-                continue
-            if now - since >= IDLE_CLOSE:  # the receiver may be about to drop it: close_idle's job
+            if now - since >= IDLE_CLOSE:  # the receiver may be about to drop it
                 self._closing.append(stream)
-                continue
-            if idle:
-                self._idle[peer] = idle
-            return stream
+            elif not _unusable(stream):
+                return stream
         return None
 
     def _give(self, peer: str, stream: INetStream) -> None:

@@ -26,9 +26,6 @@ Why bounds beyond the length limit (measured against real daemons: four frames c
   any ``window`` of its life. Per window, not averaged since the start: a frame fed 100 MiB at once and
   then trickled would keep a 64 KiB/s average for 1,600 s.
 
-The receive buffer is allocated at the prefix, so the announced length is held at once: that is what
-:class:`Inflight` reserves, and the pace bounds how long a peer can hold it without sending.
-
 Refused and TooSlow, like Truncated, say nothing against the sender (``hostile`` is False): an honest
 peer meets them under load or on a bad link. Every other TransferError proves the bytes wrong.
 
@@ -84,13 +81,6 @@ class Truncated(TransferError):
     def __init__(self, message: str, empty: bool = False) -> None:
         super().__init__(message)
         self.empty = empty
-
-
-class Idle(Truncated):
-    """No frame began within the wait allowed between messages: the sender is done with the stream."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, empty=True)
 
 
 class TooSlow(TransferError):
@@ -289,10 +279,11 @@ async def read_frame(
     on anything short of that.
 
     ``idle``: seconds to wait for the frame's first byte (between messages on a reused stream), after
-    which it is :class:`Idle`; ``pace`` and ``timeout`` (for the whole frame: :class:`TooSlow`) count
-    from that byte. ``admit(length)`` is called with the announced length before the payload buffer is
-    allocated and may raise (``Inflight.claim``). The buffer is not zero-filled, so memory still grows
-    with the bytes that actually arrive, not with the length the prefix claims.
+    which it is an empty :class:`Truncated`, like a stream that ends there; ``pace`` and ``timeout``
+    (for the whole frame: :class:`TooSlow`) count from that byte. ``admit(length)`` is called with the
+    announced length before the payload buffer is allocated and may raise (``Inflight.claim``). The
+    buffer is not zero-filled, so memory still grows with the bytes that actually arrive, not with the
+    length the prefix claims.
     """
     prefix = bytearray(PREFIX.size)
     try:
@@ -301,7 +292,7 @@ async def read_frame(
     except Truncated as e:  # the stream failed between frames: nothing was lost
         raise Truncated(f"stream ended before a frame: {e}", empty=True) from e
     if waiting.cancelled_caught:
-        raise Idle(f"no frame began within {idle:g} s")
+        raise Truncated(f"no frame began within {idle:g} s", empty=True)
     if not first:
         raise Truncated("stream ended before a frame", empty=True)
     if len(first) > PREFIX.size:

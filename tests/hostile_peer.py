@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from learning.compression import CodecConfig
 from learning.learner import Hyperparameters, Learner
 from learning.models import ParameterLayout, build_model
 from node.config import Config, load
@@ -75,7 +76,8 @@ class Attacker:
             period=0.2,
             config=modest_config(self.config),
         )
-        await Driver(hostile, self.overlay, self.learner, ThreadCompute()).run()
+        codec = CodecConfig(self.config.codec, self.config.topk_fraction)  # the swarm's, as its members
+        await Driver(hostile, self.overlay, self.learner, ThreadCompute(), codec=codec).run()
 
     async def flood(self) -> None:
         """Eight senders per victim, each as fast as the victim takes them: gossip fetches (each asks

@@ -34,7 +34,13 @@ PHASES = {
 # of a small swarm in every role).
 SETTINGS = {
     "gossip": {},
-    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_ROLE_SLACK": "2"},
+    # top-k: the attacker's models, and its garbage, go through the codec as its victims' do
+    "modest": {
+        "SHOAL_PROTOCOL": "modest",
+        "SHOAL_SAMPLE_SIZE": "2",
+        "SHOAL_ROLE_SLACK": "2",
+        "SHOAL_CODEC": "topk",
+    },
 }
 
 
