@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
         return 1
     python = str(venv_python())
     if command == "demo":
-        return subprocess.call([python, "-m", "node.cli", "demo", *rest], cwd=ROOT)
+        return subprocess.call([python, "-m", "shoal.node.cli", "demo", *rest], cwd=ROOT)
     if command == "test":
         nat_test_tools()
         lint = subprocess.call([python, "-m", "ruff", "check", "."], cwd=ROOT)

@@ -22,8 +22,8 @@ import time
 import networkx as nx
 import torch
 
-from learning.datasets import load_dataset
-from simulations.engine import SimConfig, Simulation
+from shoal.learning.datasets import load_dataset
+from shoal.simulations.engine import SimConfig, Simulation
 
 
 def rss_mb() -> float:

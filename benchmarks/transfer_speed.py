@@ -37,10 +37,11 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from overlay.host import quiet_libp2p_logs
-from overlay.interface import Delivered
-from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.wire import Message, encoded_size
+from shoal.overlay.config import P2PConfig
+from shoal.overlay.host import quiet_libp2p_logs
+from shoal.overlay.interface import Delivered
+from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.wire import Message, encoded_size
 
 TASK = "benchmark"
 LENGTH = struct.Struct("<Q")

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from learning.averaging import incompatibility
-from learning.protocol import Action, Event, LearningProtocol, MessageIn, Send, State
+from shoal.learning.averaging import incompatibility
+from shoal.learning.protocol import Action, Event, LearningProtocol, MessageIn, Send, State
 
 Forge = Callable[[State, list[State]], State]
 ATTACKS = ("label-flip", "noise", "sign-flip", "alie")

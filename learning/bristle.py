@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from learning.averaging import check_models
-from learning.integrators import Contribution
-from learning.learner import Learner
-from learning.protocol import State
-from learning.transfer import extract
+from shoal.learning.averaging import check_models
+from shoal.learning.integrators import Contribution
+from shoal.learning.learner import Learner
+from shoal.learning.pretrain import extract
+from shoal.learning.protocol import State
 
 Scorer = Callable[[State], np.ndarray]  # a model -> F1 per class on the node's local test set
 LOCAL_TEST_PER_CLASS = 10  # samples per class a node keeps back to score its peers' layers on

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from learning.messages import quote
+from shoal.learning.messages import quote
 
 Tensor = torch.Tensor
 

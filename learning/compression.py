@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from learning import codecs
-from learning.messages import is_count, quote
+from shoal.learning import codecs
+from shoal.learning.messages import is_count, quote
 
 CODECS = (*codecs.STATELESS, "topk")
 KEY, MINE, YOURS = 0, 1, 2  # a top-k message's reference: none (keyframe), sender's last, receiver's last

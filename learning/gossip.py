@@ -36,9 +36,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from learning.integrators import Contribution, Integrator, integrate_contained
-from learning.messages import GossipModel, model_fault, quote
-from learning.protocol import (
+from shoal.learning.integrators import Contribution, Integrator, integrate_contained
+from shoal.learning.messages import GossipModel, model_fault, quote
+from shoal.learning.protocol import (
     Action,
     Event,
     MessageIn,

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from learning.averaging import check_models, mean, variance_corrected, weighted_mean
-from learning.protocol import Rejected, State
-from learning.robust import Krum, Median, TrimmedMean
+from shoal.learning.averaging import check_models, mean, variance_corrected, weighted_mean
+from shoal.learning.protocol import Rejected, State
+from shoal.learning.robust import Krum, Median, TrimmedMean
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from learning.models import ParameterLayout
-from learning.protocol import State
-from learning.training import Evaluation, TrainStats, evaluate, train_local
+from shoal.learning.models import ParameterLayout
+from shoal.learning.protocol import State
+from shoal.learning.training import Evaluation, TrainStats, evaluate, train_local
 
 log = logging.getLogger("shoal.learner")
 

@@ -30,7 +30,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from learning.averaging import incompatibility
+from shoal.learning.averaging import incompatibility
 
 MAX_ROUND = 2**53 - 1
 MAX_SAMPLES = 10**9

@@ -76,9 +76,19 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from learning.integrators import Contribution, Integrator, integrate_contained
-from learning.messages import MAX_ROUND, MAX_VIEW, Advert, Entry, ModestModel, Ping, Pong, model_fault, quote
-from learning.protocol import (
+from shoal.learning.integrators import Contribution, Integrator, integrate_contained
+from shoal.learning.messages import (
+    MAX_ROUND,
+    MAX_VIEW,
+    Advert,
+    Entry,
+    ModestModel,
+    Ping,
+    Pong,
+    model_fault,
+    quote,
+)
+from shoal.learning.protocol import (
     Action,
     Event,
     MessageIn,

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from learning.training import TrainStats
+from shoal.learning.training import TrainStats
 
 State = dict[str, torch.Tensor]
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from learning.averaging import check_models
-from learning.protocol import State
+from shoal.learning.averaging import check_models
+from shoal.learning.protocol import State
 
 if TYPE_CHECKING:  # learning.integrators names these rules, so it imports this module
-    from learning.integrators import Contribution
+    from shoal.learning.integrators import Contribution
 
 
 def _stack(models: Sequence[State]) -> torch.Tensor:

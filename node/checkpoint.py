@@ -13,8 +13,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
-from learning.protocol import State
-from overlay.atomic import write_atomic
+from shoal.learning.protocol import State
+from shoal.overlay.atomic import write_atomic
 
 
 class CheckpointError(Exception):

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from node import __version__
+from shoal.node import __version__
 
 EXIT_CONFIG, EXIT_JOIN, EXIT_FILES, EXIT_NO_DAEMON, EXIT_NOT_REACHED = 2, 3, 4, 5, 6
 
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def init(args: argparse.Namespace) -> int:
-    from node.config import TEMPLATE
-    from node.home import Home
-    from overlay.atomic import write_atomic
-    from overlay.identity import load_or_create_identity, peer_id
+    from shoal.node.config import TEMPLATE
+    from shoal.node.home import Home
+    from shoal.overlay.atomic import write_atomic
+    from shoal.overlay.identity import load_or_create_identity, peer_id
 
     home = Home(args.home)
     if home.identity.exists():
@@ -154,8 +154,8 @@ def init(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load
-    from node.home import Home
+    from shoal.node.config import ConfigError, load
+    from shoal.node.home import Home
 
     flags = {
         flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -168,13 +168,13 @@ def run(args: argparse.Namespace) -> int:
 
     import trio  # the heavy imports (torch, libp2p) only once the configuration is known to be good
 
-    from learning.datasets import DatasetError
-    from learning.models import ModelError
-    from node.checkpoint import CheckpointError
-    from node.daemon import Daemon
-    from node.home import HomeInUse
-    from overlay.host import BootstrapError, quiet_libp2p_logs
-    from overlay.identity import IdentityError
+    from shoal.learning.datasets import DatasetError
+    from shoal.learning.models import ModelError
+    from shoal.node.checkpoint import CheckpointError
+    from shoal.node.daemon import Daemon
+    from shoal.node.home import HomeInUse
+    from shoal.overlay.host import BootstrapError, quiet_libp2p_logs
+    from shoal.overlay.identity import IdentityError
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 def ask(args: argparse.Namespace) -> int:
     """id, peers, status: read the running daemon's /status."""
-    from node.home import Home
+    from shoal.node.home import Home
 
     address = args.api
     if address is None:
@@ -244,8 +244,8 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def offline_id(args: argparse.Namespace) -> int:
-    from node.home import Home
-    from overlay.identity import IdentityError, load_identity, peer_id
+    from shoal.node.home import Home
+    from shoal.overlay.identity import IdentityError, load_identity, peer_id
 
     try:
         pid = peer_id(load_identity(Home(args.home).identity))
@@ -275,7 +275,7 @@ def human_status(s: dict[str, Any]) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
+    from shoal.node.demo import run_demo
 
     if args.nodes < 2 or not 0 < args.target <= 1 or args.timeout <= 0:
         return fail("--nodes must be at least 2, --target in (0, 1], --timeout positive", EXIT_CONFIG)

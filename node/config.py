@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from overlay.host import parse_bootstrap, parse_multiaddr
+from shoal.overlay.host import parse_bootstrap, parse_multiaddr
 
 PROTOCOLS = ("gossip", "modest")
 INTEGRATORS = ("mean", "weighted", "vca", "median", "trimmed", "krum", "bristle")

@@ -25,26 +25,27 @@ from typing import Any
 import torch
 import trio
 
-from learning.bristle import for_learner, hold_out
-from learning.compression import CodecConfig
-from learning.datasets import Dataset, load_dataset, load_npz
-from learning.gossip import Gossip, GossipConfig
-from learning.integrators import Integrator, make_integrator
-from learning.learner import Hyperparameters, Learner
-from learning.models import ModelError, ParameterLayout, build_model
-from learning.modest import Modest, ModestConfig
-from learning.partition import partition
-from learning.protocol import LearningProtocol, State
-from learning.training import Evaluation, evaluate, pick_device
-from node import api, checkpoint
-from node.config import Config, ConfigError
-from node.driver import Driver, ThreadCompute
-from node.home import Home
-from overlay.atomic import write_atomic
-from overlay.identity import load_or_create_identity, peer_id
-from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.transfer import digest
-from overlay.wire import DEFAULT_LIMITS, Limits, Message, encode_parts, encoded_size
+from shoal.learning.bristle import for_learner, hold_out
+from shoal.learning.compression import CodecConfig
+from shoal.learning.datasets import Dataset, load_dataset, load_npz
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Integrator, make_integrator
+from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.models import ModelError, ParameterLayout, build_model
+from shoal.learning.modest import Modest, ModestConfig
+from shoal.learning.partition import partition
+from shoal.learning.protocol import LearningProtocol, State
+from shoal.learning.training import Evaluation, evaluate, pick_device
+from shoal.node import api, checkpoint
+from shoal.node.config import Config, ConfigError
+from shoal.node.driver import Driver, ThreadCompute
+from shoal.node.home import Home
+from shoal.overlay.atomic import write_atomic
+from shoal.overlay.config import P2PConfig
+from shoal.overlay.framing import digest
+from shoal.overlay.identity import load_or_create_identity, peer_id
+from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.wire import DEFAULT_LIMITS, Limits, Message, encode_parts, encoded_size
 
 log = logging.getLogger("shoal")
 

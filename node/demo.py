@@ -21,9 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from node.home import Home
-from overlay.atomic import write_atomic
-from overlay.identity import load_or_create_identity, peer_id
+from shoal.node.home import Home
+from shoal.overlay.atomic import write_atomic
+from shoal.overlay.identity import load_or_create_identity, peer_id
 
 POLL = 2.0
 STOP_TIMEOUT = 20.0
@@ -81,7 +81,7 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
             with open(home.path / "daemon.log", "wb") as logfile:
                 procs.append(  # one torch thread each: N daemons share this machine's cores
                     subprocess.Popen(
-                        [sys.executable, "-m", "node.cli", "run", "--home", str(home.path)],
+                        [sys.executable, "-m", "shoal.node.cli", "run", "--home", str(home.path)],
                         stdout=logfile,
                         stderr=subprocess.STDOUT,
                         env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -23,10 +23,10 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from learning.codecs import CodecError
-from learning.compression import RESET, CodecConfig, Compression, Stale
-from learning.learner import Learner
-from learning.protocol import (
+from shoal.learning.codecs import CodecError
+from shoal.learning.compression import RESET, CodecConfig, Compression, Stale
+from shoal.learning.learner import Learner
+from shoal.learning.protocol import (
     Action,
     Event,
     LearningProtocol,
@@ -45,9 +45,9 @@ from learning.protocol import (
     Train,
     Trained,
 )
-from learning.training import TrainStats
-from overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnected, PeerUnreachable
-from overlay.wire import Message
+from shoal.learning.training import TrainStats
+from shoal.overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnected, PeerUnreachable
+from shoal.overlay.wire import Message
 
 log = logging.getLogger("shoal.driver")
 FP32 = CodecConfig()

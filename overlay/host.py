@@ -70,7 +70,7 @@ def grow_receive_window(stream: INetStream, size: int) -> None:
 
     Granting credit is the receiver's choice in Yamux (window updates): py-libp2p sends the update at the
     stream's next read, and its own auto-tuning reaches 16 MiB on a long transfer anyway. What a peer
-    sends ahead sits in Yamux's buffer until we read it, outside ``overlay.transfer.Inflight``: up to
+    sends ahead sits in Yamux's buffer until we read it, outside ``overlay.framing.Inflight``: up to
     16 MiB per stream of an honest peer while our reader lags (a hostile one is not held to the window
     by py-libp2p 0.8.1 at all; the per-peer stream limit and the pace bound what it can make us hold).
     """

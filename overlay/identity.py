@@ -16,7 +16,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
 
-from overlay.atomic import write_atomic
+from shoal.overlay.atomic import write_atomic
 
 
 class IdentityError(Exception):

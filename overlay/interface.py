@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from overlay.wire import Message
+from shoal.overlay.wire import Message
 
 
 class PeerUnreachable(Exception):

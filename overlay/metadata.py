@@ -106,7 +106,7 @@ from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.peer.id import ID
 from pycrdt import Doc, Map, TransactionEvent, merge_updates
 
-from overlay.yupdate import UpdateError, check_state_vector, check_update
+from shoal.overlay.yupdate import UpdateError, check_state_vector, check_update
 
 DOMAIN = "shoal/metadata/1"  # signed first, so a record signature is never valid as any other signature
 MAX_INT = 2**53 - 1  # numbers travel as JSON (float64) numbers: beyond this, ints lose precision

@@ -36,7 +36,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
-from overlay.transfer import Libp2pStream, TransferError, read_frame, write_frame
+from shoal.overlay.framing import Libp2pStream, TransferError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
 
 - protocol messages (models included) travel on ``/shoal/<task>/msg`` streams reused per peer
-  (``overlay.streams``), one frame each (``overlay.transfer``: length + hash trailer), each send under
+  (``overlay.streams``), one frame each (``overlay.framing``: length + hash trailer), each send under
   ``send_timeout`` and each receive under ``receive_timeout``; messages over 1 MiB are decoded in a
   worker thread, into tensors that are views of the received frame;
 - the task's metadata document (``overlay.metadata``) is synced by state-vector exchange on
@@ -20,7 +20,7 @@ What runs where (all in one trio nursery owned by :meth:`Libp2pOverlay.start`):
 - every peer's inbound streams (messages, metadata syncs, dial-back requests) are rate limited per
   peer (``message_rate``, ``message_burst``: the excess is a flood, which is wrong), and every
   incoming frame reserves its announced length from a node-wide and a per-peer budget
-  (``max_inflight``, ``max_peer_inflight``) and must keep up ``min_rate`` (``overlay.transfer``).
+  (``max_inflight``, ``max_peer_inflight``) and must keep up ``min_rate`` (``overlay.framing``).
 
 Size: still the one class issue 13 splits into per-concern components (DHT, reachability,
 metadata sync, budgets); until then each concern keeps its own section below.
@@ -36,7 +36,6 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 
 import msgpack
@@ -57,21 +56,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.anyio_service.exceptions import LifecycleError
 from multiaddr import Multiaddr
 
-from overlay.host import build_host, explain_dial_error, grow_receive_window, join, parse_bootstrap
-from overlay.interface import (
-    Announced,
-    Delivered,
-    OverlayEvent,
-    PeerConnected,
-    PeerDisconnected,
-    PeerUnreachable,
-)
-from overlay.liveness import FailureDetector, ping
-from overlay.metadata import Metadata, MetadataError
-from overlay.nat import DIALBACK, Reachability, Relaying, ask_dialback, is_circuit, is_relayed, serve_dialback
-from overlay.penalties import Penalties, RateLimit, Rejection
-from overlay.streams import RECEIVE_IDLE, StreamPool
-from overlay.transfer import (
+from shoal.overlay.config import P2PConfig
+from shoal.overlay.framing import (
     OFF_LOOP_BYTES,
     Inflight,
     Libp2pStream,
@@ -81,7 +67,29 @@ from overlay.transfer import (
     read_frame,
     write_frame,
 )
-from overlay.wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode_parts
+from shoal.overlay.host import build_host, explain_dial_error, grow_receive_window, join, parse_bootstrap
+from shoal.overlay.interface import (
+    Announced,
+    Delivered,
+    OverlayEvent,
+    PeerConnected,
+    PeerDisconnected,
+    PeerUnreachable,
+)
+from shoal.overlay.liveness import FailureDetector, ping
+from shoal.overlay.metadata import Metadata, MetadataError
+from shoal.overlay.nat import (
+    DIALBACK,
+    Reachability,
+    Relaying,
+    ask_dialback,
+    is_circuit,
+    is_relayed,
+    serve_dialback,
+)
+from shoal.overlay.penalties import Penalties, RateLimit, Rejection
+from shoal.overlay.streams import RECEIVE_IDLE, StreamPool
+from shoal.overlay.wire import Message, WireError, decode, encode_parts
 
 log = logging.getLogger("shoal.overlay")
 
@@ -95,73 +103,6 @@ MAX_KIND, MAX_KINDS = 32, 64  # traffic counters: per message kind only for kind
 MAX_INBOUND_PER_PEER = 4  # message streams one peer may have open to us at once
 LOOKUP_TIMEOUT = 10.0
 SYNC_TIMEOUT = 10.0  # gossipsub's spam protection drops a topic's 11th message in a second
-
-
-@dataclass(frozen=True)
-class P2PConfig:
-    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    announce: tuple[str, ...] = ()
-    bootstrap: tuple[str, ...] = ()
-    relay_service: bool = False
-    upnp: bool = False
-    bootstrap_attempts: int = 5
-    ping_interval: float = 2.0
-    ping_timeout: float = 2.0
-    ping_misses: int = 3
-    send_timeout: float = 120.0
-    receive_timeout: float = 120.0
-    sync_interval: float = 5.0
-    heartbeat_interval: float = 10.0
-    hole_punch_timeout: float = 10.0
-    max_penalty: int = 5  # wrong inputs that ban a peer
-    ban_duration: float = 600.0  # seconds a ban lasts; penalties are forgotten after as long without one
-    log_interval: float = 60.0  # rejections beyond the first few per interval are summarised once in it
-    max_inflight: int = 512 * 2**20  # bytes of incoming frames being received, all peers together
-    max_peer_inflight: int | None = None  # the same for one peer; None: 2 * limits.max_message
-    min_rate: float = 64 * 1024  # bytes/s an incoming frame must keep up in every rate_window
-    rate_window: float = 5.0  # seconds, also the grace period at a frame's start
-    message_rate: float = 20.0  # inbound streams per second per peer, sustained
-    message_burst: int = 50  # inbound streams a peer may open at once before the rate applies
-    limits: Limits = field(default=DEFAULT_LIMITS)
-
-    def __post_init__(self) -> None:
-        for addr in self.bootstrap:
-            parse_bootstrap(addr)  # ValueError with a clear reason, before anything starts
-        if (
-            min(
-                self.ping_interval,
-                self.ping_timeout,
-                self.send_timeout,
-                self.receive_timeout,
-                self.sync_interval,
-                self.heartbeat_interval,
-                self.hole_punch_timeout,
-                self.ban_duration,
-                self.log_interval,
-                self.min_rate,
-                self.rate_window,
-                self.message_rate,
-            )
-            <= 0
-        ):
-            raise ValueError("intervals, timeouts and rates must be positive")
-        if self.sync_interval < 1:
-            raise ValueError("sync_interval must be at least 1 s (the sync loop ticks once a second)")
-        if self.ping_misses < 1 or self.max_penalty < 1 or self.message_burst < 1:
-            raise ValueError("ping_misses, max_penalty and message_burst must be at least 1")
-        if not self.limits.max_message <= self.peer_inflight <= self.max_inflight:
-            raise ValueError(
-                f"need limits.max_message ({self.limits.max_message}) <= max_peer_inflight "
-                f"({self.peer_inflight}) <= max_inflight ({self.max_inflight}): otherwise no message "
-                "of the largest size could ever be received"
-            )
-
-    @property
-    def peer_inflight(self) -> int:
-        """Per-peer bytes in flight: ``max_peer_inflight``, or two messages of the largest size."""
-        if self.max_peer_inflight is not None:
-            return self.max_peer_inflight
-        return min(2 * self.limits.max_message, self.max_inflight)
 
 
 class _Notifee(INotifee):

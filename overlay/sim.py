@@ -44,7 +44,7 @@ from typing import TypeVar
 import trio
 import trio.testing
 
-from overlay.interface import (
+from shoal.overlay.interface import (
     Announced,
     Delivered,
     OverlayEvent,
@@ -52,8 +52,8 @@ from overlay.interface import (
     PeerDisconnected,
     PeerUnreachable,
 )
-from overlay.penalties import Penalties
-from overlay.wire import Message, encoded_size
+from shoal.overlay.penalties import Penalties
+from shoal.overlay.wire import Message, encoded_size
 
 T = TypeVar("T")
 ANNOUNCEMENT_OVERHEAD = 64  # bytes of pubsub framing counted per announcement

@@ -7,7 +7,7 @@ is spent, so every message over 256 KiB on a fresh stream waited at least 10 ms.
 already granted a large window (``overlay.host.grow_receive_window``), took a 1 MB model and its
 acknowledgement from ~35 ms to ~17 ms.
 
-The receiver reads frames from a stream until it ends (``overlay.transfer.read_frame``'s ``idle``), so
+The receiver reads frames from a stream until it ends (``overlay.framing.read_frame``'s ``idle``), so
 reuse needs no change to the frame format: a sender may still open a stream per message.
 A frame is whole or not at all, so a send that fails on a reused stream (the peer restarted, or
 dropped the stream as idle) never delivered anything and is tried once more on a new stream. A stream

@@ -91,7 +91,7 @@ def _padding(n: int) -> int:
 
 
 def encode_parts(message: Message) -> list[bytes | memoryview]:
-    """The encoded message as the buffers it is made of, tensors' bytes not copied (``overlay.transfer``
+    """The encoded message as the buffers it is made of, tensors' bytes not copied (``overlay.framing``
     writes them as they are); ``encode`` joins them."""
     header, tensors = _header(message)
     start = PREFIX.size + len(header)

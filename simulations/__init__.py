@@ -1,1 +1,1 @@
-"""Scenario scripts, each runnable as ``python -m simulations.<name>``; see README."""
+"""Scenario scripts, each runnable as ``python -m shoal.simulations.<name>``; see README."""

@@ -14,7 +14,7 @@ The sweep runs every attacker fraction x data setting x integrator, --jobs at a 
 final mean test accuracy of the honest nodes. Writes rounds.csv, summary.json and one PNG per data
 setting to --out.
 
-    python -m simulations.byzantine --nodes 30 --attack sign-flip
+    python -m shoal.simulations.byzantine --nodes 30 --attack sign-flip
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from learning.attacks import ATTACKS, Forging, flip_labels, forge
-from learning.bristle import for_learner, hold_out
-from learning.datasets import Dataset, load_dataset
-from learning.gossip import Gossip, GossipConfig
-from learning.integrators import Mean, make_integrator
-from learning.learner import Learner
-from learning.transfer import extract, load_extractor, pretrain_extractor, save_extractor
-from simulations import report
-from simulations.engine import RunResult, Simulation
+from shoal.learning.attacks import ATTACKS, Forging, flip_labels, forge
+from shoal.learning.bristle import for_learner, hold_out
+from shoal.learning.datasets import Dataset, load_dataset
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Mean, make_integrator
+from shoal.learning.learner import Learner
+from shoal.learning.pretrain import extract, load_extractor, pretrain_extractor, save_extractor
+from shoal.simulations import report
+from shoal.simulations.engine import RunResult, Simulation
 
 INTEGRATORS = ("bristle", "mean", "median", "trimmed", "krum")
 

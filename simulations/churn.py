@@ -7,7 +7,7 @@ starts a fraction of the nodes offline; they join one by one over the first half
 an explicit --schedule CSV with lines ``time,action,node[ node ...]`` (action: crash, leave, join).
 Writes rounds.csv, summary.json and accuracy.png (accuracy and live nodes over time) to --out.
 
-    python -m simulations.churn --nodes 40 --crash-prob 0.1 --rejoin-prob 0.3
+    python -m shoal.simulations.churn --nodes 40 --crash-prob 0.1 --rejoin-prob 0.3
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import random
 import sys
 from pathlib import Path
 
-from simulations import report
-from simulations.engine import ScheduledEvent, Simulation
-from simulations.topologies import build_graph
+from shoal.simulations import report
+from shoal.simulations.engine import ScheduledEvent, Simulation
+from shoal.simulations.topologies import build_graph
 
 
 def random_schedule(

@@ -10,7 +10,7 @@ Writes rounds.csv, summary.json (per protocol and codec: bytes_to_target, rounds
 final_accuracy_mean, and bytes_to_target as a fraction of fp32's) and accuracy_by_bytes_<protocol>.png
 to --out.
 
-    python -m simulations.compression --nodes 12 --seed 1 --out out/compression
+    python -m shoal.simulations.compression --nodes 12 --seed 1 --out out/compression
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import networkx as nx
 
-from learning.compression import CODECS
-from learning.modest import ModestConfig
-from simulations import report
-from simulations.engine import RunResult, Simulation
-from simulations.modest import modest_protocol, plot_xy
-from simulations.topologies import build_graph
+from shoal.learning.compression import CODECS
+from shoal.learning.modest import ModestConfig
+from shoal.simulations import report
+from shoal.simulations.engine import RunResult, Simulation
+from shoal.simulations.modest import modest_protocol, plot_xy
+from shoal.simulations.topologies import build_graph
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ rule, would give relays weight 0 and so cut every path through them. Reported pe
 surviving nodes, the largest connected component after the drop, and the accuracy of nodes cut off
 from it. Writes rounds.csv, summary.json and accuracy.png to --out.
 
-    python -m simulations.disaster --nodes 100 --seed 1 --out out/disaster
+    python -m shoal.simulations.disaster --nodes 100 --seed 1 --out out/disaster
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import sys
 import networkx as nx
 import numpy as np
 
-from simulations import report
-from simulations.engine import ScheduledEvent, Simulation, node_name
+from shoal.simulations import report
+from shoal.simulations.engine import ScheduledEvent, Simulation, node_name
 
 STRATEGIES = ("none", "data", "relay", "hubs")
 

@@ -24,16 +24,16 @@ import numpy as np
 import torch
 import trio
 
-from learning.compression import CodecConfig
-from learning.datasets import Dataset, load_dataset
-from learning.gossip import Gossip, GossipConfig
-from learning.integrators import make_integrator
-from learning.learner import Hyperparameters, Learner
-from learning.models import ParameterLayout, build_model
-from learning.partition import partition
-from learning.protocol import LearningProtocol
-from node.driver import Driver, VirtualCompute
-from overlay.sim import SimNetwork, run_virtual
+from shoal.learning.compression import CodecConfig
+from shoal.learning.datasets import Dataset, load_dataset
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import make_integrator
+from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.models import ParameterLayout, build_model
+from shoal.learning.partition import partition
+from shoal.learning.protocol import LearningProtocol
+from shoal.node.driver import Driver, VirtualCompute
+from shoal.overlay.sim import SimNetwork, run_virtual
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 
 import torch
 
-from learning.learner import Learner
-from learning.messages import MAX_LABELS, MAX_ROUND, MAX_VIEW, is_count
-from learning.modest import ModestConfig, order
-from learning.protocol import (
+from shoal.learning.learner import Learner
+from shoal.learning.messages import MAX_LABELS, MAX_ROUND, MAX_VIEW, is_count
+from shoal.learning.modest import ModestConfig, order
+from shoal.learning.protocol import (
     Action,
     Event,
     MessageIn,
@@ -47,7 +47,7 @@ from learning.protocol import (
     State,
     TimerFired,
 )
-from simulations.engine import ProtocolFactory, Simulation, node_name
+from shoal.simulations.engine import ProtocolFactory, Simulation, node_name
 
 ATTACKS = ("huge", "far-rounds", "hijack", "garbage")
 PROTOCOLS = ("gossip", "modest")

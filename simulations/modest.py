@@ -14,7 +14,7 @@ MoDeST is evaluated on the freshest model (the nodes at the newest round: the cu
 on every node's model. Writes rounds.csv, summary.json (with the bytes each method needs to reach
 --target), accuracy_by_round.png, accuracy_by_bytes.png, bytes_per_node.png and crash.png to --out.
 
-    python -m simulations.modest --nodes 60 --seed 1 --out out/modest
+    python -m shoal.simulations.modest --nodes 60 --seed 1 --out out/modest
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
-from learning.datasets import load_dataset
-from learning.integrators import Contribution, make_integrator
-from learning.learner import Learner
-from learning.models import ParameterLayout, build_model
-from learning.modest import Modest, ModestConfig
-from learning.partition import partition
-from overlay.wire import Message, encoded_size
-from simulations import report
-from simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation, node_name
+from shoal.learning.datasets import load_dataset
+from shoal.learning.integrators import Contribution, make_integrator
+from shoal.learning.learner import Learner
+from shoal.learning.models import ParameterLayout, build_model
+from shoal.learning.modest import Modest, ModestConfig
+from shoal.learning.partition import partition
+from shoal.overlay.wire import Message, encoded_size
+from shoal.simulations import report
+from shoal.simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation, node_name
 
 
 def modest_protocol(config: ModestConfig):

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from learning.compression import CODECS
-from learning.integrators import INTEGRATORS
-from overlay.atomic import write_atomic
-from simulations.engine import Row, RunResult, SimConfig
+from shoal.learning.compression import CODECS
+from shoal.learning.integrators import INTEGRATORS
+from shoal.overlay.atomic import write_atomic
+from shoal.simulations.engine import Row, RunResult, SimConfig
 
 
 def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentParser:
     """A parser with the flags every scenario takes; ``defaults`` override SimConfig's per scenario."""
     base = {**asdict(SimConfig()), **defaults}
     p = argparse.ArgumentParser(
-        prog=f"python -m simulations.{prog}",
+        prog=f"python -m shoal.simulations.{prog}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,7 +3,7 @@
 The same swarm (data split, initial model, protocol, seed) runs once per topology, so the curves differ
 only by who can talk to whom. Writes rounds.csv, summary.json and accuracy.png to --out.
 
-    python -m simulations.topologies --nodes 50 --topologies ba,ring,complete
+    python -m shoal.simulations.topologies --nodes 50 --topologies ba,ring,complete
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 import networkx as nx
 
-from simulations import report
-from simulations.engine import Simulation
+from shoal.simulations import report
+from shoal.simulations.engine import Simulation
 
 TOPOLOGIES = ("ba", "er", "regular", "ring", "complete")
 

@@ -7,7 +7,7 @@ seed, once averaging with the plain mean and once with VCA (learning/averaging.p
 prints the rounds each needs to reach ``--target`` mean test accuracy over the nodes.
 Writes rounds.csv, summary.json and accuracy.png to --out.
 
-    python -m simulations.vca_demo --nodes 16 --target 0.9
+    python -m shoal.simulations.vca_demo --nodes 16 --target 0.9
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sys
 
 import networkx as nx
 
-from simulations import report
-from simulations.engine import Simulation
+from shoal.simulations import report
+from shoal.simulations.engine import Simulation
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from learning.protocol import (
+from shoal.learning.protocol import (
     MessageIn,
     Rejected,
     RoundDone,
@@ -21,7 +21,7 @@ from learning.protocol import (
     Train,
     Trained,
 )
-from learning.training import TrainStats
+from shoal.learning.training import TrainStats
 
 
 def plus_one(state):

@@ -31,20 +31,21 @@ from pathlib import Path
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from learning.compression import CodecConfig
-from learning.learner import Hyperparameters, Learner
-from learning.models import ParameterLayout, build_model
-from node.config import Config, load
-from node.daemon import load_data, message_limit, modest_config, task_id
-from node.driver import Driver, ThreadCompute
-from overlay.host import quiet_libp2p_logs
-from overlay.metadata import Metadata
-from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.transfer import MAGIC as FRAME_MAGIC
-from overlay.transfer import PREFIX, Libp2pStream
-from overlay.transfer import VERSION as FRAME_VERSION
-from overlay.wire import Message
-from simulations.hostile import ATTACKS, Hostile
+from shoal.learning.compression import CodecConfig
+from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.models import ParameterLayout, build_model
+from shoal.node.config import Config, load
+from shoal.node.daemon import load_data, message_limit, modest_config, task_id
+from shoal.node.driver import Driver, ThreadCompute
+from shoal.overlay.config import P2PConfig
+from shoal.overlay.framing import MAGIC as FRAME_MAGIC
+from shoal.overlay.framing import PREFIX, Libp2pStream
+from shoal.overlay.framing import VERSION as FRAME_VERSION
+from shoal.overlay.host import quiet_libp2p_logs
+from shoal.overlay.metadata import Metadata
+from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.wire import Message
+from shoal.simulations.hostile import ATTACKS, Hostile
 
 
 def say(value: object) -> None:

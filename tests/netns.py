@@ -26,7 +26,7 @@ Usage::
     if reason:
         pytest.skip(reason)
     with nat_lab() as lab:
-        p = lab.popen(lab.priv1, [sys.executable, "-m", "node.cli", ...])
+        p = lab.popen(lab.priv1, [sys.executable, "-m", "shoal.node.cli", ...])
 """
 
 import contextlib

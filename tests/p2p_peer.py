@@ -16,10 +16,11 @@ import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from overlay.host import quiet_libp2p_logs
-from overlay.interface import Delivered
-from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.wire import Message, encoded_size
+from shoal.overlay.config import P2PConfig
+from shoal.overlay.host import quiet_libp2p_logs
+from shoal.overlay.interface import Delivered
+from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.wire import Message, encoded_size
 
 KEY = "shoal/test"
 

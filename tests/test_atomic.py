@@ -8,14 +8,14 @@ import textwrap
 import pytest
 import torch
 
-from node import checkpoint
-from overlay.atomic import write_atomic
+from shoal.node import checkpoint
+from shoal.overlay.atomic import write_atomic
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     import torch
-    from node import checkpoint
+    from shoal.node import checkpoint
     path, stage = Path(sys.argv[1]), sys.argv[2]
     checkpoint.save(path, checkpoint.Checkpoint({"w": torch.ones(1000)}, 1, "task"))
     real = getattr(os, stage)

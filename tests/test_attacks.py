@@ -5,13 +5,13 @@ import random
 import pytest
 import torch
 
-from learning.attacks import Forging, flip_labels, forge
-from learning.datasets import load_dataset
-from learning.gossip import Gossip, GossipConfig
-from learning.integrators import Mean
-from learning.protocol import MessageIn, PeerUp, Send, Started, Trained
-from learning.training import TrainStats
-from learning.transfer import extract, load_extractor, pretrain_extractor, save_extractor
+from shoal.learning.attacks import Forging, flip_labels, forge
+from shoal.learning.datasets import load_dataset
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Mean
+from shoal.learning.pretrain import extract, load_extractor, pretrain_extractor, save_extractor
+from shoal.learning.protocol import MessageIn, PeerUp, Send, Started, Trained
+from shoal.learning.training import TrainStats
 
 
 def model(v):

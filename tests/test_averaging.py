@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learning.averaging import AveragingError, mean, variance_corrected, weighted_mean
-from learning.models import ParameterLayout, build_model
+from shoal.learning.averaging import AveragingError, mean, variance_corrected, weighted_mean
+from shoal.learning.models import ParameterLayout, build_model
 
 
 def independent_models(k, shape=(256, 256)):

@@ -2,8 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import node
-from node.cli import main
+import shoal.node
+from shoal.node.cli import main
 
 
 def test_help_and_version_from_the_installed_script():
@@ -16,11 +16,11 @@ def test_help_and_version_from_the_installed_script():
     ).stdout
     assert "peer-to-peer" in out and "version" in out
     out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "version"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "shoal.node.cli", "version"], capture_output=True, text=True, timeout=60
     )
     assert (
         out.returncode == 0
-        and out.stdout.startswith(f"shoal {node.__version__}")
+        and out.stdout.startswith(f"shoal {shoal.node.__version__}")
         and "libp2p 0.8.1" in out.stdout
     )
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learning.codecs import (
+from shoal.learning.codecs import (
     BLOCK,
     MAX_SCALE,
     STATELESS,
@@ -16,7 +16,7 @@ from learning.codecs import (
     sparsify,
     wire_bytes,
 )
-from overlay.wire import DTYPES, Message, decode, encode
+from shoal.overlay.wire import DTYPES, Message, decode, encode
 
 
 def model(seed=0):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from learning.codecs import CodecError, wire_bytes
-from learning.compression import CODECS, CodecConfig, Compression, Stale
+from shoal.learning.codecs import CodecError, wire_bytes
+from shoal.learning.compression import CODECS, CodecConfig, Compression, Stale
 
 MODEL = {"w": torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(32)}
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from node import checkpoint
-from node.config import INTEGRATORS, Config
-from node.demo import free_port, node_config, status
-from node.home import Home
-from overlay.identity import load_or_create_identity, peer_id
+from shoal.node import checkpoint
+from shoal.node.config import INTEGRATORS, Config
+from shoal.node.demo import free_port, node_config, status
+from shoal.node.home import Home
+from shoal.overlay.identity import load_or_create_identity, peer_id
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 ACCURACY = 0.85  # stated test accuracy on the digits data
@@ -41,7 +41,7 @@ class Node:
     def start(self) -> "Node":
         with open(self.home.path / "daemon.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "run", "--home", str(self.home.path)],
+                [sys.executable, "-m", "shoal.node.cli", "run", "--home", str(self.home.path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -112,7 +112,7 @@ def test_four_daemons_learn_see_each_other_and_exit_cleanly(tmp_path):
         wait_for(lambda: min(accuracies(nodes)) >= ACCURACY, 240, f"every node at {ACCURACY:.0%}", nodes)
         for node in nodes:
             out = subprocess.run(
-                [sys.executable, "-m", "node.cli", "status", "--json", "--home", str(node.home.path)],
+                [sys.executable, "-m", "shoal.node.cli", "status", "--json", "--home", str(node.home.path)],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -232,7 +232,7 @@ def test_repeated_sigkills_of_a_checkpointing_daemon_leave_a_loadable_checkpoint
 
 def run_cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args, "--home", str(home)],
+        [sys.executable, "-m", "shoal.node.cli", *args, "--home", str(home)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -286,8 +286,8 @@ def test_unreachable_bootstrap_says_which_address_and_why(tmp_path):
 
 @pytest.mark.parametrize("name", INTEGRATORS)
 def test_every_integrator_the_config_offers_folds_models_in_a_daemon(tmp_path, name):
-    from learning.integrators import Contribution
-    from node.daemon import Daemon
+    from shoal.learning.integrators import Contribution
+    from shoal.node.daemon import Daemon
 
     daemon = Daemon(tmp_path, Config(integrator=name, model="frozen-cnn", shards=3))
     own = daemon.learner.initial_state()
@@ -314,7 +314,7 @@ def test_status_without_a_daemon_and_offline_id(tmp_path):
 
 
 def test_the_codecs_the_config_offers_are_the_ones_implemented():
-    from learning.compression import CODECS as IMPLEMENTED
-    from node.config import CODECS
+    from shoal.learning.compression import CODECS as IMPLEMENTED
+    from shoal.node.config import CODECS
 
     assert CODECS == IMPLEMENTED

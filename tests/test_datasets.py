@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from learning.datasets import DatasetError, load_dataset, load_npz, read_idx
+from shoal.learning.datasets import DatasetError, load_dataset, load_npz, read_idx
 
 
 def test_digits_is_real_and_split_from_seed():

@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from learning.gossip import Gossip, GossipConfig
-from learning.integrators import Contribution, Mean, Weighted, make_integrator
-from learning.protocol import (
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Contribution, Mean, Weighted, make_integrator
+from shoal.learning.protocol import (
     MessageIn,
     PeerDown,
     PeerUp,
@@ -22,7 +22,7 @@ from learning.protocol import (
     Train,
     Trained,
 )
-from learning.training import TrainStats
+from shoal.learning.training import TrainStats
 
 STATS = TrainStats(1, 10, 0.5, 0.5)
 

@@ -7,7 +7,7 @@ import trio
 from libp2p import new_host
 from multiaddr import Multiaddr
 
-from overlay.identity import IdentityError, load_or_create_identity, peer_id
+from shoal.overlay.identity import IdentityError, load_or_create_identity, peer_id
 
 
 async def host_peer_id(key_pair) -> str:

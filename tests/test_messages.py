@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from learning.averaging import AveragingError
-from learning.integrators import Contribution, Mean, integrate_contained
-from learning.learner import Hyperparameters, Learner
-from learning.messages import (
+from shoal.learning.averaging import AveragingError
+from shoal.learning.integrators import Contribution, Mean, integrate_contained
+from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.messages import (
     MAX_LABELS,
     MAX_ROUND,
     MAX_SAMPLES,
@@ -23,9 +23,9 @@ from learning.messages import (
     model_fault,
     parse_view,
 )
-from learning.models import build_model
-from learning.modest import Modest, ModestConfig, order
-from learning.protocol import MessageIn, Rejected, Started, Train
+from shoal.learning.models import build_model
+from shoal.learning.modest import Modest, ModestConfig, order
+from shoal.learning.protocol import MessageIn, Rejected, Started, Train
 
 # --- parsing ---------------------------------------------------------------------------------
 

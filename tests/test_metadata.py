@@ -16,8 +16,8 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from pycrdt import Array, Doc, Map, Text, merge_updates
 
-from overlay.metadata import Member, Metadata, MetadataError, MetadataFull, ModelRecord, sign_record
-from overlay.yupdate import MAX_DEPTH, UpdateError, check_state_vector, check_update
+from shoal.overlay.metadata import Member, Metadata, MetadataError, MetadataFull, ModelRecord, sign_record
+from shoal.overlay.yupdate import MAX_DEPTH, UpdateError, check_state_vector, check_update
 
 
 @cache
@@ -580,7 +580,7 @@ def test_applying_the_deep_update_no_longer_kills_the_process():
     probe = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
         "from test_metadata import holder, nested_update\n"
-        "from overlay.metadata import MetadataError\n"
+        "from shoal.overlay.metadata import MetadataError\n"
         "node = holder(); node.max_update = 4 * 2**20\n"
         "try:\n"
         "    node.apply(nested_update(40_000))\n"

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from learning.models import MODELS, ModelError, ParameterLayout, build_model
+from shoal.learning.models import MODELS, ModelError, ParameterLayout, build_model
 
 
 def small_factory(input_shape, num_classes):

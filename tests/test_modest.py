@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from learning.integrators import Mean
-from learning.messages import Entry, parse_view, view_body
-from learning.modest import Modest, ModestConfig, View, order
-from learning.protocol import MessageIn, Rejected, Started, Stopping
+from shoal.learning.integrators import Mean
+from shoal.learning.messages import Entry, parse_view, view_body
+from shoal.learning.modest import Modest, ModestConfig, View, order
+from shoal.learning.protocol import MessageIn, Rejected, Started, Stopping
 from tests.bench import Bench, constant_model, value_of
 
 # The bench's toy models grow by 1 per round from 0: far apart in scale, so the norm bound (tested on its

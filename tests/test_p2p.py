@@ -25,12 +25,13 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
 from libp2p.tools.anyio_service.exceptions import LifecycleError
 from multiaddr import Multiaddr
 
-from overlay.host import BootstrapError, quiet_libp2p_logs
-from overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
-from overlay.nat import DIALBACK, Reachability
-from overlay.p2p import Libp2pOverlay, P2PConfig
-from overlay.transfer import PREFIX, VERSION, Libp2pStream, write_frame
-from overlay.wire import Limits, Message, encode
+from shoal.overlay.config import P2PConfig
+from shoal.overlay.framing import PREFIX, VERSION, Libp2pStream, write_frame
+from shoal.overlay.host import BootstrapError, quiet_libp2p_logs
+from shoal.overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
+from shoal.overlay.nat import DIALBACK, Reachability
+from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.wire import Limits, Message, encode
 
 TASK = "test-task"
 FAST = {"ping_interval": 0.5, "ping_timeout": 0.5, "ping_misses": 3, "heartbeat_interval": 1.0}
@@ -480,7 +481,7 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
 
     from libp2p.stream_muxer.yamux import yamux
 
-    from overlay import host
+    from shoal.overlay import host
 
     assert "MAX_MESSAGE_SIZE" in inspect.getsource(yamux.YamuxStream.write)
     assert "target_recv_window" in inspect.getsource(yamux.YamuxStream._auto_tune_and_send_window_update)
@@ -488,6 +489,6 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
     assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME
     monkeypatch.setattr(yamux, "MAX_MESSAGE_SIZE", 64 * 1024)
     monkeypatch.setattr(host.importlib.metadata, "version", lambda name: "0.9.0")
-    with caplog.at_level(logging.WARNING, logger="overlay.host"):
+    with caplog.at_level(logging.WARNING, logger="shoal.overlay.host"):
         host.bigger_yamux_frames()
     assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and "keeping its Yamux frame size" in caplog.text

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learning.partition import class_histograms, partition
+from shoal.learning.partition import class_histograms, partition
 
 labels_strategy = st.lists(st.integers(0, 9), min_size=20, max_size=400).map(np.array)
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from overlay.penalties import Penalties, RateLimit
+from shoal.overlay.penalties import Penalties, RateLimit
 
 
 def test_wrong_input_bans_at_max_penalty_and_the_ban_ends():

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from learning.averaging import AveragingError
-from learning.bristle import Bristle, BristleConfig, f1_per_class, linear_scorer, prioritize
-from learning.integrators import Contribution
-from learning.robust import Krum, Median, TrimmedMean
+from shoal.learning.averaging import AveragingError
+from shoal.learning.bristle import Bristle, BristleConfig, f1_per_class, linear_scorer, prioritize
+from shoal.learning.integrators import Contribution
+from shoal.learning.robust import Krum, Median, TrimmedMean
 
 
 def head(value, classes=4, dim=3, seed=None):
@@ -144,9 +144,9 @@ def test_overlap_judges_a_peer_on_its_best_classes_only():
 
 
 def test_a_node_holds_out_its_local_test_set_and_trains_only_its_own_rows():
-    from learning.bristle import for_learner, hold_out
-    from learning.learner import Hyperparameters, Learner
-    from learning.models import build_model
+    from shoal.learning.bristle import for_learner, hold_out
+    from shoal.learning.learner import Hyperparameters, Learner
+    from shoal.learning.models import build_model
 
     y = torch.tensor([0] * 15 + [2] * 4 + [3] * 12)
     x = torch.randn(len(y), 1, 8, 8, generator=torch.Generator().manual_seed(0))

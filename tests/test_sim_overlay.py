@@ -6,9 +6,9 @@ import pytest
 import torch
 import trio
 
-from overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
-from overlay.sim import SimNetwork
-from overlay.wire import Message, encoded_size
+from shoal.overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
+from shoal.overlay.sim import SimNetwork
+from shoal.overlay.wire import Message, encoded_size
 
 MB = 10**6
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 import trio
 
-from learning.compression import CodecConfig, Compression
-from learning.gossip import Gossip, GossipConfig
-from learning.integrators import Mean
-from learning.learner import Hyperparameters, Learner
-from learning.models import build_model
-from node.driver import Driver, ThreadCompute, VirtualCompute
-from overlay.sim import SimNetwork
-from overlay.wire import Message
-from simulations import byzantine, churn, compression, disaster, modest, topologies
-from simulations.engine import ScheduledEvent, SimConfig, Simulation, gossip_protocol, node_name
+from shoal.learning.compression import CodecConfig, Compression
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Mean
+from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.models import build_model
+from shoal.node.driver import Driver, ThreadCompute, VirtualCompute
+from shoal.overlay.sim import SimNetwork
+from shoal.overlay.wire import Message
+from shoal.simulations import byzantine, churn, compression, disaster, modest, topologies
+from shoal.simulations.engine import ScheduledEvent, SimConfig, Simulation, gossip_protocol, node_name
 
 
 def test_survivors_keep_learning_after_a_third_crash_mid_round():
@@ -120,9 +120,9 @@ def run_script(module: str, out, *args: str, hashseed: str = "0") -> None:
 @pytest.mark.slow
 def test_same_seed_same_csv_bit_for_bit_and_other_seeds_differ(tmp_path):
     small = ["--nodes", "8", "--duration", "20", "--eval-every", "5", "--topologies", "ba", "--loss", "0.1"]
-    run_script("simulations.topologies", tmp_path / "a", *small, "--seed", "4", hashseed="1")
-    run_script("simulations.topologies", tmp_path / "b", *small, "--seed", "4", hashseed="2")
-    run_script("simulations.topologies", tmp_path / "c", *small, "--seed", "5", hashseed="1")
+    run_script("shoal.simulations.topologies", tmp_path / "a", *small, "--seed", "4", hashseed="1")
+    run_script("shoal.simulations.topologies", tmp_path / "b", *small, "--seed", "4", hashseed="2")
+    run_script("shoal.simulations.topologies", tmp_path / "c", *small, "--seed", "5", hashseed="1")
     a, b, c = ((tmp_path / d / "rounds.csv").read_bytes() for d in "abc")
     assert a == b
     assert a != c
@@ -293,9 +293,9 @@ def test_every_attack_runs_in_the_sweep(tmp_path, attack):
 
 def hostile_swarm(protocol: str, hostile: set[int]):
     """A small swarm in which the ``hostile`` nodes run every attack of simulations/hostile.py."""
-    from learning.modest import ModestConfig
-    from simulations.hostile import ATTACKS, with_hostile
-    from simulations.modest import modest_protocol
+    from shoal.learning.modest import ModestConfig
+    from shoal.simulations.hostile import ATTACKS, with_hostile
+    from shoal.simulations.modest import modest_protocol
 
     nodes = 12
     common = dict(nodes=nodes, duration=24.0, eval_every=12.0, seed=3)
@@ -324,7 +324,7 @@ def hostile_swarm(protocol: str, hostile: set[int]):
 
 @pytest.mark.parametrize("protocol", ["gossip", "modest"])
 def test_honest_nodes_withstand_a_quarter_of_hostile_peers(protocol):
-    from learning.messages import MAX_ROUND
+    from shoal.learning.messages import MAX_ROUND
 
     clean, clean_result, _ = hostile_swarm(protocol, set())
     sim, result, honest = hostile_swarm(protocol, {1, 5, 9})  # 25%: huge, far rounds, hijack, garbage

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from learning.datasets import load_dataset
-from learning.models import ParameterLayout, build_model
-from learning.training import evaluate, pick_device, train_local
+from shoal.learning.datasets import load_dataset
+from shoal.learning.models import ParameterLayout, build_model
+from shoal.learning.training import evaluate, pick_device, train_local
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_bad_arguments_and_empty_shard(digits):
 
 
 def test_learner_can_keep_training_to_some_output_rows(digits):
-    from learning.learner import Hyperparameters, Learner
+    from shoal.learning.learner import Hyperparameters, Learner
 
     learner = Learner(
         build_model("frozen-cnn", digits.input_shape, digits.num_classes, seed=0),

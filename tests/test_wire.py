@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.wire import DTYPES, Limits, Message, WireError, decode, encode, encoded_size
+from shoal.overlay.wire import DTYPES, Limits, Message, WireError, decode, encode, encoded_size
 
 
 def model_message():

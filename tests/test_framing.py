@@ -8,7 +8,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.transfer import (
+from shoal.overlay.framing import (
     CHUNK,
     PREFIX,
     TRAILER,
@@ -22,7 +22,7 @@ from overlay.transfer import (
     read_frame,
     write_frame,
 )
-from overlay.wire import WireError, decode
+from shoal.overlay.wire import WireError, decode
 
 
 class Pipe:

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from learning.models import SmallCNN, conv_features
-from learning.training import evaluate, train_local
+from shoal.learning.models import SmallCNN, conv_features
+from shoal.learning.training import evaluate, train_local
 
 
 def pretrain_extractor(
