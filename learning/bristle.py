@@ -39,7 +39,7 @@ import torch
 
 from shoal.learning.averaging import check_models
 from shoal.learning.integrators import Contribution
-from shoal.learning.learner import Learner
+from shoal.learning.models import ParameterLayout
 from shoal.learning.pretrain import extract
 from shoal.learning.protocol import State
 
@@ -142,34 +142,50 @@ class Bristle:
         return {**own.state, head: merged.to(own.state[head].dtype)}
 
 
-def hold_out(learner: Learner, per_class: int = LOCAL_TEST_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take up to ``per_class`` samples of each class out of the learner's training data and return them:
-    the small local test set Bristle scores peers on. A node that would keep nothing trains on all of it."""
-    held = torch.zeros(len(learner.y), dtype=torch.bool)
-    for c in learner.y.unique():
-        held[torch.nonzero(learner.y == c).flatten()[:per_class]] = True
-    x_test, y_test = learner.x[held], learner.y[held]
-    if (~held).any():
-        learner.x, learner.y = learner.x[~held], learner.y[~held]
-    return x_test, y_test
+def hold_out(
+    x: torch.Tensor, y: torch.Tensor, per_class: int = LOCAL_TEST_PER_CLASS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_test, y_test)``: up to ``per_class`` samples of each class set aside as the
+    small local test set Bristle scores peers on. A node that would keep nothing trains on all of it."""
+    held = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        held[torch.nonzero(y == c).flatten()[:per_class]] = True
+    if not (~held).any():
+        return x, y, x[held], y[held]
+    return x[~held], y[~held], x[held], y[held]
 
 
-def for_learner(
-    learner: Learner,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
+@dataclass(frozen=True)
+class BristleNode:
+    """What a node running Bristle is made of: its integrator, the data it trains on (its local test set
+    taken out), the head rows its training may change (``Learner(only_rows=...)``), and the label set it
+    announces with its models."""
+
+    integrator: Bristle
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    only_rows: tuple[str, list[int]]
+    labels: list[int]
+
+
+def bristle_node(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
     rng: random.Random,
     config: BristleConfig | None = None,
-) -> Bristle:
-    """Bristle for a node whose model is a frozen extractor + bias-free head (``FrozenFeaturesHead``):
-    scores peers on the extractor's features of the local test set (computed once), and makes local
-    training touch only the head rows of the classes the node holds."""
+) -> BristleNode:
+    """Bristle for a node whose model is a frozen extractor + bias-free head (``FrozenFeaturesHead``) and
+    whose shard is ``x, y``: peers are scored on the extractor's features of the local test set
+    (computed once). The daemon and the simulations build their learners from what this returns."""
     config = config or BristleConfig()
-    features, head = getattr(learner.model, "features", None), getattr(learner.model, "head", None)
-    if features is None or head is None or tuple(learner.layout.names) != (config.head,):
+    features, head = getattr(model, "features", None), getattr(model, "head", None)
+    if features is None or head is None or ParameterLayout.of(model).names != (config.head,):
         raise ValueError(
             f"Bristle shares only a bias-free output layer {config.head!r}: use the frozen-cnn or head model"
         )
-    learner.train_only_rows(config.head, learner.y.unique().tolist())
+    x_train, y_train, x_test, y_test = hold_out(x, y)
     scorer = linear_scorer(extract(features, x_test), y_test, head.out_features)
-    return Bristle(scorer, y_test.unique().tolist(), rng, config)
+    labels = y_train.unique().tolist()
+    integrator = Bristle(scorer, y_test.unique().tolist(), rng, config)
+    return BristleNode(integrator, x_train, y_train, (config.head, labels), labels)

@@ -27,8 +27,12 @@ to it is a keyframe. References are bounded: ``max_references`` peers per direct
 recently used evicted), each a copy of the model.
 
 Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
-checks (indices, counts, scales, finite values). A peer can make us hold one reference for it, which it
-can only make wrong for itself; what it decodes to still meets the protocol's checks (``model_fault``).
+checks (indices, counts, scales). Each representation of a received model is checked for NaN and Inf
+once: the wire tensors by ``overlay.wire``; what a codec makes of finite wire tensors by the codec
+(``learning.codecs``: a cast to a narrower dtype or a scale times a value can overflow); a reference plus
+a difference, which can overflow a float16 model, by the protocol's norm bound (``model_fault``), which
+any non-finite value fails. A peer can make us hold one reference for it, which it can only make wrong
+for itself; what it decodes to still meets the protocol's checks.
 """
 
 from __future__ import annotations
@@ -93,14 +97,15 @@ class Compression:
         self._fresh: set[str] = set()  # peers whose next message from us must be a keyframe
         self._in: OrderedDict[str, _Reference] = OrderedDict()  # what we hold of each peer's
 
-    def encode(self, peer: str, body: Mapping[str, Any], model: State) -> tuple[dict, State]:
-        """Body and wire tensors of a model message to ``peer``. For top-k the peer's reference moves on
-        now (sends are encoded in order); :meth:`forget` it if the send fails."""
+    def encode(self, peer: str, body: Mapping[str, Any], model: State) -> tuple[Mapping[str, Any], State]:
+        """Body and wire tensors of a model message to ``peer`` (for fp32, the same objects). For top-k
+        the peer's reference moves on now (sends are encoded in order); :meth:`forget` it if the send
+        fails."""
         name = self.config.name
         if name == "fp32" or not model:
-            return dict(body), dict(model)
+            return body, model
         if name != "topk":
-            return dict(body), codecs.compress(name, model)
+            return body, codecs.compress(name, model)
         # the closer of the two models both ends hold: our last message to the peer, or its last to us
         refs = [(r, kind) for r, kind in ((self._out.get(peer), MINE), (self._in.get(peer), YOURS)) if r]
         key_wire = codecs.compress(KEYFRAME, model)
@@ -120,14 +125,14 @@ class Compression:
         self._keep(self._out, peer, _Reference(self._seq, held))
         return {**body, "z": {"seq": self._seq, "base": base, "ref": kind}}, wire
 
-    def decode(self, peer: str, body: Mapping[str, Any], wire: State) -> tuple[dict, State]:
-        """Body (without the codec's fields) and model of a message from ``peer``; CodecError if refused
-        (:class:`Stale` when only our reference is missing)."""
+    def decode(self, peer: str, body: Mapping[str, Any], wire: State) -> tuple[Mapping[str, Any], State]:
+        """Body (without the codec's fields) and model of a message from ``peer`` (for fp32, the same
+        objects); CodecError if refused (:class:`Stale` when only our reference is missing)."""
         name = self.config.name
         if name == "fp32" or not wire:
-            return dict(body), dict(wire)
+            return body, wire
         if name != "topk":
-            return dict(body), codecs.decompress(name, wire, self.template)
+            return body, codecs.decompress(name, wire, self.template)
         header = body.get("z")
         if not (isinstance(header, Mapping) and set(header) == {"seq", "base", "ref"}):
             raise codecs.CodecError(f"top-k message without its seq, base and ref fields: {quote(header)}")
@@ -146,7 +151,7 @@ class Compression:
                 raise Stale(f"top-k message on reference {base}, we hold {ref.seq if ref else 'none'}")
             dense = codecs.densify(wire, self.template)
             # finite for float32 models (float16 values cannot carry a finite reference past float32's
-            # max); in a narrower model it may overflow, and the protocol's finiteness check refuses it
+            # max); in a float16 model it may overflow, and the protocol's norm bound refuses it
             model = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
         self._keep(self._in, peer, _Reference(seq, model))
         return rest, {k: v.clone() for k, v in model.items()}

@@ -32,6 +32,7 @@ reported alone (``integrate_contained``). Peers' rounds barely matter here, and 
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ from shoal.learning.integrators import Contribution, Integrator, integrate_conta
 from shoal.learning.messages import GossipModel, model_fault, quote
 from shoal.learning.protocol import (
     Action,
+    CancelTimer,
     Event,
     MessageIn,
-    PeerDown,
-    PeerUp,
+    PeerConnected,
+    PeerDisconnected,
     Rejected,
     RoundDone,
     Send,
@@ -58,6 +60,23 @@ from shoal.learning.protocol import (
 
 # How far ahead of our own round a synchronous peer's model may be and still be kept for later.
 MAX_ROUNDS_AHEAD = 2
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # not started
+    FETCHING = "fetching"  # a joiner waits for the model it asked a neighbour for
+    TRAINING = "training"  # a Train is out for our round
+    WAITING = "waiting"  # synchronous: for the neighbours' models of our round
+    RESTING = "resting"  # until ``period`` has passed since the cycle began
+
+
+class Timer(enum.Enum):
+    """The keys of gossip's timers. One phase at a time has a timer, so each key is pending at most once:
+    a new fetch attempt replaces the last one's, and a phase that ends early cancels its own."""
+
+    FETCH = "fetch"  # FETCHING: give up on the fetch and train from our own model
+    ROUND = "round"  # WAITING: end the round with the models that came
+    CYCLE = "cycle"  # RESTING: begin the next cycle
 
 
 @dataclass(frozen=True)
@@ -76,10 +95,15 @@ class GossipConfig:
             raise ValueError(f"fanout must be at least 1, got {self.fanout}")
         if self.synchronous and self.fanout is not None:
             raise ValueError("synchronous rounds (D-PSGD) exchange with every neighbour; leave fanout unset")
-        if self.round_timeout <= 0 or self.fetch_timeout <= 0 or self.period < 0:
-            raise ValueError("timeouts must be positive and the period not negative")
-        if self.max_round_jump < 1 or not self.max_norm_ratio >= 1:
-            raise ValueError("max_round_jump must be at least 1 and max_norm_ratio at least 1")
+        for name in ("round_timeout", "fetch_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"timeouts must be positive: {name} = {getattr(self, name)}")
+        if not self.period >= 0:
+            raise ValueError(f"period must not be negative, got {self.period}")
+        if self.max_round_jump < 1:
+            raise ValueError(f"max_round_jump must be at least 1, got {self.max_round_jump}")
+        if not self.max_norm_ratio >= 1:
+            raise ValueError(f"max_norm_ratio must be at least 1, got {self.max_norm_ratio}")
 
 
 class Gossip:
@@ -104,13 +128,12 @@ class Gossip:
             raise ValueError("a node without data needs a period, or it could cycle without pause")
         self._round = round  # a daemon resuming from a checkpoint starts where it stopped
         self._now = self._cycle_started = 0.0
-        self._phase = "idle"  # idle | fetching | training | waiting | resting
+        self._phase = Phase.IDLE
         self._neighbours: dict[str, None] = {}
         self._latest: dict[str, Contribution] = {}  # asynchronous: newest model per peer since last cycle
         self._inbox: dict[int, dict[str, Contribution]] = {}  # synchronous: models per round, per peer
         self._expected: dict[str, None] = {}  # synchronous: neighbours still awaited this round
         self._fetching_from: str | None = None
-        self._fetches = 0
 
     @property
     def model(self) -> State:
@@ -129,13 +152,13 @@ class Gossip:
         match event:
             case Started():
                 return self._start()
-            case PeerUp(peer):
+            case PeerConnected(peer):
                 self._neighbours[peer] = None
                 return []
-            case PeerDown(peer):
+            case PeerDisconnected(peer):
                 self._neighbours.pop(peer, None)
                 return self._lost(peer)
-            case SendFailed(peer):  # not gone (only PeerDown says so), but not to be waited for now
+            case SendFailed(peer):  # not gone (only PeerDisconnected says so), but not to be waited for now
                 return self._lost(peer)
             case MessageIn(peer, "fetch"):
                 reply = GossipModel(self._round, self._samples, reply=True)
@@ -144,13 +167,13 @@ class Gossip:
                 return self._on_model(peer, body, tensors)
             case MessageIn(peer, kind):
                 return [Rejected(peer, f"unknown message kind {quote(kind)}")]
-            case Trained(tag, state) if tag == self._round and self._phase == "training":
+            case Trained(tag, state) if tag == self._round and self._phase is Phase.TRAINING:
                 return self._on_trained(state)
-            case TimerFired(name) if name == f"fetch-{self._fetches}" and self._phase == "fetching":
+            case TimerFired(Timer.FETCH) if self._phase is Phase.FETCHING:
                 return self._train()
-            case TimerFired("cycle") if self._phase == "resting":
+            case TimerFired(Timer.CYCLE) if self._phase is Phase.RESTING:
                 return self._train()
-            case TimerFired(name) if name == f"round-{self._round}" and self._phase == "waiting":
+            case TimerFired(Timer.ROUND) if self._phase is Phase.WAITING:
                 return self._complete_round()
         return []
 
@@ -160,18 +183,16 @@ class Gossip:
         return self._train()
 
     def _fetch(self) -> list[Action]:
-        self._phase = "fetching"
+        """Ask a neighbour for its model; the timer replaces an earlier attempt's, which would cut this
+        one short."""
+        self._phase = Phase.FETCHING
         self._fetching_from = self._rng.choice(list(self._neighbours))
-        self._fetches += 1  # a timer of an earlier attempt must not cut this one short
-        return [
-            Send(self._fetching_from, "fetch"),
-            StartTimer(f"fetch-{self._fetches}", self._config.fetch_timeout),
-        ]
+        return [Send(self._fetching_from, "fetch"), StartTimer(Timer.FETCH, self._config.fetch_timeout)]
 
     def _lost(self, peer: str) -> list[Action]:
-        if self._phase == "fetching" and peer == self._fetching_from:
-            return self._fetch() if self._neighbours else self._train()
-        if self._phase == "waiting" and peer in self._expected:
+        if self._phase is Phase.FETCHING and peer == self._fetching_from:
+            return self._fetch() if self._neighbours else [CancelTimer(Timer.FETCH), *self._train()]
+        if self._phase is Phase.WAITING and peer in self._expected:
             del self._expected[peer]
             return self._maybe_complete()
         return []
@@ -184,10 +205,10 @@ class Gossip:
         if fault:
             return [Rejected(peer, fault)]
         contribution = Contribution(dict(tensors), msg.samples, peer, msg.labels)
-        if self._phase == "fetching" and msg.reply and peer == self._fetching_from:
+        if self._phase is Phase.FETCHING and msg.reply and peer == self._fetching_from:
             self._model = contribution.state
             self._round = min(msg.round, self._round + self._config.max_round_jump)
-            return self._train()
+            return [CancelTimer(Timer.FETCH), *self._train()]
         if not self._config.synchronous:
             self._latest[peer] = contribution
             return []
@@ -209,20 +230,20 @@ class Gossip:
         if not self._config.synchronous:
             received, self._latest = list(self._latest.values()), {}
             return sends + self._integrate_and_continue(received)
-        self._phase = "waiting"
+        self._phase = Phase.WAITING
         self._expected = dict.fromkeys(self._neighbours)
-        return [
-            *sends,
-            StartTimer(f"round-{self._round}", self._config.round_timeout),
-            *self._maybe_complete(),
-        ]
+        if self._all_arrived():
+            return [*sends, *self._complete_round()]
+        return [*sends, StartTimer(Timer.ROUND, self._config.round_timeout)]
+
+    def _all_arrived(self) -> bool:
+        arrived = self._inbox.get(self._round, {})
+        return all(p in arrived for p in self._expected)
 
     def _maybe_complete(self) -> list[Action]:
-        if self._phase != "waiting":
-            return []
-        arrived = self._inbox.get(self._round, {})
-        if all(p in arrived for p in self._expected):
-            return self._complete_round()
+        """End the round before its timer if every awaited model is in."""
+        if self._phase is Phase.WAITING and self._all_arrived():
+            return [CancelTimer(Timer.ROUND), *self._complete_round()]
         return []
 
     def _complete_round(self) -> list[Action]:
@@ -236,11 +257,11 @@ class Gossip:
         self._round += 1
         rest = self._cycle_started + self._config.period - self._now
         if rest > 0:
-            self._phase = "resting"
-            return [*rejected, RoundDone(self._round), StartTimer("cycle", rest)]
+            self._phase = Phase.RESTING
+            return [*rejected, RoundDone(self._round), StartTimer(Timer.CYCLE, rest)]
         return [*rejected, RoundDone(self._round), *self._train()]
 
     def _train(self) -> list[Action]:
-        self._phase = "training"
+        self._phase = Phase.TRAINING
         self._cycle_started = self._now
         return [Train(self._round, self._model)]

@@ -48,24 +48,20 @@ class Learner:
         *,
         seed: int = 0,
         device: torch.device | None = None,
+        only_rows: tuple[str, list[int]] | None = None,
     ):
+        """``only_rows`` (tensor, rows): training's change to that tensor is kept on those rows only, the
+        others stay as they came in. Bristle's local step: a node updates the output rows of the classes
+        it holds and leaves the rest of the consensus layer as its peers made it."""
         self.model = model
         self.layout = ParameterLayout.of(model)
         self.x, self.y = x, y
         self.hyper = hyper
         self.seed = seed
         self.device = device
-        self.kept_rows: tuple[str, list[int]] | None = None
-
-    def train_only_rows(self, tensor: str, rows: list[int]) -> None:
-        """Keep training's change to ``tensor`` on ``rows`` only; the other rows stay as they came in.
-
-        Bristle's local step: a node updates the output rows of the classes it holds and leaves the
-        rest of the consensus layer as its peers made it.
-        """
-        if tensor not in self.layout.names:
-            raise ValueError(f"no shared tensor {tensor!r} in this model")
-        self.kept_rows = (tensor, rows)
+        if only_rows is not None and only_rows[0] not in self.layout.names:
+            raise ValueError(f"no shared tensor {only_rows[0]!r} in this model")
+        self.only_rows = only_rows
 
     @property
     def samples(self) -> int:
@@ -94,8 +90,8 @@ class Learner:
             device=self.device,
         )
         new = self.layout.state(self.model)
-        if self.kept_rows is not None:
-            name, rows = self.kept_rows
+        if self.only_rows is not None:
+            name, rows = self.only_rows
             others = torch.ones(len(new[name]), dtype=torch.bool)
             others[rows] = False
             new[name][others] = state[name][others].to(new[name].device)

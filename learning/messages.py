@@ -14,9 +14,12 @@ these classes and :func:`model_fault`, so every bound that does not depend on th
   overflow it, though a peer may still overstate its count within the bound);
 - label sets hold at most ``MAX_LABELS`` class numbers below ``MAX_LABELS``; views at most ``MAX_VIEW``
   peers with ids of at most ``MAX_PEER_ID`` characters;
-- a model must have our model's names, shapes and dtypes, finite values, and no layer much larger (L2)
-  than ours (:func:`model_fault`): finite but huge values (1e30) pass any finiteness check, then overflow
-  local training or dominate every average, whatever the integrator.
+- a model must have our model's names, shapes and dtypes, and no layer much larger (L2) than ours
+  (:func:`model_fault`): finite but huge values (1e30) pass any finiteness check, then overflow local
+  training or dominate every average, whatever the integrator. The same bound refuses NaN and Inf (they
+  make a layer's norm NaN or Inf) without a pass of its own: on libp2p the wire refused them already
+  (``overlay.wire``), and the simulated overlay, which hands tensors over without encoding them, relies
+  on this bound.
 
 Reasons quote at most a few dozen characters of what they refuse: a peer cannot grow our log lines.
 """
@@ -229,12 +232,13 @@ def model_fault(
 ) -> str | None:
     """Why a received ``model`` is refused next to ours (``reference``), or None.
 
-    Besides names, shapes, dtypes and finite values, every floating-point layer's L2 norm must be at most
-    ``max_norm_ratio`` times ours (ours counted as at least ``NORM_FLOOR`` per element). Only the upper side
-    is bounded: a layer far smaller than ours is a bad model like any other, which an average dilutes,
-    while a far larger one overflows training or outweighs everyone else's.
+    Besides names, shapes and dtypes, every floating-point layer's L2 norm must be at most
+    ``max_norm_ratio`` times ours (ours counted as at least ``NORM_FLOOR`` per element), which a NaN or
+    Inf anywhere in it fails. Only the upper side is bounded: a layer far smaller than ours is a bad
+    model like any other, which an average dilutes, while a far larger one overflows training or
+    outweighs everyone else's.
     """
-    reason = incompatibility(reference, model)
+    reason = incompatibility(reference, model, finite=False)  # the norm bound below refuses NaN and Inf
     if reason:
         return f"model does not fit: {reason}"
     for name, ours in reference.items():
@@ -243,6 +247,7 @@ def model_fault(
         own = torch.linalg.vector_norm(ours, dtype=torch.float64).item()
         bound = max_norm_ratio * max(own, NORM_FLOOR * math.sqrt(ours.numel()))
         theirs = torch.linalg.vector_norm(model[name], dtype=torch.float64).item()
-        if theirs > bound:
-            return f"model is implausible: {name!r} has L2 norm {theirs:.3g}, over {max_norm_ratio:g}x ours"
+        if not theirs <= bound:  # NaN included
+            ratio = f"{max_norm_ratio:g}x"
+            return f"model is implausible: {name!r} has L2 norm {theirs:.3g}, not within {ratio} ours"
     return None

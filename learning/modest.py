@@ -70,6 +70,7 @@ could move out once a second sampling protocol needs them.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 import random
@@ -90,9 +91,10 @@ from shoal.learning.messages import (
 )
 from shoal.learning.protocol import (
     Action,
+    CancelTimer,
     Event,
     MessageIn,
-    PeerDown,
+    PeerDisconnected,
     Rejected,
     RoundDone,
     Send,
@@ -122,14 +124,18 @@ class ModestConfig:
     max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
 
     def __post_init__(self) -> None:
-        if self.sample_size < 1 or self.aggregators < 1:
-            raise ValueError("sample_size and aggregators must be at least 1")
+        for name in ("sample_size", "aggregators", "max_round_jump"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.success_fraction <= 1:
             raise ValueError(f"success_fraction must be in (0, 1], got {self.success_fraction}")
-        if min(self.ping_timeout, self.ping_interval, self.aggregation_timeout, self.watch_timeout) <= 0:
-            raise ValueError("timeouts and intervals must be positive")
-        if self.max_round_jump < 1 or self.role_slack < 0 or not self.max_norm_ratio >= 1:
-            raise ValueError("max_round_jump must be at least 1, role_slack >= 0 and max_norm_ratio >= 1")
+        for name in ("ping_timeout", "ping_interval", "aggregation_timeout", "watch_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"timeouts and intervals must be positive: {name} = {getattr(self, name)}")
+        if self.role_slack < 0:
+            raise ValueError(f"role_slack must not be negative, got {self.role_slack}")
+        if not self.max_norm_ratio >= 1:
+            raise ValueError(f"max_norm_ratio must be at least 1, got {self.max_norm_ratio}")
 
     @property
     def quorum(self) -> int:
@@ -170,6 +176,24 @@ class View:
 
     def newest_round(self) -> int:
         return max((e.last_active for e in self.entries.values()), default=0)
+
+
+class Timer(enum.Enum):
+    """The keys of MoDeST's timers, each with what it is for, so none is told apart by parsing a name."""
+
+    PING = "ping"  # (PING, selection id): ping that selection's silent candidates again
+    WATCH = "watch"  # (WATCH, round): our hand-over of that round has not led to a newer model
+    AGGREGATE = "aggregate"  # aggregate what came of our aggregation round (one at a time: replaced)
+
+
+class Trainer(enum.Enum):
+    IDLE = "idle"  # no Train out: not sampled yet, or trained and handed over
+    TRAINING = "training"  # a Train is out for our training round
+
+
+class Aggregation(enum.Enum):
+    COLLECTING = "collecting"  # buffering the trained models of our aggregation round
+    DONE = "done"  # that round is aggregated: later models of it are ignored
 
 
 def order(peers: list[str], round: int) -> list[str]:
@@ -220,13 +244,13 @@ class Modest:
         self._now = 0.0
         self._model_round = 0
         self._train_round = 0
-        self._training = False  # a Train action is out for _train_round
+        self._trainer = Trainer.IDLE  # for _train_round
         self._agg_round = 0
         self._heard = not joining  # a joiner has no round of its own until it hears one
         self._joined_at = 0  # the first round a joiner heard
         self._buffer: dict[str, Contribution] = {}
         self._handed_to: set[str] = set()  # aggregators that have our latest trained model
-        self._aggregated = False  # aggregation of _agg_round done
+        self._aggregation = Aggregation.COLLECTING  # of _agg_round
         self._pending_joins: dict[str, Entry] = {}
         self._selections: dict[int, Selection] = {}
         self._next_selection = 0
@@ -270,17 +294,19 @@ class Modest:
             case Stopping():
                 self._index += 1
                 return self._advertise(joined=False)
-            case PeerDown(peer) | SendFailed(peer):
+            case PeerDisconnected(peer) | SendFailed(peer):
                 return self._unavailable(peer)
             case MessageIn(peer, kind, body, tensors):
                 return self._on_message(peer, kind, body, tensors)
-            case Trained(tag, state) if tag == self._train_round and self._training:
+            case Trained(tag, state) if tag == self._train_round and self._trainer is Trainer.TRAINING:
                 return self._on_trained(state)
-            case TimerFired(name) if name.startswith("sel-"):
-                return self._on_selection_timer(int(name[4:]))
-            case TimerFired(name) if name == f"watch-{self._train_round + 1}" and self._stalled():
-                return self._hand_over(self._train_round + 1)
-            case TimerFired(name) if name == f"agg-{self._agg_round}" and not self._aggregated:
+            case TimerFired((Timer.PING, sel_id)):
+                return self._on_selection_timer(self._selections[sel_id])
+            # a hand-over's selection may end, and start its watch, after a newer model reached us: the
+            # round in the key tells that watch from the current one
+            case TimerFired((Timer.WATCH, rnd)) if rnd == self._train_round + 1 and self._stalled():
+                return self._hand_over(rnd)
+            case TimerFired(Timer.AGGREGATE) if self._aggregation is Aggregation.COLLECTING:
                 return self._aggregate()
         return []
 
@@ -408,12 +434,12 @@ class Modest:
         self._progressed = self._now
         self._model, self._model_round = state, rnd
         self._train_round = rnd
-        self._training = True
+        self._trainer = Trainer.TRAINING
         return [Train(rnd, state)]
 
     def _on_trained(self, state: State) -> list[Action]:
         self._model = state
-        self._training = False
+        self._trainer = Trainer.IDLE
         self._handed_to = set()
         return self._hand_over(self._train_round + 1)
 
@@ -427,33 +453,34 @@ class Modest:
             self._handed_to.update(new)
             if not new:
                 return []  # our aggregators are alive: the round is in their hands
-            watch = StartTimer(f"watch-{nxt}", self._config.watch_timeout)
+            watch = StartTimer((Timer.WATCH, nxt), self._config.watch_timeout)
             return [*self._send_model("trained", new, nxt, self._model), watch]
 
         return self._select(nxt, self._config.aggregators, send)
 
     def _stalled(self) -> bool:
         """Trained and handed over, but no model of a newer round has reached us."""
-        return not self._training and self._model_round <= self._train_round
+        return self._trainer is Trainer.IDLE and self._model_round <= self._train_round
 
     # --- aggregator -------------------------------------------------------------------------
 
     def _on_trained_model(self, peer: str, rnd: int, contribution: Contribution) -> list[Action]:
         if rnd > self._agg_round:
-            self._agg_round, self._buffer, self._aggregated = rnd, {}, False
-        if rnd != self._agg_round or self._aggregated:
+            self._agg_round, self._buffer, self._aggregation = rnd, {}, Aggregation.COLLECTING
+        if rnd != self._agg_round or self._aggregation is Aggregation.DONE:
             return []
         first = not self._buffer
         self._buffer[peer] = contribution
         if len(self._buffer) >= self._config.quorum:
-            return self._aggregate()
-        return [StartTimer(f"agg-{rnd}", self._config.aggregation_timeout)] if first else []
+            return [*([] if first else [CancelTimer(Timer.AGGREGATE)]), *self._aggregate()]
+        # the first model of a round starts its deadline, replacing an older round's
+        return [StartTimer(Timer.AGGREGATE, self._config.aggregation_timeout)] if first else []
 
     def _aggregate(self) -> list[Action]:
         """FedAvg of the buffer; our own trained model, when in it, is the trusted one a faulty
         contribution is told apart by (``integrate_contained``)."""
         self._progressed = self._now
-        self._aggregated = True
+        self._aggregation = Aggregation.DONE
         mine = self._buffer.pop(self.me, None)
         received = [*([mine] if mine else []), *self._buffer.values()]
         self._buffer = {}
@@ -486,8 +513,16 @@ class Modest:
         self._selections[sel.id] = sel
         actions = self._fill(sel)
         if not sel.done:
-            actions.append(StartTimer(f"sel-{sel.id}", self._config.ping_interval))
+            actions.append(self._ping_timer(sel))
         return actions
+
+    def _ping_timer(self, sel: Selection) -> StartTimer:
+        return StartTimer((Timer.PING, sel.id), self._config.ping_interval)
+
+    def _refill(self, sel: Selection) -> list[Action]:
+        """:meth:`_fill` a selection under way; its timer ends with it."""
+        actions = self._fill(sel)
+        return [*actions, CancelTimer((Timer.PING, sel.id))] if sel.done else actions
 
     def _fill(self, sel: Selection) -> list[Action]:
         """Ping candidates until enough are chosen or pending; finish when nothing is left to wait for."""
@@ -514,19 +549,16 @@ class Modest:
         sel.chosen.add(peer)
         if len(sel.chosen) >= sel.wanted:
             sel.pending.clear()
-        return self._fill(sel)
+        return self._refill(sel)
 
     def _unavailable(self, peer: str) -> list[Action]:
         actions: list[Action] = []
         for sel in list(self._selections.values()):
             if sel.pending.pop(peer, None) is not None:
-                actions += self._fill(sel)
+                actions += self._refill(sel)
         return actions
 
-    def _on_selection_timer(self, sel_id: int) -> list[Action]:
-        sel = self._selections.get(sel_id)
-        if sel is None:
-            return []
+    def _on_selection_timer(self, sel: Selection) -> list[Action]:
         actions: list[Action] = []
         for peer, since in list(sel.pending.items()):
             if self._now - since >= self._config.ping_timeout:
@@ -535,5 +567,5 @@ class Modest:
                 actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
         actions += self._fill(sel)
         if not sel.done:
-            actions.append(StartTimer(f"sel-{sel.id}", self._config.ping_interval))
+            actions.append(self._ping_timer(sel))
         return actions

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from shoal.learning.models import SmallCNN, conv_features
 from shoal.learning.training import evaluate, train_local
+from shoal.overlay.atomic import write_atomic
 
 
 def pretrain_extractor(
@@ -29,9 +30,7 @@ def pretrain_extractor(
 
 
 def save_extractor(features: nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in features.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, save({k: v.contiguous() for k, v in features.state_dict().items()}))
 
 
 def load_extractor(path: Path, input_shape: tuple[int, ...]) -> nn.Sequential:

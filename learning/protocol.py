@@ -4,19 +4,30 @@ A protocol (gossip, MoDeST) is a plain object with ``handle(event, now) -> list[
 sleeps, opens sockets or reads clocks (``now`` is given), as h11 and aioquic do; a driver
 (``node/driver.py``) turns its actions into I/O on a real or simulated overlay and feeds back what
 happens. Models travel as named tensors (:data:`State`).
+
+A peer connecting or disconnecting is the overlay's own event (``overlay.interface``), passed on as it
+is: this is the one place ``learning`` imports from ``overlay``, and only its interface, which imports
+nothing of ``learning``.
+
+Timers are keyed: ``StartTimer(key, delay)`` replaces any pending timer with an equal key,
+``CancelTimer(key)`` removes it, and ``TimerFired(key)`` hands back the key given. A key is a typed
+value (an enum member, or a tuple of one and an int such as a selection id), so a protocol matches on
+what the timer is for instead of parsing a name. A replaced or cancelled timer never fires, even if its
+delay had already run out, so a protocol needs no generation counter to tell a stale timer from a live one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from shoal.learning.training import TrainStats
+from shoal.overlay.interface import PeerConnected, PeerDisconnected
 
 State = dict[str, torch.Tensor]
+TimerKey = Hashable
 
 
 # --- events (driver -> protocol) ------------------------------------------------------------
@@ -24,7 +35,7 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Started:
-    """The node is up; the driver has already reported its current peers as PeerUp."""
+    """The node is up; the driver has already reported its current peers as PeerConnected."""
 
 
 @dataclass(frozen=True)
@@ -33,17 +44,16 @@ class Stopping:
 
 
 @dataclass(frozen=True)
-class PeerUp:
-    peer: str
-
-
-@dataclass(frozen=True)
-class PeerDown:
-    peer: str
-
-
-@dataclass(frozen=True)
 class MessageIn:
+    """A peer's message as a protocol reads it.
+
+    Not the overlay's ``Delivered(peer, Message)`` passed on: a wire ``Message`` holds *wire tensors*
+    (a codec's quantised or sparse form, with the codec's fields in its body) that only the driver's
+    :class:`~learning.compression.Compression` can read. ``tensors`` here is the whole model they
+    decode to, in our own names, shapes and dtypes, and ``body`` is without the codec's fields. Two
+    types keep undecoded tensors from ever reaching a protocol.
+    """
+
     peer: str
     kind: str
     body: Mapping[str, Any]
@@ -60,15 +70,14 @@ class SendFailed:
 class Trained:
     tag: int
     state: State
-    stats: TrainStats
 
 
 @dataclass(frozen=True)
 class TimerFired:
-    name: str
+    key: TimerKey
 
 
-Event = Started | Stopping | PeerUp | PeerDown | MessageIn | SendFailed | Trained | TimerFired
+Event = Started | Stopping | PeerConnected | PeerDisconnected | MessageIn | SendFailed | Trained | TimerFired
 
 
 # --- actions (protocol -> driver) -----------------------------------------------------------
@@ -92,10 +101,17 @@ class Train:
 
 @dataclass(frozen=True)
 class StartTimer:
-    """Fire ``TimerFired(name)`` after ``delay`` seconds."""
+    """Fire ``TimerFired(key)`` after ``delay`` seconds, replacing any pending timer with an equal key."""
 
-    name: str
+    key: TimerKey
     delay: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    """The pending timer with this key, if any, never fires."""
+
+    key: TimerKey
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ class Rejected:
     blame: bool = True
 
 
-Action = Send | Train | StartTimer | RoundDone | Rejected
+Action = Send | Train | StartTimer | CancelTimer | RoundDone | Rejected
 
 
 class LearningProtocol(Protocol):

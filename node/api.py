@@ -47,6 +47,16 @@ class StatusCollector(Collector):
         yield CounterMetricFamily(
             "shoal_rejected", "Inputs rejected (malformed, oversized, unfit)", value=s["rejected"]
         )
+        liveness = s["liveness"]
+        yield GaugeMetricFamily(
+            "shoal_peers_suspected",
+            "Peers suspected by the failure detector now",
+            value=len(liveness["suspected"]),
+        )
+        yield CounterMetricFamily("shoal_peers_down", "Peers found down and cut off", value=liveness["down"])
+        yield CounterMetricFamily(
+            "shoal_peer_flaps", "Peers found down that came back later", value=liveness["flaps"]
+        )
 
 
 async def serve(

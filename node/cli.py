@@ -24,32 +24,10 @@ EXIT_CONFIG, EXIT_JOIN, EXIT_FILES, EXIT_NO_DAEMON, EXIT_NOT_REACHED = 2, 3, 4, 
 
 DEFAULT_HOME = Path(os.environ.get("SHOAL_HOME", Path.home() / ".shoal"))
 
-# `shoal run` flags that override config.toml keys (None = not given)
-RUN_FLAGS: list[tuple[str, dict]] = [
-    ("--listen", {"nargs": "+", "metavar": "MULTIADDR", "help": "addresses to listen on"}),
-    ("--announce", {"nargs": "+", "metavar": "MULTIADDR", "help": "addresses to announce instead"}),
-    ("--bootstrap", {"nargs": "+", "metavar": "MULTIADDR", "help": "nodes to join (/ip4/…/tcp/…/p2p/<id>)"}),
-    ("--relay-service", {"action": "store_const", "const": True, "help": "relay for nodes behind NAT"}),
-    ("--upnp", {"action": "store_const", "const": True, "help": "map a port on the router (+4 s at start)"}),
-    ("--dataset", {"help": "digits | mnist1d | fashion-mnist | FILE.npz"}),
-    ("--data", {"metavar": "FILE.npz", "help": "this node's own data (x_train, y_train[, x_test, y_test])"}),
-    ("--shard", {"type": int, "help": "which part of --dataset this node holds"}),
-    ("--shards", {"type": int, "help": "into how many parts --dataset is cut"}),
-    ("--partition", {"help": "iid | dirichlet:<alpha> | shards:<k>"}),
-    ("--model", {"help": "mlp | cnn | frozen-cnn | head | module:factory"}),
-    ("--protocol", {"help": "gossip | modest"}),
-    ("--integrator", {"help": "mean | weighted | vca | median | trimmed | krum | bristle"}),
-    ("--codec", {"help": "fp32 | fp16 | bf16 | int8 | topk: how models travel (part of the task)"}),
-    ("--lr", {"type": float, "help": "learning rate"}),
-    ("--local-steps", {"type": int, "help": "SGD steps per round"}),
-    ("--period", {"type": float, "help": "least seconds between round starts"}),
-    ("--fanout", {"type": int, "help": "peers each model is sent to per round"}),
-    ("--api", {"metavar": "HOST:PORT", "help": "local status API address (port 0: any free port)"}),
-    ("--checkpoint-every", {"type": int, "metavar": "ROUNDS", "help": "rounds between checkpoints"}),
-]
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``run_flags=False`` leaves out the settings flags of ``shoal run``, whose
+    definitions import torch and libp2p (seconds that ``shoal status`` or ``--help`` need not wait)."""
     parser = argparse.ArgumentParser(
         prog="shoal",
         description="Shoal: a peer-to-peer node daemon for decentralized machine learning.",
@@ -81,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint. Values come from HOME/config.toml, then SHOAL_<KEY> environment variables "
         "(e.g. SHOAL_BOOTSTRAP), then these flags.",
     )
-    for flag, options in RUN_FLAGS:
-        run.add_argument(flag, default=None, **options)
+    if run_flags:
+        from shoal.node.config import add_flags
+
+        add_flags(run)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logs, libp2p's included")
     for name, help in (
         ("id", "print this node's peer id and addresses"),
@@ -120,7 +100,8 @@ def fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(run_flags=argv[:1] == ["run"])
     args = parser.parse_args(argv)
     if args.command == "version":
         parts = ", ".join(f"{p} {installed(p)}" for p in ("torch", "libp2p", "trio", "pycrdt"))
@@ -135,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def init(args: argparse.Namespace) -> int:
-    from shoal.node.config import TEMPLATE
+    from shoal.node.config import template
     from shoal.node.home import Home
     from shoal.overlay.atomic import write_atomic
     from shoal.overlay.identity import load_or_create_identity, peer_id
@@ -148,21 +129,17 @@ def init(args: argparse.Namespace) -> int:
         )
     key_pair, _ = load_or_create_identity(home.identity)
     if not home.config.exists():
-        write_atomic(home.config, TEMPLATE)
+        write_atomic(home.config, template())
     print(f"initialised {args.home}\npeer id: {peer_id(key_pair)}\nconfig:  {home.config}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from shoal.node.config import ConfigError, load
+    from shoal.node.config import FLAGS, ConfigError, load
     from shoal.node.home import Home
 
-    flags = {
-        flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
-        for flag, _ in RUN_FLAGS
-    }
     try:
-        config = load(Home(args.home).config, **flags)
+        config = load(Home(args.home).config, **{key: getattr(args, key) for key in FLAGS})
     except ConfigError as e:
         return fail(f"bad configuration: {e}", EXIT_CONFIG)
 

@@ -19,29 +19,27 @@ import random
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import trio
 
-from shoal.learning.bristle import for_learner, hold_out
-from shoal.learning.compression import CodecConfig
+from shoal.learning.bristle import bristle_node
 from shoal.learning.datasets import Dataset, load_dataset, load_npz
-from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Integrator, make_integrator
-from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.learner import Learner
 from shoal.learning.models import ModelError, ParameterLayout, build_model
-from shoal.learning.modest import Modest, ModestConfig
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol, State
+from shoal.learning.settings import build_protocol, learner_seed
 from shoal.learning.training import Evaluation, evaluate, pick_device
 from shoal.node import api, checkpoint
 from shoal.node.config import Config, ConfigError
 from shoal.node.driver import Driver, ThreadCompute
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
-from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import digest
 from shoal.overlay.identity import load_or_create_identity, peer_id
 from shoal.overlay.p2p import Libp2pOverlay
@@ -55,42 +53,30 @@ LEAVE_TIMEOUT = 5.0
 
 def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     """The dataset (for its test split) and this node's training samples."""
-    if config.data:
-        data = load_npz(config.data, seed=config.seed)
+    t = config.task
+    if t.data:
+        data = load_npz(t.data, seed=t.seed)
         return data, data.x_train, data.y_train
-    data = load_dataset(config.dataset, seed=config.seed)
+    data = load_dataset(t.dataset, seed=t.seed)
     try:
-        parts = partition(data.y_train.numpy(), config.shards, config.partition, config.seed)
+        parts = partition(data.y_train.numpy(), t.shards, t.partition, t.seed)
     except ValueError as e:
         raise ConfigError(f"partition: {e}") from None
-    shard = torch.as_tensor(parts[config.shard])
+    shard = torch.as_tensor(parts[t.shard])
     return data, data.x_train[shard], data.y_train[shard]
 
 
 def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
     """What peers must agree on to average models: architecture, input shape, classes, protocol."""
     spec = {
-        "model": config.model,
+        "model": config.task.model,
         "tensors": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)],
         "input": list(data.input_shape),
         "classes": data.num_classes,
-        "protocol": config.protocol,
-        "codec": config.codec,  # not topk_fraction: receivers decode any number of kept values
+        "protocol": config.protocol.protocol,
+        "codec": config.protocol.codec,  # not topk_fraction: receivers decode any number of kept values
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def modest_config(c: Config) -> ModestConfig:
-    """MoDeST's settings from the node's configuration (also what a peer must assume of its victims)."""
-    return ModestConfig(
-        sample_size=c.sample_size,
-        aggregators=c.aggregators,
-        success_fraction=c.success_fraction,
-        aggregation_timeout=c.aggregation_timeout,
-        max_round_jump=c.max_round_jump,
-        max_norm_ratio=c.max_norm_ratio,
-        role_slack=c.role_slack,
-    )
 
 
 def message_limit(state: State) -> int:
@@ -109,18 +95,33 @@ class Daemon:
         if created:
             log.info("new identity created in %s", self.home.identity)
         self.data, x, y = load_data(config)
-        model = build_model(config.model, self.data.input_shape, self.data.num_classes, seed=config.seed)
+        model = build_model(
+            config.task.model, self.data.input_shape, self.data.num_classes, seed=config.task.seed
+        )
         self.layout = ParameterLayout.of(model)
         self.eval_model = copy.deepcopy(model)
         self.task = task_id(config, self.data, self.layout)
-        hyper = Hyperparameters(
-            batch_size=config.batch_size, lr=config.lr, local_steps=config.local_steps, local_epochs=None
-        )
+        self.rng = random.Random(f"{config.task.seed}/{peer_id(self.key_pair)}")
+        only_rows = None
+        self.labels: list[int] | None = None  # the classes announced with our models (only Bristle's)
+        if config.protocol.integrator == "bristle":
+            try:
+                bristle = bristle_node(model, x, y, self.rng)
+            except ValueError as e:
+                raise ConfigError(f"integrator bristle: {e}") from None
+            self.integrator: Integrator = bristle.integrator
+            x, y, only_rows, self.labels = bristle.x_train, bristle.y_train, bristle.only_rows, bristle.labels
+        else:
+            self.integrator = make_integrator(config.protocol.integrator)
         self.learner = Learner(
-            model, x, y, hyper, seed=config.seed * 7919 + config.shard, device=pick_device()
+            model,
+            x,
+            y,
+            config.task.hyperparameters(),
+            seed=learner_seed(config.task.seed, config.task.shard),
+            device=pick_device(),
+            only_rows=only_rows,
         )
-        self.rng = random.Random(f"{config.seed}/{peer_id(self.key_pair)}")
-        self.integrator, self.labels = self._integrator()
         n = min(EVAL_SAMPLES, len(self.data.y_test))
         self.x_eval, self.y_eval = self.data.x_test[:n], self.data.y_test[:n]
         saved = checkpoint.load(self.home.checkpoint, self.task)
@@ -137,16 +138,6 @@ class Daemon:
         self._checkpointing = threading.Lock()
         self._checkpointed = -1
 
-    def _integrator(self) -> tuple[Integrator, list[int] | None]:
-        """The configured rule, and the classes to announce with our models (only Bristle uses them)."""
-        if self.config.integrator != "bristle":
-            return make_integrator(self.config.integrator), None
-        try:
-            bristle = for_learner(self.learner, *hold_out(self.learner), self.rng)
-        except ValueError as e:
-            raise ConfigError(f"integrator bristle: {e}") from None
-        return bristle, self.learner.y.unique().tolist()
-
     def _in_model_order(self, state: State) -> State:
         """A checkpoint's tensors in the model's parameter order (safetensors sorts names)."""
         try:
@@ -161,16 +152,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        c = self.config
-        p2p = P2PConfig(
-            listen=c.listen,
-            announce=c.announce,
-            bootstrap=c.bootstrap,
-            relay_service=c.relay_service,
-            upnp=c.upnp,
-            ban_duration=c.ban_duration,
-            limits=Limits(max_message=message_limit(self.initial)),
-        )
+        p2p = replace(self.config.network, limits=Limits(max_message=message_limit(self.initial)))
         async with (
             Libp2pOverlay.start(self.key_pair, self.task, p2p) as overlay,
             trio.open_nursery() as nursery,
@@ -197,8 +179,8 @@ class Daemon:
         )
         for addr in overlay.addresses():
             log.info("others can join with: shoal run --bootstrap %s", addr)
-        port = await nursery.start(api.serve, self.config.api, self.status)
-        host = self.config.api.rpartition(":")[0]
+        port = await nursery.start(api.serve, self.config.node.api, self.status)
+        host = self.config.node.api.rpartition(":")[0]
         write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}"}))
         log.info("status API on http://%s:%d/status", host, port)
         await overlay.provide(self.provider_key)
@@ -209,47 +191,28 @@ class Daemon:
             overlay,
             self.learner,
             ThreadCompute(),
+            send_timeout=overlay.config.send_timeout,  # also the overlay's own bound on a send
             on_round=self._rounds[0].send_nowait,
-            codec=CodecConfig(self.config.codec, self.config.topk_fraction),
+            codec=self.config.protocol.codec_config(),
         )
         nursery.start_soon(self.driver.run)
         nursery.start_soon(self._after_rounds)
-        nursery.start_soon(self._rediscover)
 
     @property
     def provider_key(self) -> str:
         return f"shoal/{self.task}"
 
     def _protocol(self, peers: list[str]) -> LearningProtocol:
-        c = self.config
-        samples = self.learner.samples
-        if c.protocol == "modest":
-            return Modest(
-                self.overlay.peer_id,
-                peers,
-                self.initial,
-                samples,
-                self.integrator,
-                modest_config(c),
-                self.rng,
-                # a restart joins anew, seed or not: its checkpoint's round is far behind the swarm's
-                joining=bool(c.bootstrap) or self.start_round > 0,
-            )
-        joining = bool(c.bootstrap) and self.start_round == 0  # a fresh joiner fetches the swarm's model
-        config = GossipConfig(
-            fanout=c.fanout,
-            period=c.period,
-            join_by_fetch=joining,
-            max_round_jump=c.max_round_jump,
-            max_norm_ratio=c.max_norm_ratio,
-        )
-        return Gossip(
+        return build_protocol(
+            self.config.protocol,
+            self.overlay.peer_id,
+            peers,
             self.initial,
-            samples,
-            self.integrator,
-            config,
+            self.learner.samples,
             self.rng,
+            integrator=self.integrator,
             labels=self.labels,
+            joining=bool(self.config.network.bootstrap),
             round=self.start_round,
         )
 
@@ -267,7 +230,7 @@ class Daemon:
             self.accuracy = evaluation.accuracy
             log.info("round %d done: accuracy %.3f, %d peers", rnd, self.accuracy, len(self.overlay.peers()))
             self.overlay.metadata.record_model(rnd, version, size)
-            if rnd - last_checkpoint >= self.config.checkpoint_every:
+            if rnd - last_checkpoint >= self.config.node.checkpoint_every:
                 last_checkpoint = rnd
                 await trio.to_thread.run_sync(self._checkpoint)
 
@@ -280,13 +243,6 @@ class Daemon:
             self.eval_model, self.x_eval, self.y_eval, self.data.num_classes, device=pick_device()
         )
         return evaluation, digest(*parts).hex(), sum(len(p) for p in parts)
-
-    async def _rediscover(self) -> None:
-        """Look for the task's providers again while we have few peers (a lone node after churn)."""
-        while True:
-            await trio.sleep(10)
-            if len(self.overlay.peers()) < 3:
-                await self.overlay.find_providers(self.provider_key)
 
     def _checkpoint(self) -> None:
         """Write a checkpoint (from a worker thread or, at exit, the loop: hence the lock)."""
@@ -311,9 +267,9 @@ class Daemon:
             "task": self.task,
             "reachability": overlay.reachability.value if overlay else "unknown",
             "relays": [str(r) for r in overlay.relaying.relays] if overlay else [],
-            "protocol": self.config.protocol,
-            "integrator": self.config.integrator,
-            "codec": self.config.codec,
+            "protocol": self.config.protocol.protocol,
+            "integrator": self.config.protocol.integrator,
+            "codec": self.config.protocol.codec,
             "round": self.protocol.round if self.protocol else self.start_round,
             "accuracy": self.accuracy,
             "samples": self.learner.samples,
@@ -322,5 +278,6 @@ class Daemon:
             "bytes_in": dict(overlay.bytes_in) if overlay else {},
             "bytes_out": dict(overlay.bytes_out) if overlay else {},
             "rejected": overlay.rejected if overlay else 0,
+            "liveness": overlay.liveness() if overlay else {"suspected": [], "down": 0, "flaps": 0},
             "uptime": round(time.time() - self.started, 1),
         }

@@ -27,6 +27,7 @@ from shoal.overlay.identity import load_or_create_identity, peer_id
 
 POLL = 2.0
 STOP_TIMEOUT = 20.0
+STOP_PER_NODE = 1.0
 
 
 def free_port() -> int:
@@ -74,6 +75,7 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     ids = [peer_id(load_or_create_identity(h.identity)[0]) for h in homes]
     bootstrap = f"/ip4/127.0.0.1/tcp/{ports[0][0]}/p2p/{ids[0]}"
     procs: list[subprocess.Popen] = []
+    peer_counts: dict[int, list[int]] = {}  # each node's task peers at every poll after its first round
     print(f"starting {nodes} daemons on 127.0.0.1 (homes and logs in {base}); bootstrap node {bootstrap}")
     try:
         for i, home in enumerate(homes):
@@ -88,10 +90,14 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
                     )
                 )
         seen: dict[int, dict] = {}  # each node's latest /status
-        reached = watch(procs, homes, ports, target, timeout, seen)
+        reached = watch(procs, homes, ports, target, timeout, seen, peer_counts)
     finally:
         codes = stop(procs)
-    print(summary(ids, seen, codes))
+    print(summary(ids, seen, codes, peer_counts))
+    failed = [f"node {i}: {c}" for i, c in enumerate(codes) if c != 0]
+    print(
+        f"{nodes - len(failed)}/{nodes} daemons exited 0" + (f"; not: {', '.join(failed)}" if failed else "")
+    )
     if keep is None and reached and all(c == 0 for c in codes):
         shutil.rmtree(base, ignore_errors=True)
     if not reached:
@@ -106,6 +112,7 @@ def watch(
     target: float,
     timeout: float,
     seen: dict[int, dict],
+    peer_counts: dict[int, list[int]],
 ) -> bool:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -120,6 +127,8 @@ def watch(
             s = status(ports[i][1])
             if s is not None:
                 seen[i] = s
+                if s["accuracy"] is not None:
+                    peer_counts.setdefault(i, []).append(len(s["peers"]))
         rows = [seen.get(i) for i in range(len(procs))]
         accuracies = [r["accuracy"] for r in rows if r and r["accuracy"] is not None]
         rounds = [r["round"] for r in rows if r]
@@ -145,11 +154,12 @@ def watch(
 
 
 def stop(procs: list[subprocess.Popen]) -> list[int]:
-    """SIGTERM (graceful leave + final checkpoint), then SIGKILL what is still running after a bound."""
+    """SIGTERM (graceful leave + final checkpoint), then SIGKILL what is still running after a bound
+    (longer for more daemons: they share the machine's cores while they leave and checkpoint)."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + STOP_TIMEOUT + STOP_PER_NODE * len(procs)
     codes = []
     for proc in procs:
         try:
@@ -160,16 +170,23 @@ def stop(procs: list[subprocess.Popen]) -> list[int]:
     return codes
 
 
-def summary(ids: list[str], seen: dict[int, dict], codes: list[int]) -> str:
+def summary(
+    ids: list[str], seen: dict[int, dict], codes: list[int], peer_counts: dict[int, list[int]]
+) -> str:
+    """One line per node; "peers" is the median number of task peers over the polls after the node's
+    first round, "down" how many peers its failure detector cut off."""
     lines = [
-        f"{'node':>4}  {'peer id':<14} {'round':>5} {'accuracy':>8} {'peers':>5} {'MB out':>7} {'exit':>4}"
+        f"{'node':>4}  {'peer id':<14} {'round':>5} {'accuracy':>8} {'peers':>5} {'down':>4} {'MB out':>7} "
+        f"{'exit':>4}"
     ]
     for i, pid in enumerate(ids):
         s = seen.get(i, {})
         accuracy = s.get("accuracy")
+        counts = peer_counts.get(i)
         lines.append(
             f"{i:>4}  {'…' + pid[-12:]:<14} {s.get('round', '-'):>5} "
-            f"{'-' if accuracy is None else f'{accuracy:.3f}':>8} {len(s.get('peers', [])):>5} "
+            f"{'-' if accuracy is None else f'{accuracy:.3f}':>8} "
+            f"{statistics.median(counts) if counts else '-':>5} {s.get('liveness', {}).get('down', '-'):>4} "
             f"{sum(s.get('bytes_out', {}).values()) / 1e6:>7.1f} {codes[i]:>4}"
         )
     return "\n".join(lines)

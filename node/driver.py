@@ -1,10 +1,16 @@
 """The driver: runs a sans-IO learning protocol on any Overlay.
 
-It is the only place where a protocol meets I/O. It feeds the protocol overlay events (peer up/down,
-messages), timer expiries and finished training, one at a time, and carries out the actions the
-protocol returns: sends (each under a deadline, failures reported back as ``SendFailed``), training
-(through a :class:`Compute`), timers. The daemon runs it on libp2p with training in a worker thread;
+It is the only place where a protocol meets I/O. It feeds the protocol overlay events (peers
+connected and disconnected, passed on as they are; messages), timer expiries and finished training,
+one at a time, and carries out the actions the protocol returns: sends (each under ``send_timeout``,
+the one deadline of a protocol's send; failures reported back as ``SendFailed``), training (through a
+:class:`Compute`), timers. The daemon runs it on libp2p with training in a worker thread;
 simulations run it on ``overlay.sim`` with training charged in virtual time.
+
+Timers are keyed (``learning.protocol``): each pending one is a task under its own CancelScope, which a
+StartTimer of the same key or a CancelTimer cancels. An expiry goes through the event queue like
+everything else and is handed on only if its timer is still the pending one for its key, so a timer
+replaced or cancelled after its delay ran out (its expiry already queued) does not fire either.
 
 Models pass through the node's :class:`~learning.compression.Compression` on the way out and in, so
 protocols always see whole models whatever the codec.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import trio
@@ -28,11 +35,10 @@ from shoal.learning.compression import RESET, CodecConfig, Compression, Stale
 from shoal.learning.learner import Learner
 from shoal.learning.protocol import (
     Action,
+    CancelTimer,
     Event,
     LearningProtocol,
     MessageIn,
-    PeerDown,
-    PeerUp,
     Rejected,
     RoundDone,
     Send,
@@ -42,10 +48,10 @@ from shoal.learning.protocol import (
     State,
     Stopping,
     TimerFired,
+    TimerKey,
     Train,
     Trained,
 )
-from shoal.learning.training import TrainStats
 from shoal.overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnected, PeerUnreachable
 from shoal.overlay.wire import Message
 
@@ -55,6 +61,14 @@ RESET_INTERVAL = 5.0
 T = TypeVar("T")
 MAX_RESET_PEERS = 1024
 OFF_LOOP_ELEMENTS = 1 << 20  # models with more values are encoded and decoded in a worker thread
+
+
+@dataclass(frozen=True)
+class _Expired:
+    """A timer's delay ran out; it fires only if ``scope`` is still the pending timer of ``key``."""
+
+    key: TimerKey
+    scope: trio.CancelScope
 
 
 async def _codec_call(
@@ -69,14 +83,15 @@ async def _codec_call(
 
 
 class Compute(Protocol):
-    async def train(self, learner: Learner, state: State, round: int) -> tuple[State, TrainStats]: ...
+    async def train(self, learner: Learner, state: State, round: int) -> State: ...
 
 
 class ThreadCompute:
     """Train in a worker thread so the event loop keeps answering peers (a stall over 5 s resets Yamux)."""
 
-    async def train(self, learner: Learner, state: State, round: int) -> tuple[State, TrainStats]:
-        return await trio.to_thread.run_sync(learner.train, state, round, abandon_on_cancel=True)
+    async def train(self, learner: Learner, state: State, round: int) -> State:
+        state, _ = await trio.to_thread.run_sync(learner.train, state, round, abandon_on_cancel=True)
+        return state
 
 
 class VirtualCompute:
@@ -90,10 +105,10 @@ class VirtualCompute:
             raise ValueError(f"compute speed must be positive, got {samples_per_second}")
         self.samples_per_second = samples_per_second
 
-    async def train(self, learner: Learner, state: State, round: int) -> tuple[State, TrainStats]:
-        result = learner.train(state, round)
-        await trio.sleep(result[1].samples / self.samples_per_second)
-        return result
+    async def train(self, learner: Learner, state: State, round: int) -> State:
+        state, stats = learner.train(state, round)
+        await trio.sleep(stats.samples / self.samples_per_second)
+        return state
 
 
 class Driver:
@@ -115,22 +130,27 @@ class Driver:
         self.send_timeout = send_timeout
         self.on_round = on_round
         self.compression = Compression(codec, protocol.model)
-        self._inbox, self._events = trio.open_memory_channel[Event](math.inf)
+        self._inbox, self._events = trio.open_memory_channel[Event | _Expired](math.inf)
         self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None
         self._encoding = trio.Lock()  # fair: encodings run in the order their sends started
         self._resets: dict[str, float] = {}  # when we last asked each peer for a keyframe
+        self._timers: dict[TimerKey, trio.CancelScope] = {}  # the pending timer of each key
 
     async def run(self) -> None:
         """Run until cancelled, or until the overlay closes its event channel (the node went down)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for peer in self.overlay.peers():
-                self._handle(PeerUp(peer))
+                self._handle(PeerConnected(peer))
             self._handle(Started())
             nursery.start_soon(self._pump_overlay)
             async for event in self._events:
-                self._handle(event)
+                if not isinstance(event, _Expired):
+                    self._handle(event)
+                elif self._timers.get(event.key) is event.scope:  # not replaced or cancelled meanwhile
+                    del self._timers[event.key]
+                    self._handle(TimerFired(event.key))
 
     async def leave(self, timeout: float = 5.0) -> None:
         """Graceful departure: give the protocol ``Stopping``, send its goodbyes within ``timeout``."""
@@ -147,10 +167,8 @@ class Driver:
                     self.compression.forget(peer)
                 case Delivered(peer, message):
                     await self._deliver(peer, message)
-                case PeerConnected(peer):
-                    self._inbox.send_nowait(PeerUp(peer))
-                case PeerDisconnected(peer):
-                    self._inbox.send_nowait(PeerDown(peer))
+                case PeerConnected() | PeerDisconnected():
+                    self._inbox.send_nowait(event)
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
 
@@ -200,8 +218,12 @@ class Driver:
                 nursery.start_soon(self._send, action)
             case Train():
                 nursery.start_soon(self._train, action)
-            case StartTimer(name, delay):
-                nursery.start_soon(self._timer, name, delay)
+            case StartTimer(key, delay):
+                self._cancel_timer(key)
+                scope = self._timers[key] = trio.CancelScope()
+                nursery.start_soon(self._timer, key, delay, scope)
+            case CancelTimer(key):
+                self._cancel_timer(key)
             case RoundDone(rnd):
                 if self.on_round is not None:
                     self.on_round(rnd)
@@ -239,9 +261,15 @@ class Driver:
 
     async def _train(self, train: Train) -> None:
         async with self._training:
-            state, stats = await self.compute.train(self.learner, train.state, train.tag)
-        self._inbox.send_nowait(Trained(train.tag, state, stats))
+            state = await self.compute.train(self.learner, train.state, train.tag)
+        self._inbox.send_nowait(Trained(train.tag, state))
 
-    async def _timer(self, name: str, delay: float) -> None:
-        await trio.sleep(delay)
-        self._inbox.send_nowait(TimerFired(name))
+    def _cancel_timer(self, key: TimerKey) -> None:
+        scope = self._timers.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _timer(self, key: TimerKey, delay: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(delay)
+            self._inbox.send_nowait(_Expired(key, scope))

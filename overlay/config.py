@@ -1,31 +1,103 @@
-"""The network layer's settings: one node's libp2p overlay (``overlay.p2p``), validated once here."""
+"""The network layer's settings: one node's libp2p overlay (``overlay.p2p``), validated once here.
+
+:class:`P2PConfig` is also the ``[network]`` section of a daemon's ``config.toml``: a field whose metadata
+has a ``help`` is a setting there (``node.config`` writes the template and reads the file, ``SHOAL_<KEY>``
+and, with ``flag``, ``shoal run --<key>`` from it). The others are tuning knobs for tests, and ``limits``,
+which the daemon derives from its model's size.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shoal.overlay.host import parse_bootstrap
+from shoal.overlay.host import parse_bootstrap, parse_multiaddr
 from shoal.overlay.wire import DEFAULT_LIMITS, Limits
 
 
 @dataclass(frozen=True)
 class P2PConfig:
-    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    announce: tuple[str, ...] = ()
-    bootstrap: tuple[str, ...] = ()
-    relay_service: bool = False
-    upnp: bool = False
+    listen: tuple[str, ...] = field(
+        default=("/ip4/127.0.0.1/tcp/0",),
+        metadata={
+            "help": "Multiaddrs to listen on. 0.0.0.0 listens on every interface (each is announced by "
+            "its own address).",
+            "flag": True,
+            "metavar": "MULTIADDR",
+        },
+    )
+    announce: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Addresses to announce instead, e.g. the public address of a port forward. Empty: the "
+            "listen ones.",
+            "flag": True,
+            "metavar": "MULTIADDR",
+        },
+    )
+    bootstrap: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Nodes to join, as `shoal id` prints them on those nodes: /ip4/<ip>/tcp/<port>/p2p/<peer "
+            "id>. Empty: this node starts a swarm of its own and others join it.",
+            "flag": True,
+            "metavar": "MULTIADDR",
+        },
+    )
+    relay_service: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve as a Circuit Relay v2 relay for nodes behind NAT (only useful on a publicly "
+            "reachable node).",
+            "flag": True,
+        },
+    )
+    upnp: bool = field(
+        default=False,
+        metadata={
+            "help": "ask the router for a port mapping by UPnP (adds about 4 s to the start)",
+            "flag": True,
+        },
+    )
     bootstrap_attempts: int = 5
     ping_interval: float = 2.0
     ping_timeout: float = 2.0
-    ping_misses: int = 3
+    suspect_phi: float = field(
+        default=3.0,
+        metadata={
+            "group": 'Failure detection (phi accrual, README "Failure detection"): a peer\'s silence is '
+            "judged against the gaps between its earlier answers.",
+            "help": "phi at which a silent peer is suspected (shown in /status, nothing else)",
+        },
+    )
+    down_phi: float = field(default=8.0, metadata={"help": "phi at which a silent peer is cut off ..."})
+    acceptable_pause: float = field(
+        default=10.0,
+        metadata={"help": "... after this many seconds of silence beyond its usual gaps"},
+    )
+    peers_low: int = field(
+        default=8,
+        metadata={
+            "group": "The peer set: below peers_low task peers, more are dialled from the metadata "
+            "document and the DHT; above peers_high, the newest are let go.",
+            "help": "task peers a node keeps at least, when the swarm has them",
+        },
+    )
+    peers_high: int = field(default=32, metadata={"help": "task peers a node keeps at most"})
     send_timeout: float = 120.0
     receive_timeout: float = 120.0
     sync_interval: float = 5.0
     heartbeat_interval: float = 10.0
     hole_punch_timeout: float = 10.0
-    max_penalty: int = 5  # wrong inputs that ban a peer
-    ban_duration: float = 600.0  # seconds a ban lasts; penalties are forgotten after as long without one
+    max_penalty: int = field(
+        default=5, metadata={"help": "wrong inputs (malformed, implausible, floods) that ban a peer"}
+    )
+    ban_duration: float = field(
+        default=600.0,
+        metadata={
+            "help": "Seconds a peer stays cut off after sending too much wrong input (malformed, "
+            "implausible, floods); its penalties are forgotten after as long without one."
+        },
+    )
     log_interval: float = 60.0  # rejections beyond the first few per interval are summarised once in it
     max_inflight: int = 512 * 2**20  # bytes of incoming frames being received, all peers together
     max_peer_inflight: int | None = None  # the same for one peer; None: 2 * limits.max_message
@@ -36,30 +108,46 @@ class P2PConfig:
     limits: Limits = field(default=DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("listen: give at least one address, e.g. /ip4/0.0.0.0/tcp/4001")
+        for name in ("listen", "announce"):
+            for addr in getattr(self, name):
+                try:
+                    parse_multiaddr(addr)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         for addr in self.bootstrap:
-            parse_bootstrap(addr)  # ValueError with a clear reason, before anything starts
-        if (
-            min(
-                self.ping_interval,
-                self.ping_timeout,
-                self.send_timeout,
-                self.receive_timeout,
-                self.sync_interval,
-                self.heartbeat_interval,
-                self.hole_punch_timeout,
-                self.ban_duration,
-                self.log_interval,
-                self.min_rate,
-                self.rate_window,
-                self.message_rate,
-            )
-            <= 0
+            parse_bootstrap(addr)  # its message names the address and the fix, before anything starts
+        for name in (
+            "ping_interval",
+            "ping_timeout",
+            "send_timeout",
+            "receive_timeout",
+            "sync_interval",
+            "heartbeat_interval",
+            "hole_punch_timeout",
+            "ban_duration",
+            "log_interval",
+            "min_rate",
+            "rate_window",
+            "message_rate",
         ):
-            raise ValueError("intervals, timeouts and rates must be positive")
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"intervals, timeouts and rates must be positive: {name} = {getattr(self, name)}"
+                )
         if self.sync_interval < 1:
             raise ValueError("sync_interval must be at least 1 s (the sync loop ticks once a second)")
-        if self.ping_misses < 1 or self.max_penalty < 1 or self.message_burst < 1:
-            raise ValueError("ping_misses, max_penalty and message_burst must be at least 1")
+        for name in ("max_penalty", "message_burst", "peers_low"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.peers_high < self.peers_low:
+            raise ValueError(f"peers_high ({self.peers_high}) must be at least peers_low ({self.peers_low})")
+        if not 0 < self.suspect_phi < self.down_phi or self.acceptable_pause < 0:
+            raise ValueError(
+                f"need 0 < suspect_phi ({self.suspect_phi}) < down_phi ({self.down_phi}) and "
+                f"acceptable_pause ({self.acceptable_pause}) >= 0"
+            )
         if not self.limits.max_message <= self.peer_inflight <= self.max_inflight:
             raise ValueError(
                 f"need limits.max_message ({self.limits.max_message}) <= max_peer_inflight "

@@ -1,4 +1,5 @@
-"""Building the libp2p host and joining a swarm: transports, addresses, bootstrap, log noise.
+"""Building the libp2p host and joining a swarm: transports, addresses, bootstrap, log noise; and two
+helpers every overlay component needs (:func:`reset_stream`, :func:`serves`).
 
 Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/LIBP2P.md):
 
@@ -18,6 +19,7 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 from collections.abc import Sequence
@@ -27,7 +29,9 @@ import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.utils.address_validation import expand_wildcard_address
@@ -77,6 +81,21 @@ def grow_receive_window(stream: INetStream, size: int) -> None:
     muxed = stream.muxed_stream
     if isinstance(muxed, yamux.YamuxStream):
         muxed.target_recv_window = max(muxed.target_recv_window, min(size, yamux.MAX_WINDOW_SIZE))
+
+
+async def reset_stream(stream: INetStream) -> None:
+    """Reset, also from an expired deadline's scope (shielded: unshielded, no RST would go out)."""
+    with trio.move_on_after(1, shield=True):
+        with contextlib.suppress(Exception):
+            await stream.reset()
+
+
+def serves(host: IHost, peer: ID, protocol: TProtocol) -> bool:
+    """Whether identify told us ``peer`` speaks ``protocol``."""
+    try:
+        return protocol in host.get_peerstore().get_protocols(peer)
+    except Exception:  # identify has not told us yet
+        return False
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:

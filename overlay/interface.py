@@ -5,7 +5,9 @@ The node's driver (``node/driver.py``) is written against this interface only, s
 simulations run the same protocol code.
 
 Everything that happens to a node arrives, in order, on one channel (:attr:`Overlay.events`):
-a peer connected or disconnected, a message delivered, an announcement published on a topic.
+a peer connected or disconnected, a message delivered, an announcement published on a topic. The
+driver hands :class:`PeerConnected` and :class:`PeerDisconnected` to the learning protocols as they are
+(``learning.protocol`` takes them into its events), so this module imports nothing of ``learning``.
 """
 
 from __future__ import annotations
@@ -24,16 +26,23 @@ class PeerUnreachable(Exception):
 
 @dataclass(frozen=True)
 class PeerConnected:
+    """``peer`` can be sent to now (for libp2p: a peer of the same task)."""
+
     peer: str
 
 
 @dataclass(frozen=True)
 class PeerDisconnected:
+    """``peer`` is gone, cut off or banned: do not wait for it."""
+
     peer: str
 
 
 @dataclass(frozen=True)
 class Delivered:
+    """A message from ``peer``: on libp2p decoded by ``overlay.wire`` (bounds, finite tensors); the
+    simulated overlay hands over the sender's message as it is."""
+
     peer: str
     message: Message
 
@@ -60,7 +69,10 @@ class Overlay(Protocol):
         ...
 
     async def send(self, peer: str, message: Message) -> None:
-        """Hand a message to a peer; returns once it is on its way, raises PeerUnreachable if it cannot be."""
+        """Hand a message to a peer; returns once it is on its way, raises PeerUnreachable if it cannot be.
+
+        How long to wait is the caller's to bound (the driver's ``send_timeout``): a slow receiver can
+        hold a libp2p send for as long as it takes, a simulated send takes its upload time."""
         ...
 
     def subscribe(self, topic: str) -> None:

@@ -1,7 +1,7 @@
 """One task's replicated swarm metadata: a pycrdt (Yjs) document of signed records, and the sans-IO half
 of its sync.
 
-The libp2p overlay does the I/O: it publishes :meth:`Metadata.take_outgoing` over gossipsub, feeds
+``overlay.metasync`` does the I/O: it publishes :meth:`Metadata.take_outgoing` over gossipsub, feeds
 what it receives to :meth:`Metadata.apply`, and repairs gaps with anti-entropy (send
 :meth:`Metadata.state_vector`, answer with :meth:`Metadata.diff`, apply the answer). Nothing here reads a
 clock, sleeps or touches a socket; ``now`` is always passed in.

@@ -1,4 +1,10 @@
-"""Getting past NATs: our own reachability check, Circuit Relay v2 with explicit reservations, DCUtR.
+"""Getting past NATs: our own reachability check and its monitor, Circuit Relay v2 with explicit
+reservations, DCUtR.
+
+:class:`ReachabilityMonitor` asks up to three connected peers to dial us back (one "reached" is
+enough to be public), every ``RECHECK`` seconds since networks change and one helper may be wrong,
+and keeps relay reservations fresh while private. What depends on the verdict (the DHT's mode, our
+advertised records) is told through the two callbacks it is built with.
 
 Upstream behaviours worked around here (py-libp2p 0.8.1, ../shared/LIBP2P.md §5):
 
@@ -19,7 +25,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from enum import StrEnum
 
@@ -31,12 +38,14 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from shoal.overlay.framing import Libp2pStream, TransferError, read_frame, write_frame
+from shoal.overlay.host import serves
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ DIALBACK = TProtocol("/shoal/dialback/1.0.0")
 MAX_DIALBACK_ADDRS = 4
 MAX_DIALBACK_FRAME = 16 * 1024
 _MULTISTREAM_HELLO = b"\x13/multistream/1.0.0\n"  # varint length 19 + protocol line
+RECHECK = 300.0  # seconds between reachability checks (and relay reservation refreshes)
+MAX_RELAYS = 2
 
 
 class Reachability(StrEnum):
@@ -191,6 +202,14 @@ class Relaying:
         log.info("relay reservation on %s failed", relay)
         return False
 
+    def addresses(self) -> list[str]:
+        """Full multiaddrs (with ``/p2p/<id>``) others can use to reach us, relay circuits included.
+
+        The circuits are added here: ``host.get_addrs()`` never lists them and strips any we give it.
+        """
+        circuits = [f"{a}/p2p/{self.host.get_id()}" for a in self.circuit_addrs()]
+        return [str(a) for a in self.host.get_addrs()] + circuits
+
     def circuit_addrs(self) -> list[multiaddr.Multiaddr]:
         """``<relay addr>/p2p/<relay>/p2p-circuit`` for each relay holding a reservation for us."""
         out = []
@@ -228,3 +247,48 @@ def is_relayed(host: IHost, peer: ID) -> bool:
         if not any(is_circuit(a) for a in addrs):
             return False
     return True
+
+
+class ReachabilityMonitor:
+    """Whether others can dial us (:attr:`reachability`), and relay reservations while they cannot.
+
+    ``verdict`` hears each verdict first (the DHT's mode follows it); ``readvertise`` runs after the
+    relays were refreshed, since our addresses (relay circuits included) may have changed.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        relaying: Relaying,
+        *,
+        verdict: Callable[[Reachability], Awaitable[None]],
+        readvertise: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.host, self.relaying = host, relaying
+        self.reachability = Reachability.UNKNOWN
+        self._verdict, self._readvertise = verdict, readvertise
+
+    async def run(self) -> None:
+        me = self.host.get_id()
+        while True:
+            helpers = [p for p in self.host.get_connected_peers() if p != me]
+            random.shuffle(helpers)
+            verdicts = [await ask_dialback(self.host, h) for h in helpers[:3]]
+            if True in verdicts:
+                await self._became(Reachability.PUBLIC)
+            elif False in verdicts:
+                await self._became(Reachability.PRIVATE)
+            await trio.sleep(1.0 if self.reachability is Reachability.UNKNOWN else RECHECK)
+
+    async def _became(self, reachability: Reachability) -> None:
+        if reachability is not self.reachability:
+            log.info("reachability: %s", reachability)
+        self.reachability = reachability
+        await self._verdict(reachability)
+        connected = set(self.host.get_connected_peers())
+        self.relaying.relays = [r for r in self.relaying.relays if r in connected]  # gone: not advertised
+        if reachability is Reachability.PRIVATE:
+            # (re)reserve: reservations expire after an hour and RECHECK is well under that
+            for relay in [p for p in connected if serves(self.host, p, HOP_PROTOCOL)][:MAX_RELAYS]:
+                await self.relaying.reserve(relay)
+        await self._readvertise()

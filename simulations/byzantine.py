@@ -29,14 +29,15 @@ import networkx as nx
 import torch
 
 from shoal.learning.attacks import ATTACKS, Forging, flip_labels, forge
-from shoal.learning.bristle import for_learner, hold_out
+from shoal.learning.bristle import bristle_node, hold_out
 from shoal.learning.datasets import Dataset, load_dataset
-from shoal.learning.gossip import Gossip, GossipConfig
-from shoal.learning.integrators import Mean, make_integrator
+from shoal.learning.integrators import Integrator, Mean, make_integrator
 from shoal.learning.learner import Learner
 from shoal.learning.pretrain import extract, load_extractor, pretrain_extractor, save_extractor
+from shoal.learning.protocol import LearningProtocol
+from shoal.learning.settings import build_protocol
 from shoal.simulations import report
-from shoal.simulations.engine import RunResult, Simulation
+from shoal.simulations.engine import RunResult, Simulation, node_name
 
 INTEGRATORS = ("bristle", "mean", "median", "trimmed", "krum")
 
@@ -73,20 +74,33 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
 
     def make(sim: Simulation, i: int, learner: Learner, joining: bool):
         rng = sim.rng(i)
-        config = GossipConfig(fanout=sim.config.fanout, period=sim.config.period)
+
+        def gossip(rule: Integrator, labels: list[int] | None = None) -> LearningProtocol:
+            return build_protocol(
+                sim.config,
+                node_name(i),
+                [],
+                sim.initial[i],
+                learner.samples,
+                rng,
+                integrator=rule,
+                labels=labels,
+                joining=joining,
+            )
+
         if i in attackers:
             if attack == "label-flip":
                 learner.y = flip_labels(learner.y, num_classes)
-                return Gossip(sim.initial[i], learner.samples, Mean(), config, rng)
-            return Forging(Gossip(sim.initial[i], learner.samples, Mean(), config, rng), forge(attack, rng))
-        x_test, y_test = hold_out(learner)  # every honest node keeps the same share back, for fairness
+                return gossip(Mean())
+            return Forging(gossip(Mean()), forge(attack, rng))
         if integrator == "bristle":
-            chosen = for_learner(learner, x_test, y_test, rng)
-        else:
+            bristle = bristle_node(learner.model, learner.x, learner.y, rng)
+            learner.x, learner.y, learner.only_rows = bristle.x_train, bristle.y_train, bristle.only_rows
+            chosen = bristle.integrator
+        else:  # every honest node keeps the same share back as Bristle's, for fairness
+            learner.x, learner.y, _, _ = hold_out(learner.x, learner.y)
             chosen = make_integrator(integrator)
-        return Gossip(
-            sim.initial[i], learner.samples, chosen, config, rng, labels=learner.y.unique().tolist()
-        )
+        return gossip(chosen, labels=learner.y.unique().tolist())
 
     return make
 

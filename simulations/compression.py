@@ -21,10 +21,9 @@ from pathlib import Path
 import networkx as nx
 
 from shoal.learning.compression import CODECS
-from shoal.learning.modest import ModestConfig
 from shoal.simulations import report
 from shoal.simulations.engine import RunResult, Simulation
-from shoal.simulations.modest import modest_protocol, plot_xy
+from shoal.simulations.modest import plot_xy
 from shoal.simulations.topologies import build_graph
 
 
@@ -54,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         ),
         "modest": lambda codec: Simulation(
-            report.config_from(args, codec=codec, dial_any=True),
+            report.config_from(
+                args,
+                codec=codec,
+                dial_any=True,
+                protocol="modest",
+                sample_size=args.sample,
+                inactivity_threshold=1000,
+            ),
             nx.empty_graph(args.nodes),
             label=f"modest {codec}",
-            make_protocol=modest_protocol(ModestConfig(sample_size=args.sample, inactivity_threshold=1000)),
             evaluate="freshest",
             progress=progress,
         ),

@@ -1,8 +1,9 @@
 """The simulation engine: the daemon's own protocol, learner and driver on a simulated network.
 
 A :class:`Simulation` builds one node per graph vertex: a :class:`~learning.learner.Learner` on its
-data shard, a learning protocol (gossip by default; MoDeST, attackers, other integrators through a
-protocol factory), a :class:`~node.driver.Driver` and a :class:`~overlay.sim.SimOverlay`;
+data shard, a learning protocol (the one the :class:`SimConfig` names, built as the daemon builds its
+own; attackers or other integrators through a protocol factory), a :class:`~node.driver.Driver` and a
+:class:`~overlay.sim.SimOverlay`;
 runs them all on one trio loop in virtual time (``overlay.sim.run_virtual``), applies a schedule of
 crashes, leaves, joins and partitions, and evaluates every live node's model at fixed virtual times.
 Everything random derives from the seed, so a seed reproduces a run bit for bit on CPU.
@@ -24,33 +25,29 @@ import numpy as np
 import torch
 import trio
 
-from shoal.learning.compression import CodecConfig
 from shoal.learning.datasets import Dataset, load_dataset
-from shoal.learning.gossip import Gossip, GossipConfig
-from shoal.learning.integrators import make_integrator
 from shoal.learning.learner import Hyperparameters, Learner
 from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol
+from shoal.learning.settings import ProtocolSettings, build_protocol, learner_seed
 from shoal.node.driver import Driver, VirtualCompute
 from shoal.overlay.sim import SimNetwork, run_virtual
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """One simulated swarm. Times are virtual seconds; bandwidth in Mbit/s; speed in samples/s."""
+class SimConfig(ProtocolSettings):
+    """One simulated swarm: the protocol every node runs (the daemon's settings, checked there) and the
+    swarm's data, learning, network and time. Times are virtual seconds; bandwidth in Mbit/s; speed in
+    samples/s."""
 
+    integrator: str = "weighted"  # the simulations' reference: plain averaging, weighted by samples
     nodes: int = 20
     seed: int = 1
     dataset: str = "digits"
     dataset_samples: int = 5000  # size of generated datasets (mnist1d)
     model: str = "mlp"
     partition: str = "iid"
-    integrator: str = "weighted"
-    synchronous: bool = False
-    fanout: int | None = 2  # asynchronous only
-    period: float = 1.0  # least seconds per round
-    round_timeout: float = 30.0  # synchronous
     same_init: bool = True  # all nodes start from one model (as FL would) or each from its own
     batch_size: int = 16
     lr: float = 0.1
@@ -65,8 +62,6 @@ class SimConfig:
     speed_spread: float = 1.0  # node speeds are log-uniform in [speed/spread, speed*spread]
     loss: float = 0.0
     dial_any: bool = False  # True: any node may message any other, not only graph neighbours
-    codec: str = "fp32"  # how models travel (learning.compression)
-    topk_fraction: float = 0.1
 
     def hyperparameters(self) -> Hyperparameters:
         return Hyperparameters(
@@ -76,24 +71,17 @@ class SimConfig:
             local_epochs=self.local_epochs,
         )
 
-    def codec_config(self) -> CodecConfig:
-        return CodecConfig(self.codec, self.topk_fraction)
-
     def __post_init__(self) -> None:
-        self.codec_config()  # ValueError naming the codec setting that is wrong
+        super().__post_init__()
         checks = {
             "nodes must be at least 2": self.nodes >= 2,
-            "fanout must be at least 1 (or None: every neighbour)": self.fanout is None or self.fanout >= 1,
             "duration, eval_every, speed and bandwidth must be positive": min(
                 self.duration, self.eval_every, self.speed, self.bandwidth
             )
             > 0,
             "speed_spread must be at least 1": self.speed_spread >= 1,
             "loss must be in [0, 1)": 0 <= self.loss < 1,
-            "latency, period and round_timeout must not be negative": min(
-                self.latency, self.period, self.round_timeout
-            )
-            >= 0,
+            "latency must not be negative": self.latency >= 0,
             "eval_samples must be at least 1": self.eval_samples >= 1,
         }
         for message, ok in checks.items():
@@ -151,17 +139,17 @@ def node_name(i: int) -> str:
 ProtocolFactory = Callable[["Simulation", int, Learner, bool], LearningProtocol]
 
 
-def gossip_protocol(sim: Simulation, i: int, learner: Learner, joining: bool) -> Gossip:
-    """The default protocol: gossip as configured by the SimConfig; late joiners fetch a model first."""
-    c = sim.config
-    config = GossipConfig(
-        fanout=None if c.synchronous else c.fanout,
-        synchronous=c.synchronous,
-        round_timeout=c.round_timeout,
-        period=c.period,
-        join_by_fetch=joining,
-    )
-    return Gossip(sim.initial[i], learner.samples, make_integrator(c.integrator), config, sim.rng(i))
+def configured_protocol(sim: Simulation, i: int, learner: Learner, joining: bool) -> LearningProtocol:
+    """The default factory: the protocol the SimConfig names. Gossip learns its neighbours from the
+    overlay; MoDeST's initial nodes know each other, and a late joiner knows three live nodes."""
+    c, me = sim.config, node_name(i)
+    peers: list[str] = []
+    if c.protocol == "modest" and joining:
+        alive = [p for p in sim.network.alive() if p != me]
+        peers = sim.rng(i).sample(alive, min(3, len(alive)))
+    elif c.protocol == "modest":
+        peers = [node_name(j) for j in range(c.nodes) if j != i and j not in sim.offline]
+    return build_protocol(c, me, peers, sim.initial[i], learner.samples, sim.rng(i), joining=joining)
 
 
 class Simulation:
@@ -182,9 +170,9 @@ class Simulation:
     ):
         """``graph`` has vertices 0..nodes-1; ``data_nodes`` hold the training data (default all);
         ``offline`` nodes exist but start down (they can ``join`` later); ``make_protocol`` builds each
-        node's protocol (default: gossip); ``evaluate`` is ``all`` live nodes' models or only the
-        ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample); ``observed``
-        limits evaluation to some nodes (e.g. the honest ones when others attack)."""
+        node's protocol (default: :func:`configured_protocol`); ``evaluate`` is ``all`` live nodes'
+        models or only the ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample);
+        ``observed`` limits evaluation to some nodes (e.g. the honest ones when others attack)."""
         if evaluate not in {"all", "freshest"}:
             raise ValueError(f"evaluate must be 'all' or 'freshest', got {evaluate!r}")
         if sorted(graph.nodes) != list(range(config.nodes)):
@@ -246,9 +234,13 @@ class Simulation:
         overlay = self.network.add_node(name, neighbours=live_neighbours)
         shard = self.shards[i]
         learner = Learner(
-            self.model, self.data.x_train[shard], self.data.y_train[shard], self.hyper, seed=c.seed * 7919 + i
+            self.model,
+            self.data.x_train[shard],
+            self.data.y_train[shard],
+            self.hyper,
+            seed=learner_seed(c.seed, i),
         )
-        protocol = (self.make_protocol or gossip_protocol)(self, i, learner, joining)
+        protocol = (self.make_protocol or configured_protocol)(self, i, learner, joining)
         driver = Driver(
             protocol,
             overlay,

@@ -27,6 +27,7 @@ honest swarm moves it, other attackers cannot.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Sequence
 
@@ -39,8 +40,8 @@ from shoal.learning.protocol import (
     Action,
     Event,
     MessageIn,
-    PeerDown,
-    PeerUp,
+    PeerConnected,
+    PeerDisconnected,
     Send,
     Started,
     StartTimer,
@@ -60,6 +61,10 @@ Body = dict
 Variant = tuple[str, Body, State]  # kind, body, tensors
 
 
+class Timer(enum.Enum):
+    ATTACK = "attack"  # the next cycle of attacks
+
+
 class Hostile:
     def __init__(
         self,
@@ -74,7 +79,7 @@ class Hostile:
         config: ModestConfig | None = None,
     ):
         """``model`` is a template of the task's model (names, shapes, dtypes, scale); ``peers`` the
-        neighbours known at the start (more arrive as PeerUp); ``config`` the MoDeST settings its
+        neighbours known at the start (more arrive as PeerConnected); ``config`` the MoDeST settings its
         victims use, to pick rounds where it is no plausible aggregator."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -111,16 +116,16 @@ class Hostile:
     def handle(self, event: Event, now: float) -> list[Action]:
         match event:
             case Started():
-                return [StartTimer("attack", self._period)]
-            case PeerUp(peer):
+                return [StartTimer(Timer.ATTACK, self._period)]
+            case PeerConnected(peer):
                 self._neighbours[peer] = None
-            case PeerDown(peer):
+            case PeerDisconnected(peer):
                 self._neighbours.pop(peer, None)
             case MessageIn(_, kind, body, tensors):
                 self._observe(kind, body, tensors)
-            case TimerFired("attack"):
+            case TimerFired(Timer.ATTACK):
                 self._cycle += 1
-                return [*self._attack(), StartTimer("attack", self._period)]
+                return [*self._attack(), StartTimer(Timer.ATTACK, self._period)]
         return []
 
     def _observe(self, kind: str, body: object, tensors: State) -> None:

@@ -23,6 +23,7 @@ import math
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
@@ -32,29 +33,11 @@ from shoal.learning.datasets import load_dataset
 from shoal.learning.integrators import Contribution, make_integrator
 from shoal.learning.learner import Learner
 from shoal.learning.models import ParameterLayout, build_model
-from shoal.learning.modest import Modest, ModestConfig
 from shoal.learning.partition import partition
+from shoal.learning.settings import learner_seed
 from shoal.overlay.wire import Message, encoded_size
 from shoal.simulations import report
-from shoal.simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation, node_name
-
-
-def modest_protocol(config: ModestConfig):
-    """A protocol factory for the engine: every initial node knows every other; joiners know three."""
-
-    def make(sim: Simulation, i: int, learner: Learner, joining: bool) -> Modest:
-        me = node_name(i)
-        if joining:
-            alive = [p for p in sim.network.alive() if p != me]
-            peers = sim.rng(i).sample(alive, min(3, len(alive)))
-        else:
-            peers = [node_name(j) for j in range(sim.config.nodes) if j != i and j not in sim.offline]
-        integrator = make_integrator(sim.config.integrator)
-        return Modest(
-            me, peers, sim.initial[i], learner.samples, integrator, config, sim.rng(i), joining=joining
-        )
-
-    return make
+from shoal.simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation
 
 
 def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
@@ -64,7 +47,7 @@ def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
     hyper = config.hyperparameters()
     learners = [
-        Learner(model, data.x_train[s], data.y_train[s], hyper, seed=config.seed * 7919 + i)
+        Learner(model, data.x_train[s], data.y_train[s], hyper, seed=learner_seed(config.seed, i))
         for i, s in enumerate(shards)
     ]
     integrator = make_integrator(config.integrator)
@@ -138,21 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     report.prepare(args)
     progress = None if args.quiet else print
     no_links = nx.empty_graph(base.nodes)  # MoDeST dials whoever it samples; nobody is a standing neighbour
-    normal = ModestConfig(sample_size=args.sample, aggregators=args.aggregators, inactivity_threshold=1000)
-    modest = Simulation(
-        base,
-        no_links,
-        label="modest",
-        make_protocol=modest_protocol(normal),
-        evaluate="freshest",
-        progress=progress,
-    ).run()
+    # --aggregators names a field: config_from took it
+    normal = replace(base, protocol="modest", sample_size=args.sample, inactivity_threshold=1000)
+    modest = Simulation(normal, no_links, label="modest", evaluate="freshest", progress=progress).run()
     dpsgd_config = report.config_from(args, synchronous=True, duration=float(args.rounds), period=1.0)
     dpsgd = Simulation(dpsgd_config, nx.cycle_graph(base.nodes), label="d-psgd", progress=progress).run()
     reference = fedavg(base, args.sample, args.rounds)
-    crash_config = ModestConfig(
-        sample_size=args.sample,
-        aggregators=args.aggregators,
+    crash_config = replace(
+        normal,
         success_fraction=0.9,
         ping_timeout=2.0,
         inactivity_threshold=20,
@@ -160,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         watch_timeout=6.0,
     )
     crashed = Simulation(
-        base,
+        crash_config,
         no_links,
         label="modest-crash",
-        make_protocol=modest_protocol(crash_config),
         evaluate="freshest",
         schedule=crash_schedule(base.nodes, base.duration, base.seed),
         progress=progress,

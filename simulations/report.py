@@ -26,7 +26,8 @@ from shoal.simulations.engine import Row, RunResult, SimConfig
 
 
 def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentParser:
-    """A parser with the flags every scenario takes; ``defaults`` override SimConfig's per scenario."""
+    """A parser with the flags every scenario takes, each named as its SimConfig field (``config_from``);
+    ``defaults`` override SimConfig's per scenario."""
     base = {**asdict(SimConfig()), **defaults}
     p = argparse.ArgumentParser(
         prog=f"python -m shoal.simulations.{prog}",
@@ -52,13 +53,18 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
     g.add_argument("--local-epochs", type=float, default=base["local_epochs"], help="local epochs per round")
     g.add_argument(
         "--independent-init",
-        action="store_true",
-        default=not base["same_init"],
+        dest="same_init",
+        action="store_false",
+        default=base["same_init"],
         help="each node starts from its own random model instead of a shared one",
     )
     g = p.add_argument_group("protocol")
     g.add_argument(
-        "--sync", action="store_true", default=base["synchronous"], help="synchronous rounds (D-PSGD)"
+        "--sync",
+        dest="synchronous",
+        action="store_true",
+        default=base["synchronous"],
+        help="synchronous rounds (D-PSGD)",
     )
     g.add_argument("--fanout", type=int, default=base["fanout"], help="asynchronous: peers sent to per cycle")
     g.add_argument(
@@ -90,34 +96,10 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
-    values = dict(
-        nodes=args.nodes,
-        seed=args.seed,
-        dataset=args.dataset,
-        model=args.model,
-        partition=args.partition,
-        integrator=args.integrator,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        local_epochs=args.local_epochs,
-        same_init=not args.independent_init,
-        synchronous=args.sync,
-        fanout=args.fanout,
-        period=args.period,
-        round_timeout=args.round_timeout,
-        codec=args.codec,
-        topk_fraction=args.topk_fraction,
-        duration=args.duration,
-        eval_every=args.eval_every,
-        latency=args.latency,
-        bandwidth=args.bandwidth,
-        loss=args.loss,
-        speed=args.speed,
-        speed_spread=args.speed_spread,
-    )
-    values.update(overrides)
+    """The SimConfig of the parsed flags (every flag named as a field is one), then ``overrides``."""
+    given = {f.name: getattr(args, f.name) for f in fields(SimConfig) if hasattr(args, f.name)}
     try:
-        return SimConfig(**values)
+        return SimConfig(**{**given, **overrides})
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

@@ -1,7 +1,8 @@
 """An in-memory internet for sans-IO protocol tests: a discrete-event loop, no trio, no sockets.
 
 Messages take ``latency``; training takes ``train_time`` and adds 1 to every tensor; messages to a
-crashed node vanish (its pings simply go unanswered). Everything is recorded for assertions.
+crashed node vanish (its pings simply go unanswered). Timers are keyed as the driver's are: a timer
+replaced or cancelled before its time never fires. Everything is recorded for assertions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 import torch
 
 from shoal.learning.protocol import (
+    CancelTimer,
     MessageIn,
     Rejected,
     RoundDone,
@@ -21,7 +23,6 @@ from shoal.learning.protocol import (
     Train,
     Trained,
 )
-from shoal.learning.training import TrainStats
 
 
 def plus_one(state):
@@ -41,17 +42,24 @@ class Bench:
         self.rejected: list[tuple[str, Rejected]] = []
         self._heap: list = []
         self._seq = itertools.count()
+        self._timers: dict[tuple, int] = {}  # (node, key) -> the event number of its pending timer
 
-    def at(self, time: float, node: str, event) -> None:
-        heapq.heappush(self._heap, (time, next(self._seq), node, event))
+    def at(self, time: float, node: str, event) -> int:
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (time, seq, node, event))
+        return seq
 
     def run(self, until: float, max_events: int = 200_000) -> None:
         for _ in range(max_events):
             if not self._heap or self._heap[0][0] > until:
                 self.now = until
                 return
-            time, _, node, event = heapq.heappop(self._heap)
+            time, seq, node, event = heapq.heappop(self._heap)
             self.now = time
+            if isinstance(event, TimerFired):
+                if self._timers.get((node, event.key)) != seq:
+                    continue  # replaced or cancelled
+                del self._timers[node, event.key]
             if node in self.crashed:
                 continue
             for action in self.protocols[node].handle(event, time):
@@ -64,10 +72,11 @@ class Bench:
                 self.sent.append((self.now, node, action))
                 self.at(self.now + self.latency, peer, MessageIn(node, kind, body, tensors))
             case Train(tag, state):
-                stats = TrainStats(1, 1, 0.0, 0.0)
-                self.at(self.now + self.train_time, node, Trained(tag, self.train(state), stats))
-            case StartTimer(name, delay):
-                self.at(self.now + delay, node, TimerFired(name))
+                self.at(self.now + self.train_time, node, Trained(tag, self.train(state)))
+            case StartTimer(key, delay):
+                self._timers[node, key] = self.at(self.now + delay, node, TimerFired(key))
+            case CancelTimer(key):
+                self._timers.pop((node, key), None)
             case RoundDone(rnd):
                 self.rounds_done.append((self.now, node, rnd))
             case Rejected():

@@ -31,11 +31,10 @@ from pathlib import Path
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from shoal.learning.compression import CodecConfig
 from shoal.learning.learner import Hyperparameters, Learner
 from shoal.learning.models import ParameterLayout, build_model
 from shoal.node.config import Config, load
-from shoal.node.daemon import load_data, message_limit, modest_config, task_id
+from shoal.node.daemon import load_data, message_limit, task_id
 from shoal.node.driver import Driver, ThreadCompute
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import MAGIC as FRAME_MAGIC
@@ -71,19 +70,19 @@ class Attacker:
             self.overlay.peer_id,
             self.targets(),
             self.template,
-            self.config.protocol,
+            self.config.protocol.protocol,
             [mode],
             self.rng,
             period=0.2,
-            config=modest_config(self.config),
+            config=self.config.protocol.modest(),
         )
-        codec = CodecConfig(self.config.codec, self.config.topk_fraction)  # the swarm's, as its members
+        codec = self.config.protocol.codec_config()  # the swarm's, as its members
         await Driver(hostile, self.overlay, self.learner, ThreadCompute(), codec=codec).run()
 
     async def flood(self) -> None:
         """Eight senders per victim, each as fast as the victim takes them: gossip fetches (each asks
         the victim to send its whole model back) and copies of a plausible model, or MoDeST pings."""
-        if self.config.protocol == "gossip":
+        if self.config.protocol.protocol == "gossip":
             messages = [Message("fetch", {}), Message("model", {"round": 0, "samples": 1}, self.template)]
         else:
             messages = [Message("ping", {"sel": 1, "round": 0}), Message("pong", {"sel": 1, "round": 0})]
@@ -118,7 +117,7 @@ class Attacker:
 
         async def frame(sybil: Libp2pOverlay, victim: str) -> None:
             try:
-                stream = await sybil._open(victim, sybil._msg_protocol)
+                stream = await sybil._peers.open(victim, sybil._messaging.protocol)
                 io = Libp2pStream(stream)
                 await io.write(PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, limit))
                 chunk = bytes(1 << 16)
@@ -185,7 +184,7 @@ async def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     config = load(Path(args.config))
     data, x, y = load_data(config)
-    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    model = build_model(config.task.model, data.input_shape, data.num_classes, seed=config.task.seed)
     layout = ParameterLayout.of(model)
     task = task_id(config, data, layout)
     learner = Learner(model, x, y, Hyperparameters(local_steps=1, local_epochs=None))

@@ -10,8 +10,7 @@ from shoal.learning.datasets import load_dataset
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Mean
 from shoal.learning.pretrain import extract, load_extractor, pretrain_extractor, save_extractor
-from shoal.learning.protocol import MessageIn, PeerUp, Send, Started, Trained
-from shoal.learning.training import TrainStats
+from shoal.learning.protocol import MessageIn, PeerConnected, Send, Started, Trained
 
 
 def model(v):
@@ -22,10 +21,10 @@ def test_forging_replaces_every_sent_model_and_nothing_else():
     inner = Gossip(model(1), 5, Mean(), GossipConfig(fanout=2), random.Random(0))
     attacker = Forging(inner, forge("sign-flip", random.Random(0)))
     for p in ("a", "b"):
-        attacker.handle(PeerUp(p), 0.0)
+        attacker.handle(PeerConnected(p), 0.0)
     attacker.handle(Started(), 0.0)
     attacker.handle(MessageIn("a", "model", {"round": 0, "samples": 1}, model(3)), 0.1)
-    actions = attacker.handle(Trained(0, model(2), TrainStats(1, 1, 0, 0)), 1.0)
+    actions = attacker.handle(Trained(0, model(2)), 1.0)
     sends = [a for a in actions if isinstance(a, Send)]
     assert len(sends) == 2 and all(torch.equal(s.tensors["w"], model(-8)["w"]) for s in sends)
     assert torch.equal(attacker.model["w"], model(2.5)["w"])  # it still integrates honestly for itself

@@ -24,8 +24,8 @@ from shoal.learning.messages import (
     parse_view,
 )
 from shoal.learning.models import build_model
-from shoal.learning.modest import Modest, ModestConfig, order
-from shoal.learning.protocol import MessageIn, Rejected, Started, Train
+from shoal.learning.modest import Modest, ModestConfig, Timer, order
+from shoal.learning.protocol import MessageIn, Rejected, Started, StartTimer, Train
 
 # --- parsing ---------------------------------------------------------------------------------
 
@@ -110,7 +110,8 @@ def layers(w: float, b: float = 0.0) -> dict:
         (layers(1e30), "'w' has L2 norm"),
         (layers(0.5 * 11), "'w' has L2 norm"),  # just over 10x our 0.5
         (layers(0.5, 1.1), "'b' has L2 norm"),  # over 10x the floor of our zero bias
-        (layers(float("inf")), "NaN or infinite"),
+        (layers(float("inf")), "'w' has L2 norm inf"),  # the norm bound refuses NaN and Inf too
+        (layers(0.5, float("nan")), "'b' has L2 norm nan"),
         ({"w": torch.zeros(4, 4)}, "names"),
     ],
 )
@@ -247,7 +248,8 @@ def test_a_trained_model_only_from_a_plausible_trainer_to_a_plausible_aggregator
     body = {"round": rnd, "samples": 1, "view": {}}
     (action,) = modest(me).handle(MessageIn(stranger, "trained", body, layers(0.6)), 1.0)
     assert isinstance(action, Rejected) and "no plausible trainer" in action.reason
-    assert modest(me).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)[0].name == f"agg-{rnd}"
+    (deadline,) = modest(me).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)
+    assert deadline == StartTimer(Timer.AGGREGATE, CONFIG.aggregation_timeout)
     bystander = order(PEERS, rnd)[limit + 1]
     if bystander != trainer:
         (action,) = modest(bystander).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)

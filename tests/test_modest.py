@@ -172,7 +172,12 @@ def test_a_leaving_node_drops_out_at_once():
     ("kind", "body", "tensors", "reason"),
     [
         ("aggregated", {"round": 3, "samples": 1, "view": {}}, {"w": torch.zeros(4)}, "does not fit"),
-        ("aggregated", {"round": 3, "samples": 1, "view": {}}, {"w": torch.full((3,), float("nan"))}, "NaN"),
+        (
+            "aggregated",
+            {"round": 3, "samples": 1, "view": {}},
+            {"w": torch.full((3,), float("nan"))},
+            "norm nan",
+        ),
         ("aggregated", {"round": 3, "samples": 1, "view": {"x": [1, 2]}}, constant_model(), "view entry"),
         (
             "aggregated",

@@ -21,7 +21,7 @@ from shoal.node.driver import Driver, ThreadCompute, VirtualCompute
 from shoal.overlay.sim import SimNetwork
 from shoal.overlay.wire import Message
 from shoal.simulations import byzantine, churn, compression, disaster, modest, topologies
-from shoal.simulations.engine import ScheduledEvent, SimConfig, Simulation, gossip_protocol, node_name
+from shoal.simulations.engine import ScheduledEvent, SimConfig, Simulation, configured_protocol, node_name
 
 
 def test_survivors_keep_learning_after_a_third_crash_mid_round():
@@ -293,28 +293,35 @@ def test_every_attack_runs_in_the_sweep(tmp_path, attack):
 
 def hostile_swarm(protocol: str, hostile: set[int]):
     """A small swarm in which the ``hostile`` nodes run every attack of simulations/hostile.py."""
-    from shoal.learning.modest import ModestConfig
     from shoal.simulations.hostile import ATTACKS, with_hostile
-    from shoal.simulations.modest import modest_protocol
 
     nodes = 12
     common = dict(nodes=nodes, duration=24.0, eval_every=12.0, seed=3)
     if protocol == "gossip":
         config, graph, modest_config = SimConfig(**common), nx.random_regular_graph(4, nodes, seed=3), None
-        make, attacks, evaluate = gossip_protocol, [a for a in ATTACKS if a != "hijack"], "all"
+        attacks, evaluate = [a for a in ATTACKS if a != "hijack"], "all"
     else:
-        config = SimConfig(**common, dial_any=True, integrator="mean", local_steps=4, local_epochs=None)
-        graph = nx.empty_graph(nodes)
         # no crashes here, so a small role slack: rounds where an attacker is no plausible aggregator exist
-        modest_config = ModestConfig(
-            sample_size=4, ping_timeout=2.0, aggregation_timeout=2.0, watch_timeout=6.0, role_slack=4
+        config = SimConfig(
+            **common,
+            dial_any=True,
+            integrator="mean",
+            local_steps=4,
+            local_epochs=None,
+            protocol="modest",
+            sample_size=4,
+            ping_timeout=2.0,
+            aggregation_timeout=2.0,
+            watch_timeout=6.0,
+            role_slack=4,
         )
-        make, attacks, evaluate = modest_protocol(modest_config), list(ATTACKS), "freshest"
+        graph, modest_config = nx.empty_graph(nodes), config.modest()
+        attacks, evaluate = list(ATTACKS), "freshest"
     honest = [i for i in range(nodes) if i not in hostile]
     sim = Simulation(
         config,
         graph,
-        make_protocol=with_hostile(make, hostile, protocol, attacks, config=modest_config),
+        make_protocol=with_hostile(configured_protocol, hostile, protocol, attacks, config=modest_config),
         observed=honest,
         evaluate=evaluate,
         progress=None,

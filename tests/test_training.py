@@ -68,16 +68,15 @@ def test_bad_arguments_and_empty_shard(digits):
 def test_learner_can_keep_training_to_some_output_rows(digits):
     from shoal.learning.learner import Hyperparameters, Learner
 
-    learner = Learner(
-        build_model("frozen-cnn", digits.input_shape, digits.num_classes, seed=0),
-        digits.x_train,
-        digits.y_train,
-        Hyperparameters(local_steps=5, local_epochs=None, lr=0.5),
-    )
-    learner.train_only_rows("head.weight", [1, 3])
-    before = learner.initial_state()
-    after, _ = learner.train(before, round=1)
+    def learner(only_rows: tuple[str, list[int]]) -> Learner:
+        model = build_model("frozen-cnn", digits.input_shape, digits.num_classes, seed=0)
+        hyper = Hyperparameters(local_steps=5, local_epochs=None, lr=0.5)
+        return Learner(model, digits.x_train, digits.y_train, hyper, only_rows=only_rows)
+
+    rows = learner(("head.weight", [1, 3]))
+    before = rows.initial_state()
+    after, _ = rows.train(before, round=1)
     changed = (after["head.weight"] != before["head.weight"]).any(dim=1)
     assert changed.tolist() == [i in (1, 3) for i in range(10)]
     with pytest.raises(ValueError, match="no shared tensor"):
-        learner.train_only_rows("features.0.weight", [0])
+        learner(("features.0.weight", [0]))

@@ -1,0 +1,237 @@
+"""The learning layer's settings, and the one function that builds a node's protocol from them.
+
+:class:`TaskSettings` is what a node learns and from which data; :class:`ProtocolSettings` how it learns
+with its peers. They are the ``[task]`` and ``[protocol]`` sections of a daemon's ``config.toml``, and
+:class:`ProtocolSettings` is also what every simulated node runs (``simulations.engine.SimConfig``
+extends it), so the daemon and the simulations build their protocols the same way: :func:`build_protocol`.
+
+A field whose metadata has a ``help`` is a setting: ``node.config`` writes it into the commented template
+(after the ``group`` line, if any) and reads it from the file, from ``SHOAL_<KEY>`` and, with ``flag``,
+from ``shoal run --<key>`` (``metavar`` names the flag's value). Fields without ``help`` are knobs for
+tests and simulations. Each rule is checked once, by the dataclass that owns the field: the settings
+check their own fields, and build a :class:`GossipConfig`, :class:`ModestConfig` and
+:class:`CodecConfig` in ``__post_init__`` so that those check theirs (a ``ValueError`` naming the key).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shoal.learning import integrators
+from shoal.learning.compression import CODECS, CodecConfig
+from shoal.learning.datasets import BUILTIN
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Integrator, make_integrator
+from shoal.learning.learner import Hyperparameters
+from shoal.learning.models import MODELS
+from shoal.learning.modest import Modest, ModestConfig
+from shoal.learning.protocol import LearningProtocol, State
+
+PROTOCOLS = ("gossip", "modest")
+INTEGRATORS = (*integrators.INTEGRATORS, "bristle")  # bristle needs its node's data: learning.bristle
+SEED_STRIDE = 7919  # a prime: node i of a run seeded s trains with seed s * SEED_STRIDE + i
+
+
+def learner_seed(seed: int, node: int) -> int:
+    """The training seed of ``node`` (an index, or the daemon's shard) in a run seeded ``seed``."""
+    return seed * SEED_STRIDE + node
+
+
+def _choices(names: Sequence[str]) -> str:
+    return " | ".join(names)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a node learns and from which data. Peers whose model, input shape, classes, protocol or
+    codec differ are another task (``node.daemon.task_id``); the other fields are each node's own."""
+
+    dataset: str = field(
+        default="digits",
+        metadata={
+            "group": "Nodes train the same task only if model, input shape, classes, protocol and codec "
+            "match.",
+            "help": f"{_choices(BUILTIN)} | path to a .npz file",
+            "flag": True,
+        },
+    )
+    data: str = field(
+        default="",
+        metadata={
+            "help": "this node's own data (.npz: x_train, y_train, optional x_test, y_test)",
+            "flag": True,
+            "metavar": "FILE.npz",
+        },
+    )
+    shard: int = field(
+        default=0,
+        metadata={"help": "without `data`: which part of `dataset` this node holds ...", "flag": True},
+    )
+    shards: int = field(default=1, metadata={"help": "... out of how many parts", "flag": True})
+    partition: str = field(
+        default="iid",
+        metadata={"help": "how the parts are cut: iid | dirichlet:<alpha> | shards:<k>", "flag": True},
+    )
+    model: str = field(
+        default="mlp", metadata={"help": f"{_choices(MODELS)} | <module>:<factory>", "flag": True}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the model's initialisation, the split and training"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "samples per SGD step"})
+    lr: float = field(default=0.05, metadata={"help": "learning rate", "flag": True})
+    local_steps: int = field(default=20, metadata={"help": "SGD steps per round", "flag": True})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard must be in 0..shards-1 (shards = {self.shards}), got {self.shard}")
+        for name in ("batch_size", "local_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def hyperparameters(self) -> Hyperparameters:
+        return Hyperparameters(
+            batch_size=self.batch_size, lr=self.lr, local_steps=self.local_steps, local_epochs=None
+        )
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """How a node learns with its peers: the protocol, how it folds models in, how models travel, and
+    the bounds on peers' input. Defaults are the daemon's; simulations override some."""
+
+    protocol: str = field(default="gossip", metadata={"help": _choices(PROTOCOLS), "flag": True})
+    integrator: str = field(
+        default="vca",
+        metadata={
+            "help": f"How received models are folded into ours: {_choices(INTEGRATORS)} (bristle: "
+            "Byzantine-robust on non-IID data; needs model frozen-cnn or head, shares only the output layer)",
+            "flag": True,
+        },
+    )
+    period: float = field(
+        default=1.0,
+        metadata={"group": "gossip:", "help": "least seconds between the starts of two rounds", "flag": True},
+    )
+    fanout: int | None = field(  # None (simulations): every neighbour
+        default=2, metadata={"help": "peers each model is sent to per round", "flag": True}
+    )
+    synchronous: bool = False  # simulations: synchronous rounds (D-PSGD) with every neighbour, no fanout
+    round_timeout: float = 30.0  # synchronous: most seconds a round waits for the neighbours' models
+    sample_size: int = field(
+        default=ModestConfig.sample_size,
+        metadata={
+            "group": "modest (each round a sample of trainers sends its models to a few aggregators):",
+            "help": "trainers per round; keep it at most the swarm's size, or rounds wait",
+        },
+    )
+    aggregators: int = field(default=ModestConfig.aggregators, metadata={"help": "aggregators per round"})
+    success_fraction: float = field(
+        default=ModestConfig.success_fraction,
+        metadata={"help": "share of the sample's models an aggregator waits for ..."},
+    )
+    aggregation_timeout: float = field(
+        default=ModestConfig.aggregation_timeout, metadata={"help": "... or at most this many seconds"}
+    )
+    ping_timeout: float = ModestConfig.ping_timeout  # modest, simulations (e.g. a crash experiment's)
+    inactivity_threshold: int = ModestConfig.inactivity_threshold
+    watch_timeout: float = ModestConfig.watch_timeout
+    max_round_jump: int = field(
+        default=ModestConfig.max_round_jump,
+        metadata={
+            "group": 'every peer is a possible adversary (README, "Hostile peers"):',
+            "help": "most rounds a peer's message may move this node's round ahead",
+        },
+    )
+    max_norm_ratio: float = field(
+        default=ModestConfig.max_norm_ratio,
+        metadata={"help": "models with a layer's L2 norm over this many times ours are refused"},
+    )
+    role_slack: int = field(
+        default=ModestConfig.role_slack,
+        metadata={"help": "modest: how far past the first a (or s) candidates a sender may rank in its role"},
+    )
+    codec: str = field(
+        default="fp32",
+        metadata={
+            "help": "How models travel (part of the task: peers with another codec are another swarm; "
+            f'README "Compressed updates"): {_choices(CODECS)} (differences to the last model sent to that '
+            "peer, top topk_fraction of them by magnitude, whole int8 models when a peer has none)",
+            "flag": True,
+        },
+    )
+    topk_fraction: float = field(
+        default=0.1, metadata={"help": "topk: share of each difference's values that is sent"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.integrator not in INTEGRATORS:
+            raise ValueError(f"integrator: {self.integrator!r} is not one of {', '.join(INTEGRATORS)}")
+        self.gossip()
+        self.modest()
+        self.codec_config()
+
+    def gossip(self, join_by_fetch: bool = False) -> GossipConfig:
+        return GossipConfig(
+            fanout=None if self.synchronous else self.fanout,
+            synchronous=self.synchronous,
+            round_timeout=self.round_timeout,
+            join_by_fetch=join_by_fetch,
+            period=self.period,
+            max_round_jump=self.max_round_jump,
+            max_norm_ratio=self.max_norm_ratio,
+        )
+
+    def modest(self) -> ModestConfig:
+        """Also what a peer must assume of its victims (``simulations.hostile``)."""
+        return ModestConfig(
+            sample_size=self.sample_size,
+            aggregators=self.aggregators,
+            success_fraction=self.success_fraction,
+            ping_timeout=self.ping_timeout,
+            inactivity_threshold=self.inactivity_threshold,
+            aggregation_timeout=self.aggregation_timeout,
+            watch_timeout=self.watch_timeout,
+            max_round_jump=self.max_round_jump,
+            role_slack=self.role_slack,
+            max_norm_ratio=self.max_norm_ratio,
+        )
+
+    def codec_config(self) -> CodecConfig:
+        return CodecConfig(self.codec, self.topk_fraction)
+
+
+def build_protocol(
+    settings: ProtocolSettings,
+    me: str,
+    peers: Sequence[str],
+    model: State,
+    samples: int,
+    rng: random.Random,
+    *,
+    integrator: Integrator | None = None,
+    labels: Sequence[int] | None = None,
+    joining: bool = False,
+    round: int = 0,
+) -> LearningProtocol:
+    """The protocol ``settings`` name for node ``me``, starting from ``model`` at ``round``.
+
+    ``peers``: whom MoDeST knows at the start (gossip learns its neighbours from the overlay). The
+    integrator is the one ``settings`` name unless given (Bristle, or an attacker's plain mean);
+    ``labels`` are announced with gossip's models. A ``joining`` node enters a running swarm: gossip
+    fetches a peer's model first unless it resumes from a round of its own; MoDeST always joins anew
+    when it joins or resumes, as its checkpoint's round is far behind the swarm's.
+    """
+    if integrator is None:
+        integrator = make_integrator(settings.integrator)
+    if settings.protocol == "modest":
+        config = settings.modest()
+        return Modest(me, list(peers), model, samples, integrator, config, rng, joining=joining or round > 0)
+    config = settings.gossip(join_by_fetch=joining and round == 0)
+    return Gossip(model, samples, integrator, config, rng, labels=labels, round=round)

@@ -1,0 +1,216 @@
+"""The configuration: sections from the layers' dataclasses, the template and flags from their metadata."""
+
+import random
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+
+import pytest
+
+from shoal.learning.gossip import Gossip
+from shoal.learning.modest import Modest
+from shoal.learning.settings import ProtocolSettings, build_protocol
+from shoal.node.cli import build_parser
+from shoal.node.config import FLAGS, KEYS, SECTIONS, SETTINGS, Config, ConfigError, load, template
+from shoal.simulations.engine import SimConfig
+
+# The keys and flags of config.toml before it was generated from metadata: files written then must load.
+EARLIER_KEYS = {
+    "network": {"listen", "announce", "bootstrap", "relay_service", "upnp", "ban_duration"},
+    "task": {
+        "dataset",
+        "data",
+        "shard",
+        "shards",
+        "partition",
+        "model",
+        "seed",
+        "batch_size",
+        "lr",
+        "local_steps",
+    },
+    "protocol": {
+        "protocol",
+        "integrator",
+        "period",
+        "fanout",
+        "sample_size",
+        "aggregators",
+        "success_fraction",
+        "aggregation_timeout",
+        "max_round_jump",
+        "max_norm_ratio",
+        "role_slack",
+        "codec",
+        "topk_fraction",
+    },
+    "node": {"api", "checkpoint_every"},
+}
+EARLIER_FLAGS = {
+    "listen",
+    "announce",
+    "bootstrap",
+    "relay_service",
+    "upnp",
+    "dataset",
+    "data",
+    "shard",
+    "shards",
+    "partition",
+    "model",
+    "protocol",
+    "integrator",
+    "codec",
+    "lr",
+    "local_steps",
+    "period",
+    "fanout",
+    "api",
+    "checkpoint_every",
+}
+# a bad value for a key of each section, and the words its one-line error must hold
+BAD = {
+    "network": ("ban_duration", 0, "ban_duration"),
+    "task": ("local_steps", 0, "local_steps must be at least 1"),
+    "protocol": ("success_fraction", 1.5, "success_fraction must be in (0, 1]"),
+    "node": ("api", "localhost", "api: expected host:port"),
+}
+
+
+def test_the_template_parses_back_to_the_defaults(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(template())
+    assert load(path, env={}) == Config()
+    assert set(tomllib.loads(template())) == set(SECTIONS) == set(EARLIER_KEYS)
+
+
+ADDRESS = ("/ip4/1.2.3.4/tcp/1",)  # a sample value for a list flag
+
+
+def run_flags(key: str, value: object) -> list[str]:
+    flag = f"--{key.replace('_', '-')}"
+    if value is True:
+        return [flag]
+    return [flag, *(value if isinstance(value, tuple) else [str(value)])]
+
+
+def words(text: str) -> str:
+    return " ".join(text.replace("#", " ").split())
+
+
+def test_every_setting_is_in_the_template_with_its_help_and_a_flag_where_marked():
+    text = template()
+    document = tomllib.loads(text)
+    defaults = Config()
+    for section, settings in SETTINGS.items():
+        assert set(document[section]) == set(settings)
+        for key, f in settings.items():
+            assert f"\n{key} = " in text and words(f.metadata["help"]) in words(text)
+            if f.metadata.get("flag"):
+                value = getattr(getattr(defaults, section), key)
+                sample = True if isinstance(value, bool) else value if value != () else ADDRESS
+                args = build_parser().parse_args(["run", *run_flags(key, sample)])
+                assert getattr(args, key) is not None, key
+    assert set(FLAGS) == {k for s in SETTINGS.values() for k, f in s.items() if f.metadata.get("flag")}
+
+
+def test_existing_files_keys_and_flags_keep_working():
+    for section, keys in EARLIER_KEYS.items():
+        assert keys <= set(SETTINGS[section]), section
+    assert set(FLAGS) >= EARLIER_FLAGS
+
+
+def test_keys_are_unique_across_sections_and_leave_shoal_home_alone():
+    assert len(KEYS) == sum(len(s) for s in SETTINGS.values())
+    assert "home" not in KEYS  # SHOAL_HOME is the home directory
+
+
+def test_limits_and_simulation_knobs_are_no_keys(tmp_path):
+    assert "limits" not in SETTINGS["network"] and "synchronous" not in SETTINGS["protocol"]
+    path = tmp_path / "config.toml"
+    path.write_text("[network]\nlimits = 5\n[protocol]\nsynchronous = true\n[extra]\nx = 1\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown setting\(s\): \[extra\], network.limits, protocol.synchronous"
+    ):
+        load(path, env={})
+
+
+def test_run_flags_parse_into_the_settings(tmp_path):
+    changed = {"listen": ("/ip4/127.0.0.1/tcp/0",), "upnp": True, "shards": 4, "shard": 3, "lr": 0.5}
+    changed |= {"protocol": "modest", "fanout": 3, "api": "127.0.0.1:0", "data": "x.npz"}
+    argv = ["run", *(arg for key, value in changed.items() for arg in run_flags(key, value))]
+    args = build_parser().parse_args(argv)
+    config = load(tmp_path / "missing.toml", env={}, **{key: getattr(args, key) for key in FLAGS})
+    for key, value in changed.items():
+        assert getattr(getattr(config, KEYS[key]), key) == value
+    assert config.network.relay_service is False  # not given: the default
+
+
+def test_flags_override_the_environment_which_overrides_the_file(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("[task]\nlr = 0.1\nbatch_size = 8\n[network]\nupnp = true\n")
+    env = {
+        "SHOAL_LR": "0.2",
+        "SHOAL_BOOTSTRAP": "",
+        "SHOAL_UPNP": "off",
+        "SHOAL_ANNOUNCE": "/ip4/1.2.3.4/tcp/1,",
+    }
+    config = load(path, env=env, lr=0.3)
+    assert (config.task.lr, config.task.batch_size, config.network.upnp) == (0.3, 8, False)
+    assert config.network.announce == ("/ip4/1.2.3.4/tcp/1",) and config.network.bootstrap == ()
+
+
+@pytest.mark.parametrize("section", list(BAD))
+@pytest.mark.parametrize("source", ["file", "env", "flag"])
+def test_a_bad_value_in_any_section_is_one_line_naming_the_key(tmp_path, section, source):
+    key, value, words = BAD[section]
+    path = tmp_path / "config.toml"
+    path.write_text(f"[{section}]\n{key} = {value!r}\n".replace("'", '"') if source == "file" else "")
+    env = {f"SHOAL_{key.upper()}": str(value)} if source == "env" else {}
+    flags = {key: value} if source == "flag" else {}
+    with pytest.raises(ConfigError) as info:
+        load(path, env=env, **flags)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("file", "config.toml: lr must be float"), ("env", "SHOAL_LR: lr must be float")],
+)
+def test_a_value_of_the_wrong_type_says_where_it_came_from(tmp_path, source, expected):
+    path = tmp_path / "config.toml"
+    path.write_text('[task]\nlr = "fast"\n' if source == "file" else "")
+    with pytest.raises(ConfigError, match=expected):
+        load(path, env={"SHOAL_LR": "fast"} if source == "env" else {})
+
+
+def test_the_simulations_are_checked_by_the_same_rules():
+    for kind in (ProtocolSettings, SimConfig):
+        with pytest.raises(ValueError, match="fanout must be at least 1"):
+            kind(fanout=0)
+        with pytest.raises(ValueError, match="period must not be negative"):
+            kind(period=-1.0)
+    assert {f.name for f in fields(ProtocolSettings)} <= {f.name for f in fields(SimConfig)}
+
+
+def test_one_function_builds_each_protocol_from_its_settings():
+    model = {}
+    modest = build_protocol(ProtocolSettings(protocol="modest"), "me", ["p"], model, 10, random.Random(0))
+    assert isinstance(modest, Modest)
+    gossip = build_protocol(ProtocolSettings(), "me", [], model, 10, random.Random(0), joining=True)
+    assert isinstance(gossip, Gossip) and gossip._config.join_by_fetch  # a fresh joiner fetches first
+    resumed = build_protocol(ProtocolSettings(), "me", [], model, 10, random.Random(0), joining=True, round=7)
+    assert not resumed._config.join_by_fetch and resumed.round == 7
+    dpsgd = SimConfig(synchronous=True, round_timeout=5.0)  # what the Byzantine sweep once dropped
+    config = build_protocol(dpsgd, "me", [], model, 10, random.Random(0))._config
+    assert config.synchronous and config.round_timeout == 5.0 and config.fanout is None
+
+
+def test_status_and_help_do_not_wait_for_torch(tmp_path):
+    code = (
+        "import sys; from shoal.node.cli import main; "
+        f"main(['status', '--home', {str(tmp_path)!r}]); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

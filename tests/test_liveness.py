@@ -1,0 +1,71 @@
+"""The phi-accrual failure detector as a plain object: verdicts from given times, no network."""
+
+import pytest
+
+from shoal.overlay.liveness import PhiAccrual, phi
+
+
+def detector(**kw) -> PhiAccrual:
+    return PhiAccrual(**{"interval": 2.0, "suspect": 3.0, "down": 8.0, "pause": 10.0, **kw})
+
+
+def beating(d: PhiAccrual, peer: str, times: list[float]) -> None:
+    d.watch(peer, times[0])
+    for t in times:
+        d.heartbeat(peer, t)
+
+
+def test_phi_grows_with_silence_and_stays_finite():
+    values = [phi(t, 2.0, 0.5) for t in (0, 1, 2, 3, 4, 6, 100, 1e9)]
+    assert values == sorted(values) and values[0] < 0.01 and 0.2 < values[2] < 0.4
+    assert values[-1] < 200  # clamped: no overflow for any silence
+    assert phi(-1e9, 2.0, 0.5) >= 0
+
+
+def test_a_silent_peer_is_suspected_first_and_down_only_past_the_pause():
+    d = detector()
+    beating(d, "a", [0, 2, 4, 6, 8])
+    assert d.judge(9) == ([], [], [])
+    assert d.judge(12) == (["a"], [], [])  # 4 s of silence: suspected (phi >= 3)
+    assert d.judge(13) == ([], [], [])  # reported once
+    assert d.judge(20) == ([], [], []) and "a" in d.suspected  # 12 s: still inside the pause
+    assert d.judge(24) == ([], [], ["a"])  # ~16 s: down, and forgotten
+    assert "a" not in d.suspected and d.judge(100) == ([], [], [])
+
+
+def test_any_traffic_clears_a_suspicion():
+    d = detector()
+    beating(d, "a", [0, 2, 4])
+    assert d.judge(8) == (["a"], [], [])
+    d.heard("a", 8.5)
+    assert d.judge(9) == ([], ["a"], [])
+
+
+def test_a_peer_with_irregular_gaps_is_judged_by_them():
+    steady, jittery = detector(), detector()
+    beating(steady, "a", [0, 2, 4, 6, 8, 10, 12])
+    beating(jittery, "a", [0, 1, 5, 6, 10, 11, 15])  # a starved process: gaps of 1 and 4 s
+    assert steady.phi("a", 12 + 5) > 3 > jittery.phi("a", 15 + 5)
+
+
+def test_our_own_stall_blames_nobody():
+    d = detector()
+    beating(d, "a", [0, 2, 4])
+    d.stalled(30)  # our loop was stopped from t=4 to t=34
+    assert d.judge(35) == ([], [], [])
+
+
+def test_state_is_only_kept_for_watched_peers():
+    d = detector()
+    d.heard("stranger", 1.0)
+    d.heartbeat("stranger", 1.0)
+    assert d.judge(1000) == ([], [], [])
+    beating(d, "a", [0, 2])
+    d.forget("a")
+    assert d.judge(1000) == ([], [], [])
+
+
+@pytest.mark.parametrize("kw", [{"suspect": 8.0}, {"suspect": 0.0}, {"pause": -1.0}, {"interval": 0.0}])
+def test_bad_thresholds_are_refused(kw):
+    with pytest.raises(ValueError):
+        detector(**kw)
