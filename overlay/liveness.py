@@ -12,14 +12,14 @@ process was starved of CPU: 2,210 "peer down" events in 5 minutes of a 24-daemon
 device busy training looks exactly like that to its peers. So silence is judged against the peer's own
 history, by phi accrual (Hayashibara et al., SRDS 2004; Akka's and Cassandra's detector):
 phi = -log10(P(a gap at least this long)), with the gaps between a peer's answered pings taken as
-normal, N(mean, std) over the last ``WINDOW``, std at least ``interval / 4`` (Akka's logistic
+normal, N(mean, std) over the last ``WINDOW``, std at least ``interval / 2`` (Akka's logistic
 approximation of the normal CDF). Two verdicts:
 
 - *suspected* once phi >= ``suspect`` (3: a gap one in a thousand of the usual ones, a few seconds):
   shown in ``/status``, changes nothing;
-- *down* once phi >= ``down`` (8) with ``pause`` seconds of silence granted on top of the mean: the
+- *down* once phi >= ``down`` (8) with ``pause`` seconds (30) of silence granted on top of the mean: the
   peer is cut off (and may come back: ``overlay.membership`` dials it again later). The bound for a
-  hung peer is about ``mean + pause + 5 * std`` of its gaps (~13 s with the defaults 2 s, 10 s on a
+  hung peer is about ``mean + pause + 5 * std`` of its gaps (~37 s with the defaults 2 s, 30 s on a
   quiet network), plus one ping round.
 
 Any frame received from a peer also proves it alive (:meth:`PhiAccrual.heard`). When our own loop
@@ -96,7 +96,7 @@ class PhiAccrual:
 
     def phi(self, peer: str, now: float, pause: float = 0.0) -> float:
         gaps = self._gaps[peer]
-        std = max(statistics.pstdev(gaps), self.interval / 4)
+        std = max(statistics.pstdev(gaps), self.interval / 2)
         return phi(self.silence(peer, now), statistics.fmean(gaps) + pause, std)
 
     def judge(self, now: float) -> tuple[list[str], list[str], list[str]]:

@@ -153,7 +153,7 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
         saved = checkpoint.load(victim.home.checkpoint, task)
         assert saved is not None and saved.round >= 2
         # a killed daemon's connections close: its peers mark it down at once, well within the bound for
-        # a hung one (README "Failure detection": ~13 s of silence with the defaults, plus a ping round)
+        # a hung one (README "Failure detection": ~37 s of silence with the defaults, plus a ping round)
         wait_for(
             lambda: all(victim.peer not in {p["peer"] for p in o.status()["peers"]} for o in others),
             15,
