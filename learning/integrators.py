@@ -84,7 +84,7 @@ def integrate_contained(
 
 
 # The rules a node can pick by name. Bristle is not here: it needs the node's model and data
-# (``learning.bristle.for_learner``).
+# (``learning.bristle.bristle_node``).
 INTEGRATORS: dict[str, type[Integrator]] = {
     "mean": Mean,
     "weighted": Weighted,
