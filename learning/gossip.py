@@ -44,8 +44,8 @@ from shoal.learning.protocol import (
     CancelTimer,
     Event,
     MessageIn,
-    PeerConnected,
-    PeerDisconnected,
+    PeerDown,
+    PeerUp,
     Rejected,
     RoundDone,
     Send,
@@ -152,13 +152,13 @@ class Gossip:
         match event:
             case Started():
                 return self._start()
-            case PeerConnected(peer):
+            case PeerUp(peer):
                 self._neighbours[peer] = None
                 return []
-            case PeerDisconnected(peer):
+            case PeerDown(peer):
                 self._neighbours.pop(peer, None)
                 return self._lost(peer)
-            case SendFailed(peer):  # not gone (only PeerDisconnected says so), but not to be waited for now
+            case SendFailed(peer):  # not gone (only PeerDown says so), but not to be waited for now
                 return self._lost(peer)
             case MessageIn(peer, "fetch"):
                 reply = GossipModel(self._round, self._samples, reply=True)

@@ -94,7 +94,7 @@ from shoal.learning.protocol import (
     CancelTimer,
     Event,
     MessageIn,
-    PeerDisconnected,
+    PeerDown,
     Rejected,
     RoundDone,
     Send,
@@ -294,7 +294,7 @@ class Modest:
             case Stopping():
                 self._index += 1
                 return self._advertise(joined=False)
-            case PeerDisconnected(peer) | SendFailed(peer):
+            case PeerDown(peer) | SendFailed(peer):
                 return self._unavailable(peer)
             case MessageIn(peer, kind, body, tensors):
                 return self._on_message(peer, kind, body, tensors)

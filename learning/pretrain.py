@@ -15,7 +15,6 @@ from torch import nn
 
 from shoal.learning.models import SmallCNN, conv_features
 from shoal.learning.training import evaluate, train_local
-from shoal.overlay.atomic import write_atomic
 
 
 def pretrain_extractor(
@@ -29,8 +28,10 @@ def pretrain_extractor(
     return model.features.requires_grad_(False).eval(), evaluate(model, x, y, num_classes).accuracy
 
 
-def save_extractor(features: nn.Module, path: Path) -> None:
-    write_atomic(path, save({k: v.contiguous() for k, v in features.state_dict().items()}))
+def extractor_bytes(features: nn.Module) -> bytes:
+    """The extractor as safetensors bytes; callers write them (``overlay.atomic.write_atomic``): learning
+    does no I/O."""
+    return save({k: v.contiguous() for k, v in features.state_dict().items()})
 
 
 def load_extractor(path: Path, input_shape: tuple[int, ...]) -> nn.Sequential:

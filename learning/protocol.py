@@ -24,8 +24,6 @@ from typing import Any, Protocol
 
 import torch
 
-from shoal.overlay.interface import PeerConnected, PeerDisconnected
-
 State = dict[str, torch.Tensor]
 TimerKey = Hashable
 
@@ -35,12 +33,25 @@ TimerKey = Hashable
 
 @dataclass(frozen=True)
 class Started:
-    """The node is up; the driver has already reported its current peers as PeerConnected."""
+    """The node is up; the driver has already reported its current peers as PeerUp."""
 
 
 @dataclass(frozen=True)
 class Stopping:
     """The node is about to leave gracefully: last chance to say goodbye (sends only)."""
+
+
+@dataclass(frozen=True)
+class PeerUp:
+    """A peer of the task is reachable. The overlay says so with its own ``PeerConnected``; the driver
+    translates, since learning and overlay import nothing of each other (../shared/DESIGN.md)."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
+class PeerDown:
+    peer: str
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,7 @@ class TimerFired:
     key: TimerKey
 
 
-Event = Started | Stopping | PeerConnected | PeerDisconnected | MessageIn | SendFailed | Trained | TimerFired
+Event = Started | Stopping | PeerUp | PeerDown | MessageIn | SendFailed | Trained | TimerFired
 
 
 # --- actions (protocol -> driver) -----------------------------------------------------------

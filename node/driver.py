@@ -39,6 +39,8 @@ from shoal.learning.protocol import (
     Event,
     LearningProtocol,
     MessageIn,
+    PeerDown,
+    PeerUp,
     Rejected,
     RoundDone,
     Send,
@@ -142,7 +144,7 @@ class Driver:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for peer in self.overlay.peers():
-                self._handle(PeerConnected(peer))
+                self._handle(PeerUp(peer))
             self._handle(Started())
             nursery.start_soon(self._pump_overlay)
             async for event in self._events:
@@ -167,8 +169,10 @@ class Driver:
                     self.compression.forget(peer)
                 case Delivered(peer, message):
                     await self._deliver(peer, message)
-                case PeerConnected() | PeerDisconnected():
-                    self._inbox.send_nowait(event)
+                case PeerConnected(peer):
+                    self._inbox.send_nowait(PeerUp(peer))
+                case PeerDisconnected(peer):
+                    self._inbox.send_nowait(PeerDown(peer))
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
 

@@ -33,9 +33,10 @@ from shoal.learning.bristle import bristle_node, hold_out
 from shoal.learning.datasets import Dataset, load_dataset
 from shoal.learning.integrators import Integrator, Mean, make_integrator
 from shoal.learning.learner import Learner
-from shoal.learning.pretrain import extract, load_extractor, pretrain_extractor, save_extractor
+from shoal.learning.pretrain import extract, extractor_bytes, load_extractor, pretrain_extractor
 from shoal.learning.protocol import LearningProtocol
 from shoal.learning.settings import build_protocol
+from shoal.overlay.atomic import write_atomic
 from shoal.simulations import report
 from shoal.simulations.engine import RunResult, Simulation, node_name
 
@@ -55,7 +56,7 @@ def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dat
             data.x_train[source], data.y_train[source], data.num_classes, seed=seed
         )
         features_file = features_file or out / "extractor.safetensors"
-        save_extractor(extractor, features_file)
+        write_atomic(features_file, extractor_bytes(extractor))
         how = f"pre-trained on {len(source)} source samples (source accuracy {accuracy:.3f})"
         how += f"; saved: {features_file}"
     target_data = Dataset(

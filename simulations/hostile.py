@@ -40,8 +40,8 @@ from shoal.learning.protocol import (
     Action,
     Event,
     MessageIn,
-    PeerConnected,
-    PeerDisconnected,
+    PeerDown,
+    PeerUp,
     Send,
     Started,
     StartTimer,
@@ -79,7 +79,7 @@ class Hostile:
         config: ModestConfig | None = None,
     ):
         """``model`` is a template of the task's model (names, shapes, dtypes, scale); ``peers`` the
-        neighbours known at the start (more arrive as PeerConnected); ``config`` the MoDeST settings its
+        neighbours known at the start (more arrive as PeerUp); ``config`` the MoDeST settings its
         victims use, to pick rounds where it is no plausible aggregator."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -117,9 +117,9 @@ class Hostile:
         match event:
             case Started():
                 return [StartTimer(Timer.ATTACK, self._period)]
-            case PeerConnected(peer):
+            case PeerUp(peer):
                 self._neighbours[peer] = None
-            case PeerDisconnected(peer):
+            case PeerDown(peer):
                 self._neighbours.pop(peer, None)
             case MessageIn(_, kind, body, tensors):
                 self._observe(kind, body, tensors)

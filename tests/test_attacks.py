@@ -9,8 +9,9 @@ from shoal.learning.attacks import Forging, flip_labels, forge
 from shoal.learning.datasets import load_dataset
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Mean
-from shoal.learning.pretrain import extract, load_extractor, pretrain_extractor, save_extractor
-from shoal.learning.protocol import MessageIn, PeerConnected, Send, Started, Trained
+from shoal.learning.pretrain import extract, extractor_bytes, load_extractor, pretrain_extractor
+from shoal.learning.protocol import MessageIn, PeerUp, Send, Started, Trained
+from shoal.overlay.atomic import write_atomic
 
 
 def model(v):
@@ -21,7 +22,7 @@ def test_forging_replaces_every_sent_model_and_nothing_else():
     inner = Gossip(model(1), 5, Mean(), GossipConfig(fanout=2), random.Random(0))
     attacker = Forging(inner, forge("sign-flip", random.Random(0)))
     for p in ("a", "b"):
-        attacker.handle(PeerConnected(p), 0.0)
+        attacker.handle(PeerUp(p), 0.0)
     attacker.handle(Started(), 0.0)
     attacker.handle(MessageIn("a", "model", {"round": 0, "samples": 1}, model(3)), 0.1)
     actions = attacker.handle(Trained(0, model(2)), 1.0)
@@ -51,7 +52,7 @@ def test_extractor_round_trips_through_safetensors(tmp_path):
     data = load_dataset("digits", seed=0)
     features, accuracy = pretrain_extractor(data.x_train[:300], data.y_train[:300], 10, epochs=3)
     assert accuracy > 0.5 and not any(p.requires_grad for p in features.parameters())
-    save_extractor(features, tmp_path / "f.safetensors")
+    write_atomic(tmp_path / "f.safetensors", extractor_bytes(features))
     again = load_extractor(tmp_path / "f.safetensors", data.input_shape)
     assert torch.equal(extract(features, data.x_test), extract(again, data.x_test))
     assert extract(again, data.x_test).shape == (len(data.x_test), 128)

@@ -11,8 +11,8 @@ from shoal.learning.integrators import Contribution, Mean, Weighted, make_integr
 from shoal.learning.protocol import (
     CancelTimer,
     MessageIn,
-    PeerConnected,
-    PeerDisconnected,
+    PeerDown,
+    PeerUp,
     Rejected,
     RoundDone,
     Send,
@@ -35,7 +35,7 @@ def node(config=None, peers=("p1", "p2", "p3"), samples=10, integrator=None) -> 
     config = replace(config or GossipConfig(), max_norm_ratio=1e9)
     g = Gossip(model(0.0), samples, integrator or Mean(), config, random.Random(0))
     for p in peers:
-        g.handle(PeerConnected(p), 0.0)
+        g.handle(PeerUp(p), 0.0)
     return g
 
 
@@ -104,9 +104,9 @@ def test_sync_round_does_not_wait_for_crashed_or_unreachable_peers():
     g.handle(Started(), 0.0)
     g.handle(Trained(0, model(1.0)), 1.0)
     g.handle(model_msg("p1", 1.0), 1.1)
-    assert g.handle(PeerDisconnected("p2"), 1.2) == []
+    assert g.handle(PeerDown("p2"), 1.2) == []
     assert kinds(g.handle(SendFailed("p3", "model"), 1.3)) == ["CancelTimer", "RoundDone", "Train"]
-    assert g.neighbours == ["p1", "p3"]  # a failed send skips p3 this round; only PeerDisconnected removes it
+    assert g.neighbours == ["p1", "p3"]  # a failed send skips p3 this round; only PeerDown removes it
 
 
 def test_sync_round_times_out_when_fewer_models_arrive():
@@ -176,7 +176,7 @@ def test_joining_node_adopts_a_neighbours_model_and_round():
 def test_joining_node_asks_again_when_its_peer_dies_then_gives_up_on_timeout():
     g = node(GossipConfig(join_by_fetch=True), peers=("p1", "p2"))
     first, _ = g.handle(Started(), 0.0)
-    second, timer = g.handle(PeerDisconnected(first.peer), 0.5)
+    second, timer = g.handle(PeerDown(first.peer), 0.5)
     assert second.kind == "fetch" and second.peer != first.peer
     assert timer == StartTimer(Timer.FETCH, 10.0)  # replaces the first attempt's, which cannot cut it short
     assert g.handle(TimerFired(Timer.FETCH), 10.5) == [Train(0, g.model)]
@@ -212,7 +212,7 @@ def test_round_done_is_reported_each_round():
 
 def test_label_sets_ride_along_and_are_checked():
     g = Gossip(model(0.0), 10, Mean(), GossipConfig(fanout=1), random.Random(0), labels=[3, 1, 3])
-    g.handle(PeerConnected("p1"), 0.0)
+    g.handle(PeerUp("p1"), 0.0)
     g.handle(Started(), 0.0)
     (send, *_) = g.handle(Trained(0, model(1.0)), 1.0)
     assert send.body["labels"] == [1, 3]
@@ -230,7 +230,7 @@ def test_a_fetched_round_is_limited_to_the_window():
 
 def test_huge_models_are_refused_on_receipt_for_every_integrator():
     g = Gossip(model(0.5), 10, Mean(), GossipConfig(fanout=1), random.Random(0))
-    g.handle(PeerConnected("p1"), 0.0)
+    g.handle(PeerUp("p1"), 0.0)
     g.handle(Started(), 0.0)
     (action,) = g.handle(model_msg("p1", 1e30), 0.1)
     assert isinstance(action, Rejected) and "L2 norm" in action.reason
