@@ -213,12 +213,13 @@ class Liveness:
             self._pinging.discard(peer)
 
     def _judge(self, now: float) -> list[str]:
-        """Log the detector's verdicts; the peers found down, to be cut off."""
+        """Log the detector's verdicts (suspicions at debug: they come and go, and a log is bounded); the
+        peers found down, to be cut off."""
         suspected, cleared, down = self.detector.judge(now)
         for peer in suspected:
-            log.info("%s suspected: silent for %.1f s", peer, self.detector.silence(peer, now))
+            log.debug("%s suspected: silent for %.1f s", peer, self.detector.silence(peer, now))
         for peer in cleared:
-            log.info("%s answers again", peer)
+            log.debug("%s answers again", peer)
         for peer in down:
             log.info("%s is down: silent far beyond its usual gaps", peer)
             self.downs += 1
