@@ -8,6 +8,8 @@ a free API port. Progress comes from each daemon's ``/status``; the demo stops t
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -30,10 +32,15 @@ STOP_TIMEOUT = 20.0
 STOP_PER_NODE = 1.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1: each socket stays bound until all are chosen, since a
+    port picked and released at once can be picked again (measured: a daemon's API port that was another
+    daemon's libp2p port, at 24 nodes)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def node_config(i: int, nodes: int, port: int, api_port: int, bootstrap: str | None) -> str:
@@ -63,7 +70,7 @@ def status(api_port: int) -> dict | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/status", timeout=2) as response:
             return json.load(response)
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):  # not up yet, or not a daemon's API
         return None
 
 
@@ -71,7 +78,8 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     """Run the demo swarm; whether it reached ``target`` mean accuracy within ``timeout`` seconds."""
     base = keep or Path(tempfile.mkdtemp(prefix="shoal-demo-"))
     homes = [Home(base / f"node{i}") for i in range(nodes)]
-    ports = [(free_port(), free_port()) for _ in homes]
+    chosen = free_ports(2 * nodes)
+    ports = list(zip(chosen[::2], chosen[1::2]))
     ids = [peer_id(load_or_create_identity(h.identity)[0]) for h in homes]
     bootstrap = f"/ip4/127.0.0.1/tcp/{ports[0][0]}/p2p/{ids[0]}"
     procs: list[subprocess.Popen] = []

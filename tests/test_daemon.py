@@ -14,7 +14,7 @@ import pytest
 from shoal.learning.settings import INTEGRATORS
 from shoal.node import checkpoint
 from shoal.node.config import load
-from shoal.node.demo import free_port, node_config, status
+from shoal.node.demo import free_ports, node_config, status
 from shoal.node.home import Home
 from shoal.overlay.identity import load_or_create_identity, peer_id
 
@@ -30,7 +30,7 @@ class Node:
     ) -> None:
         self.home = Home(home)
         self.env = {**ENV, **(env or {})}
-        self.port, self.api = free_port(), free_port()
+        self.port, self.api = free_ports(2)
         self.peer = peer_id(load_or_create_identity(self.home.identity)[0])
         self.home.config.write_text(node_config(i, nodes, self.port, self.api, bootstrap) + extra)
         self.proc: subprocess.Popen | None = None
@@ -327,7 +327,7 @@ def test_unreachable_bootstrap_says_which_address_and_why(tmp_path):
     home = tmp_path / "home"
     run_cli("init", home=home)
     stranger = peer_id(load_or_create_identity(tmp_path / "other.key")[0])
-    address = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{stranger}"
+    address = f"/ip4/127.0.0.1/tcp/{free_ports(1)[0]}/p2p/{stranger}"
     done = run_cli(
         "run", "--bootstrap", address, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", home=home
     )
