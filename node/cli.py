@@ -189,9 +189,8 @@ def ask(args: argparse.Namespace) -> int:
 
     address = args.api
     if address is None:
-        try:
-            address = json.loads(Home(args.home).api.read_text())["api"]
-        except (OSError, ValueError, KeyError):
+        address = (Home(args.home).running() or {}).get("api")
+        if address is None:
             if args.command == "id":
                 return offline_id(args)
             return fail(

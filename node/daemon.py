@@ -90,6 +90,7 @@ class Daemon:
     def __init__(self, home: Path, config: Config) -> None:
         self.home = Home(home)
         self._home_lock = self.home.claim()
+        self.home.api.unlink(missing_ok=True)  # left by a daemon that was killed: its ports are not ours
         self.config = config
         self.key_pair, created = load_or_create_identity(self.home.identity)
         if created:
@@ -181,7 +182,7 @@ class Daemon:
             log.info("others can join with: shoal run --bootstrap %s", addr)
         port = await nursery.start(api.serve, self.config.node.api, self.status)
         host = self.config.node.api.rpartition(":")[0]
-        write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}"}))
+        write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}", "addresses": overlay.addresses()}))
         log.info("status API on http://%s:%d/status", host, port)
         await overlay.provide(self.provider_key)
         peers = [p for p in await overlay.find_providers(self.provider_key) if p != overlay.peer_id]

@@ -1,20 +1,18 @@
 """``shoal demo``: a real swarm on 127.0.0.1, each node a separate ``shoal run`` process.
 
-Each node gets a home with its own identity (created up front, so the bootstrap address is known
-before anything starts, as in Petals' CI), its shard of the offline digits data, a free TCP port and
-a free API port. Progress comes from each daemon's ``/status``; the demo stops the swarm with SIGTERM
+Each node gets a home with its own identity and its shard of the offline digits data; ports are the
+kernel's choice, read back from each daemon's ``api.json``, and the others start once the bootstrap
+node serves. Progress comes from each daemon's ``/status``; the demo stops the swarm with SIGTERM
 (the daemons' graceful exit) when the mean accuracy reaches the target or time runs out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,25 +27,17 @@ from shoal.overlay.identity import load_or_create_identity, peer_id
 
 POLL = 2.0
 STOP_TIMEOUT = 20.0
+START_TIMEOUT = 120.0
 STOP_PER_NODE = 1.0
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1: each socket stays bound until all are chosen, since a
-    port picked and released at once can be picked again (measured: a daemon's API port that was another
-    daemon's libp2p port, at 24 nodes)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def node_config(i: int, nodes: int, port: int, api_port: int, bootstrap: str | None) -> str:
+def node_config(i: int, nodes: int, bootstrap: str | None) -> str:
+    """Node ``i`` of ``nodes`` on 127.0.0.1; its ports are left to the kernel (any port chosen here and
+    released could be taken before the daemon binds it: measured, by another daemon's outgoing connection)."""
     return "\n".join(
         [
             "[network]",
-            f'listen = ["/ip4/127.0.0.1/tcp/{port}"]',
+            'listen = ["/ip4/127.0.0.1/tcp/0"]',
             f"bootstrap = {json.dumps([bootstrap] if bootstrap else [])}",
             "[task]",
             'dataset = "digits"',
@@ -60,15 +50,19 @@ def node_config(i: int, nodes: int, port: int, api_port: int, bootstrap: str | N
             'integrator = "vca"',
             "period = 0.5",
             "[node]",
-            f'api = "127.0.0.1:{api_port}"',
+            'api = "127.0.0.1:0"',
             "",
         ]
     )
 
 
-def status(api_port: int) -> dict | None:
+def status(home: Home) -> dict | None:
+    """The /status of the daemon running in ``home``, or None if it does not serve (yet)."""
+    running = home.running()
+    if running is None:
+        return None
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/status", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{running['api']}/status", timeout=2) as response:
             return json.load(response)
     except (OSError, ValueError, http.client.HTTPException):  # not up yet, or not a daemon's API
         return None
@@ -78,33 +72,29 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     """Run the demo swarm; whether it reached ``target`` mean accuracy within ``timeout`` seconds."""
     base = keep or Path(tempfile.mkdtemp(prefix="shoal-demo-"))
     homes = [Home(base / f"node{i}") for i in range(nodes)]
-    chosen = free_ports(2 * nodes)
-    ports = list(zip(chosen[::2], chosen[1::2]))
     ids = [peer_id(load_or_create_identity(h.identity)[0]) for h in homes]
-    bootstrap = f"/ip4/127.0.0.1/tcp/{ports[0][0]}/p2p/{ids[0]}"
     procs: list[subprocess.Popen] = []
     peer_counts: dict[int, list[int]] = {}  # each node's task peers at every poll after its first round
-    print(f"starting {nodes} daemons on 127.0.0.1 (homes and logs in {base}); bootstrap node {bootstrap}")
+    print(f"starting {nodes} daemons on 127.0.0.1 (homes and logs in {base})")
+    seen: dict[int, dict] = {}  # each node's latest /status
+    reached, start_time = False, time.monotonic()  # times count from the first launch
     try:
-        for i, home in enumerate(homes):
-            write_atomic(home.config, node_config(i, nodes, *ports[i], None if i == 0 else bootstrap))
-            with open(home.path / "daemon.log", "wb") as logfile:
-                procs.append(  # one torch thread each: N daemons share this machine's cores
-                    subprocess.Popen(
-                        [sys.executable, "-m", "shoal.node.cli", "run", "--home", str(home.path)],
-                        stdout=logfile,
-                        stderr=subprocess.STDOUT,
-                        env=dict(os.environ, OMP_NUM_THREADS="1"),
-                    )
-                )
-        seen: dict[int, dict] = {}  # each node's latest /status
-        reached = watch(procs, homes, ports, target, timeout, seen, peer_counts)
+        write_atomic(homes[0].config, node_config(0, nodes, None))
+        procs.append(start(homes[0]))
+        bootstrap = first_address(procs[0], homes[0])
+        if bootstrap is not None:
+            print(f"bootstrap node up: {bootstrap}")
+            for i, home in enumerate(homes[1:], 1):
+                write_atomic(home.config, node_config(i, nodes, bootstrap))
+                procs.append(start(home))
+            reached = watch(procs, homes, start_time, target, timeout, seen, peer_counts)
     finally:
         codes = stop(procs)
-    print(summary(ids, seen, codes, peer_counts))
+    print(summary(ids[: len(procs)], seen, codes, peer_counts))
     failed = [f"node {i}: {c}" for i, c in enumerate(codes) if c != 0]
     print(
-        f"{nodes - len(failed)}/{nodes} daemons exited 0" + (f"; not: {', '.join(failed)}" if failed else "")
+        f"{len(procs) - len(failed)}/{len(procs)} daemons exited 0"
+        + (f"; not: {', '.join(failed)}" if failed else "")
     )
     if keep is None and reached and all(c == 0 for c in codes):
         shutil.rmtree(base, ignore_errors=True)
@@ -113,26 +103,51 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     return reached
 
 
+def start(home: Home) -> subprocess.Popen:
+    """``shoal run`` for ``home``, logging to its ``daemon.log``; one torch thread each, since N daemons
+    share this machine's cores."""
+    with open(home.path / "daemon.log", "wb") as logfile:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shoal.node.cli", "run", "--home", str(home.path)],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+
+
+def first_address(proc: subprocess.Popen, home: Home) -> str | None:
+    """The address others bootstrap from, once the daemon in ``home`` serves; None (with its log) if it
+    exits or does not serve within START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        running = home.running()
+        if running and running.get("addresses"):
+            return running["addresses"][0]
+        time.sleep(0.2)
+    print(f"the bootstrap node did not start; its last log lines:\n  {tail(home)}")
+    return None
+
+
+def tail(home: Home, lines: int = 15) -> str:
+    return "\n  ".join((home.path / "daemon.log").read_text(errors="replace").splitlines()[-lines:])
+
+
 def watch(
     procs: list[subprocess.Popen],
     homes: list[Home],
-    ports: list[tuple[int, int]],
+    start: float,
     target: float,
     timeout: float,
     seen: dict[int, dict],
     peer_counts: dict[int, list[int]],
 ) -> bool:
-    start = time.monotonic()
     while time.monotonic() - start < timeout:
         time.sleep(POLL)
         for i, proc in enumerate(procs):
             if proc.poll() is not None:
-                log = (homes[i].path / "daemon.log").read_text(errors="replace").splitlines()[-15:]
-                print(
-                    f"node {i} exited with code {proc.returncode}; its last log lines:\n  " + "\n  ".join(log)
-                )
+                print(f"node {i} exited with code {proc.returncode}; its last log lines:\n  {tail(homes[i])}")
                 return False
-            s = status(ports[i][1])
+            s = status(homes[i])
             if s is not None:
                 seen[i] = s
                 if s["accuracy"] is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,17 @@ class Home:
 
     @property
     def api(self) -> Path:
+        """Written by the running daemon once it serves: its API's host:port and its libp2p addresses
+        (either may be port 0 in the config; this file says which ports were bound)."""
         return self.path / "api.json"
+
+    def running(self) -> dict | None:
+        """The running daemon's ``api.json`` ({"api": ..., "addresses": [...]}), or None if none serves."""
+        try:
+            found = json.loads(self.api.read_text())
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) and "api" in found else None
 
     @property
     def lock(self) -> Path:

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 from shoal.learning.settings import INTEGRATORS
 from shoal.node import checkpoint
 from shoal.node.config import load
-from shoal.node.demo import free_ports, node_config, status
+from shoal.node.demo import node_config, status
 from shoal.node.home import Home
 from shoal.overlay.identity import load_or_create_identity, peer_id
 
@@ -30,14 +31,19 @@ class Node:
     ) -> None:
         self.home = Home(home)
         self.env = {**ENV, **(env or {})}
-        self.port, self.api = free_ports(2)
         self.peer = peer_id(load_or_create_identity(self.home.identity)[0])
-        self.home.config.write_text(node_config(i, nodes, self.port, self.api, bootstrap) + extra)
+        self.home.config.write_text(node_config(i, nodes, bootstrap) + extra)
         self.proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
-        return f"/ip4/127.0.0.1/tcp/{self.port}/p2p/{self.peer}"
+        """Its libp2p address, once it serves (its port is the kernel's choice)."""
+        wait_for(lambda: self.home.running() is not None, 60, "the daemon to serve", [self])
+        return self.home.running()["addresses"][0]
+
+    @property
+    def api(self) -> str:
+        return self.home.running()["api"]
 
     def start(self) -> "Node":
         with open(self.home.path / "daemon.log", "ab") as log:
@@ -50,7 +56,7 @@ class Node:
         return self
 
     def status(self) -> dict | None:
-        return status(self.api)
+        return status(self.home)
 
     def full_log(self) -> str:
         return (self.home.path / "daemon.log").read_text(errors="replace")
@@ -76,11 +82,10 @@ def wait_for(predicate, timeout: float, what: str, nodes: list[Node]) -> None:
 
 
 def swarm(tmp_path: Path, n: int, extra: str = "", env: dict | None = None) -> list[Node]:
-    first = Node(tmp_path / "node0", 0, n, None, extra, env)
-    nodes = [first] + [Node(tmp_path / f"node{i}", i, n, first.address, extra, env) for i in range(1, n)]
-    for node in nodes:
-        node.start()
-    return nodes
+    first = Node(tmp_path / "node0", 0, n, None, extra, env).start()
+    boot = first.address
+    others = [Node(tmp_path / f"node{i}", i, n, boot, extra, env) for i in range(1, n)]
+    return [first] + [node.start() for node in others]
 
 
 def stop_all(nodes: list[Node]) -> None:
@@ -122,9 +127,7 @@ def test_four_daemons_learn_see_each_other_and_exit_cleanly(tmp_path):
             shown = json.loads(out)
             assert shown["peer"] == node.peer
             assert {p["peer"] for p in shown["peers"]} == {m.peer for m in nodes} - {node.peer}
-        metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{nodes[0].api}/metrics", timeout=5).read().decode()
-        )
+        metrics = urllib.request.urlopen(f"http://{nodes[0].api}/metrics", timeout=5).read().decode()
         assert "shoal_peers 3.0" in metrics and "shoal_accuracy 0." in metrics, metrics
         assert 'shoal_bytes_out_total{kind="msg:model"}' in metrics, metrics
         rounds = [n.status()["round"] for n in nodes]
@@ -146,7 +149,13 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
     victim, others = nodes[2], nodes[:2]
     try:
         wait_for(
-            lambda: all((n.status() or {}).get("round", 0) >= 6 for n in nodes), 180, "six rounds", nodes
+            lambda: (
+                all((n.status() or {}).get("round", 0) >= 6 for n in nodes)
+                and victim.home.checkpoint.exists()
+            ),
+            180,
+            "six rounds and the victim's checkpoint (written after its evaluation, which may lag under load)",
+            nodes,
         )
         task = victim.status()["task"]
         victim.stop(signal.SIGKILL)
@@ -327,7 +336,9 @@ def test_unreachable_bootstrap_says_which_address_and_why(tmp_path):
     home = tmp_path / "home"
     run_cli("init", home=home)
     stranger = peer_id(load_or_create_identity(tmp_path / "other.key")[0])
-    address = f"/ip4/127.0.0.1/tcp/{free_ports(1)[0]}/p2p/{stranger}"
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"/ip4/127.0.0.1/tcp/{sock.getsockname()[1]}/p2p/{stranger}"
     done = run_cli(
         "run", "--bootstrap", address, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", home=home
     )
