@@ -1,7 +1,7 @@
 """Local training and evaluation: the compute a node does on its own data.
 
 Pure functions of (model, data, hyperparameters, seed): the same inputs give the same parameters on CPU.
-Callers run them off the event loop (``trio.to_thread.run_sync``).
+Callers run them off the event loop (``overlay.offloop``).
 """
 
 from __future__ import annotations

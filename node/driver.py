@@ -54,6 +54,7 @@ from shoal.learning.protocol import (
     Train,
     Trained,
 )
+from shoal.overlay import offloop
 from shoal.overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnected, PeerUnreachable
 from shoal.overlay.wire import Message
 
@@ -80,7 +81,7 @@ async def _codec_call(
     loop keeps answering pings (a 25M-parameter keyframe takes seconds); fp32 passes models through.
     Simulations run small models on the loop: a thread would let the virtual clock jump."""
     if compression.config.name != "fp32" and sum(t.numel() for t in tensors.values()) > OFF_LOOP_ELEMENTS:
-        return await trio.to_thread.run_sync(fn, peer, body, tensors)
+        return await offloop.run_sync(fn, peer, body, tensors)
     return fn(peer, body, tensors)
 
 
@@ -92,7 +93,7 @@ class ThreadCompute:
     """Train in a worker thread so the event loop keeps answering peers (a stall over 5 s resets Yamux)."""
 
     async def train(self, learner: Learner, state: State, round: int) -> State:
-        state, _ = await trio.to_thread.run_sync(learner.train, state, round, abandon_on_cancel=True)
+        state, _ = await offloop.run_sync(learner.train, state, round, abandon_on_cancel=True)
         return state
 
 

@@ -3,9 +3,9 @@
 py-libp2p 0.8.1 never notices a peer that hangs while its TCP connection stays up: Yamux keep-alives
 do not close the connection and a blocked writer waits forever (../shared/LIBP2P.md §7); a peer that
 exits or is killed closes its connections and is down at once (``overlay.peers``). So each node pings
-every peer every ``interval`` seconds, each ping on its own (``timeout`` each). We do not use
-``PingService``: it holds one lock across peers while opening streams, so one hung peer would delay
-the pings of all the others and make them look dead too.
+every peer every ``interval`` seconds, each ping on its own (``timeout`` each) on a stream kept per
+peer. We do not use ``PingService``: it holds one lock across peers while opening streams, so one hung
+peer would delay the pings of all the others and make them look dead too.
 
 Judging silence: a fixed number of missed pings (what this module did before) flapped whenever a
 process was starved of CPU: 2,210 "peer down" events in 5 minutes of a 24-daemon demo on 2 cores. A
@@ -34,13 +34,15 @@ import math
 import secrets
 import statistics
 from collections import deque
-from collections.abc import Awaitable, Callable
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.id import ID
+
+from shoal.overlay.host import reset_stream
+from shoal.overlay.peers import Peers
 
 log = logging.getLogger("shoal.overlay")
 
@@ -71,6 +73,9 @@ class PhiAccrual:
         if peer not in self._heard:
             self._gaps[peer] = deque([self.interval], maxlen=WINDOW)
             self._heard[peer] = now
+
+    def watching(self, peer: str) -> bool:
+        return peer in self._heard
 
     def heartbeat(self, peer: str, now: float) -> None:
         """``peer`` answered a ping."""
@@ -121,33 +126,23 @@ class PhiAccrual:
         self.suspected.discard(peer)
 
 
-async def ping(host: IHost, peer: ID, timeout: float) -> float | None:
-    """Round-trip time in seconds of one libp2p ping on a fresh stream, or None if none came back in time."""
+async def echo(stream: INetStream) -> bool:
+    """One libp2p ping on ``stream``: whether our random payload came back intact."""
     payload = secrets.token_bytes(PING_LENGTH)
-    with trio.move_on_after(timeout):
-        try:
-            stream = await host.new_stream(peer, [PING_PROTOCOL])
-            try:
-                start = trio.current_time()
-                await stream.write(payload)
-                echoed = b""
-                while len(echoed) < PING_LENGTH:
-                    chunk = await stream.read(PING_LENGTH - len(echoed))
-                    if not chunk:
-                        return None
-                    echoed += chunk
-                return trio.current_time() - start if echoed == payload else None
-            finally:
-                await stream.reset()
-        except Exception:  # any failure to open, write or read is a missed ping
-            return None
-    return None
+    await stream.write(payload)
+    echoed = b""
+    while len(echoed) < PING_LENGTH:
+        chunk = await stream.read(PING_LENGTH - len(echoed))
+        if not chunk:
+            return False
+        echoed += chunk
+    return echoed == payload
 
 
 class Liveness:
-    """Pings each of ``peers()`` every ``interval`` seconds and judges them (:class:`PhiAccrual`);
-    a peer found down is ``cut_off``. Counts what it decided, for ``/status`` and ``/metrics``: ``downs``
-    (peers cut off), ``flaps`` (of those, the ones that came back as task peers later)."""
+    """Pings each task peer every ``interval`` seconds and judges them (:class:`PhiAccrual`); a peer
+    found down is cut off. Counts what it decided, for ``/status`` and ``/metrics``: ``downs`` (peers
+    cut off), ``flaps`` (of those, the ones that came back as task peers later)."""
 
     def __init__(
         self,
@@ -158,21 +153,21 @@ class Liveness:
         suspect: float,
         down: float,
         pause: float,
-        peers: Callable[[], list[str]],
-        cut_off: Callable[[str], Awaitable[None]],
+        peers: Peers,
     ) -> None:
         self.host, self.interval, self.timeout = host, interval, timeout
         self.detector = PhiAccrual(interval=interval, suspect=suspect, down=down, pause=pause)
         self.downs = self.flaps = 0
-        self._peers, self._cut_off = peers, cut_off
+        self._peers = peers
         self._declared: set[str] = set()  # peers we found down: one that comes back is a flap
         self._pinging: set[str] = set()
+        self._streams: dict[str, INetStream] = {}  # one ping stream per peer, kept between pings
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             last = trio.current_time()
             while True:
-                for peer in self._peers():
+                for peer in self._peers.peers():
                     self._watch(peer, last)
                     if peer not in self._pinging:  # one ping per peer at a time (see _ping)
                         self._pinging.add(peer)
@@ -184,7 +179,7 @@ class Liveness:
                     self.detector.stalled(now - last - self.interval)
                 last = now
                 for peer in self._judge(now):
-                    nursery.start_soon(self._cut_off, peer)
+                    nursery.start_soon(self._peers.disconnect, peer)
 
     def heard(self, peer: str) -> None:
         self.detector.heard(peer, trio.current_time())
@@ -195,6 +190,7 @@ class Liveness:
 
     def forget(self, peer: str) -> None:
         self.detector.forget(peer)
+        self._streams.pop(peer, None)  # the peer's handler closes it after 10 s without pings
 
     def _watch(self, peer: str, now: float) -> None:
         if peer in self._declared:
@@ -203,18 +199,38 @@ class Liveness:
         self.detector.watch(peer, now)
 
     async def _ping(self, peer: str) -> None:
-        """Not awaited by the round: a ping to a peer whose TCP buffers are full (a stopped process we
+        """One ping on the peer's ping stream (opened on first use, dropped on any failure).
+
+        Not awaited by the round: a ping to a peer whose TCP buffers are full (a stopped process we
         kept sending models to) can outlast its timeout, since resetting its stream waits for buffer
-        space; measured, it held a round that awaited it, and so every peer's verdict, for 10 s."""
+        space; measured, it held a round that awaited it, and so every peer's verdict, for 10 s. The
+        stream is kept since opening one per ping (Yamux SYN, multistream-select) cost 2.5 ms of CPU
+        against 0.5 ms on a kept stream (benchmarks/ping_cost.py): at 24 daemons on 2 cores, a fifth of
+        the machine went to pings.
+        """
+        stream = self._streams.get(peer)
+        answered = False
         try:
-            if await ping(self.host, ID.from_base58(peer), self.timeout) is not None:
-                self.detector.heartbeat(peer, trio.current_time())
+            with trio.move_on_after(self.timeout):
+                if stream is None:
+                    stream = await self.host.new_stream(ID.from_base58(peer), [PING_PROTOCOL])
+                answered = await echo(stream)
+        except Exception:  # any failure to open, write or read is a missed ping
+            pass
         finally:
             self._pinging.discard(peer)
+        if answered:
+            self.detector.heartbeat(peer, trio.current_time())
+            if self.detector.watching(peer):  # not forgotten while the ping was out
+                self._streams[peer] = stream
+        else:
+            self._streams.pop(peer, None)
+            if stream is not None:  # it may hold a late echo: never reuse it
+                await reset_stream(stream)
 
     def _judge(self, now: float) -> list[str]:
-        """Log the detector's verdicts (suspicions at debug: they come and go, and a log is bounded); the
-        peers found down, to be cut off."""
+        """Log the detector's verdicts (suspicions at debug: they come and go, and a log is bounded);
+        the peers found down, to be cut off."""
         suspected, cleared, down = self.detector.judge(now)
         for peer in suspected:
             log.debug("%s suspected: silent for %.1f s", peer, self.detector.silence(peer, now))

@@ -16,6 +16,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
+from shoal.overlay import offloop
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import OFF_LOOP_BYTES, Libp2pStream, write_frame
 from shoal.overlay.guard import Guard
@@ -115,9 +116,7 @@ class Messaging:
             try:
                 # tensors are views into the frame's buffer, which is ours: no second copy of the model
                 if size > OFF_LOOP_BYTES:
-                    message = await trio.to_thread.run_sync(
-                        partial(decode, payload, self.config.limits, copy=False)
-                    )
+                    message = await offloop.run_sync(partial(decode, payload, self.config.limits, copy=False))
                 else:
                     message = decode(payload, self.config.limits, copy=False)
             except WireError as e:

@@ -106,8 +106,7 @@ class Libp2pOverlay:
             suspect=config.suspect_phi,
             down=config.down_phi,
             pause=config.acceptable_pause,
-            peers=self._peers.peers,
-            cut_off=self._peers.disconnect,
+            peers=self._peers,
         )
         self._membership = Membership(
             self._peers,

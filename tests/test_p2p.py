@@ -19,6 +19,7 @@ import torch
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
@@ -493,7 +494,7 @@ async def test_a_flood_of_frames_on_one_stream_is_a_flood_too():
 
 
 def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guarded(monkeypatch, caplog):
-    """Fails when py-libp2p renames what overlay.host sets (the setting would silently do nothing)."""
+    """Fails when py-libp2p renames what overlay.host changes (the change would silently do nothing)."""
     import inspect
 
     from libp2p.stream_muxer.yamux import yamux
@@ -502,10 +503,46 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
 
     assert "MAX_MESSAGE_SIZE" in inspect.getsource(yamux.YamuxStream.write)
     assert "target_recv_window" in inspect.getsource(yamux.YamuxStream._auto_tune_and_send_window_update)
-    host.bigger_yamux_frames()
-    assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME
+    assert "._write_frame(" in inspect.getsource(yamux.YamuxStream.write)
+    host.patch_yamux()
+    host.patch_yamux()
+    assert "self._write_frame(" in inspect.getsource(yamux.Yamux.handle_incoming.__wrapped__)
+    assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME and yamux.Yamux._write_frame is host._write_frame
+    assert not hasattr(yamux.Yamux.handle_incoming.__wrapped__, "__wrapped__")  # wrapped once
     monkeypatch.setattr(yamux, "MAX_MESSAGE_SIZE", 64 * 1024)
+    monkeypatch.setattr(yamux.Yamux, "_write_frame", None)
     monkeypatch.setattr(host.importlib.metadata, "version", lambda name: "0.9.0")
     with caplog.at_level(logging.WARNING, logger="shoal.overlay.host"):
-        host.bigger_yamux_frames()
-    assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and "keeping its Yamux frame size" in caplog.text
+        host.patch_yamux()
+    assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and yamux.Yamux._write_frame is None
+    assert "keeping its Yamux as it is" in caplog.text
+
+
+async def test_cancelled_stream_opens_leave_the_connection_working():
+    """``new_stream`` cancelled at any moment of its negotiation: the same connection still carries
+    streams. Unpatched (a cancelled write desynchronises Noise), it broke within the 60 tries each time."""
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from shoal.overlay.host import build_host
+
+    echo = TProtocol("/shoal-test/echo/1")
+
+    async def serve_echo(stream) -> None:
+        with contextlib.suppress(Exception):
+            await stream.write(await stream.read(4))
+            await stream.close()
+
+    a, b = (build_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
+    b.set_stream_handler(echo, serve_echo)
+    listen = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with a.run(listen_addrs=listen), b.run(listen_addrs=listen):
+        await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+        (connection,) = a.get_network().get_connections(b.get_id())
+        for i in range(60):
+            with trio.move_on_after(0.0002 * (i % 20)), contextlib.suppress(Exception):
+                await a.new_stream(b.get_id(), [echo])
+            with trio.fail_after(10):
+                stream = await a.new_stream(b.get_id(), [echo])
+                await stream.write(b"ping")
+                assert await stream.read(4) == b"ping", f"try {i}"
+            assert a.get_network().get_connections(b.get_id()) == [connection], f"try {i}: a new connection"
