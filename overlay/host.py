@@ -13,6 +13,8 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
 - Yamux frames written whole even when the writer is cancelled, and a reading loop that never waits
   to write (:func:`_write_frame`): a cancelled write desynchronised Noise and left a connection that
   carries nothing; two reading loops waiting to write left one that carried nothing either.
+- Receive windows released in batches, not on every read (:func:`patch_yamux`).
+- ``host.get_addrs`` cached for a second (:func:`_for_a_while`): pubsub calls it for every RPC.
 - A message stream's receive window is granted at once (:func:`grow_receive_window`): py-libp2p starts
   every stream at 256 KiB and doubles it at most once per round trip, and its writer polls every 10 ms
   for credit, so a model on a fresh stream crawled through its first megabytes.
@@ -27,6 +29,7 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import multiaddr
@@ -48,6 +51,7 @@ WILDCARDS = ("/ip4/0.0.0.0/", "/ip6/::/")
 DIAL_TIMEOUT = 5.0  # libp2p's 10 s default doubles the wait on every unreachable address in DHT lookups
 YAMUX_FRAME = 1 << 20
 FRAME_WRITE_TIMEOUT = 10.0
+ADDRS_TTL = 1.0
 MEASURED_LIBP2P = "0.8.1"
 
 
@@ -62,7 +66,7 @@ def quiet_libp2p_logs(verbose: bool) -> None:
 
 
 def patch_yamux() -> None:
-    """Three changes to py-libp2p's Yamux, applied only to the version they were measured on (another
+    """Four changes to py-libp2p's Yamux, applied only to the version they were measured on (another
     keeps its defaults and says so):
 
     - Data frames of up to :data:`YAMUX_FRAME` bytes (its module constant). Only the frames this process
@@ -71,6 +75,11 @@ def patch_yamux() -> None:
       stays at the spec's 256 KiB, which Go and Rust peers insist on.
     - Frame writes that a cancellation cannot cut in two (:func:`_write_frame`).
     - A reading loop that never waits to write (:func:`_write_frame`).
+    - Receive windows released in batches of half a window, as go-yamux does: py-libp2p released them
+      on every read (``PY_YAMUX_RELEASE_ON_READ``), one window-update frame (a Noise message and a
+      write at both ends) per 32-byte ping or 4-byte frame prefix read; that was 10% of a daemon's loop
+      at 24 daemons on 2 cores (py-spy). A kept-stream ping went from 0.55 to 0.45 ms of CPU
+      (benchmarks/ping_cost.py); 100 MB transfers are unchanged (benchmarks/transfer_speed.py).
     """
     version = importlib.metadata.version("libp2p")
     if version != MEASURED_LIBP2P:
@@ -80,6 +89,12 @@ def patch_yamux() -> None:
     if yamux.Yamux._write_frame is not _write_frame:  # once per process: every host calls this
         yamux.Yamux._write_frame = _write_frame
         yamux.Yamux.handle_incoming = _reader(yamux.Yamux.handle_incoming)
+        yamux._yamux_release_on_read = _release_in_batches
+
+
+def _release_in_batches() -> bool:
+    """py-libp2p's "release the window on every read?" switch, answered no (see :func:`patch_yamux`)."""
+    return False
 
 
 def _reader(handle_incoming: Callable[[yamux.Yamux], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -218,7 +233,7 @@ def build_host(
     def addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return announced(fixed or candidates)
 
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         listen_addrs=[parse_multiaddr(a) for a in listen],
         muxer_preference="YAMUX",
@@ -227,6 +242,30 @@ def build_host(
         connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=DIAL_TIMEOUT),
         addrs_factory=addrs,
     )
+    host.get_addrs = _for_a_while(host.get_addrs)  # type: ignore[method-assign]
+    return host
+
+
+def _for_a_while(
+    get_addrs: Callable[[], list[multiaddr.Multiaddr]],
+) -> Callable[[], list[multiaddr.Multiaddr]]:
+    """``host.get_addrs``, recomputed at most every :data:`ADDRS_TTL` seconds.
+
+    py-libp2p rebuilds every address from its sockets on each call (0.3-0.7 ms: multiaddr parsing and
+    printing), and its pubsub calls it for every RPC it sends, to attach our signed peer record: 8% of
+    a daemon's loop at 24 daemons on 2 cores (py-spy). Our addresses change on a reachability verdict
+    or a relay reservation, seconds apart; a second late is harmless.
+    """
+    cached: tuple[float, list[multiaddr.Multiaddr]] | None = None
+
+    def get() -> list[multiaddr.Multiaddr]:
+        nonlocal cached
+        now = time.monotonic()
+        if cached is None or now - cached[0] >= ADDRS_TTL:
+            cached = (now, get_addrs())
+        return list(cached[1])
+
+    return get
 
 
 def explain_dial_error(error: BaseException) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import statistics
 from collections import deque
 
 import trio
@@ -100,18 +99,26 @@ class PhiAccrual:
         return now - self._heard[peer]
 
     def phi(self, peer: str, now: float, pause: float = 0.0) -> float:
+        mean, std = self._fit(peer)
+        return phi(self.silence(peer, now), mean + pause, std)
+
+    def _fit(self, peer: str) -> tuple[float, float]:
+        """Mean and std (at least ``interval / 2``) of the peer's gaps; in floats, since ``statistics``
+        computes exactly (8x slower, for every peer at every judgement)."""
         gaps = self._gaps[peer]
-        std = max(statistics.pstdev(gaps), self.interval / 2)
-        return phi(self.silence(peer, now), statistics.fmean(gaps) + pause, std)
+        mean = math.fsum(gaps) / len(gaps)
+        std = math.sqrt(math.fsum((g - mean) ** 2 for g in gaps) / len(gaps))
+        return mean, max(std, self.interval / 2)
 
     def judge(self, now: float) -> tuple[list[str], list[str], list[str]]:
         """``(newly suspected, no longer suspected, down)``; a peer found down is forgotten."""
         suspected, cleared, down = [], [], []
         for peer in list(self._heard):
-            if self.phi(peer, now, self.pause) >= self.down:
+            (mean, std), silence = self._fit(peer), self.silence(peer, now)
+            if phi(silence, mean + self.pause, std) >= self.down:
                 down.append(peer)
                 self.forget(peer)
-            elif self.phi(peer, now) >= self.suspect:
+            elif phi(silence, mean, std) >= self.suspect:
                 if peer not in self.suspected:
                     self.suspected.add(peer)
                     suspected.append(peer)

@@ -502,11 +502,16 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
     from shoal.overlay import host
 
     assert "MAX_MESSAGE_SIZE" in inspect.getsource(yamux.YamuxStream.write)
-    assert "target_recv_window" in inspect.getsource(yamux.YamuxStream._auto_tune_and_send_window_update)
+    window_update = inspect.getsource(yamux.YamuxStream._auto_tune_and_send_window_update)
+    assert "target_recv_window" in window_update and "_yamux_release_on_read()" in window_update
     assert "._write_frame(" in inspect.getsource(yamux.YamuxStream.write)
     host.patch_yamux()
     host.patch_yamux()
     assert "self._write_frame(" in inspect.getsource(yamux.Yamux.handle_incoming.__wrapped__)
+    assert "_yamux_release_on_read()" in inspect.getsource(
+        yamux.YamuxStream._auto_tune_and_send_window_update
+    )
+    assert yamux._yamux_release_on_read is host._release_in_batches
     assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME and yamux.Yamux._write_frame is host._write_frame
     assert not hasattr(yamux.Yamux.handle_incoming.__wrapped__, "__wrapped__")  # wrapped once
     monkeypatch.setattr(yamux, "MAX_MESSAGE_SIZE", 64 * 1024)
