@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from shoal.learning.datasets import DatasetError, load_dataset, load_npz, read_idx
+from shoal.learning.datasets import DatasetError, _digits, load_dataset, load_npz, read_idx
 
 
 def test_digits_is_real_and_split_from_seed():
@@ -110,3 +110,11 @@ def test_truncated_idx_is_rejected(tmp_path):
     path.write_bytes(b"\0\0\x08\x01" + struct.pack(">I", 10) + b"abc")
     with pytest.raises(DatasetError, match="holds 3 values"):
         read_idx(path)
+
+
+def test_digits_read_from_the_file_are_what_sklearn_loads():
+    from sklearn.datasets import load_digits
+
+    pixels, labels = _digits()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
