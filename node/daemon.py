@@ -240,25 +240,28 @@ class Daemon:
                 except trio.WouldBlock:
                     break
             state = self.protocol.model
-            evaluation, version, size = await offloop.run_sync(self._evaluate, state)
+            evaluation = await offloop.run_sync(self._evaluate, state)
             self.accuracy = evaluation.accuracy
             log.info("round %d done: accuracy %.3f, %d peers", rnd, self.accuracy, len(self.overlay.peers()))
             if trio.current_time() - last_record >= RECORD_INTERVAL:
                 last_record = trio.current_time()
-                self.overlay.metadata.record_model(rnd, version, size)
+                self.overlay.metadata.record_model(rnd, *await offloop.run_sync(self._version, state))
             if rnd - last_checkpoint >= self.config.node.checkpoint_every:
                 last_checkpoint = rnd
                 await offloop.run_sync(self._checkpoint)
 
-    def _evaluate(self, state: State) -> tuple[Evaluation, str, int]:
-        """Test accuracy, on a model of its own (training runs at the same time on the learner's), and
-        the model's version for the metadata registry: the hash and size of its tensors' encoding."""
+    def _evaluate(self, state: State) -> Evaluation:
+        """Test accuracy, on a model of its own (training runs at the same time on the learner's)."""
         self.layout.load(self.eval_model, state)
-        parts = encode_parts(Message("model", {}, state))
-        evaluation = evaluate(
+        return evaluate(
             self.eval_model, self.x_eval, self.y_eval, self.data.num_classes, device=pick_device()
         )
-        return evaluation, digest(*parts).hex(), sum(len(p) for p in parts)
+
+    @staticmethod
+    def _version(state: State) -> tuple[str, int]:
+        """The model's version for the metadata registry: the hash and size of its tensors' encoding."""
+        parts = encode_parts(Message("model", {}, state))
+        return digest(*parts).hex(), sum(len(p) for p in parts)
 
     def _checkpoint(self) -> None:
         """Write a checkpoint (from a worker thread or, at exit, the loop: hence the lock)."""

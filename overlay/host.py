@@ -51,6 +51,7 @@ WILDCARDS = ("/ip4/0.0.0.0/", "/ip6/::/")
 DIAL_TIMEOUT = 5.0  # libp2p's 10 s default doubles the wait on every unreachable address in DHT lookups
 YAMUX_FRAME = 1 << 20
 FRAME_WRITE_TIMEOUT = 10.0
+MAX_QUEUED = 1024  # control frames (12-byte headers) the reading loop may queue per connection
 ADDRS_TTL = 1.0
 MEASURED_LIBP2P = "0.8.1"
 
@@ -117,7 +118,9 @@ async def _write_frame(self: yamux.Yamux, data: bytes) -> None:
     peer's TCP buffer was full; when the peer's reading loop waited likewise, neither read again: 38
     frames stayed unwritten for over 10 s in a 5-minute 24-daemon demo on 2 cores. Its frames are
     queued instead, in order, and go out before any later frame (whoever takes the lock next writes
-    them first, or a task started for them does).
+    them first, or a task started for them does). At :data:`MAX_QUEUED` frames (a peer that sends pings
+    or opens streams while reading nothing of ours) the reading loop waits again, as upstream: the
+    queue is bounded by what it holds back.
 
     A frame, once its turn came, is written whole. py-libp2p's Noise layer encrypts a message
     (advancing its nonce) before it awaits the socket, and splits a big frame into several messages: a
@@ -128,7 +131,8 @@ async def _write_frame(self: yamux.Yamux, data: bytes) -> None:
     patched, in none. A frame that cannot be written within :data:`FRAME_WRITE_TIMEOUT` (a peer that
     stopped reading) closes the connection, which the cut frame would have broken anyway.
     """
-    if trio.lowlevel.current_task() is getattr(self, "_shoal_reader", None) and self._nursery is not None:
+    reader = trio.lowlevel.current_task() is getattr(self, "_shoal_reader", None)
+    if reader and self._nursery is not None and len(self._shoal_queued) < MAX_QUEUED:
         self._shoal_queued.append(data)
         if len(self._shoal_queued) == 1:  # else a flush is on its way
             with contextlib.suppress(RuntimeError):  # the connection's nursery closed: it is closing

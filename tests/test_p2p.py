@@ -551,3 +551,45 @@ async def test_cancelled_stream_opens_leave_the_connection_working():
                 await stream.write(b"ping")
                 assert await stream.read(4) == b"ping", f"try {i}"
             assert a.get_network().get_connections(b.get_id()) == [connection], f"try {i}: a new connection"
+
+
+async def test_the_reading_loops_queue_of_frames_is_bounded():
+    """While the connection's writer is stuck (a peer reading nothing of ours), the reading loop queues
+    its answers only up to MAX_QUEUED and then waits, as upstream: a peer pinging a stuck connection
+    cannot grow our memory."""
+    import struct
+
+    from libp2p.peer.peerinfo import PeerInfo
+    from libp2p.stream_muxer.yamux import yamux
+
+    from shoal.overlay import host
+    from shoal.overlay.host import build_host
+
+    a, b = (build_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
+    listen = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with a.run(listen_addrs=listen), b.run(listen_addrs=listen):
+        await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+        (connection,) = a.get_network().get_connections(b.get_id())
+        muxed = connection.muxed_conn
+        pong = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_PING, yamux.FLAG_ACK, 0, 1)
+        stuck, release = trio.Event(), trio.Event()
+
+        async def stuck_writer() -> None:
+            async with muxed._write_lock:
+                stuck.set()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stuck_writer)
+            await stuck.wait()
+            reader, muxed._shoal_reader = muxed._shoal_reader, trio.lowlevel.current_task()
+            try:
+                while len(muxed._shoal_queued) < host.MAX_QUEUED:  # the real reader may have queued some
+                    with trio.fail_after(1):
+                        await muxed._write_frame(pong)  # queued: returns at once
+                with trio.move_on_after(0.5) as waited:
+                    await muxed._write_frame(pong)
+                assert waited.cancelled_caught and len(muxed._shoal_queued) == host.MAX_QUEUED
+            finally:
+                muxed._shoal_reader = reader
+                release.set()
