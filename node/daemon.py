@@ -289,6 +289,7 @@ class Daemon:
             "protocol": self.config.protocol.protocol,
             "integrator": self.config.protocol.integrator,
             "codec": self.config.protocol.codec,
+            "learning": self.protocol is not None,  # false while it joins: discovery, then the protocol
             "round": self.protocol.round if self.protocol else self.start_round,
             "accuracy": self.accuracy,
             "samples": self.learner.samples,

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from shoal.node.home import Home
@@ -31,29 +32,36 @@ START_TIMEOUT = 120.0
 STOP_PER_NODE = 1.0
 
 
-def node_config(i: int, nodes: int, bootstrap: str | None) -> str:
-    """Node ``i`` of ``nodes`` on 127.0.0.1; its ports are left to the kernel (any port chosen here and
-    released could be taken before the daemon binds it: measured, by another daemon's outgoing connection)."""
-    return "\n".join(
-        [
-            "[network]",
-            'listen = ["/ip4/127.0.0.1/tcp/0"]',
-            f"bootstrap = {json.dumps([bootstrap] if bootstrap else [])}",
-            "[task]",
-            'dataset = "digits"',
-            f"shard = {i}",
-            f"shards = {nodes}",
-            "lr = 0.1",
-            "local_steps = 20",
-            "[protocol]",
-            'protocol = "gossip"',
-            'integrator = "vca"',
-            "period = 0.5",
-            "[node]",
-            'api = "127.0.0.1:0"',
-            "",
-        ]
-    )
+# What every demo and testbed daemon learns with; the testbed's simulator prediction reads the same.
+TASK = {"dataset": "digits", "lr": 0.1, "local_steps": 20}
+PROTOCOL = {"protocol": "gossip", "integrator": "vca", "period": 0.5}
+
+
+def node_config(
+    i: int,
+    nodes: int,
+    bootstrap: Sequence[str] = (),
+    *,
+    listen: str = "/ip4/127.0.0.1/tcp/0",
+    api: str = "127.0.0.1:0",
+    relay_service: bool = False,
+) -> str:
+    """``config.toml`` of node ``i`` of ``nodes`` (shard ``i``). On 127.0.0.1 (the default) its ports are
+    left to the kernel: any port chosen here and released could be taken before the daemon binds it
+    (measured, by another daemon's outgoing connection)."""
+    network = {"listen": [listen], "bootstrap": list(bootstrap)}
+    if relay_service:
+        network["relay_service"] = True
+    sections = {
+        "network": network,
+        "task": {**TASK, "shard": i, "shards": nodes},
+        "protocol": PROTOCOL,
+        "node": {"api": api},
+    }
+    lines = []
+    for name, values in sections.items():
+        lines += [f"[{name}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
+    return "\n".join(lines) + "\n"
 
 
 def status(home: Home) -> dict | None:
@@ -79,13 +87,13 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     seen: dict[int, dict] = {}  # each node's latest /status
     reached, start_time = False, time.monotonic()  # times count from the first launch
     try:
-        write_atomic(homes[0].config, node_config(0, nodes, None))
+        write_atomic(homes[0].config, node_config(0, nodes))
         procs.append(start(homes[0]))
         bootstrap = first_address(procs[0], homes[0])
         if bootstrap is not None:
             print(f"bootstrap node up: {bootstrap}")
             for i, home in enumerate(homes[1:], 1):
-                write_atomic(home.config, node_config(i, nodes, bootstrap))
+                write_atomic(home.config, node_config(i, nodes, [bootstrap]))
                 procs.append(start(home))
             reached = watch(procs, homes, start_time, target, timeout, seen, peer_counts)
     finally:

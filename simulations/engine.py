@@ -166,13 +166,15 @@ class Simulation:
         make_protocol: ProtocolFactory | None = None,
         evaluate: str = "all",
         observed: Sequence[int] | None = None,
+        speeds: Sequence[float] | None = None,
         progress: Callable[[str], None] | None = print,
     ):
         """``graph`` has vertices 0..nodes-1; ``data_nodes`` hold the training data (default all);
         ``offline`` nodes exist but start down (they can ``join`` later); ``make_protocol`` builds each
         node's protocol (default: :func:`configured_protocol`); ``evaluate`` is ``all`` live nodes'
         models or only the ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample);
-        ``observed`` limits evaluation to some nodes (e.g. the honest ones when others attack)."""
+        ``observed`` limits evaluation to some nodes (e.g. the honest ones when others attack);
+        ``speeds`` gives each node's samples/s (e.g. measured on daemons) instead of drawing them."""
         if evaluate not in {"all", "freshest"}:
             raise ValueError(f"evaluate must be 'all' or 'freshest', got {evaluate!r}")
         if sorted(graph.nodes) != list(range(config.nodes)):
@@ -187,6 +189,9 @@ class Simulation:
         self.make_protocol = make_protocol
         self.evaluate = evaluate
         self.observed = None if observed is None else set(observed)
+        if speeds is not None and (len(speeds) != config.nodes or min(speeds) <= 0):
+            raise ValueError(f"speeds must be {config.nodes} positive numbers")
+        self.given_speeds = speeds
         holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
         shards = partition(self.data.y_train.numpy(), len(holders), config.partition, config.seed)
         self.shards = {i: np.empty(0, dtype=np.int64) for i in range(config.nodes)}
@@ -204,6 +209,8 @@ class Simulation:
         self.hyper = c.hyperparameters()
         spread = math.log(c.speed_spread)
         self.speeds = {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
+        if self.given_speeds is not None:
+            self.speeds = dict(enumerate(self.given_speeds))
         eval_idx = torch.randperm(len(self.data.y_test), generator=torch.Generator().manual_seed(c.seed))
         eval_idx = eval_idx[: c.eval_samples]
         self.x_eval, self.y_eval = self.data.x_test[eval_idx], self.data.y_test[eval_idx]

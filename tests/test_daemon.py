@@ -32,7 +32,7 @@ class Node:
         self.home = Home(home)
         self.env = {**ENV, **(env or {})}
         self.peer = peer_id(load_or_create_identity(self.home.identity)[0])
-        self.home.config.write_text(node_config(i, nodes, bootstrap) + extra)
+        self.home.config.write_text(node_config(i, nodes, [bootstrap] if bootstrap else []) + extra)
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -1,0 +1,207 @@
+"""The simulator's prediction of a testbed run: the same scenario on ``SimConfig``, beside the measurement.
+
+What the prediction takes from the testbed, term by term (nothing is fitted to the outcome):
+- the protocol, integrator, period, codec, dataset, shard split, model initialisation, learning rate,
+  batch size and local steps: the daemons' own settings (``node.demo.TASK``/``PROTOCOL`` and the task
+  defaults), so with the task's seed the simulator trains each node on the same samples;
+- link capacity and loss: the testbed's caps (``bandwidth`` per node up and down, ``loss`` per message,
+  where the testbed drops packets and TCP resends them: a loss costs the simulator a message, the
+  testbed a retransmission);
+- latency: the added delay (0 without netem; veth and loopback add well under a millisecond);
+- start-up: each daemon joins the simulated swarm when its protocol started (after its imports, the
+  API and discovery of the task's providers in the DHT; the bootstrap daemon's at the simulator's
+  time 0), a restarted one when its protocol started again;
+- per-node speed: each daemon's measured rounds per second, as samples per second of a round's
+  training (``local_steps * batch_size``); this folds in the CPU contention of many daemons on few
+  cores, and every per-round cost (evaluation, sending, the metadata document) as compute time;
+- neighbours: a random regular graph whose degree is the median number of task peers the daemons had;
+- churn: the testbed's SIGKILLs as crashes, SIGTERMs as leaves, restarts as joins.
+What it does not model: a restarted daemon resumes from its checkpoint, a simulated joiner fetches a
+neighbour's model; contention varies over a run (start-up imports, fewer daemons after churn) while each
+node's speed is its mean over the run; relayed links are as fast as direct ones; connection set-up and
+discovery are folded into the start-up times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import networkx as nx
+
+from shoal.learning.settings import TaskSettings
+from shoal.node.daemon import EVAL_SAMPLES
+from shoal.node.demo import PROTOCOL, TASK
+from shoal.simulations import report
+from shoal.simulations.engine import RunResult, ScheduledEvent, SimConfig, Simulation
+from shoal.simulations.testbed import Measurement, lives_total
+
+EVAL_EVERY = 2.0  # virtual seconds between evaluations: the testbed's poll interval
+
+
+def round_seconds(rows: list[dict]) -> dict[int, float]:
+    """Each node's mean seconds per round, over its launches (a restart may resume at a lower round)."""
+    spans: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for row in rows:
+        if row["accuracy"] is not None:
+            spans[row["node"]].append((row["time"], row["round"]))
+    out = {}
+    for node, points in spans.items():
+        rounds = seconds = 0.0
+        for (t0, r0), (t1, r1) in itertools.pairwise(points):
+            if r1 >= r0 and t1 - t0 < 3 * EVAL_EVERY:  # the same launch, polled in a row
+                rounds, seconds = rounds + r1 - r0, seconds + t1 - t0
+        if rounds:
+            out[node] = seconds / rounds
+    return out
+
+
+def neighbours(measured: Measurement) -> int:
+    """The median of every node's median number of task peers, after its first round."""
+    per_node = defaultdict(list)
+    for row in measured.rows:
+        if row["accuracy"] is not None:
+            per_node[row["node"]].append(row["peers"])
+    return max(1, round(statistics.median(statistics.median(v) for v in per_node.values())))
+
+
+def scenario(measured: Measurement) -> tuple[SimConfig, nx.Graph, list[float], list[ScheduledEvent], float]:
+    """The SimConfig, graph, per-node speeds and schedule of the measured run, and the testbed time of the
+    simulator's time 0 (when the bootstrap daemon's protocol started)."""
+    plan, task = measured.plan, TaskSettings()
+    origin = measured.members[0].learning[0]
+    samples = task.batch_size * TASK["local_steps"]
+    seconds = round_seconds(measured.rows)
+    typical = statistics.median(seconds.values())
+    speeds = [samples / seconds.get(i, typical) for i in range(plan.nodes)]
+    config = SimConfig(
+        **PROTOCOL,
+        nodes=plan.nodes,
+        seed=task.seed,
+        dataset=TASK["dataset"],
+        model=task.model,
+        partition=task.partition,
+        batch_size=task.batch_size,
+        lr=TASK["lr"],
+        local_steps=TASK["local_steps"],
+        local_epochs=None,
+        duration=math.ceil((measured.end - origin) / EVAL_EVERY) * EVAL_EVERY,
+        eval_every=EVAL_EVERY,
+        eval_samples=EVAL_SAMPLES,
+        latency=plan.delay_ms / 1000,
+        bandwidth=plan.mbit,
+        loss=plan.loss,
+        speed=samples / typical,
+    )
+    degree = min(neighbours(measured), plan.nodes - 1)
+    if degree * plan.nodes % 2:
+        degree -= 1
+    graph = (
+        nx.complete_graph(plan.nodes)
+        if degree >= plan.nodes - 1
+        else nx.random_regular_graph(degree, plan.nodes, seed=plan.seed)
+    )
+    events = [
+        ScheduledEvent(m.learning[0] - origin, "join", (m.site.index,))
+        for m in measured.members[1:]
+        if m.learning
+    ]
+    for event in measured.events:
+        if event.action != "join":
+            events.append(ScheduledEvent(event.time - origin, event.action, event.nodes))
+    for m in measured.members:
+        events += [ScheduledEvent(t - origin, "join", (m.site.index,)) for t in m.learning[1:]]
+    return config, graph, speeds, sorted(events, key=lambda e: e.time), origin
+
+
+def predict_and_compare(measured: Measurement, out: Path) -> dict:
+    """Run the prediction, plot it beside the measurement, and return the figures for summary.json."""
+    config, graph, speeds, events, origin = scenario(measured)
+    print(
+        f"simulating the same scenario: {config.nodes} nodes, degree {graph.degree(0)}, "
+        f"{statistics.median(speeds):.0f} samples/s median",
+        flush=True,
+    )
+    result = Simulation(
+        config,
+        graph,
+        label="simulator",
+        schedule=events,
+        offline=range(1, config.nodes),
+        speeds=speeds,
+        progress=None,
+    ).run()
+    # as the testbed counts: every node that should be up is, after the last churn event
+    target, last_event = measured.plan.target, max((e.time for e in measured.events), default=None)
+    gone = {i for e in measured.events if e.action != "join" for i in e.nodes}
+    back = {i for e in measured.events if e.action == "join" for i in e.nodes}
+    expected = config.nodes - len(gone - back)
+    predicted = next(
+        (
+            r.time + origin
+            for r in result.rows
+            if r.acc_mean >= target
+            and r.alive == expected
+            and (last_event is None or r.time + origin > last_event)
+        ),
+        None,
+    )
+    measured_time = measured.time_to_target()
+    plot(out, measured, result, origin)
+    return {
+        "time_to_target": None if predicted is None else round(predicted, 1),
+        "measured_time_to_target": None if measured_time is None else round(measured_time, 1),
+        "ratio": None if not predicted or not measured_time else round(predicted / measured_time, 3),
+        "final_accuracy_mean": round(result.final.acc_mean, 4),
+        "bytes_sent": result.final.bytes_sent,
+        "model": {
+            "degree": graph.degree(0),
+            "speeds_samples_per_s": {
+                "median": round(statistics.median(speeds)),
+                "min": round(min(speeds)),
+                "max": round(max(speeds)),
+            },
+            "origin": round(origin, 2),
+            "wall_seconds": round(result.wall_seconds, 1),
+        },
+    }
+
+
+def plot(out: Path, measured: Measurement, result: RunResult, origin: float) -> Path:
+    """Mean accuracy and bytes sent over time, testbed and simulator on one time axis."""
+    by_time: dict[float, list[dict]] = defaultdict(list)
+    for row in measured.rows:
+        by_time[row["time"]].append(row)
+    times = sorted(by_time)
+    accuracy = [
+        statistics.fmean(accs)
+        if (accs := [r["accuracy"] for r in by_time[t] if r["accuracy"] is not None])
+        else math.nan
+        for t in times
+    ]
+    sent = [lives_total([r for r in measured.rows if r["time"] <= t], "bytes_out") / 1e6 for t in times]
+    fig, (acc_ax, bytes_ax) = report.figure(2, 1, figsize=(8, 6.5), sharex=True)
+    sim_t = [r.time + origin for r in result.rows]
+    acc_ax.plot(times, accuracy, label="testbed (daemons)")
+    acc_ax.plot(sim_t, [r.acc_mean for r in result.rows], label="simulator", linestyle="--")
+    acc_ax.axhline(measured.plan.target, color="grey", linewidth=0.8)
+    for e in measured.events:
+        for ax in (acc_ax, bytes_ax):
+            ax.axvline(e.time, color="grey", linestyle=":", linewidth=1)
+    acc_ax.set_ylabel("mean test accuracy")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.legend(loc="lower right")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.set_title(
+        f"{measured.plan.nodes} daemons, {measured.plan.nat_nodes} behind NATs, "
+        f"{measured.plan.mbit:g} Mbit/s" + (", churn" if measured.events else "")
+    )
+    bytes_ax.plot(times, sent, label="testbed")
+    bytes_ax.plot(sim_t, [r.bytes_sent / 1e6 for r in result.rows], label="simulator", linestyle="--")
+    bytes_ax.set_ylabel("MB sent (all nodes)")
+    bytes_ax.set_xlabel("seconds since the first daemon started")
+    bytes_ax.grid(alpha=0.3)
+    return report.save_figure(fig, out / "testbed_vs_simulator.png")

@@ -1,0 +1,115 @@
+"""The emulated-network testbed: a small real swarm behind NATs on capped links, its simulator prediction,
+and a teardown that leaves nothing behind (Ctrl-C included). Needs root and iptables; skipped otherwise."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
+from shoal.simulations.testbed import Plan, churn_schedule, lives_total
+
+SMALL = ["--nodes", "6", "--nat-nodes", "2", "--per-home", "1", "--random-nats", "1", "--relays", "1"]
+needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+
+def start_testbed(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal.simulations.testbed", *SMALL, "--out", str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def daemons_of(out: Path) -> list[int]:
+    """Pids of processes whose command line names a home under ``out``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(out) in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_churn_never_touches_the_bootstrap_or_relays_and_restarts_half_the_killed():
+    events = churn_schedule(Plan(nodes=24, relays=2, churn=True, churn_at=50, restart_after=20))
+    crash, leave, join = (next(e for e in events if e.action == a) for a in ("crash", "leave", "join"))
+    assert (len(crash.nodes), len(leave.nodes), len(join.nodes)) == (6, 2, 3)
+    assert min(crash.nodes + leave.nodes) >= 2 and not set(crash.nodes) & set(leave.nodes)
+    assert set(join.nodes) <= set(crash.nodes) and (crash.time, join.time) == (50, 70)
+    assert churn_schedule(Plan()) == []
+
+
+def test_counters_are_summed_over_a_daemons_restarts():
+    rows = [
+        {"node": 0, "b": 5},
+        {"node": 1, "b": 7},
+        {"node": 0, "b": 9},
+        {"node": 0, "b": 2},
+        {"node": 0, "b": 4},
+    ]
+    assert lives_total(rows, "b") == 9 + 4 + 7
+
+
+def test_bad_plans_are_refused_with_the_reason():
+    for bad, words in (
+        ({"nat_nodes": 24}, "exceed"),
+        ({"random_nats": 9}, "random-nats"),
+        ({"mbit": 0}, "mbit"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            Plan(**bad)
+
+
+@pytest.mark.slow
+@needs_netns
+def test_six_daemons_two_behind_nats_learn_and_the_simulator_predicts_the_run(tmp_path):
+    proc = start_testbed(tmp_path, "--timeout", "150", "--target", "0.85")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    measured, predicted = doc["testbed"], doc["simulator"]
+    assert measured["reached"] and measured["final_live"] == 6, output[-3000:]
+    assert measured["exits"] == {"stopped": 6, "exit_0": 6, "other": []}
+    assert measured["nursery_closed_errors"] == 0
+    assert measured["relayed_links_most"] >= 1  # the port-randomising NAT's node stays relayed to the other
+    assert measured["startup_seconds"]["learning"]["others_max"] > 0 and measured["rss_mb"]["max"] > 50
+    assert predicted["time_to_target"] is not None and predicted["ratio"] > 0
+    assert (tmp_path / "testbed_vs_simulator.png").stat().st_size > 10_000
+    header, *rows = (tmp_path / "rounds.csv").read_text().splitlines()
+    assert header.startswith("time,node,round,accuracy,peers,direct,relayed") and len(rows) > 12
+    assert not leftovers(f"stb{proc.pid}_") and not daemons_of(tmp_path)
+
+
+@pytest.mark.slow
+@needs_netns
+def test_ctrl_c_leaves_no_namespace_process_or_firewall_rule(tmp_path):
+    rules_before = run([which("iptables-save")])
+    proc = start_testbed(tmp_path, "--no-simulate")
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # bounded: the process is killed at the deadline below
+        if "bootstrap daemon up" in line or time.monotonic() > deadline:
+            break
+    assert leftovers(f"stb{proc.pid}_"), "the testbed built no namespaces"
+    time.sleep(3)  # the other daemons are starting
+    assert daemons_of(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL) if os.getpgid(proc.pid) == proc.pid else proc.kill()
+    assert proc.returncode == 130, output
+    assert "namespaces removed" in output
+    assert not leftovers(f"stb{proc.pid}_")
+    assert not daemons_of(tmp_path)
+    assert run([which("iptables-save")]) == rules_before
