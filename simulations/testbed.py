@@ -301,14 +301,14 @@ class Harness:
         for site in bed.sites:
             home = Home(out / f"node{site.index}")
             self.members.append(Member(site, home, peer_id(load_or_create_identity(home.identity)[0])))
-        boot = [m.address for m in self.members[: plan.relays]]
+        relays = [m.address for m in self.members[: plan.relays]]
         for m in self.members:
             write_atomic(
                 m.home.config,
                 node_config(
                     m.site.index,
                     plan.nodes,
-                    [a for a in boot if a != m.address],
+                    relays[: m.site.index],  # the bootstrap and relays started before it
                     listen=f"/ip4/{m.site.ip}/tcp/{P2P_PORT}",
                     api=f"127.0.0.1:{API_PORT}",
                     relay_service=m.site.relay,
