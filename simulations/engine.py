@@ -208,9 +208,11 @@ class Simulation:
         self.model = build_model(c.model, self.data.input_shape, self.data.num_classes, seed=c.seed)
         self.hyper = c.hyperparameters()
         spread = math.log(c.speed_spread)
-        self.speeds = {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
-        if self.given_speeds is not None:
-            self.speeds = dict(enumerate(self.given_speeds))
+        self.speeds = (
+            dict(enumerate(self.given_speeds))
+            if self.given_speeds is not None
+            else {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
+        )
         eval_idx = torch.randperm(len(self.data.y_test), generator=torch.Generator().manual_seed(c.seed))
         eval_idx = eval_idx[: c.eval_samples]
         self.x_eval, self.y_eval = self.data.x_test[eval_idx], self.data.y_test[eval_idx]

@@ -37,7 +37,7 @@ from shoal.node.daemon import EVAL_SAMPLES
 from shoal.node.demo import PROTOCOL, TASK
 from shoal.simulations import report
 from shoal.simulations.engine import RunResult, ScheduledEvent, SimConfig, Simulation
-from shoal.simulations.testbed import Measurement, lives_total
+from shoal.simulations.testbed_record import Measurement, cumulative
 
 EVAL_EVERY = 2.0  # virtual seconds between evaluations: the testbed's poll interval
 
@@ -182,7 +182,7 @@ def plot(out: Path, measured: Measurement, result: RunResult, origin: float) -> 
         else math.nan
         for t in times
     ]
-    sent = [lives_total([r for r in measured.rows if r["time"] <= t], "bytes_out") / 1e6 for t in times]
+    sent = [total / 1e6 for total in dict(cumulative(measured.rows, "bytes_out")).values()]  # per poll
     fig, (acc_ax, bytes_ax) = report.figure(2, 1, figsize=(8, 6.5), sharex=True)
     sim_t = [r.time + origin for r in result.rows]
     acc_ax.plot(times, accuracy, label="testbed (daemons)")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
-from shoal.simulations.testbed import Plan, churn_schedule, lives_total
+from shoal.simulations.testbed_network import Plan, churn_schedule
+from shoal.simulations.testbed_record import lives_total
 
 SMALL = ["--nodes", "6", "--nat-nodes", "2", "--per-home", "1", "--random-nats", "1", "--relays", "1"]
 needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -51,11 +52,11 @@ def test_churn_never_touches_the_bootstrap_or_relays_and_restarts_half_the_kille
 
 def test_counters_are_summed_over_a_daemons_restarts():
     rows = [
-        {"node": 0, "b": 5},
-        {"node": 1, "b": 7},
-        {"node": 0, "b": 9},
-        {"node": 0, "b": 2},
-        {"node": 0, "b": 4},
+        {"time": 1, "node": 0, "b": 5},
+        {"time": 2, "node": 1, "b": 7},
+        {"time": 3, "node": 0, "b": 9},
+        {"time": 4, "node": 0, "b": 2},
+        {"time": 5, "node": 0, "b": 4},
     ]
     assert lives_total(rows, "b") == 9 + 4 + 7
 

@@ -1,0 +1,177 @@
+"""What a testbed run records: each daemon across its launches, the run's measurement, ``rounds.csv``
+and the figures of ``summary.json``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.node.home import Home
+from shoal.overlay.atomic import write_atomic
+from shoal.simulations.engine import ScheduledEvent
+from shoal.simulations.testbed_network import P2P_PORT, Plan, Site
+
+
+@dataclass
+class Member:
+    """One node's daemon across its launches: process, start-up times, latest status, exits."""
+
+    site: Site
+    home: Home
+    peer: str
+    proc: subprocess.Popen | None = None
+    launches: list[float] = field(default_factory=list)  # run times (s) it was started at
+    up: list[float] = field(default_factory=list)  # run times its API first served, per launch
+    learning: list[float] = field(default_factory=list)  # run times its protocol had started, per launch
+    status: dict | None = None  # the latest /status of the running launch
+    rss_mb: float = 0.0  # the most resident memory seen
+    exits: list[tuple[str, int]] = field(default_factory=list)  # (how it was stopped, exit code)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def address(self) -> str:
+        return f"/ip4/{self.site.ip}/tcp/{P2P_PORT}/p2p/{self.peer}"
+
+    def log(self) -> Path:
+        return self.home.path / "daemon.log"
+
+    def tail(self, lines: int = 12) -> str:
+        return "\n  ".join(self.log().read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Measurement:
+    """What a testbed run saw: every poll's rows, every member, the churn applied, and the outcome."""
+
+    plan: Plan
+    members: list[Member]
+    events: list[ScheduledEvent]
+    rows: list[dict] = field(default_factory=list)
+    end: float = 0.0
+    first_reach: float | None = None  # every live daemon's mean accuracy at the target
+    reach_after_churn: float | None = None
+
+    def time_to_target(self) -> float | None:
+        """The headline: the first reach, or with churn the first after the last churn event."""
+        return self.reach_after_churn if self.events else self.first_reach
+
+
+ROW_FIELDS = (
+    "time",
+    "node",
+    "round",
+    "accuracy",
+    "peers",
+    "direct",
+    "relayed",
+    "bytes_out",
+    "bytes_in",
+    "rss_mb",
+)
+
+
+def write_rounds(out: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "rounds.csv", buf.getvalue())
+
+
+def cumulative(rows: list[dict], column: str) -> Iterator[tuple[float, int]]:
+    """(time, total so far) after each row of a counter summed over nodes and launches (a restarted
+    daemon counts from 0 again); rows in time order."""
+    done, last = 0, {}
+    for row in rows:
+        node, value = row["node"], row[column]
+        if value < last.get(node, 0):
+            done += last[node]
+        last[node] = value
+        yield row["time"], done + sum(last.values())
+
+
+def lives_total(rows: list[dict], column: str) -> int:
+    """The counter's total over the whole run (``cumulative``'s last)."""
+    return next(reversed([total for _, total in cumulative(rows, column)]), 0)
+
+
+def spread(seconds: list[float]) -> dict:
+    """The bootstrap daemon's figure (it starts alone), and the others' median and most (all at once)."""
+    return {
+        "bootstrap_alone": round(seconds[0], 2) if seconds else None,
+        "others_median": round(statistics.median(seconds[1:]), 2) if len(seconds) > 1 else None,
+        "others_max": round(max(seconds[1:]), 2) if len(seconds) > 1 else None,
+    }
+
+
+def summarize(measured: Measurement) -> dict:
+    members, rows = measured.members, measured.rows
+    final_time = max((r["time"] for r in rows), default=None)
+    final = [r for r in rows if r["time"] == final_time]
+    first_up = [m.up[0] - m.launches[0] for m in members if m.up]
+    first_learning = [m.learning[0] - m.launches[0] for m in members if m.learning]
+    restarts = [m.learning[k] - m.launches[k] for m in members for k in range(1, len(m.learning))]
+    stopped = [(m.site.index, how, code) for m in members for how, code in m.exits if how != "SIGKILL"]
+    logs = {m.site.index: m.log().read_text(errors="replace") for m in members if m.log().exists()}
+    churn_at = measured.events[0].time if measured.events else None
+    resumed = {
+        m.site.index: [
+            int(line.rsplit(" ", 1)[-1])
+            for line in logs[m.site.index].splitlines()
+            if "resuming from checkpoint at round" in line
+        ]
+        for m in members
+        if len(m.launches) > 1
+    }
+    relayed_per_poll = Counter()
+    for r in rows:
+        relayed_per_poll[r["time"]] += r["relayed"]
+    down = {i for e in measured.events if e.action in ("crash", "leave") for i in e.nodes}
+    survivors_progress = None
+    if churn_at is not None:
+        before = {r["node"]: r["round"] for r in rows if r["time"] <= churn_at}
+        after = {r["node"]: r["round"] for r in rows}
+        survivors_progress = min(after[i] - before[i] for i in before if i not in down and i in after)
+    return {
+        "time_to_target": measured.time_to_target(),
+        "first_reach": measured.first_reach,
+        "reach_after_churn": measured.reach_after_churn,
+        "reached": measured.time_to_target() is not None,
+        "duration": round(measured.end, 1),
+        "final_accuracy_mean": round(
+            statistics.fmean(r["accuracy"] for r in final if r["accuracy"] is not None), 4
+        )
+        if any(r["accuracy"] is not None for r in final)
+        else None,
+        "final_live": len(final),
+        "links_at_end": {kind: sum(r[kind] for r in final) for kind in ("direct", "relayed")},
+        "peers_at_end_median": statistics.median(r["peers"] for r in final) if final else None,
+        "relayed_links_most": max(relayed_per_poll.values(), default=0),
+        "bytes_sent": lives_total(rows, "bytes_out"),
+        "startup_seconds": {  # from launch to the API serving, and to learning (after discovery)
+            "api": spread(first_up),
+            "learning": spread(first_learning),
+            "restarts_to_learning": [round(t, 2) for t in restarts],
+        },
+        "rss_mb": {
+            "median": round(statistics.median(m.rss_mb for m in members), 1),
+            "max": round(max(m.rss_mb for m in members), 1),
+        },
+        "exits": {
+            "stopped": len(stopped),
+            "exit_0": sum(code == 0 for _, _, code in stopped),
+            "other": [f"node {i} ({how}): {code}" for i, how, code in stopped if code != 0],
+        },
+        "nursery_closed_errors": sum(log.count("Nursery is closed to new arrivals") for log in logs.values()),
+        "resumed_from_checkpoint_round": resumed,
+        "survivors_rounds_after_churn_min": survivors_progress,
+    }
