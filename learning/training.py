@@ -74,7 +74,7 @@ def train_local(
     device = _place(model, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    velocity: list[torch.Tensor | None] = [None] * len(params)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=generator)
     cursor, total, loss_value = 0, 0.0, math.nan
@@ -83,13 +83,38 @@ def train_local(
             order, cursor = torch.randperm(len(x), generator=generator), 0
         idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
         loss.backward()
-        optimizer.step()
+        _sgd_step(params, velocity, lr, momentum, weight_decay)
         loss_value = loss.item()
         total += loss_value
     return TrainStats(steps, steps * min(batch_size, len(x)), total / steps, loss_value)
+
+
+@torch.no_grad()
+def _sgd_step(
+    params: list[nn.Parameter], velocity: list[torch.Tensor | None], lr: float, momentum: float, decay: float
+) -> None:
+    """One step of ``torch.optim.SGD`` (no dampening, no Nesterov), the same arithmetic.
+
+    Written out because constructing ``torch.optim.SGD`` imports ``torch._dynamo`` and with it sympy:
+    1.45 s of CPU and 72 MB of memory per process (torch 2.13), paid in a daemon's first round. At 24
+    daemons on 2 cores that first round took 50-120 s (the testbed, README).
+    """
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        step = p.grad.add(p, alpha=decay) if decay else p.grad
+        if momentum:
+            buf = velocity[i]
+            if buf is None:
+                buf = velocity[i] = step.clone()
+            else:
+                buf.mul_(momentum).add_(step)
+            step = buf
+        p.add_(step, alpha=-lr)
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,47 @@ def test_training_is_reproducible_on_cpu(digits):
 
     assert torch.equal(trained(5), trained(5))
     assert not torch.equal(trained(5), trained(6))
+
+
+@pytest.mark.parametrize("momentum, decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3)])
+def test_steps_are_torch_sgds(digits, momentum, decay):
+    """The written-out step is torch.optim.SGD's, so models trained before it are still comparable."""
+    model = build_model("cnn", digits.input_shape, digits.num_classes, seed=1)
+    reference = build_model("cnn", digits.input_shape, digits.num_classes, seed=1)
+    train_local(
+        model,
+        digits.x_train,
+        digits.y_train,
+        batch_size=16,
+        lr=0.05,
+        steps=12,
+        momentum=momentum,
+        weight_decay=decay,
+        seed=3,
+    )
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=momentum, weight_decay=decay)
+    order = torch.randperm(len(digits.x_train), generator=torch.Generator().manual_seed(3))
+    for step in range(12):
+        idx = order[step * 16 : (step + 1) * 16]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(reference(digits.x_train[idx]), digits.y_train[idx]).backward()
+        optimizer.step()
+    assert all(
+        torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters())
+    )
+
+
+def test_training_does_not_import_the_compiler():
+    """torch.optim imports torch._dynamo and sympy (1.45 s, 72 MB per daemon): training must not."""
+    probe = (
+        "import sys, torch; from shoal.learning.training import train_local; "
+        "m = torch.nn.Linear(4, 2); train_local(m, torch.randn(8, 4), torch.zeros(8, dtype=torch.long), "
+        "batch_size=4, lr=0.1, steps=2, momentum=0.9); print(sorted(k for k in ('torch._dynamo', 'sympy') "
+        "if k in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_frozen_features_train_only_the_head(digits):
