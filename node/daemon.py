@@ -2,7 +2,7 @@
 
 Start: identity from the home directory (created once), data and model from the configuration, the
 last checkpoint if there is one; then the libp2p overlay joins the swarm, the node advertises its
-task in the DHT and connects to the task's providers, and the learning protocol runs on the driver
+task in the DHT and connects to the task's providers while the learning protocol runs on the driver
 (training in a worker thread). Each finished round is evaluated (also off the loop), logged, and
 checkpointed every ``checkpoint_every`` rounds. SIGINT/SIGTERM: announce departure, give the
 protocol its goodbyes within a bound, write a final checkpoint, exit 0.
@@ -50,6 +50,7 @@ log = logging.getLogger("shoal")
 
 EVAL_SAMPLES = 1000  # test samples per evaluation: enough for +-1.5% at 90%, fast on a CPU
 LEAVE_TIMEOUT = 5.0
+PEER_POLL = 0.1  # seconds between looks for a first task peer at start
 CLOSE_TIMEOUT = 5.0
 # a model version is recorded in the metadata document at most this often: every write is gossiped to
 # the whole swarm, and one per round (~1 a second) made applying them a large part of each daemon's
@@ -196,9 +197,8 @@ class Daemon:
         host = self.config.node.api.rpartition(":")[0]
         write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}", "addresses": overlay.addresses()}))
         log.info("status API on http://%s:%d/status", host, port)
-        await overlay.provide(self.provider_key)
-        peers = [p for p in await overlay.find_providers(self.provider_key) if p != overlay.peer_id]
-        self.protocol = self._protocol(peers)
+        await self._first_peer(nursery)
+        self.protocol = self._protocol(overlay.peers())
         self.driver = Driver(
             self.protocol,
             overlay,
@@ -210,6 +210,25 @@ class Daemon:
         )
         nursery.start_soon(self.driver.run)
         nursery.start_soon(self._after_rounds)
+
+    async def _first_peer(self, nursery: trio.Nursery) -> None:
+        """Advertise our task and connect to its providers in the background; return once a task peer
+        is connected (a joiner can fetch its model) or discovery is over (the first node of a swarm).
+
+        Waiting for discovery cost a joiner ~22 s at 24 daemons (``provide`` and ``find_providers``
+        each wait up to LOOKUP_TIMEOUT for lookups that dial unreachable nodes); the protocol learns
+        of every later peer from the overlay's events.
+        """
+        discovered = trio.Event()
+
+        async def discover() -> None:
+            await self.overlay.provide(self.provider_key)
+            await self.overlay.find_providers(self.provider_key)
+            discovered.set()
+
+        nursery.start_soon(discover)
+        while not (discovered.is_set() or self.overlay.peers()):
+            await trio.sleep(PEER_POLL)
 
     @property
     def provider_key(self) -> str:

@@ -12,9 +12,9 @@ Each daemon has its own home (identity, shard ``i`` of the digits data, checkpoi
 ``summary.json`` and ``testbed_vs_simulator.png``. With --churn, at --churn-at seconds a quarter of
 the nodes (not the bootstrap or relays) are SIGKILLed and a twelfth SIGTERMed; half of the killed
 restart --restart-after seconds later from their homes, so from their checkpoints. The run ends when
-the mean test accuracy of every live daemon reaches --target after the last churn event, or at
---timeout. Ctrl-C or SIGTERM tears everything down: daemons, namespaces and with them their links,
-qdiscs and iptables rules. Unless --no-simulate, the simulator then runs the same scenario
+the mean test accuracy of every live daemon reaches --target after the last churn event (and
+--hold seconds more), or at --timeout. Ctrl-C or SIGTERM tears everything down: daemons, namespaces
+and with them their links, qdiscs and iptables rules. Unless --no-simulate, the simulator then runs the same scenario
 (``simulations/prediction.py``) and its time to target is written beside the measured one.
 Needs root, iproute2 and iptables.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import signal
 import statistics
@@ -133,7 +134,8 @@ class Harness:
         for m in self.members[1:]:
             self.launch(m)
         events, next_poll, next_save = list(self.measured.events), 0.0, SAVE_EVERY
-        while (now := self.now()) < plan.timeout:
+        done_at = math.inf
+        while (now := self.now()) < min(plan.timeout, done_at + plan.hold):
             time.sleep(TICK)
             self.starting(now)
             while events and events[0].time <= now:
@@ -141,7 +143,7 @@ class Harness:
             if now >= next_poll:
                 next_poll = now + POLL
                 if self.poll(now, churn_done=not events):
-                    break
+                    done_at = min(done_at, now)
             if now >= next_save:
                 next_save = now + SAVE_EVERY
                 write_rounds(self.out, self.measured.rows)
@@ -281,6 +283,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=d.target, help="mean test accuracy (default %(default)s)")
     p.add_argument(
         "--timeout", type=float, default=d.timeout, help="seconds before giving up (default %(default)s)"
+    )
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=d.hold,
+        help="seconds to go on after the target is reached, to see the settled swarm (default %(default)s)",
     )
     p.add_argument("--churn", action="store_true", help="kill, stop and restart nodes mid-run (see above)")
     p.add_argument(

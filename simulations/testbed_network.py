@@ -41,6 +41,7 @@ class Plan:
     delay_ms: float = 0.0
     target: float = 0.9
     timeout: float = 600.0
+    hold: float = 0.0  # seconds to go on after the target is reached: a settled swarm's links and bytes
     churn: bool = False
     churn_at: float = 60.0
     restart_after: float = 30.0
@@ -60,6 +61,7 @@ class Plan:
             "loss must be in [0, 1)": 0 <= self.loss < 1,
             "delay must not be negative": self.delay_ms >= 0,
             "target must be in (0, 1]": 0 < self.target <= 1,
+            "hold must not be negative": self.hold >= 0,
             "timeout, churn-at and restart-after must be positive": min(
                 self.timeout, self.churn_at, self.restart_after
             )
