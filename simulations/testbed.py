@@ -14,8 +14,9 @@ the nodes (not the bootstrap or relays) are SIGKILLed and a twelfth SIGTERMed; h
 restart --restart-after seconds later from their homes, so from their checkpoints. The run ends when
 the mean test accuracy of every live daemon reaches --target after the last churn event (and
 --hold seconds more), or at --timeout. Ctrl-C or SIGTERM tears everything down: daemons, namespaces
-and with them their links, qdiscs and iptables rules. Unless --no-simulate, the simulator then runs the same scenario
-(``simulations/prediction.py``) and its time to target is written beside the measured one.
+and with them their links, qdiscs and iptables rules. Unless --no-simulate, the simulator then runs
+the same scenario (``simulations/prediction.py``) and its time to target is written beside the
+measured one.
 Needs root, iproute2 and iptables.
 """
 
