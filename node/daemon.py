@@ -186,7 +186,7 @@ class Daemon:
         self.home.api.unlink(missing_ok=True)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
-        """Everything after joining: the API, discovery of the task's peers, the protocol."""
+        """Everything after joining: the API, the protocol from the first task peer, discovery beside it."""
         overlay = self.overlay
         log.info(
             "joined as %s (task %s, %d training samples)", overlay.peer_id, self.task, self.learner.samples
@@ -308,7 +308,7 @@ class Daemon:
             "protocol": self.config.protocol.protocol,
             "integrator": self.config.protocol.integrator,
             "codec": self.config.protocol.codec,
-            "learning": self.protocol is not None,  # false while it joins: discovery, then the protocol
+            "learning": self.protocol is not None,  # false until its first task peer (alone: discovery done)
             "round": self.protocol.round if self.protocol else self.start_round,
             "accuracy": self.accuracy,
             "samples": self.learner.samples,

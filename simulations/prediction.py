@@ -9,8 +9,8 @@ What the prediction takes from the testbed, term by term (nothing is fitted to t
   testbed a retransmission);
 - latency: the added delay (0 without netem; veth and loopback add well under a millisecond);
 - start-up: each daemon joins the simulated swarm when its protocol started (after its imports, the
-  API and discovery of the task's providers in the DHT; the bootstrap daemon's at the simulator's
-  time 0), a restarted one when its protocol started again;
+  API and its first task peer; the bootstrap daemon's at the simulator's time 0), a restarted one
+  when its protocol started again;
 - per-node speed: each daemon's measured rounds per second, as samples per second of a round's
   training (``local_steps * batch_size``); this folds in the CPU contention of many daemons on few
   cores, and every per-round cost (evaluation, sending, the metadata document) as compute time;

@@ -155,7 +155,7 @@ class Harness:
 
     def starting(self, now: float) -> None:
         """Time the start-up of launches that have not begun learning: the API serving, then the protocol
-        running (after discovery)."""
+        running (at its first task peer)."""
         for m in self.members:
             if not m.alive or len(m.learning) == len(m.launches):
                 continue

@@ -157,7 +157,7 @@ def summarize(measured: Measurement) -> dict:
         "peers_at_end_median": statistics.median(r["peers"] for r in final) if final else None,
         "relayed_links_most": max(relayed_per_poll.values(), default=0),
         "bytes_sent": lives_total(rows, "bytes_out"),
-        "startup_seconds": {  # from launch to the API serving, and to learning (after discovery)
+        "startup_seconds": {  # from launch to the API serving, and to learning (its first task peer)
             "api": spread(first_up),
             "learning": spread(first_learning),
             "restarts_to_learning": [round(t, 2) for t in restarts],

@@ -173,6 +173,27 @@ def test_joining_node_adopts_a_neighbours_model_and_round():
     assert torch.equal(g.model["w"], model(7.0)["w"])
 
 
+def test_a_joiner_passes_over_replies_no_further_than_itself():
+    g = node(GossipConfig(join_by_fetch=True), peers=("p1", "p2", "p3"))
+    first, _ = g.handle(Started(), 0.0)
+    second, timer = g.handle(model_msg(first.peer, 3.0, rnd=0, reply=True), 0.1)  # joined with us
+    assert second.kind == "fetch" and second.peer != first.peer and timer.key is Timer.FETCH
+    actions = g.handle(model_msg(second.peer, 7.0, rnd=30, reply=True), 0.2)
+    assert actions == [CancelTimer(Timer.FETCH), Train(30, g.model)]
+    assert torch.equal(g.model["w"], model(7.0)["w"])
+
+
+def test_a_joiner_asks_at_most_fetch_attempts_neighbours():
+    g = node(GossipConfig(join_by_fetch=True, fetch_attempts=2), peers=("p1", "p2", "p3"))
+    ask, _ = g.handle(Started(), 0.0)
+    ask, _ = g.handle(model_msg(ask.peer, 3.0, rnd=0, reply=True), 0.1)
+    actions = g.handle(model_msg(ask.peer, 3.0, rnd=0, reply=True), 0.2)
+    assert actions == [CancelTimer(Timer.FETCH), Train(0, g.model)]  # its own model: none was ahead
+    assert torch.equal(g.model["w"], model(0.0)["w"])
+    with pytest.raises(ValueError, match="fetch_attempts"):
+        GossipConfig(fetch_attempts=0)
+
+
 def test_joining_node_asks_again_when_its_peer_dies_then_gives_up_on_timeout():
     g = node(GossipConfig(join_by_fetch=True), peers=("p1", "p2"))
     first, _ = g.handle(Started(), 0.0)
