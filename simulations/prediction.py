@@ -8,9 +8,11 @@ What the prediction takes from the testbed, term by term (nothing is fitted to t
   where the testbed drops packets and TCP resends them: a loss costs the simulator a message, the
   testbed a retransmission);
 - latency: the added delay (0 without netem; veth and loopback add well under a millisecond);
-- start-up: each daemon joins the simulated swarm when its protocol started (after its imports, the
-  API and its first task peer; the bootstrap daemon's at the simulator's time 0), a restarted one
-  when its protocol started again;
+- start-up: each daemon joins the simulated swarm when its first round began (:func:`first_rounds`:
+  after its imports, the API, its first task peer and its fetch of a peer's model; the bootstrap
+  daemon's protocol start is the simulator's time 0), a restarted one when its first round began
+  again. The fetch is measured, not simulated, because at 24 daemons it waits 2-20 s on peers whose
+  loops are busy with 23 joiners at once, where the simulator's fetch is one message on an idle link;
 - per-node speed: each daemon's measured rounds per second, as samples per second of a round's
   training (``local_steps * batch_size``); this folds in the CPU contention of many daemons on few
   cores, and every per-round cost (evaluation, sending, the metadata document) as compute time;
@@ -59,6 +61,22 @@ def round_seconds(rows: list[dict]) -> dict[int, float]:
     return out
 
 
+def first_rounds(measured: Measurement) -> dict[int, list[float]]:
+    """Per node, per launch that began learning: the first poll at which its round had moved from the
+    one its status showed first (the fetched model's, or its first trained; at most a poll late), or
+    its protocol start where the round never moved."""
+    out: dict[int, list[float]] = {}
+    for m in measured.members:
+        rows = [r for r in measured.rows if r["node"] == m.site.index]
+        out[m.site.index] = []
+        for k, learning in enumerate(m.learning):
+            end = m.launches[k + 1] if k + 1 < len(m.launches) else math.inf
+            launch = [r for r in rows if m.launches[k] <= r["time"] < end]
+            moved = (r["time"] for r in launch if r["time"] >= learning and r["round"] != launch[0]["round"])
+            out[m.site.index].append(next(moved, learning))
+    return out
+
+
 def neighbours(measured: Measurement) -> int:
     """The median of every node's median number of task peers, after its first round."""
     per_node = defaultdict(list)
@@ -72,7 +90,7 @@ def scenario(measured: Measurement) -> tuple[SimConfig, nx.Graph, list[float], l
     """The SimConfig, graph, per-node speeds and schedule of the measured run, and the testbed time of the
     simulator's time 0 (when the bootstrap daemon's protocol started)."""
     plan, task = measured.plan, TaskSettings()
-    origin = measured.members[0].learning[0]
+    origin, joins = measured.members[0].learning[0], first_rounds(measured)
     samples = task.batch_size * TASK["local_steps"]
     seconds = round_seconds(measured.rows)
     typical = statistics.median(seconds.values())
@@ -105,15 +123,13 @@ def scenario(measured: Measurement) -> tuple[SimConfig, nx.Graph, list[float], l
         else nx.random_regular_graph(degree, plan.nodes, seed=plan.seed)
     )
     events = [
-        ScheduledEvent(m.learning[0] - origin, "join", (m.site.index,))
-        for m in measured.members[1:]
-        if m.learning
+        ScheduledEvent(t - origin, "join", (node,))
+        for node, times in joins.items()
+        for t in times[0 if node else 1 :]
     ]
-    for event in measured.events:
-        if event.action != "join":
-            events.append(ScheduledEvent(event.time - origin, event.action, event.nodes))
-    for m in measured.members:
-        events += [ScheduledEvent(t - origin, "join", (m.site.index,)) for t in m.learning[1:]]
+    events += [
+        ScheduledEvent(e.time - origin, e.action, e.nodes) for e in measured.events if e.action != "join"
+    ]
     return config, graph, speeds, sorted(events, key=lambda e: e.time), origin
 
 
@@ -150,6 +166,11 @@ def predict_and_compare(measured: Measurement, out: Path) -> dict:
         None,
     )
     measured_time = measured.time_to_target()
+    waits = [
+        joined - started
+        for m, joins in zip(measured.members, first_rounds(measured).values())
+        for started, joined in zip(m.learning, joins)
+    ]
     plot(out, measured, result, origin)
     return {
         "time_to_target": None if predicted is None else round(predicted, 1),
@@ -165,6 +186,10 @@ def predict_and_compare(measured: Measurement, out: Path) -> dict:
                 "max": round(max(speeds)),
             },
             "origin": round(origin, 2),
+            "first_round_after_protocol_start_s": {
+                "median": round(statistics.median(waits), 1),
+                "max": round(max(waits), 1),
+            },
             "wall_seconds": round(result.wall_seconds, 1),
         },
     }

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from shoal.node.home import Home
 from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
-from shoal.simulations.testbed_network import Plan, churn_schedule
-from shoal.simulations.testbed_record import lives_total
+from shoal.simulations.prediction import first_rounds
+from shoal.simulations.testbed_network import Plan, Site, churn_schedule
+from shoal.simulations.testbed_record import Measurement, Member, lives_total
 
 SMALL = ["--nodes", "6", "--nat-nodes", "2", "--per-home", "1", "--random-nats", "1", "--relays", "1"]
 needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -59,6 +61,20 @@ def test_counters_are_summed_over_a_daemons_restarts():
         {"time": 5, "node": 0, "b": 4},
     ]
     assert lives_total(rows, "b") == 9 + 4 + 7
+
+
+def test_a_launch_joins_the_prediction_when_its_round_first_moves():
+    """A fresh daemon whose fetch came 6 s after its protocol started, and a restart that resumed at
+    round 15: each joins when its round moved; a launch whose round never moved, at its protocol start."""
+    member = Member(
+        Site(1, "x"), Home(Path("unused")), "peer", launches=[0.0, 30.0, 60.0], learning=[4.0, 33.0, 62.0]
+    )
+    rows = [{"time": t, "node": 1, "round": r} for t, r in ((2, 0), (4, 0), (6, 0), (10, 41), (12, 42))]
+    rows += [
+        {"time": t, "node": 1, "round": r} for t, r in ((31, 15), (33, 15), (35, 15), (37, 16), (63, 20))
+    ]
+    measured = Measurement(Plan(nodes=2, nat_nodes=0, random_nats=0, relays=0), [member], [], rows)
+    assert first_rounds(measured) == {1: [10, 37, 62.0]}
 
 
 def test_bad_plans_are_refused_with_the_reason():
