@@ -54,6 +54,10 @@ MAX_DIALBACK_ADDRS = 4
 MAX_DIALBACK_FRAME = 16 * 1024
 _MULTISTREAM_HELLO = b"\x13/multistream/1.0.0\n"  # varint length 19 + protocol line
 RECHECK = 300.0  # seconds between reachability checks (and relay reservation refreshes)
+# a private node without a reservation cannot be reached: it checks again sooner, doubling from this
+# (at 24 daemons starting on 2 cores every reservation timed out at first, and RECHECK left such
+# nodes unreachable from other homes for 5 minutes)
+RESERVE_RETRY = 10.0
 MAX_RELAYS = 2
 
 
@@ -267,6 +271,7 @@ class ReachabilityMonitor:
         self.host, self.relaying = host, relaying
         self.reachability = Reachability.UNKNOWN
         self._verdict, self._readvertise = verdict, readvertise
+        self._retry = RESERVE_RETRY
 
     async def run(self) -> None:
         me = self.host.get_id()
@@ -278,7 +283,16 @@ class ReachabilityMonitor:
                 await self._became(Reachability.PUBLIC)
             elif False in verdicts:
                 await self._became(Reachability.PRIVATE)
-            await trio.sleep(1.0 if self.reachability is Reachability.UNKNOWN else RECHECK)
+            await trio.sleep(self._next_check())
+
+    def _next_check(self) -> float:
+        if self.reachability is Reachability.UNKNOWN:
+            return 1.0
+        if self.reachability is Reachability.PRIVATE and not self.relaying.relays:
+            wait, self._retry = self._retry, min(RECHECK, 2 * self._retry)
+            return wait
+        self._retry = RESERVE_RETRY
+        return RECHECK
 
     async def _became(self, reachability: Reachability) -> None:
         if reachability is not self.reachability:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal.overlay.nat import RECHECK, RESERVE_RETRY, Reachability, ReachabilityMonitor
 from tests.netns import nat_lab, unavailable_reason
 
 PEER = str(Path(__file__).with_name("p2p_peer.py"))
@@ -132,3 +133,26 @@ def test_port_randomising_nats_stay_on_the_relay_and_still_exchange_models():
         assert links and set(links) <= {"relayed", None}, links  # None: a line before b reconnected
         assert links[-1] == "relayed"
         assert len([r for r in a.received if r["from"] == b.peer]) > count
+
+
+def test_a_private_node_without_a_relay_checks_again_soon_then_less_often():
+    """At 24 daemons starting at once every reservation timed out at first; waiting RECHECK (5 min)
+    after that left the node unreachable from other homes for the whole run."""
+
+    class Relaying:
+        def __init__(self) -> None:
+            self.relays: list[str] = []
+
+    async def nothing(*_: object) -> None:
+        pass
+
+    relaying = Relaying()
+    monitor = ReachabilityMonitor(None, relaying, verdict=nothing, readvertise=nothing)
+    assert monitor._next_check() == 1.0  # no verdict yet
+    monitor.reachability = Reachability.PRIVATE
+    waits = [monitor._next_check() for _ in range(7)]
+    assert waits[0] == RESERVE_RETRY and waits[1] == 2 * RESERVE_RETRY and waits[-1] == RECHECK
+    relaying.relays = ["relay"]
+    assert monitor._next_check() == RECHECK
+    relaying.relays = []
+    assert monitor._next_check() == RESERVE_RETRY  # a lost reservation starts the backoff afresh
