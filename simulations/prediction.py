@@ -8,11 +8,14 @@ What the prediction takes from the testbed, term by term (nothing is fitted to t
   where the testbed drops packets and TCP resends them: a loss costs the simulator a message, the
   testbed a retransmission);
 - latency: the added delay (0 without netem; veth and loopback add well under a millisecond);
-- start-up: each daemon joins the simulated swarm when its first round began (:func:`first_rounds`:
-  after its imports, the API, its first task peer and its fetch of a peer's model; the bootstrap
-  daemon's protocol start is the simulator's time 0), a restarted one when its first round began
-  again. The fetch is measured, not simulated, because at 24 daemons it waits 2-20 s on peers whose
-  loops are busy with 23 joiners at once, where the simulator's fetch is one message on an idle link;
+- start-up: each daemon joins the simulated swarm when its first round began (:func:`starts`: after
+  its imports, the API, its first task peer and its fetch of a peer's model; the bootstrap daemon's
+  protocol start is the simulator's time 0), a restarted one when its first round began again; and it
+  fetches a neighbour's model only where the daemon began from a peer's model, not from its own
+  initialisation. Both are measured, not simulated: at 24 daemons the fetch waits 2-20 s on peers
+  whose loops are busy with 23 joiners at once, and finds a model ahead of its own or not depending on
+  which peers a joiner met first (7-13 of 23 joiners started from scratch), where the simulator's
+  fetch is one message on an idle link to a neighbour fixed in advance;
 - per-node speed: each daemon's measured rounds per second, as samples per second of a round's
   training (``local_steps * batch_size``); this folds in the CPU contention of many daemons on few
   cores, and every per-round cost (evaluation, sending, the metadata document) as compute time;
@@ -29,16 +32,19 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
 
+from shoal.learning.learner import Learner
+from shoal.learning.protocol import LearningProtocol
 from shoal.learning.settings import TaskSettings
 from shoal.node.daemon import EVAL_SAMPLES
 from shoal.node.demo import PROTOCOL, TASK
 from shoal.simulations import report
-from shoal.simulations.engine import RunResult, ScheduledEvent, SimConfig, Simulation
+from shoal.simulations.engine import RunResult, ScheduledEvent, SimConfig, Simulation, configured_protocol
 from shoal.simulations.testbed_record import Measurement, cumulative
 
 EVAL_EVERY = 2.0  # virtual seconds between evaluations: the testbed's poll interval
@@ -61,19 +67,31 @@ def round_seconds(rows: list[dict]) -> dict[int, float]:
     return out
 
 
-def first_rounds(measured: Measurement) -> dict[int, list[float]]:
+@dataclass(frozen=True)
+class Start:
+    """When a daemon's launch began its first round, and whether it began from a peer's model."""
+
+    time: float
+    fetched: bool
+
+
+def starts(measured: Measurement) -> dict[int, list[Start]]:
     """Per node, per launch that began learning: the first poll at which its round had moved from the
-    one its status showed first (the fetched model's, or its first trained; at most a poll late), or
-    its protocol start where the round never moved."""
-    out: dict[int, list[float]] = {}
+    one its status showed first (at most a poll late; its protocol start where it never moved). A fresh
+    launch whose round moved by at most the rounds it can train alone within a poll started from its
+    own initialisation: its fetches found only peers no further than itself."""
+    alone = math.ceil(EVAL_EVERY / PROTOCOL["period"]) + 1
+    out: dict[int, list[Start]] = {}
     for m in measured.members:
         rows = [r for r in measured.rows if r["node"] == m.site.index]
         out[m.site.index] = []
         for k, learning in enumerate(m.learning):
             end = m.launches[k + 1] if k + 1 < len(m.launches) else math.inf
             launch = [r for r in rows if m.launches[k] <= r["time"] < end]
-            moved = (r["time"] for r in launch if r["time"] >= learning and r["round"] != launch[0]["round"])
-            out[m.site.index].append(next(moved, learning))
+            first = launch[0]["round"] if launch else 0
+            moved = next((r for r in launch if r["time"] >= learning and r["round"] != first), None)
+            fetched = first > 0 or moved is None or moved["round"] > alone
+            out[m.site.index].append(Start(learning if moved is None else moved["time"], fetched))
     return out
 
 
@@ -86,11 +104,32 @@ def neighbours(measured: Measurement) -> int:
     return max(1, round(statistics.median(statistics.median(v) for v in per_node.values())))
 
 
-def scenario(measured: Measurement) -> tuple[SimConfig, nx.Graph, list[float], list[ScheduledEvent], float]:
-    """The SimConfig, graph, per-node speeds and schedule of the measured run, and the testbed time of the
-    simulator's time 0 (when the bootstrap daemon's protocol started)."""
+@dataclass
+class Scenario:
+    """The measured run as the simulator takes it: config, graph, per-node speeds, schedule, the launches'
+    starts, and ``origin``, the testbed time of the simulator's time 0 (the bootstrap's protocol start)."""
+
+    config: SimConfig
+    graph: nx.Graph
+    speeds: list[float]
+    events: list[ScheduledEvent]
+    starts: dict[int, list[Start]]
+    origin: float
+    _launched: Counter[int] = field(default_factory=Counter)
+
+    def protocol(self, sim: Simulation, i: int, learner: Learner, joining: bool) -> LearningProtocol:
+        """Node ``i``'s protocol at its next launch: a joiner fetches a neighbour's model only where the
+        daemon's launch began from a peer's model."""
+        launch, self._launched[i] = self._launched[i], self._launched[i] + 1
+        fetched = launch >= len(self.starts[i]) or self.starts[i][launch].fetched
+        return configured_protocol(sim, i, learner, joining and fetched)
+
+
+def scenario(measured: Measurement) -> Scenario:
+    """The measured run's :class:`Scenario`: every term from the measurement (module docstring)."""
     plan, task = measured.plan, TaskSettings()
-    origin, joins = measured.members[0].learning[0], first_rounds(measured)
+    launches = starts(measured)
+    origin = measured.members[0].learning[0]
     samples = task.batch_size * TASK["local_steps"]
     seconds = round_seconds(measured.rows)
     typical = statistics.median(seconds.values())
@@ -123,31 +162,33 @@ def scenario(measured: Measurement) -> tuple[SimConfig, nx.Graph, list[float], l
         else nx.random_regular_graph(degree, plan.nodes, seed=plan.seed)
     )
     events = [
-        ScheduledEvent(t - origin, "join", (node,))
-        for node, times in joins.items()
-        for t in times[0 if node else 1 :]
+        ScheduledEvent(start.time - origin, "join", (node,))
+        for node, times in launches.items()
+        for start in times[0 if node else 1 :]
     ]
     events += [
         ScheduledEvent(e.time - origin, e.action, e.nodes) for e in measured.events if e.action != "join"
     ]
-    return config, graph, speeds, sorted(events, key=lambda e: e.time), origin
+    return Scenario(config, graph, speeds, sorted(events, key=lambda e: e.time), launches, origin)
 
 
 def predict_and_compare(measured: Measurement, out: Path) -> dict:
     """Run the prediction, plot it beside the measurement, and return the figures for summary.json."""
-    config, graph, speeds, events, origin = scenario(measured)
+    sc = scenario(measured)
+    config, origin = sc.config, sc.origin
     print(
-        f"simulating the same scenario: {config.nodes} nodes, degree {graph.degree(0)}, "
-        f"{statistics.median(speeds):.0f} samples/s median",
+        f"simulating the same scenario: {config.nodes} nodes, degree {sc.graph.degree(0)}, "
+        f"{statistics.median(sc.speeds):.0f} samples/s median",
         flush=True,
     )
     result = Simulation(
         config,
-        graph,
+        sc.graph,
         label="simulator",
-        schedule=events,
+        schedule=sc.events,
         offline=range(1, config.nodes),
-        speeds=speeds,
+        speeds=sc.speeds,
+        make_protocol=sc.protocol,
         progress=None,
     ).run()
     # as the testbed counts: every node that should be up is, after the last churn event
@@ -167,10 +208,11 @@ def predict_and_compare(measured: Measurement, out: Path) -> dict:
     )
     measured_time = measured.time_to_target()
     waits = [
-        joined - started
-        for m, joins in zip(measured.members, first_rounds(measured).values())
-        for started, joined in zip(m.learning, joins)
+        start.time - learning
+        for m in measured.members
+        for learning, start in zip(m.learning, sc.starts[m.site.index])
     ]
+    fresh = [launch[0] for node, launch in sc.starts.items() if node and launch]
     plot(out, measured, result, origin)
     return {
         "time_to_target": None if predicted is None else round(predicted, 1),
@@ -179,17 +221,18 @@ def predict_and_compare(measured: Measurement, out: Path) -> dict:
         "final_accuracy_mean": round(result.final.acc_mean, 4),
         "bytes_sent": result.final.bytes_sent,
         "model": {
-            "degree": graph.degree(0),
+            "degree": sc.graph.degree(0),
             "speeds_samples_per_s": {
-                "median": round(statistics.median(speeds)),
-                "min": round(min(speeds)),
-                "max": round(max(speeds)),
+                "median": round(statistics.median(sc.speeds)),
+                "min": round(min(sc.speeds)),
+                "max": round(max(sc.speeds)),
             },
             "origin": round(origin, 2),
             "first_round_after_protocol_start_s": {
                 "median": round(statistics.median(waits), 1),
                 "max": round(max(waits), 1),
             },
+            "joiners_from_scratch": sum(not s.fetched for s in fresh),
             "wall_seconds": round(result.wall_seconds, 1),
         },
     }

@@ -150,6 +150,7 @@ class Harness:
                 next_save = now + SAVE_EVERY
                 write_rounds(self.out, self.measured.rows)
         self.measured.end = self.now()
+        self.measured.live_at_end = sum(m.alive for m in self.members)
         self.stop()
         write_rounds(self.out, self.measured.rows)
         return self.measured

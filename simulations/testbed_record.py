@@ -57,6 +57,7 @@ class Measurement:
     events: list[ScheduledEvent]
     rows: list[dict] = field(default_factory=list)
     end: float = 0.0
+    live_at_end: int = 0  # daemons running when the run ended (the last poll may miss a slow one)
     first_reach: float | None = None  # every live daemon's mean accuracy at the target
     reach_after_churn: float | None = None
 
@@ -152,7 +153,7 @@ def summarize(measured: Measurement) -> dict:
         )
         if any(r["accuracy"] is not None for r in final)
         else None,
-        "final_live": len(final),
+        "final_live": measured.live_at_end,
         "links_at_end": {kind: sum(r[kind] for r in final) for kind in ("direct", "relayed")},
         "peers_at_end_median": statistics.median(r["peers"] for r in final) if final else None,
         "relayed_links_most": max(relayed_per_poll.values(), default=0),

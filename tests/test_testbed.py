@@ -13,7 +13,7 @@ import pytest
 
 from shoal.node.home import Home
 from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
-from shoal.simulations.prediction import first_rounds
+from shoal.simulations.prediction import Start, starts
 from shoal.simulations.testbed_network import Plan, Site, churn_schedule
 from shoal.simulations.testbed_record import Measurement, Member, lives_total
 
@@ -64,17 +64,21 @@ def test_counters_are_summed_over_a_daemons_restarts():
 
 
 def test_a_launch_joins_the_prediction_when_its_round_first_moves():
-    """A fresh daemon whose fetch came 6 s after its protocol started, and a restart that resumed at
-    round 15: each joins when its round moved; a launch whose round never moved, at its protocol start."""
-    member = Member(
-        Site(1, "x"), Home(Path("unused")), "peer", launches=[0.0, 30.0, 60.0], learning=[4.0, 33.0, 62.0]
+    """A fresh daemon that fetched round 41 6 s after its protocol started, one that trained from its
+    own model, and a restart that resumed at round 15: each joins when its round moved; a launch whose
+    round never moved, at its protocol start."""
+    fetching = Member(
+        Site(1, "x"), Home(Path("unused")), "a", launches=[0.0, 30.0, 60.0], learning=[4.0, 33.0, 62.0]
     )
-    rows = [{"time": t, "node": 1, "round": r} for t, r in ((2, 0), (4, 0), (6, 0), (10, 41), (12, 42))]
-    rows += [
-        {"time": t, "node": 1, "round": r} for t, r in ((31, 15), (33, 15), (35, 15), (37, 16), (63, 20))
-    ]
-    measured = Measurement(Plan(nodes=2, nat_nodes=0, random_nats=0, relays=0), [member], [], rows)
-    assert first_rounds(measured) == {1: [10, 37, 62.0]}
+    alone = Member(Site(2, "y"), Home(Path("unused")), "b", launches=[0.0], learning=[5.0])
+    polls = [(1, t, r) for t, r in ((2, 0), (4, 0), (6, 0), (10, 41), (12, 42), (31, 15), (33, 15), (37, 16))]
+    polls += [(1, 63, 20), (2, 4, 0), (2, 6, 0), (2, 8, 3)]
+    rows = [{"time": t, "node": n, "round": r} for n, t, r in polls]
+    plan = Plan(nodes=3, nat_nodes=0, random_nats=0, relays=0)
+    assert starts(Measurement(plan, [fetching, alone], [], rows)) == {
+        1: [Start(10, True), Start(37, True), Start(62.0, True)],
+        2: [Start(8, False)],
+    }
 
 
 def test_bad_plans_are_refused_with_the_reason():
