@@ -163,8 +163,8 @@ class Harness:
                 continue
             if len(m.up) < len(m.launches) and m.home.running() is not None:
                 m.up.append(now)
-            if len(m.up) == len(m.launches) and (s := read_status(self.bed.ns(m.site))) and s["learning"]:
-                m.learning.append(now)
+            if len(m.up) == len(m.launches):
+                m.saw(read_status(self.bed.ns(m.site)), now)
 
     def apply(self, event: ScheduledEvent) -> None:
         """Launch, or signal every node of ``event`` first and then reap the killed (reaping one took up
@@ -198,6 +198,7 @@ class Harness:
         for m in live:
             s, rss = read_status(self.bed.ns(m.site)), rss_mb(m.proc.pid)
             m.rss_mb = max(m.rss_mb, rss)
+            m.saw(s, now)  # the run may end at this poll, before the next look of ``starting``
             if s is None:
                 continue
             m.status = s

@@ -33,6 +33,11 @@ class Member:
     rss_mb: float = 0.0  # the most resident memory seen
     exits: list[tuple[str, int]] = field(default_factory=list)  # (how it was stopped, exit code)
 
+    def saw(self, status: dict | None, now: float) -> None:
+        """Take note of a status read at ``now``: the running launch began learning if it says so."""
+        if status and status["learning"] and len(self.learning) < len(self.launches):
+            self.learning.append(now)
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
