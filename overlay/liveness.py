@@ -22,7 +22,9 @@ approximation of the normal CDF). Two verdicts:
   hung peer is about ``mean + pause + 5 * std`` of its gaps (~37 s with the defaults 2 s, 30 s on a
   quiet network), plus one ping round.
 
-Any frame received from a peer also proves it alive (:meth:`PhiAccrual.heard`). When our own loop
+Any frame received from a peer also proves it alive (:meth:`PhiAccrual.heard`), and a peer heard
+within the last interval is not pinged in this round: gossip neighbours send models every cycle, so
+most pings are saved (they were ~16% of a daemon's loop at 24 daemons on 2 cores). When our own loop
 stalled (SIGSTOP, a CPU hog), everybody looks silent: a ping round that took far longer than it can
 shifts every peer's clock by the stall (:meth:`PhiAccrual.stalled`) rather than blaming them for it.
 """
@@ -176,6 +178,9 @@ class Liveness:
             while True:
                 for peer in self._peers.peers():
                     self._watch(peer, last)
+                    if self.detector.silence(peer, last) < self.interval:
+                        self.detector.heartbeat(peer, last)  # heard: as good as an answered ping
+                        continue
                     if peer not in self._pinging:  # one ping per peer at a time (see _ping)
                         self._pinging.add(peer)
                         nursery.start_soon(self._ping, peer)

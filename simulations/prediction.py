@@ -79,7 +79,8 @@ def starts(measured: Measurement) -> dict[int, list[Start]]:
     """Per node, per launch that began learning: the first poll at which its round had moved from the
     one its status showed first (at most a poll late; its protocol start where it never moved). A fresh
     launch whose round moved by at most the rounds it can train alone within a poll started from its
-    own initialisation: its fetches found only peers no further than itself."""
+    own initialisation: its fetches found only peers no further than itself. A resumed launch counts
+    as fetched: the simulated joiner's fetch stands in for its checkpoint."""
     alone = math.ceil(EVAL_EVERY / PROTOCOL["period"]) + 1
     out: dict[int, list[Start]] = {}
     for m in measured.members:

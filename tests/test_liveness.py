@@ -1,8 +1,13 @@
-"""The phi-accrual failure detector as a plain object: verdicts from given times, no network."""
+"""The phi-accrual failure detector as a plain object: verdicts from given times, no network; and the
+ping policy of its monitor."""
 
 import pytest
+import trio
+import trio.testing
+from libp2p.crypto.ed25519 import create_new_key_pair
 
-from shoal.overlay.liveness import PhiAccrual, phi
+from shoal.overlay.identity import peer_id
+from shoal.overlay.liveness import Liveness, PhiAccrual, phi
 
 
 def detector(**kw) -> PhiAccrual:
@@ -69,3 +74,36 @@ def test_state_is_only_kept_for_watched_peers():
 def test_bad_thresholds_are_refused(kw):
     with pytest.raises(ValueError):
         detector(**kw)
+
+
+def test_a_peer_heard_within_the_interval_is_not_pinged():
+    """The policy only: a peer whose traffic keeps arriving is not pinged, a quiet one is (the pings
+    themselves are tested over real hosts in test_p2p.py)."""
+    chatty, quiet = (peer_id(create_new_key_pair()) for _ in range(2))
+
+    class Host:  # records which peers a ping stream was asked for; none is answered
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def new_stream(self, peer: object, protocols: object) -> None:
+            self.asked.append(str(peer))
+            raise OSError("no network in this test")
+
+    class Peers:
+        def peers(self) -> list[str]:
+            return [chatty, quiet]
+
+    host = Host()
+    monitor = Liveness(host, interval=2.0, timeout=1.0, suspect=3.0, down=8.0, pause=30.0, peers=Peers())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(monitor.run)
+            for _ in range(10):
+                monitor.heard(chatty)
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert host.asked.count(quiet) >= 2 and chatty not in host.asked
+    assert monitor.status()["down"] == 0
