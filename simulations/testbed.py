@@ -167,9 +167,9 @@ class Harness:
                 m.saw(read_status(self.bed.ns(m.site)), now)
 
     def apply(self, event: ScheduledEvent) -> None:
-        """Launch, or signal every node of ``event`` first and then reap the killed (reaping one took up
-        to a second on the loaded cores, which delayed the next kill). The measurement keeps the time it
-        happened: a slow poll of 24 daemons can put it seconds after the planned one."""
+        """Launch, or signal every node of ``event`` and then reap the killed, so they go down together.
+        The measurement keeps when it happened: a poll of 24 loaded daemons takes seconds, so an event
+        may come that much after its planned time."""
         events = self.measured.events
         events[events.index(event)] = dataclasses.replace(event, time=round(self.now(), 2))
         members = [self.members[i] for i in event.nodes]
