@@ -166,6 +166,38 @@ async def _write_whole(self: yamux.Yamux, data: bytes) -> None:
             raise RawConnError(f"a Yamux frame was not written within {FRAME_WRITE_TIMEOUT:g} s")
 
 
+def reading_loops(host: IHost, peer: ID) -> str:
+    """Where the reading loop of each connection to ``peer`` waits, with its queued frames and the write
+    lock: for the log line of a peer found down. A loop that waits anywhere but on its socket has
+    stopped reading that connection, and the peer's frames sit unread however alive it is."""
+    found = []
+    for conn in host.get_network().get_connections(peer):
+        muxed = conn.muxed_conn
+        task = getattr(muxed, "_shoal_reader", None)
+        lock = getattr(muxed, "_write_lock", None)
+        found.append(
+            f"reader in {_waiting_in(task.coro) if task else '?'}, "
+            f"{len(getattr(muxed, '_shoal_queued', ()))} frames queued, "
+            f"{len(getattr(muxed, 'streams', ()))} streams, "
+            f"{getattr(getattr(muxed, 'stream_backlog_semaphore', None), 'value', '?')} backlog slots, "
+            f"write lock {'held' if lock is not None and lock.locked() else 'free'}"
+        )
+    return "; ".join(found) or "no connection"
+
+
+def _waiting_in(coro: object) -> str:
+    """The innermost three functions outside trio of a suspended coroutine chain, ``outer > inner:line``."""
+    frames = []
+    for _ in range(64):
+        if coro is None:
+            break
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None and "/trio/" not in frame.f_code.co_filename:
+            frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(frames[-3:]) or "?"
+
+
 def grow_receive_window(stream: INetStream, size: int) -> None:
     """Let the sender on ``stream`` have up to ``size`` bytes (at most Yamux's 16 MiB) unread in flight.
 

@@ -22,6 +22,8 @@ approximation of the normal CDF). Two verdicts:
   hung peer is about ``mean + pause + 5 * std`` of its gaps (~37 s with the defaults 2 s, 30 s on a
   quiet network), plus one ping round.
 
+A peer found down is logged with where our end of its connections stands (``host.reading_loops``).
+
 Any frame received from a peer also proves it alive (:meth:`PhiAccrual.heard`), and a peer heard
 within the last interval is not pinged in this round: gossip neighbours send models every cycle, so
 most pings are saved (they were ~16% of a daemon's loop at 24 daemons on 2 cores). When our own loop
@@ -42,7 +44,7 @@ from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.id import ID
 
-from shoal.overlay.host import reset_stream
+from shoal.overlay.host import reading_loops, reset_stream
 from shoal.overlay.peers import Peers
 
 log = logging.getLogger("shoal.overlay")
@@ -249,7 +251,11 @@ class Liveness:
         for peer in cleared:
             log.debug("%s answers again", peer)
         for peer in down:
-            log.info("%s is down: silent far beyond its usual gaps", peer)
+            log.info(
+                "%s is down: silent far beyond its usual gaps (%s)",
+                peer,
+                reading_loops(self.host, ID.from_base58(peer)),
+            )
             self.downs += 1
             self._declared.add(peer)
         return down

@@ -254,7 +254,8 @@ async def test_peer_killed_mid_transfer_is_an_error_not_a_truncated_model():
 
 
 @pytest.mark.slow
-async def test_hung_peer_is_declared_down_within_the_bound():
+async def test_hung_peer_is_declared_down_within_the_bound(caplog):
+    caplog.set_level(logging.INFO, logger="shoal.overlay")
     async with swarm(1) as (node,):
         proc, hello = await trio.to_thread.run_sync(spawn_peer, node.addresses()[0])
         try:
@@ -265,6 +266,9 @@ async def test_hung_peer_is_declared_down_within_the_bound():
             # bound: mean gap (0.5 s) + acceptable_pause (1 s) + ~5 std (>= 0.125 s), plus a ping round
             assert trio.current_time() - start < 5.0
             assert hello["peer"] not in node.peers()
+            # the verdict says where our side of the connection was: reading, with nothing queued
+            (line,) = [r.getMessage() for r in caplog.records if "is down" in r.getMessage()]
+            assert "reader in " in line and "0 frames queued" in line and "streams" in line, line
         finally:
             proc.send_signal(signal.SIGCONT)
             proc.kill()
