@@ -81,8 +81,8 @@ class PhiAccrual:
         return peer in self._heard
 
     def heartbeat(self, peer: str, now: float) -> None:
-        """``peer`` answered a ping."""
-        if peer in self._heard:
+        """``peer`` answered a ping, or was heard (at ``now``) instead; once per moment."""
+        if peer in self._heard and now > self._beat.get(peer, -math.inf):
             if peer in self._beat:
                 self._gaps[peer].append(now - self._beat[peer])
             self._beat[peer] = now
@@ -180,8 +180,9 @@ class Liveness:
             while True:
                 for peer in self._peers.peers():
                     self._watch(peer, last)
-                    if self.detector.silence(peer, last) < self.interval:
-                        self.detector.heartbeat(peer, last)  # heard: as good as an answered ping
+                    silence = self.detector.silence(peer, last)
+                    if silence < self.interval:  # its traffic then was as good as an answered ping
+                        self.detector.heartbeat(peer, last - silence)
                         continue
                     if peer not in self._pinging:  # one ping per peer at a time (see _ping)
                         self._pinging.add(peer)
