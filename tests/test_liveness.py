@@ -70,6 +70,17 @@ def test_state_is_only_kept_for_watched_peers():
     assert d.judge(1000) == ([], [], [])
 
 
+def test_a_moment_heard_twice_is_one_heartbeat():
+    """A skipped ping's heartbeat is the moment the peer was last heard: the same moment again, or an
+    earlier one, adds no gap of 0 that would make the detector think the peer answers instantly."""
+    once, twice = detector(), detector()
+    for d in (once, twice):
+        beating(d, "a", [0, 2, 4])
+    for t in (4, 4, 3):
+        twice.heartbeat("a", t)
+    assert twice.judge(9) == once.judge(9) and twice.phi("a", 9) == once.phi("a", 9)
+
+
 @pytest.mark.parametrize("kw", [{"suspect": 8.0}, {"suspect": 0.0}, {"pause": -1.0}, {"interval": 0.0}])
 def test_bad_thresholds_are_refused(kw):
     with pytest.raises(ValueError):
