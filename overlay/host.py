@@ -168,8 +168,9 @@ async def _write_whole(self: yamux.Yamux, data: bytes) -> None:
 
 def reading_loops(host: IHost, peer: ID) -> str:
     """Where the reading loop of each connection to ``peer`` waits, with its queued frames, streams,
-    free stream slots and write lock: for the log line of a peer found down. A loop that waits anywhere but on its socket has
-    stopped reading that connection, and the peer's frames sit unread however alive it is."""
+    free stream slots and write lock: for the log line of a peer found down. A loop that waits anywhere
+    but on its socket has stopped reading that connection, and the peer's frames sit unread however
+    alive it is."""
     found = []
     for conn in host.get_network().get_connections(peer):
         muxed = conn.muxed_conn
