@@ -190,16 +190,18 @@ class Gossip:
         return self._train()
 
     def _fetch(self) -> list[Action]:
-        """Ask a neighbour for its model, one not asked yet if there is one; the timer replaces an earlier
-        attempt's, which would cut this one short."""
+        """Ask a neighbour not asked yet for its model; the timer replaces an earlier attempt's, which
+        would cut this one short."""
         self._phase = Phase.FETCHING
-        unasked = [p for p in self._neighbours if p not in self._asked]
-        self._fetching_from = self._rng.choice(unasked or list(self._neighbours))
+        self._fetching_from = self._rng.choice(self._unasked())
         self._asked.add(self._fetching_from)
         return [Send(self._fetching_from, "fetch"), StartTimer(Timer.FETCH, self._config.fetch_timeout)]
 
+    def _unasked(self) -> list[str]:
+        return [p for p in self._neighbours if p not in self._asked]
+
     def _can_fetch_again(self) -> bool:
-        return bool(self._neighbours) and len(self._asked) < self._config.fetch_attempts
+        return len(self._asked) < self._config.fetch_attempts and bool(self._unasked())
 
     def _lost(self, peer: str) -> list[Action]:
         if self._phase is Phase.FETCHING and peer == self._fetching_from:
@@ -221,7 +223,7 @@ class Gossip:
             if msg.round > self._round:
                 self._model = contribution.state
                 self._round = min(msg.round, self._round + self._config.max_round_jump)
-            elif self._can_fetch_again() and set(self._neighbours) - self._asked:
+            elif self._can_fetch_again():
                 return self._fetch()
             return [CancelTimer(Timer.FETCH), *self._train()]
         if not self._config.synchronous:
