@@ -1,20 +1,36 @@
-"""CPU per libp2p ping between two hosts in this process (both sides' work): a fresh stream per ping
-(Yamux SYN, multistream-select, ping, reset) against one stream kept between pings (what
-``overlay.liveness`` does). Run: ``python benchmarks/ping_cost.py [--pings N]``."""
+"""CPU per ping between two hosts in this process (both sides' work): the libp2p ping protocol on a
+fresh stream per ping (Yamux SYN, multistream-select, ping, reset) and on one stream kept between
+pings, against a Yamux ping on the connection (what ``overlay.liveness`` sends; the peer's reading
+loop answers it). Run: ``python benchmarks/ping_cost.py [--pings N]``."""
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import time
 
 import trio
+from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.host.ping import ID as PING
+from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from shoal.overlay.host import build_host, reset_stream
-from shoal.overlay.liveness import echo
+from shoal.overlay.host import build_host, ping_connections, reset_stream
+
+
+async def echo(stream: INetStream) -> bool:
+    """One libp2p ping on ``stream``: whether our random payload came back intact."""
+    payload = secrets.token_bytes(PING_LENGTH)
+    await stream.write(payload)
+    echoed = b""
+    while len(echoed) < PING_LENGTH:
+        chunk = await stream.read(PING_LENGTH - len(echoed))
+        if not chunk:
+            return False
+        echoed += chunk
+    return echoed == payload
 
 
 async def main(pings: int) -> None:
@@ -33,7 +49,15 @@ async def main(pings: int) -> None:
         async def reused() -> None:
             assert await echo(kept)
 
-        for name, one in (("fresh stream per ping", fresh), ("one kept stream", reused)):
+        (conn,) = a.get_network().get_connections(b.get_id())
+
+        async def yamux_ping() -> None:
+            conn.muxed_conn._ping_event = answered = trio.Event()  # py-libp2p sets it on the answer
+            await ping_connections(a, b.get_id())
+            await answered.wait()
+
+        rows = (("fresh stream per ping", fresh), ("one kept stream", reused), ("Yamux ping", yamux_ping))
+        for name, one in rows:
             for _ in range(20):  # warm-up
                 await one()
             cpu, wall = time.process_time(), time.perf_counter()

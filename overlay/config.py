@@ -69,7 +69,7 @@ class P2PConfig:
     )
     ping_timeout: float = field(
         default=10.0,
-        metadata={"help": "seconds a ping may take (a late answer still proves the peer alive)"},
+        metadata={"help": "seconds sending a ping may wait (its answer counts whenever it comes)"},
     )
     suspect_phi: float = field(
         default=3.0, metadata={"help": "phi at which a silent peer is suspected (shown in /status only)"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import trio
 from libp2p.abc import INetStream
@@ -36,21 +35,15 @@ Handler = Callable[[INetStream], Awaitable[None]]
 
 
 class _Metered:
-    """Counts what is read from a stream into ``counter[key]`` while it lasts (transfers' progress), and
-    reports each chunk as a sign of life of the sender: a peer busy sending us a model is alive, even
-    while its pings wait behind that model on the same connection."""
+    """Counts what is read from a stream into ``counter[key]`` while it lasts (transfers' progress)."""
 
-    def __init__(
-        self, stream: Libp2pStream, counter: Counter[str], key: str, alive: Callable[[], None]
-    ) -> None:
-        self.stream, self.counter, self.key, self.count, self.alive = stream, counter, key, 0, alive
+    def __init__(self, stream: Libp2pStream, counter: Counter[str], key: str) -> None:
+        self.stream, self.counter, self.key, self.count = stream, counter, key, 0
 
     async def read(self, max_bytes: int) -> bytes:
         data = await self.stream.read(max_bytes)
         self.counter[self.key] += len(data)
         self.count += len(data)
-        if data:
-            self.alive()
         return data
 
     def done(self) -> None:
@@ -67,16 +60,14 @@ class Guard:
         config: P2PConfig,
         tasks: Tasks,
         cut_off: Callable[[str], Awaitable[None]],
-        heard: Callable[[str], None],
     ) -> None:
-        """``heard(peer)``: bytes came from ``peer`` or it took ours: alive (``overlay.liveness``)."""
         self.config = config
         self.policy = Penalties(config.max_penalty, config.ban_duration, log_interval=config.log_interval)
         self.inflight = Inflight(config.max_inflight, config.peer_inflight)
         self.receiving: Counter[str] = Counter()  # bytes so far of messages arriving now, by sender
         self._streams = RateLimit(config.message_rate, config.message_burst)
         self._pace = Pace(config.min_rate, config.rate_window)
-        self._tasks, self._cut_off, self._heard = tasks, cut_off, heard
+        self._tasks, self._cut_off = tasks, cut_off
 
     async def run(self) -> None:
         """Once a second: end expired bans, forget idle rate-limit state, log a due summary."""
@@ -85,9 +76,6 @@ class Guard:
             now = trio.current_time()
             self.policy.tick(now)
             self._streams.forget_idle(now)
-
-    def heard(self, peer: str) -> None:
-        self._heard(peer)
 
     def banned(self, peer: str) -> bool:
         return self.policy.banned(peer, trio.current_time())
@@ -135,7 +123,7 @@ class Guard:
         """One frame from ``peer`` under the node's bounds (size, rate, budget, ``receive_timeout``), or
         None, the stream reset, once it ended between frames or went idle (quietly) or after recording
         why its input was refused."""
-        metered = _Metered(Libp2pStream(stream), self.receiving, peer, partial(self._heard, peer))
+        metered = _Metered(Libp2pStream(stream), self.receiving, peer)
         try:
             frame = await read_frame(
                 metered,

@@ -9,7 +9,6 @@ guard's bounds (``overlay.guard``) and counts against the sender's message rate;
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -62,7 +61,7 @@ class Messaging:
         size = sum(len(p) for p in parts)
 
         async def write(stream: INetStream) -> None:
-            await write_frame(_Progress(stream, partial(self._guard.heard, peer)), parts)
+            await write_frame(Libp2pStream(stream), parts)
 
         try:
             with trio.fail_after(self.config.send_timeout):
@@ -138,16 +137,3 @@ class Messaging:
             return key
         known = {k for k in (*self.bytes_in, *self.bytes_out) if k.startswith("msg:")}
         return key if len(kind) <= MAX_KIND and len(known) < MAX_KINDS else "msg:other"
-
-
-class _Progress(Libp2pStream):
-    """Each write that returns is a sign of life of the receiver: Yamux lets us write only as far as the
-    window it granted, so a peer taking our model is alive even while its pings wait behind it."""
-
-    def __init__(self, stream: INetStream, alive: Callable[[], None]) -> None:
-        super().__init__(stream)
-        self.alive = alive
-
-    async def write(self, data: bytes) -> None:
-        await super().write(data)
-        self.alive()

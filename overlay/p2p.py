@@ -77,7 +77,7 @@ class Libp2pOverlay:
             connected=self._connected,
             gone=self._gone,
         )
-        self._guard = Guard(config, self._tasks, cut_off=self._peers.disconnect, heard=self._heard)
+        self._guard = Guard(config, self._tasks, cut_off=self._peers.disconnect)
         self._messaging = Messaging(
             task, config, self._guard, self._peers, self._events_in, self.bytes_in, self.bytes_out
         )
@@ -177,9 +177,6 @@ class Libp2pOverlay:
     async def _connected(self, peer: ID) -> None:
         """A new connection: a metadata sync tells whether it is a peer of this task."""
         await self._sync.sync_with(peer)
-
-    def _heard(self, peer: str) -> None:
-        self._liveness.heard(peer)
 
     def _gone(self, peer: str) -> None:
         """A peer went down or was cut off: forget what the components keep about it."""

@@ -275,6 +275,25 @@ async def test_hung_peer_is_declared_down_within_the_bound(caplog):
             proc.wait()
 
 
+async def test_a_peer_whose_streams_cannot_be_opened_but_whose_connection_reads_stays_up(caplog):
+    """At 24 daemons on 2 cores, opening a stream (multistream-select through two loaded event loops)
+    took seconds while every connection kept carrying frames; pings on fresh streams timed out, and
+    live peers were cut off. Here b negotiates no stream at all: a's pings are Yamux pings, answered
+    by b's reading loop, so b stays a peer, unsuspected, well past the detector's bound (< 5 s)."""
+    caplog.set_level(logging.INFO, logger="shoal.overlay")
+    async with swarm(2) as (a, b):
+        await until(lambda: b.peer_id in a.peers() and a.peer_id in b.peers(), 20)
+
+        async def never(*args, **kwargs):
+            await trio.sleep_forever()
+
+        b.host.multiselect.negotiate = never
+        for _ in range(20):
+            await trio.sleep(0.5)
+            assert b.peer_id in a.peers() and b.peer_id not in a.liveness()["suspected"]
+        assert a.liveness()["down"] == 0 and "is down" not in caplog.text
+
+
 @pytest.mark.slow
 async def test_the_peer_set_is_refilled_from_the_metadata_document_and_trimmed_above_high(monkeypatch):
     """Nodes joined through one bootstrap node know the others only from the metadata document: below
