@@ -76,9 +76,6 @@ class PhiAccrual:
             self._gaps[peer] = deque([self.interval], maxlen=WINDOW)
             self._heard[peer] = now
 
-    def watching(self, peer: str) -> bool:
-        return peer in self._heard
-
     def heartbeat(self, peer: str, now: float) -> None:
         """``peer`` was heard at ``now``: one gap of its history; once per moment."""
         if peer in self._heard and now > self._beat.get(peer, -math.inf):
@@ -201,8 +198,9 @@ class Liveness:
         """A Yamux ping on each connection to the peer, its answer to be seen as traffic next round.
 
         Not awaited by the round: writing to a peer whose TCP buffers are full (a stopped process we
-        kept sending models to) waits for buffer space, up to ``timeout``; measured, a ping that held
-        the round held every peer's verdict with it, for 10 s.
+        kept sending models to) waits for buffer space, up to ``timeout`` for its turn and up to the
+        host's frame-write bound once written; measured, a ping that held the round held every peer's
+        verdict with it, for 10 s.
         """
         try:
             with trio.move_on_after(self.timeout):
