@@ -14,6 +14,8 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
   to write (:func:`_write_frame`): a cancelled write desynchronised Noise and left a connection that
   carries nothing; two reading loops waiting to write left one that carried nothing either.
 - Receive windows released in batches, not on every read (:func:`patch_yamux`).
+- A data frame's body read in one read of the secure session (:func:`_read_data_body`), whose Noise
+  I/O ``overlay.noiseio`` batches (:func:`build_host` applies both).
 - Opening a stream costs two multistream-select round trips through both event loops, seconds on a
   loaded machine: liveness sends Yamux pings instead (:func:`ping_connections`), and any frame the
   reading loop receives is a sign of life (:func:`last_read`).
@@ -43,12 +45,15 @@ from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.utils.address_validation import expand_wildcard_address
+
+from shoal.overlay.noiseio import patch_noise
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ def quiet_libp2p_logs(verbose: bool) -> None:
 
 
 def patch_yamux() -> None:
-    """Four changes to py-libp2p's Yamux, applied only to the version they were measured on (another
+    """Five changes to py-libp2p's Yamux, applied only to the version they were measured on (another
     keeps its defaults and says so):
 
     - Data frames of up to :data:`YAMUX_FRAME` bytes (its module constant). Only the frames this process
@@ -84,6 +89,7 @@ def patch_yamux() -> None:
       stays at the spec's 256 KiB, which Go and Rust peers insist on.
     - Frame writes that a cancellation cannot cut in two (:func:`_write_frame`).
     - A reading loop that never waits to write (:func:`_write_frame`).
+    - A data frame's body read in one secure-session read (:func:`_read_data_body`).
     - Receive windows released in batches of half a window, as go-yamux does: py-libp2p released them
       on every read (``PY_YAMUX_RELEASE_ON_READ``), one window-update frame (a Noise message and a
       write at both ends) per 32-byte ping or 4-byte frame prefix read; that was 10% of a daemon's loop
@@ -98,6 +104,7 @@ def patch_yamux() -> None:
     if yamux.Yamux._write_frame is not _write_frame:  # once per process: every host calls this
         yamux.Yamux._write_frame = _write_frame
         yamux.Yamux.handle_incoming = _reader(yamux.Yamux.handle_incoming)
+        yamux.Yamux._read_data_body = _read_data_body
         yamux._yamux_release_on_read = _release_in_batches
 
 
@@ -126,6 +133,20 @@ def _reader(handle_incoming: Callable[[yamux.Yamux], Awaitable[None]]) -> Callab
         await handle_incoming(self)
 
     return read
+
+
+async def _read_data_body(self: yamux.Yamux, length: int) -> bytes:
+    """``Yamux._read_data_body`` in one read of the secure session (``overlay.noiseio``), not through
+    ``read_exactly``, which copied the body twice more."""
+    with trio.fail_after(yamux._yamux_data_read_timeout()):
+        body = await self.secured_conn.read(length)
+    if len(body) < length:
+        raise IncompleteReadError(
+            f"connection ended {len(body)} bytes into a {length}-byte frame",
+            expected_bytes=length,
+            received_bytes=len(body),
+        )
+    return body
 
 
 def last_read(host: IHost, peer: ID) -> float | None:
@@ -312,6 +333,7 @@ def build_host(
     (a node behind a port forward)."""
     fixed = [parse_multiaddr(a) for a in announce]
     patch_yamux()
+    patch_noise()
 
     def addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return announced(fixed or candidates)
