@@ -53,7 +53,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
-from shoal.overlay.noiseio import patch_noise
+from shoal.overlay.noiseio import MEASURED_LIBP2P, patch_noise
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ YAMUX_FRAME = 1 << 20
 FRAME_WRITE_TIMEOUT = 30.0
 MAX_QUEUED = 1024  # control frames (12-byte headers) the reading loop may queue per connection
 ADDRS_TTL = 1.0
-MEASURED_LIBP2P = "0.8.1"
 
 
 class BootstrapError(Exception):

@@ -32,7 +32,7 @@ from noise.exceptions import NoiseInvalidMessage
 
 log = logging.getLogger(__name__)
 
-MEASURED_LIBP2P = "0.8.1"
+MEASURED_LIBP2P = "0.8.1"  # the py-libp2p version these patches and host.patch_yamux were measured on
 READ_AHEAD = 1 << 18
 LENGTH = noise_io.SIZE_NOISE_MESSAGE_LEN
 
