@@ -17,7 +17,8 @@ from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from shoal.overlay.host import build_host, ping_connections, reset_stream
+from shoal.overlay.connections import ping_connections
+from shoal.overlay.host import build_host, reset_stream
 
 
 async def echo(stream: INetStream) -> bool:

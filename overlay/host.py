@@ -17,8 +17,8 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
 - A data frame's body read in one read of the secure session (:func:`_read_data_body`), whose Noise
   I/O ``overlay.noiseio`` batches (:func:`build_host` applies both).
 - Opening a stream costs two multistream-select round trips through both event loops, seconds on a
-  loaded machine: liveness sends Yamux pings instead (:func:`ping_connections`), and any frame the
-  reading loop receives is a sign of life (:func:`last_read`).
+  loaded machine: liveness sends Yamux pings instead, and anything a connection receives is a sign
+  of life (``overlay.connections``).
 - ``host.get_addrs`` cached for a second (:func:`_for_a_while`): pubsub calls it for every RPC.
 - A message stream's receive window is granted at once (:func:`grow_receive_window`): py-libp2p starts
   every stream at 256 KiB and doubles it at most once per round trip, and its writer polls every 10 ms
@@ -34,8 +34,6 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
-import math
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -113,22 +111,13 @@ def _release_in_batches() -> bool:
 
 
 def _reader(handle_incoming: Callable[[yamux.Yamux], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """``handle_incoming``, remembering which task reads (see :func:`_write_frame`) and when it last
-    received bytes (:func:`last_read`)."""
+    """``handle_incoming``, remembering which task reads (see :func:`_write_frame`; shown by
+    ``overlay.connections.reading_loops``)."""
 
     @functools.wraps(handle_incoming)
     async def read(self: yamux.Yamux) -> None:
         self._shoal_reader = trio.lowlevel.current_task()
         self._shoal_queued = collections.deque()
-        self._shoal_read_at = trio.current_time()
-        secured_read = self.secured_conn.read
-
-        async def timed_read(n: int | None = None) -> bytes:
-            data = await secured_read(n)
-            self._shoal_read_at = trio.current_time()
-            return data
-
-        self.secured_conn.read = timed_read  # only the reading loop reads a connection
         await handle_incoming(self)
 
     return read
@@ -146,33 +135,6 @@ async def _read_data_body(self: yamux.Yamux, length: int) -> bytes:
             received_bytes=len(body),
         )
     return body
-
-
-def last_read(host: IHost, peer: ID) -> float | None:
-    """When (``trio.current_time()``) a reading loop last received bytes from ``peer`` on any of our
-    connections to it, if ever: any frame, so any traffic at all, is a sign that its process runs."""
-    times = [getattr(c.muxed_conn, "_shoal_read_at", None) for c in host.get_network().get_connections(peer)]
-    return max((t for t in times if t is not None), default=None)
-
-
-async def ping_connections(host: IHost, peer: ID) -> None:
-    """Send a Yamux ping on each connection to ``peer``. Its reading loop answers it (no stream, no
-    protocol negotiation, no handler task), and the answer counts as traffic (:func:`last_read`).
-
-    Not the libp2p ping protocol: at 24 daemons on 2 cores, opening a stream took seconds (the
-    multistream-select round trips wait on two loaded event loops), so 845 of ~1,300 failed pings in a
-    2-minute demo were stream openings cut by the ping timeout on connections whose frames kept
-    arriving, and their peers were cut off as down. The ping's send time is noted where py-libp2p's
-    own 30 s ping would note it, so the answer still measures the connection's round-trip time.
-    """
-    for conn in host.get_network().get_connections(peer):
-        muxed = conn.muxed_conn
-        if isinstance(muxed, yamux.Yamux):
-            muxed._ping_id += 1
-            muxed._ping_sent_time = trio.current_time()
-            await muxed._write_frame(
-                struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_PING, yamux.FLAG_SYN, 0, muxed._ping_id)
-            )
 
 
 async def _write_frame(self: yamux.Yamux, data: bytes) -> None:
@@ -229,40 +191,6 @@ async def _write_whole(self: yamux.Yamux, data: bytes) -> None:
             with trio.move_on_after(1), contextlib.suppress(Exception):
                 await self.secured_conn.close()
             raise RawConnError(f"a Yamux frame was not written within {FRAME_WRITE_TIMEOUT:g} s")
-
-
-def reading_loops(host: IHost, peer: ID) -> str:
-    """Where the reading loop of each connection to ``peer`` waits, with its queued frames, streams,
-    free stream slots, write lock and when it last received bytes: for the log line of a peer found
-    down. A loop that waits anywhere but on its socket has stopped reading that connection, and the
-    peer's frames sit unread however alive it is."""
-    found = []
-    for conn in host.get_network().get_connections(peer):
-        muxed = conn.muxed_conn
-        task = getattr(muxed, "_shoal_reader", None)
-        lock = getattr(muxed, "_write_lock", None)
-        found.append(
-            f"reader in {_waiting_in(task.coro) if task else '?'}, "
-            f"{len(getattr(muxed, '_shoal_queued', ()))} frames queued, "
-            f"{len(getattr(muxed, 'streams', ()))} streams, "
-            f"{getattr(getattr(muxed, 'stream_backlog_semaphore', None), 'value', '?')} backlog slots, "
-            f"write lock {'held' if lock is not None and lock.locked() else 'free'}, "
-            f"read {trio.current_time() - getattr(muxed, '_shoal_read_at', math.nan):.1f} s ago"
-        )
-    return "; ".join(found) or "no connection"
-
-
-def _waiting_in(coro: object) -> str:
-    """The innermost three functions outside trio of a suspended coroutine chain, ``outer > inner:line``."""
-    frames = []
-    for _ in range(64):
-        if coro is None:
-            break
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is not None and "/trio/" not in frame.f_code.co_filename:
-            frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return " > ".join(frames[-3:]) or "?"
 
 
 def grow_receive_window(stream: INetStream, size: int) -> None:

@@ -4,8 +4,8 @@ py-libp2p 0.8.1 never notices a peer that hangs while its TCP connection stays u
 do not close the connection and a blocked writer waits forever (../shared/LIBP2P.md §7); a peer that
 exits or is killed closes its connections and is down at once (``overlay.peers``). So each node
 watches when it last received anything from each task peer, on any of its connections
-(``host.last_read``: every frame counts, whatever protocol it belongs to), and sends a Yamux ping
-(``host.ping_connections``) to a peer not heard within half the ``interval``, at most one every
+(``connections.last_read``: any bytes count, whatever protocol they belong to), and sends a Yamux ping
+(``connections.ping_connections``) to a peer not heard within half the ``interval``, at most one every
 ``interval`` seconds; the peer's reading loop answers it. Not the libp2p ping protocol: opening its
 stream costs two multistream-select round trips through both event loops, which took seconds at 24
 daemons on 2 cores while the connections' frames kept arriving, and most "peer down" verdicts were
@@ -26,7 +26,7 @@ round at most, taken as normal, N(mean, std) over the last ``WINDOW``, std at le
   hung peer is about ``mean + pause + 5 * std`` of its gaps (~37 s with the defaults 2 s, 30 s on a
   quiet network), plus one round.
 
-A peer found down is logged with where our end of its connections stands (``host.reading_loops``).
+A peer found down is logged with where our end of its connections stands (``connections.reading_loops``).
 When our own loop stalled (SIGSTOP, a CPU hog), everybody looks silent: a round that took far longer
 than it can shifts every peer's clock by the stall (:meth:`PhiAccrual.stalled`) rather than blaming
 them for it.
@@ -42,7 +42,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
-from shoal.overlay import host as connections
+from shoal.overlay import connections
 from shoal.overlay.peers import Peers
 
 log = logging.getLogger("shoal.overlay")

@@ -6,7 +6,8 @@ length and then its body, and writes each with its own socket write after copyin
 slice of the frame, then the length prefix joined to it): for a 1 MiB Yamux frame, 16 messages, 32
 receive calls and 16 sends, every one through a lock and several coroutine layers. Here a reader
 takes whatever the socket holds (up to :data:`READ_AHEAD` bytes) and cuts messages out of that
-buffer, and a writer encrypts a frame's messages and sends them in one write. The bytes on the wire
+buffer (noting when bytes last arrived: ``overlay.connections.last_read``), and a writer encrypts a
+frame's messages and sends them in one write. The bytes on the wire
 are unchanged; the nonce order is too (messages are encrypted and decrypted in order, and a frame's
 write is never cut by a cancellation: ``overlay.host._write_frame``).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 
+import trio
 from cryptography.exceptions import InvalidTag
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.security import secure_session
@@ -77,9 +79,9 @@ async def _read_msg(self: noise_io.NoiseTransportReadWriter, prefix_encoded: boo
     upstream's reads do (``is_clean_close`` when it ended between messages)."""
     buffer: bytearray = self.__dict__.setdefault("_shoal_buffer", bytearray())
     start: int = self.__dict__.get("_shoal_start", 0)
-    await _fill(self, buffer, start, LENGTH)
+    await _buffer_until(self, buffer, start, LENGTH)
     size = int.from_bytes(buffer[start : start + LENGTH], "big")
-    await _fill(self, buffer, start, LENGTH + size)
+    await _buffer_until(self, buffer, start, LENGTH + size)
     with memoryview(buffer) as view:
         ciphertext = view[start + LENGTH : start + LENGTH + size]
         try:
@@ -96,14 +98,18 @@ async def _read_msg(self: noise_io.NoiseTransportReadWriter, prefix_encoded: boo
     return plaintext
 
 
-async def _fill(self: noise_io.NoiseTransportReadWriter, buffer: bytearray, start: int, need: int) -> None:
-    """Read until ``need`` bytes from ``start`` are buffered."""
+async def _buffer_until(
+    self: noise_io.NoiseTransportReadWriter, buffer: bytearray, start: int, need: int
+) -> None:
+    """Read until ``need`` bytes from ``start`` are buffered, noting when bytes last arrived
+    (``_shoal_read_at``, the liveness clock of ``overlay.connections.last_read``)."""
     raw = self.read_writer.read_write_closer
     while (have := len(buffer) - start) < need:
         data = await raw.read(max(READ_AHEAD, need - have))
         if not data:
             ended = f"connection ended {have} bytes into a Noise message"
             raise IncompleteReadError(ended, expected_bytes=need, received_bytes=have)
+        self._shoal_read_at = trio.current_time()
         buffer += data
 
 

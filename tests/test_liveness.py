@@ -6,7 +6,7 @@ import trio
 import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from shoal.overlay import host as connections
+from shoal.overlay import connections
 from shoal.overlay.identity import peer_id
 from shoal.overlay.liveness import Liveness, PhiAccrual, phi
 

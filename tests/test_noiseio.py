@@ -130,3 +130,20 @@ def test_what_noiseio_replaces_still_exists_upstream_and_is_version_guarded(monk
         noiseio.patch_noise()
     assert noise_io.NoiseTransportReadWriter.read_msg is UPSTREAM_READ
     assert "keeping its Noise I/O as it is" in caplog.text
+
+
+async def test_a_flooding_sender_cannot_grow_the_read_buffer():
+    """A hostile peer that writes 8 MB of valid Noise messages at once: the reader buffers at most a
+    message plus two read-aheads, however far ahead the sender is."""
+    noiseio.patch_noise()
+    writer, reader, raw = channel()
+    message = os.urandom(noise_io.MAX_PLAINTEXT_LENGTH)
+    flood = b"".join(
+        len(c).to_bytes(2, "big") + c for c in (writer.noise_state.encrypt(message) for _ in range(128))
+    )
+    bound = 2 * noiseio.READ_AHEAD + noise_io.MAX_NOISE_MESSAGE_LEN + noiseio.LENGTH
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(raw.send_all, flood)
+        for _ in range(128):
+            assert await noiseio._read_msg(reader) == message
+            assert len(reader._shoal_buffer) <= bound
