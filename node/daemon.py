@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import trio
+from blake3 import blake3
 
 from shoal.learning.bristle import bristle_node
 from shoal.learning.datasets import Dataset, load_dataset, load_npz
@@ -41,7 +42,6 @@ from shoal.node.driver import Driver, ThreadCompute
 from shoal.node.home import Home
 from shoal.overlay import offloop
 from shoal.overlay.atomic import write_atomic
-from shoal.overlay.framing import digest
 from shoal.overlay.identity import load_or_create_identity, peer_id
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import DEFAULT_LIMITS, Limits, Message, encode_parts, encoded_size
@@ -279,8 +279,10 @@ class Daemon:
     @staticmethod
     def _version(state: State) -> tuple[str, int]:
         """The model's version for the metadata registry: the hash and size of its tensors' encoding."""
-        parts = encode_parts(Message("model", {}, state))
-        return digest(*parts).hex(), sum(len(p) for p in parts)
+        parts, hasher = encode_parts(Message("model", {}, state)), blake3()
+        for part in parts:
+            hasher.update(part)
+        return hasher.hexdigest(), sum(len(p) for p in parts)
 
     def _checkpoint(self) -> None:
         """Write a checkpoint (from a worker thread or, at exit, the loop: hence the lock)."""

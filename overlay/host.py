@@ -13,7 +13,7 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
 - Yamux frames written whole even when the writer is cancelled, and a reading loop that never waits
   to write (:func:`_write_frame`): a cancelled write desynchronised Noise and left a connection that
   carries nothing; two reading loops waiting to write left one that carried nothing either.
-- Receive windows released in batches, not on every read (:func:`patch_yamux`).
+- Receive windows released in batches, not on every read (:func:`patch_yamux`, :func:`_release_window`).
 - A data frame's body read in one read of the secure session (:func:`_read_data_body`), whose Noise
   I/O ``overlay.noiseio`` batches (:func:`build_host` applies both).
 - Opening a stream costs two multistream-select round trips through both event loops, seconds on a
@@ -51,6 +51,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
+from shoal.overlay.malloc import keep_freed_memory
 from shoal.overlay.noiseio import MEASURED_LIBP2P, patch_noise
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def quiet_libp2p_logs(verbose: bool) -> None:
 
 
 def patch_yamux() -> None:
-    """Five changes to py-libp2p's Yamux, applied only to the version they were measured on (another
+    """Changes to py-libp2p's Yamux, applied only to the version they were measured on (another
     keeps its defaults and says so):
 
     - Data frames of up to :data:`YAMUX_FRAME` bytes (its module constant). Only the frames this process
@@ -92,6 +93,9 @@ def patch_yamux() -> None:
       write at both ends) per 32-byte ping or 4-byte frame prefix read; that was 10% of a daemon's loop
       at 24 daemons on 2 cores (py-spy). A kept-stream ping went from 0.55 to 0.45 ms of CPU
       (benchmarks/ping_cost.py); 100 MB transfers are unchanged (benchmarks/transfer_speed.py).
+      On a stream whose window grew (message streams, :func:`grow_receive_window`), an update only
+      once half the window was read (:func:`_release_window`): upstream still sent one for nearly
+      every message read there.
     """
     version = importlib.metadata.version("libp2p")
     if version != MEASURED_LIBP2P:
@@ -103,11 +107,33 @@ def patch_yamux() -> None:
         yamux.Yamux.handle_incoming = _reader(yamux.Yamux.handle_incoming)
         yamux.Yamux._read_data_body = _read_data_body
         yamux._yamux_release_on_read = _release_in_batches
+        _release_window.upstream = yamux.YamuxStream._auto_tune_and_send_window_update
+        yamux.YamuxStream._auto_tune_and_send_window_update = _release_window
 
 
 def _release_in_batches() -> bool:
     """py-libp2p's "release the window on every read?" switch, answered no (see :func:`patch_yamux`)."""
     return False
+
+
+async def _release_window(self: yamux.YamuxStream, *, bytes_read: int = 0) -> None:
+    """``YamuxStream._auto_tune_and_send_window_update``, as go-yamux does it on a stream whose window
+    grew past the initial 256 KiB (e.g. by :func:`grow_receive_window`): a window update only once the
+    bytes read since the last one reach half the window. Upstream sent one on nearly every read (an
+    extra frame, write and wake-up at both ends for each message on a reused stream) and granted more
+    than it was asked: on a stream still at 256 KiB that overshoot is what grows the window (its
+    round-trip-time rule never fires at Python's speeds), so such a stream keeps upstream's way."""
+    if self.target_recv_window <= yamux.DEFAULT_WINDOW_SIZE:
+        await _release_window.upstream(self, bytes_read=bytes_read)
+        return
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta < max(1, self._grow_threshold()):
+            return
+        self.recv_window += delta
+        delta += self._apply_autotune_epoch(buffered)
+    await self.send_window_update(delta, skip_lock=True)
 
 
 def _reader(handle_incoming: Callable[[yamux.Yamux], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -261,6 +287,7 @@ def build_host(
     fixed = [parse_multiaddr(a) for a in announce]
     patch_yamux()
     patch_noise()
+    keep_freed_memory()
 
     def addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return announced(fixed or candidates)

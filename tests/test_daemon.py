@@ -372,3 +372,15 @@ def test_status_without_a_daemon_and_offline_id(tmp_path):
     out = run_cli("id", "--json", home=home)
     assert out.returncode == 0
     assert json.loads(out.stdout)["peer"] == peer_id(load_or_create_identity(home / "identity.key")[0])
+
+
+def test_a_models_version_names_its_encoded_bytes():
+    """The metadata registry's model version: the same tensors give the same name, any change another."""
+    import torch
+
+    from shoal.node.daemon import Daemon
+
+    name, size = Daemon._version({"w": torch.ones(300)})
+    assert len(name) == 64 and size > 1200
+    assert Daemon._version({"w": torch.ones(300)}) == (name, size)
+    assert Daemon._version({"w": torch.ones(300).index_fill_(0, torch.tensor([7]), 2.0)})[0] != name

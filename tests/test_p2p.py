@@ -525,16 +525,15 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
     from shoal.overlay import host
 
     assert "MAX_MESSAGE_SIZE" in inspect.getsource(yamux.YamuxStream.write)
-    window_update = inspect.getsource(yamux.YamuxStream._auto_tune_and_send_window_update)
-    assert "target_recv_window" in window_update and "_yamux_release_on_read()" in window_update
     assert "._write_frame(" in inspect.getsource(yamux.YamuxStream.write)
     host.patch_yamux()
     host.patch_yamux()
     assert "self._write_frame(" in inspect.getsource(yamux.Yamux.handle_incoming.__wrapped__)
-    assert "_yamux_release_on_read()" in inspect.getsource(
-        yamux.YamuxStream._auto_tune_and_send_window_update
-    )
+    window_update = inspect.getsource(host._release_window.upstream)  # what _release_window replaces
+    assert "target_recv_window" in window_update and "_yamux_release_on_read()" in window_update
+    assert "_grow_threshold" in window_update and "_apply_autotune_epoch" in window_update
     assert yamux._yamux_release_on_read is host._release_in_batches
+    assert yamux.YamuxStream._auto_tune_and_send_window_update is host._release_window
     assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME and yamux.Yamux._write_frame is host._write_frame
     assert not hasattr(yamux.Yamux.handle_incoming.__wrapped__, "__wrapped__")  # wrapped once
     monkeypatch.setattr(yamux, "MAX_MESSAGE_SIZE", 64 * 1024)
@@ -544,6 +543,47 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
         host.patch_yamux()
     assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and yamux.Yamux._write_frame is None
     assert "keeping its Yamux as it is" in caplog.text
+
+
+@pytest.mark.parametrize("granted", [True, False])
+async def test_window_updates_come_per_half_window_on_a_granted_stream_and_small_windows_still_grow(granted):
+    """Forty 100 KB messages on one stream. Granted a 16 MiB window (as message streams are), the reader
+    sends its updates only per half window read: 1, for the grant (upstream sent one per read). A
+    stream left at 256 KiB keeps upstream's rule, which is what lets its window grow: the 4 MB arrive."""
+    from libp2p.peer.peerinfo import PeerInfo
+    from libp2p.stream_muxer.yamux import yamux
+
+    from shoal.overlay.host import build_host, grow_receive_window
+
+    proto, piece, pieces = TProtocol("/shoal-test/window/1"), 100_000, 40
+    updates, got = [], trio.Event()
+
+    async def read_all(stream) -> None:
+        if granted:
+            grow_receive_window(stream, yamux.MAX_WINDOW_SIZE)
+        send_update = stream.muxed_stream.send_window_update
+
+        async def counted(increment: int, skip_lock: bool = False) -> None:
+            updates.append(increment)
+            await send_update(increment, skip_lock)
+
+        stream.muxed_stream.send_window_update = counted
+        left = piece * pieces
+        while left:
+            left -= len(await stream.read(min(left, piece)))
+        got.set()
+
+    a, b = (build_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
+    b.set_stream_handler(proto, read_all)
+    listen = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with a.run(listen_addrs=listen), b.run(listen_addrs=listen):
+        await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+        with trio.fail_after(20):
+            stream = await a.new_stream(b.get_id(), [proto])
+            for _ in range(pieces):
+                await stream.write(os.urandom(piece))
+            await got.wait()
+    assert len(updates) == 1 if granted else len(updates) > 4, updates
 
 
 async def test_cancelled_stream_opens_leave_the_connection_working():
