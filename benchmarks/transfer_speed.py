@@ -38,7 +38,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from shoal.overlay.config import P2PConfig
-from shoal.overlay.host import quiet_libp2p_logs
+from shoal.overlay.host import grow_receive_window, quiet_libp2p_logs
 from shoal.overlay.interface import Delivered
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message, encoded_size
@@ -77,6 +77,8 @@ async def serve() -> None:
         await _length_prefixed(stream.receive_some, lambda: stream.send_all(b"k"))
 
     async def bare_stream(stream: INetStream) -> None:
+        grow_receive_window(stream, CONFIG.limits.max_message)  # the window Shoal's message streams get
+
         async def read(n: int) -> bytes:
             try:
                 return await stream.read(n)

@@ -104,8 +104,9 @@ async def test_a_payload_that_does_not_end_where_its_prefix_says_is_refused():
 )
 async def test_bad_prefixes(mutate, match):
     frame = await frame_bytes(b"payload")
-    with pytest.raises(TransferError, match=match):
+    with pytest.raises(TransferError, match=match) as info:
         await read_frame(Bytes(mutate(frame)), max_payload=1 << 20)
+    assert info.value.hostile == ("version" not in match)  # another release is not a liar
 
 
 async def test_trailer_length_must_match_prefix():
