@@ -38,10 +38,11 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from shoal.overlay.config import P2PConfig
-from shoal.overlay.host import grow_receive_window, quiet_libp2p_logs
+from shoal.overlay.host import quiet_libp2p_logs
 from shoal.overlay.interface import Delivered
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message, encoded_size
+from shoal.overlay.yamuxio import grow_receive_window
 
 TASK = "benchmark"
 LENGTH = struct.Struct("<Q")

@@ -2,7 +2,7 @@
 (:func:`last_read`), a Yamux ping (:func:`ping_connections`), and where each reading loop stands
 (:func:`reading_loops`). ``overlay.liveness`` is built on these three.
 
-They read what ``overlay.noiseio`` (the receive clock) and ``overlay.host``'s Yamux patches (the
+They read what ``overlay.noiseio`` (the receive clock) and ``overlay.yamuxio``'s Yamux patches (the
 reading task, its queued frames) keep on each connection, and what py-libp2p 0.8.1's Yamux keeps
 (streams, backlog, write lock, ping id); a connection without them reads as unknown.
 """

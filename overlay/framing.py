@@ -18,7 +18,7 @@ Why it costs little (README "Model transfer speed", each step measured): the pay
 memoryviews of the tensors (no joined copy, no per-piece copy; small parts and the prefix and trailer
 are joined into one write), received into one buffer of the announced length, and
 ``overlay.wire.decode`` then reads tensors out of that buffer without copying them. Pieces of
-:data:`CHUNK` bytes fill the Yamux frames ``overlay.host`` sends.
+:data:`CHUNK` bytes fill the Yamux frames ``overlay.yamuxio`` sends.
 
 Why bounds beyond the length limit (measured against real daemons: four frames claiming 256 MiB, fed
 100 MiB each and then 1 byte/s, held 400 MB of one node's memory for minutes):
@@ -53,7 +53,7 @@ from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE
 
-from shoal.overlay.host import YAMUX_FRAME
+from shoal.overlay.yamuxio import YAMUX_FRAME
 
 MAGIC = b"SHF"
 TRAILER_MAGIC = b"END"

@@ -9,7 +9,7 @@ takes whatever the socket holds (up to :data:`READ_AHEAD` bytes) and cuts messag
 buffer (noting when bytes last arrived: ``overlay.connections.last_read``), and a writer encrypts a
 frame's messages and sends them in one write. The bytes on the wire
 are unchanged; the nonce order is too (messages are encrypted and decrypted in order, and a frame's
-write is never cut by a cancellation: ``overlay.host._write_frame``).
+write is never cut by a cancellation: ``overlay.yamuxio._write_frame``).
 
 What a connection buffers stays bounded whatever the peer sends: one message (at most 65,537 bytes
 with its prefix) plus a read of up to :data:`READ_AHEAD`, and the consumed part is dropped once past
@@ -17,7 +17,7 @@ that, so under ~600 KiB.
 
 The secure session above it assembled an n-byte read in a bytearray and copied it out again, and
 Yamux's reader then copied that twice more (``read_exactly``); :func:`_read` joins the messages'
-plaintexts once, and ``overlay.host`` reads a data frame's body with one such read.
+plaintexts once, and ``overlay.yamuxio`` reads a data frame's body with one such read.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from noise.exceptions import NoiseInvalidMessage
 
 log = logging.getLogger(__name__)
 
-MEASURED_LIBP2P = "0.8.1"  # the py-libp2p version these patches and host.patch_yamux were measured on
+MEASURED_LIBP2P = "0.8.1"  # the py-libp2p version these patches and yamuxio.patch_yamux were measured on
 READ_AHEAD = 1 << 18
 LENGTH = noise_io.SIZE_NOISE_MESSAGE_LEN
 

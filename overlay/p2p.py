@@ -5,7 +5,8 @@ Each component is a small object holding its own state, with an ``async run()`` 
 it, so nothing starts in it once stopping). This class builds and wires them and answers the Overlay
 interface (``overlay.interface``). Who owns what:
 
-- ``overlay.host``: the libp2p host (TCP + Noise + Yamux), addresses, bootstrap;
+- ``overlay.host``: the libp2p host (TCP + Noise + Yamux, with ``overlay.yamuxio`` and
+  ``overlay.noiseio``), addresses, bootstrap;
 - ``overlay.peers``: connections (direct, then relay, then hole punch) and which peers are task peers;
 - ``overlay.guard``: what every inbound stream passes (bans, rates, byte budgets, bounded frame
   reads), enforcing ``overlay.penalties``;

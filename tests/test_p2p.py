@@ -522,25 +522,25 @@ def test_the_yamux_settings_we_change_still_exist_upstream_and_are_version_guard
 
     from libp2p.stream_muxer.yamux import yamux
 
-    from shoal.overlay import host
+    from shoal.overlay import yamuxio
 
     assert "MAX_MESSAGE_SIZE" in inspect.getsource(yamux.YamuxStream.write)
     assert "._write_frame(" in inspect.getsource(yamux.YamuxStream.write)
-    host.patch_yamux()
-    host.patch_yamux()
+    yamuxio.patch_yamux()
+    yamuxio.patch_yamux()
     assert "self._write_frame(" in inspect.getsource(yamux.Yamux.handle_incoming.__wrapped__)
-    window_update = inspect.getsource(host._release_window.upstream)  # what _release_window replaces
+    window_update = inspect.getsource(yamuxio._release_window.upstream)  # what _release_window replaces
     assert "target_recv_window" in window_update and "_yamux_release_on_read()" in window_update
     assert "_grow_threshold" in window_update and "_apply_autotune_epoch" in window_update
-    assert yamux._yamux_release_on_read is host._release_in_batches
-    assert yamux.YamuxStream._auto_tune_and_send_window_update is host._release_window
-    assert yamux.MAX_MESSAGE_SIZE == host.YAMUX_FRAME and yamux.Yamux._write_frame is host._write_frame
+    assert yamux._yamux_release_on_read is yamuxio._release_in_batches
+    assert yamux.YamuxStream._auto_tune_and_send_window_update is yamuxio._release_window
+    assert yamux.MAX_MESSAGE_SIZE == yamuxio.YAMUX_FRAME and yamux.Yamux._write_frame is yamuxio._write_frame
     assert not hasattr(yamux.Yamux.handle_incoming.__wrapped__, "__wrapped__")  # wrapped once
     monkeypatch.setattr(yamux, "MAX_MESSAGE_SIZE", 64 * 1024)
     monkeypatch.setattr(yamux.Yamux, "_write_frame", None)
-    monkeypatch.setattr(host.importlib.metadata, "version", lambda name: "0.9.0")
-    with caplog.at_level(logging.WARNING, logger="shoal.overlay.host"):
-        host.patch_yamux()
+    monkeypatch.setattr(yamuxio.importlib.metadata, "version", lambda name: "0.9.0")
+    with caplog.at_level(logging.WARNING, logger="shoal.overlay.yamuxio"):
+        yamuxio.patch_yamux()
     assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and yamux.Yamux._write_frame is None
     assert "keeping its Yamux as it is" in caplog.text
 
@@ -553,7 +553,8 @@ async def test_window_updates_come_per_half_window_on_a_granted_stream_and_small
     from libp2p.peer.peerinfo import PeerInfo
     from libp2p.stream_muxer.yamux import yamux
 
-    from shoal.overlay.host import build_host, grow_receive_window
+    from shoal.overlay.host import build_host
+    from shoal.overlay.yamuxio import grow_receive_window
 
     proto, piece, pieces = TProtocol("/shoal-test/window/1"), 100_000, 40
     updates, got = [], trio.Event()
@@ -625,7 +626,7 @@ async def test_the_reading_loops_queue_of_frames_is_bounded():
     from libp2p.peer.peerinfo import PeerInfo
     from libp2p.stream_muxer.yamux import yamux
 
-    from shoal.overlay import host
+    from shoal.overlay import yamuxio
     from shoal.overlay.host import build_host
 
     a, b = (build_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
@@ -647,12 +648,12 @@ async def test_the_reading_loops_queue_of_frames_is_bounded():
             await stuck.wait()
             reader, muxed._shoal_reader = muxed._shoal_reader, trio.lowlevel.current_task()
             try:
-                while len(muxed._shoal_queued) < host.MAX_QUEUED:  # the real reader may have queued some
+                while len(muxed._shoal_queued) < yamuxio.MAX_QUEUED:  # the real reader may have queued some
                     with trio.fail_after(1):
                         await muxed._write_frame(pong)  # queued: returns at once
                 with trio.move_on_after(0.5) as waited:
                     await muxed._write_frame(pong)
-                assert waited.cancelled_caught and len(muxed._shoal_queued) == host.MAX_QUEUED
+                assert waited.cancelled_caught and len(muxed._shoal_queued) == yamuxio.MAX_QUEUED
             finally:
                 muxed._shoal_reader = reader
                 release.set()
