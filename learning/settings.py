@@ -165,7 +165,8 @@ class ProtocolSettings:
         },
     )
     topk_fraction: float = field(
-        default=0.1, metadata={"help": "topk: share of each difference's values that is sent"}
+        default=CodecConfig.topk_fraction,
+        metadata={"help": "topk: share of each difference's values that is sent"},
     )
 
     def __post_init__(self) -> None:

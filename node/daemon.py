@@ -27,6 +27,7 @@ import torch
 import trio
 from blake3 import blake3
 
+from shoal.learning import codecs
 from shoal.learning.bristle import bristle_node
 from shoal.learning.datasets import Dataset, load_dataset, load_npz
 from shoal.learning.integrators import Integrator, make_integrator
@@ -40,7 +41,7 @@ from shoal.node import api, checkpoint
 from shoal.node.config import Config, ConfigError
 from shoal.node.driver import Driver, ThreadCompute
 from shoal.node.home import Home
-from shoal.overlay import offloop
+from shoal.overlay import framing, offloop, wire
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
 from shoal.overlay.p2p import Libp2pOverlay
@@ -74,7 +75,8 @@ def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
 
 
 def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
-    """What peers must agree on to average models: architecture, input shape, classes, protocol."""
+    """What peers must agree on to average models: architecture, input shape, classes, protocol, and the
+    encodings of frames, messages and models."""
     spec = {
         "model": config.task.model,
         "tensors": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)],
@@ -82,6 +84,9 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
         "classes": data.num_classes,
         "protocol": config.protocol.protocol,
         "codec": config.protocol.codec,  # not topk_fraction: receivers decode any number of kept values
+        # the encodings: releases that cannot read each other's messages are in different tasks, rather
+        # than in one where each refuses the other's messages as malformed
+        "encoding": [framing.VERSION, wire.VERSION, codecs.FORMAT],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

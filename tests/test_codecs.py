@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -163,9 +164,14 @@ def test_compression_ratios_on_a_million_parameters():
     assert full / wire_bytes(compress("fp16", m)) == pytest.approx(2.0, rel=1e-5)
     assert full / wire_bytes(compress("bf16", m)) == pytest.approx(2.0, rel=1e-5)
     assert full / wire_bytes(compress("int8", m)) > 3.98
+    # 1%: int32 indices (smaller than a bitmap below 1/32), int8 values and a scale per 2048 of them
     sparse = wire_bytes(sparsify(m, 0.01))
-    assert sparse == 6 * (9990 + 10) + 8  # 1% of each tensor at 6 B, plus the counter
-    assert sparse / full == pytest.approx(0.015, rel=1e-3)  # 0.06 B per element against 4
+    assert sparse == 5 * (9990 + 10) + 4 * (5 + 1) + 8
+    assert full / sparse == pytest.approx(80, rel=1e-3)  # 0.05 B per element against 4
+    # 30%: a bitmap, 1/8 B per element, and the values
+    dense = wire_bytes(sparsify(m, 0.3))
+    assert dense == (999_000 + 1000) // 8 + (299_700 + 300) + 4 * (147 + 1) + 8
+    assert full / dense == pytest.approx(9.4, rel=1e-2)
 
 
 # --- determinism and ownership --------------------------------------------------------------
@@ -178,10 +184,14 @@ def decoders():
             (lambda c: lambda m: compress(c, m))(codec),
             (lambda c: lambda w, t: decompress(c, w, t))(codec),
         )
-    yield "topk", lambda m: sparsify(m, 0.05), densify
+    yield "topk-bitmap", lambda m: sparsify(m, 0.3), densify
+    yield "topk-indices", lambda m: sparsify(m, 0.01), densify
 
 
-@pytest.mark.parametrize(("codec", "encoder", "decoder"), list(decoders()), ids=[*STATELESS, "topk"])
+CODEC_IDS = [*STATELESS, "topk-bitmap", "topk-indices"]
+
+
+@pytest.mark.parametrize(("codec", "encoder", "decoder"), list(decoders()), ids=CODEC_IDS)
 def test_decoding_is_deterministic_and_identical_at_the_receiver(codec, encoder, decoder):
     m = model()
     wire = encoder(m)
@@ -192,7 +202,7 @@ def test_decoding_is_deterministic_and_identical_at_the_receiver(codec, encoder,
         assert same_bits(ours[name], again[name]) and same_bits(ours[name], theirs[name]), name
 
 
-@pytest.mark.parametrize(("codec", "encoder", "decoder"), list(decoders()), ids=[*STATELESS, "topk"])
+@pytest.mark.parametrize(("codec", "encoder", "decoder"), list(decoders()), ids=CODEC_IDS)
 def test_outputs_share_no_memory(codec, encoder, decoder):
     m = model()
     originals = {n: t.clone() for n, t in m.items()}
@@ -211,34 +221,72 @@ def test_outputs_share_no_memory(codec, encoder, decoder):
 # --- top-k ----------------------------------------------------------------------------------
 
 
-def test_sparsify_keeps_the_largest_magnitudes_in_index_order():
+def pack(mask):
+    """A bitmap as the codec must make it (numpy's, little bit order): element i, bit i % 8 of byte i // 8."""
+    return torch.from_numpy(np.packbits(np.asarray(mask, dtype=bool), bitorder="little"))
+
+
+def kept_positions(wire, name, n):
+    """Where ``wire`` keeps ``name``'s values: from its bitmap or its indices, whichever it holds."""
+    if f"{name}#m" in wire:
+        bits = np.unpackbits(wire[f"{name}#m"].numpy(), bitorder="little")
+        return torch.from_numpy(np.flatnonzero(bits[:n]))
+    return wire[f"{name}#i"].long()
+
+
+@pytest.mark.parametrize(("fraction", "form"), [(0.1, "#m"), (0.01, "#i")])
+def test_sparsify_keeps_the_largest_magnitudes_in_index_order(fraction, form):
     g = torch.Generator().manual_seed(3)
     d = {"w": torch.randn(50, 40, generator=g), "steps": torch.tensor([5])}
-    wire = sparsify(d, 0.1)
-    index, values = wire["w#i"], wire["w#v"]
-    assert index.dtype == torch.int32 and values.dtype == torch.float16
-    assert index.shape == values.shape == (200,)
-    assert (index[1:] > index[:-1]).all()
+    wire = sparsify(d, fraction)
+    k = round(fraction * 2000)
+    assert set(wire) == {f"w{form}", "w#q", "w#s", "steps"}
+    index = kept_positions(wire, "w", 2000)
+    assert len(index) == k and (index[1:] > index[:-1]).all()
     flat = d["w"].reshape(-1)
-    assert set(index.tolist()) == set(flat.abs().topk(200).indices.tolist())
-    dense = densify(wire, d)
+    assert set(index.tolist()) == set(flat.abs().topk(k).indices.tolist())
+    # the kept values in index order, coded as the int8 codec codes a tensor
+    codes = compress("int8", {"x": flat[index]})
+    assert torch.equal(wire["w#q"], codes["x#q"]) and torch.equal(wire["w#s"], codes["x#s"])
+    got = densify(wire, d)["w"].reshape(-1)
     kept = torch.zeros(2000, dtype=torch.bool)
-    kept[index.long()] = True
-    got = dense["w"].reshape(-1)
-    assert torch.equal(got[kept], flat[kept].half().float())
+    kept[index] = True
+    assert torch.equal(got[kept], wire["w#q"].float() * wire["w#s"])
     assert not got[~kept].any()
     assert flat[~kept].abs().max() <= flat[kept].abs().min()
 
 
+def test_positions_go_as_whichever_is_smaller_the_bitmap_on_a_tie():
+    d = {"x": torch.arange(64.0)}  # bitmap 8 B; int32 indices 4 B each
+    assert set(sparsify(d, 1 / 64)) == {"x#i", "x#q", "x#s"}  # one index, 4 B
+    assert set(sparsify(d, 2 / 64)) == {"x#m", "x#q", "x#s"}  # two, 8 B: a tie
+    assert sparsify(d, 2 / 64)["x#m"].tolist() == [0] * 7 + [0b1100_0000]  # 62 and 63: bits 6, 7 of byte 7
+    assert set(sparsify({"x": torch.zeros(2**20)}, 0.001)) == {"x#i", "x#q", "x#s"}
+
+
+def test_the_bitmap_is_little_endian_in_each_byte():
+    x = torch.zeros(20)
+    x[[0, 3, 9, 19]] = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    wire = sparsify({"x": x}, 0.2)
+    assert wire["x#m"].dtype == torch.uint8
+    assert wire["x#m"].tolist() == [0b0000_1001, 0b0000_0010, 0b0000_1000]  # 0 and 3, 9 = 8 + 1, 19 = 16 + 3
+    assert torch.equal(wire["x#m"], pack(x != 0))
+    out = densify(wire, {"x": x})["x"]
+    assert torch.equal(out != 0, x != 0) and torch.allclose(out, x, atol=2 / 127)
+
+
 def test_sparsify_keeps_at_least_one_and_at_most_all():
-    d = {"a": torch.tensor([0.5, -3.0, 1.0]), "e": torch.zeros(0), "big": torch.tensor([1e9, 1.0])}
+    d = {"a": torch.tensor([0.5, -3.0, 1.0]), "e": torch.zeros(0), "big": torch.tensor([1e30, 1.0])}
     wire = sparsify(d, 1e-9)
-    assert wire["a#i"].tolist() == [1] and wire["a#v"].tolist() == [-3.0]
-    assert wire["e#i"].numel() == 0 and wire["e#v"].numel() == 0
-    assert wire["big#v"].tolist() == [65504.0]  # clamped, not inf
+    assert wire["a#m"].tolist() == [0b010] and wire["a#q"].tolist() == [-127]
+    assert wire["e#m"].numel() == 0 and wire["e#q"].numel() == 0 and wire["e#s"].numel() == 0
+    out = densify(wire, d)
+    assert out["a"].tolist() == pytest.approx([0.0, -3.0, 0.0])
+    assert out["big"].tolist() == pytest.approx([1e30, 0.0])  # int8 values carry magnitudes up to 2**127
     everything = sparsify(d, 1.0)
-    assert everything["a#i"].tolist() == [0, 1, 2]
-    assert torch.equal(densify(everything, d)["a"], d["a"])
+    assert everything["a#m"].tolist() == [0b111]
+    values = {"x#q": everything["a#q"], "x#s": everything["a#s"]}
+    int8_error_ok(d["a"], values, {"x": densify(everything, d)["a"]})
     for fraction in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="fraction"):
             sparsify(d, fraction)
@@ -372,40 +420,83 @@ def test_reasons_quote_little_of_what_a_peer_sent():
 
 
 SMALL = {"w": torch.randn(4, 5, generator=torch.Generator().manual_seed(5)), "steps": torch.tensor([9])}
-TOPK = sparsify(SMALL, 0.3)  # 6 of 20
+TOPK = sparsify(SMALL, 0.3)  # 6 of 20: a 3-byte bitmap beats 24 bytes of indices
+assert set(TOPK) == {"w#m", "w#q", "w#s", "steps"}
+TOPK_I = {**{k: v for k, v in TOPK.items() if k != "w#m"}, "w#i": kept_positions(TOPK, "w", 20).int()}
 
 
 def indices(*values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-def values(n, fill=1.0):
-    return torch.full((n,), fill, dtype=torch.float16)
+def codes(n, fill=1):
+    return torch.full((n,), fill, dtype=torch.int8)
+
+
+def bitmap(*set_bits, n=20):
+    mask = np.zeros(-(-n // 8) * 8, dtype=bool)
+    mask[list(set_bits)] = True
+    return pack(mask)
 
 
 @pytest.mark.parametrize(
     ("wire", "reason"),
     [
-        (changed(TOPK, **{"w#i": indices(1, 1, 2, 3, 4, 5)}), "not strictly increasing"),
-        (changed(TOPK, **{"w#i": indices(1, 3, 2, 4, 5, 6)}), "not strictly increasing"),
-        (changed(TOPK, **{"w#i": indices(-1, 0, 2, 3, 4, 5)}), "index -1, outside \\[0, 20\\)"),
-        (changed(TOPK, **{"w#i": indices(0, 1, 2, 3, 4, 20)}), "index 20, outside \\[0, 20\\)"),
-        (changed(TOPK, **{"w#i": indices(*range(21)), "w#v": values(21)}), "21 indices, more than the 20"),
-        (changed(TOPK, **{"w#i": TOPK["w#i"].long()}), "'w#i' has dtype torch.int64, expected torch.int32"),
-        (changed(TOPK, **{"w#i": TOPK["w#i"].reshape(2, 3)}), "'w#i' has shape \\(2, 3\\), expected a 1-D"),
-        (changed(TOPK, **{"w#i": indices(3).reshape(())}), "'w#i' has shape \\(\\), expected a 1-D"),
+        # positions as int32 indices
+        (changed(TOPK_I, **{"w#i": indices(1, 1, 2, 3, 4, 5)}), "not strictly increasing"),
+        (changed(TOPK_I, **{"w#i": indices(1, 3, 2, 4, 5, 6)}), "not strictly increasing"),
+        (changed(TOPK_I, **{"w#i": indices(-1, 0, 2, 3, 4, 5)}), "index -1, outside \\[0, 20\\)"),
+        (changed(TOPK_I, **{"w#i": indices(0, 1, 2, 3, 4, 20)}), "index 20, outside \\[0, 20\\)"),
+        (changed(TOPK_I, **{"w#i": indices(*range(21)), "w#q": codes(21)}), "21 indices, more than the 20"),
         (
-            changed(TOPK, **{"w#v": TOPK["w#v"].float()}),
-            "'w#v' has dtype torch.float32, expected torch.float16",
+            changed(TOPK_I, **{"w#i": TOPK_I["w#i"].long()}),
+            "'w#i' has dtype torch.int64, expected torch.int32",
         ),
-        (changed(TOPK, **{"w#v": values(5)}), "5 values for 6 indices"),
-        (changed(TOPK, **{"w#v": values(6, float("inf"))}), "'w#v' contains NaN or infinite"),
-        (changed(TOPK, **{"w#v": poke(2, float("nan"))}), "'w#v' contains NaN or infinite"),
-        (changed(TOPK, **{"w#v": None}), "missing wire tensor 'w#v'"),
+        (
+            changed(TOPK_I, **{"w#i": TOPK_I["w#i"].reshape(2, 3)}),
+            "'w#i' has shape \\(2, 3\\), expected a 1-D",
+        ),
+        (changed(TOPK_I, **{"w#i": indices(3).reshape(())}), "'w#i' has shape \\(\\), expected a 1-D"),
+        (changed(TOPK_I, **{"w#q": codes(5)}), "'w#q' has shape \\(5,\\), expected \\(6,\\)"),
+        (changed(TOPK_I, **{"w#m": TOPK["w#m"]}), "unexpected wire tensor.*'w#i'"),  # both forms
+        # positions as a bitmap: exactly ceil(20 / 8) bytes, no bit past element 19, one bit per value
+        (
+            changed(TOPK, **{"w#m": TOPK["w#m"].to(torch.int8)}),
+            "'w#m' has dtype torch.int8, expected torch.uint8",
+        ),
+        (changed(TOPK, **{"w#m": TOPK["w#m"][:2]}), "'w#m' has shape \\(2,\\), expected \\(3,\\)"),
+        (
+            changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 5, n=32)}),
+            "'w#m' has shape \\(4,\\), expected \\(3,\\)",
+        ),
+        (
+            changed(TOPK, **{"w#m": TOPK["w#m"].reshape(3, 1)}),
+            "'w#m' has shape \\(3, 1\\), expected \\(3,\\)",
+        ),
+        (changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 20)}), "'w#m' has bits set past the 20 elements"),
+        (changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 23)}), "'w#m' has bits set past the 20 elements"),
+        (
+            changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 5, 6)}),
+            "'w#q' has shape \\(6,\\), expected \\(7,\\)",
+        ),
+        (changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4)}), "'w#q' has shape \\(6,\\), expected \\(5,\\)"),
+        (changed(TOPK, **{"w#m": None}), "missing wire tensor 'w#i'"),
+        # values: int8 codes and their scales, as the int8 codec's
+        (changed(TOPK, **{"w#q": poke(2, -128)}), "-128, outside the symmetric code"),
+        (changed(TOPK, **{"w#q": TOPK["w#q"].half()}), "'w#q' has dtype torch.float16, expected torch.int8"),
+        (changed(TOPK, **{"w#s": poke(0, float("nan"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(TOPK, **{"w#s": poke(0, float("-inf"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(TOPK, **{"w#s": poke(0, -1.0)}), "negative scale -1"),
+        (changed(TOPK, **{"w#s": poke(0, MAX_SCALE * 1.01)}), "over .*: values would overflow"),
+        (changed(TOPK, **{"w#s": torch.ones(2)}), "'w#s' has shape \\(2,\\), expected \\(1,\\)"),
+        (changed(TOPK, **{"w#s": TOPK["w#s"].double()}), "'w#s' has dtype torch.float64"),
+        (changed(TOPK, **{"w#q": None}), "missing wire tensor 'w#q'"),
+        (changed(TOPK, **{"w#s": None}), "missing wire tensor 'w#s'"),
+        (changed(TOPK, **{"w#v": torch.ones(6, dtype=torch.float16)}), "unexpected wire tensor.*'w#v'"),
         (changed(TOPK, extra=torch.zeros(1)), "unexpected wire tensor.*'extra'"),
-        (changed(TOPK, **{"w#q": torch.zeros(1)}), "unexpected wire tensor.*'w#q'"),
         (changed(TOPK, steps=torch.tensor([9.0])), "'steps' has dtype torch.float32"),
         (compress("fp32", SMALL), "missing wire tensor 'w#i'"),
+        (compress("int8", SMALL), "missing wire tensor 'w#i'"),
     ],
 )
 def test_malformed_sparse_wire_tensors_are_refused_with_a_reason(wire, reason):
@@ -413,12 +504,24 @@ def test_malformed_sparse_wire_tensors_are_refused_with_a_reason(wire, reason):
         densify(wire, SMALL)
 
 
-def test_densify_accepts_any_valid_index_set():
-    wire = changed(TOPK, **{"w#i": indices(0, 19), "w#v": torch.tensor([-2.0, 65504.0], dtype=torch.float16)})
-    out = densify(wire, SMALL)["w"].reshape(-1)
-    assert out[0] == -2.0 and out[19] == 65504.0 and not out[1:19].any()
-    empty = changed(TOPK, **{"w#i": indices(), "w#v": values(0)})
-    assert not densify(empty, SMALL)["w"].any()
+def test_sparse_values_that_overflow_a_narrow_model_are_refused():
+    wire = {"x#m": bitmap(0, n=3), "x#q": codes(1, 127), "x#s": torch.tensor([1e3])}
+    with pytest.raises(CodecError, match="'x' overflows"):
+        densify(wire, HALF)
+
+
+def test_densify_accepts_any_valid_position_set_in_either_form():
+    ends = {"w#q": torch.tensor([-1, 1], dtype=torch.int8), "w#s": torch.tensor([2.0])}
+    for where in ({"w#i": indices(0, 19)}, {"w#m": bitmap(0, 19)}):  # indices where a bitmap is smaller, too
+        out = densify(changed(TOPK_I if "w#i" in where else TOPK, **where, **ends), SMALL)["w"].reshape(-1)
+        assert out[0] == -2.0 and out[19] == 2.0 and not out[1:19].any()
+    none = {"w#q": codes(0), "w#s": torch.zeros(0)}
+    assert not densify(changed(TOPK_I, **{"w#i": indices()}, **none), SMALL)["w"].any()
+    assert not densify(changed(TOPK, **{"w#m": bitmap()}, **none), SMALL)["w"].any()
+    every = densify(
+        changed(TOPK, **{"w#m": bitmap(*range(20)), "w#q": codes(20, -3), "w#s": ends["w#s"]}), SMALL
+    )
+    assert torch.equal(every["w"], torch.full((4, 5), -6.0))
 
 
 # --- fuzzing --------------------------------------------------------------------------------
@@ -434,7 +537,7 @@ FUZZ = {
 }
 SMALL_FUZZ = {k: v for k, v in FUZZ.items() if k != "big"}
 NAMES = [
-    *(f"{n}{suffix}" for n in SMALL_FUZZ for suffix in ("", "#q", "#s", "#i", "#v")),
+    *(f"{n}{suffix}" for n in SMALL_FUZZ for suffix in ("", "#q", "#s", "#i", "#m", "#v")),
     *("", "junk", "w#", "#q", "w#q#s"),
 ]
 SHAPES = [(3, 4), (12,), (1,), (2,), (3,), (5,), (0,), (), (6,), (13,), (2, 2)]
@@ -503,9 +606,20 @@ def near_valid_wire(draw, codec, template):
             specs = [(name, ref.dtype, tuple(ref.shape))]
         elif codec == "int8":
             specs = [(f"{name}#q", torch.int8, (n,)), (f"{name}#s", torch.float32, (math.ceil(n / BLOCK),))]
+        elif codec == "topk" and draw(st.booleans()):  # positions as a bitmap
+            mask = draw(st.lists(st.booleans(), min_size=-(-n // 8) * 8, max_size=-(-n // 8) * 8))
+            if draw(st.integers(0, 3)):  # mostly no padding bits set
+                mask[n:] = [False] * (len(mask) - n)
+            k = sum(mask) + draw(st.sampled_from([0, 0, 0, -1, 1]))
+            wire[f"{name}#m"] = pack(mask)
+            specs = [(f"{name}#q", torch.int8, (max(k, 0),)), (f"{name}#s", torch.float32, (-(-k // BLOCK),))]
         elif codec == "topk":
             k = draw(st.integers(0, n + 1))
-            specs = [(f"{name}#i", torch.int32, (k,)), (f"{name}#v", torch.float16, (k,))]
+            specs = [
+                (f"{name}#i", torch.int32, (k,)),
+                (f"{name}#q", torch.int8, (k,)),
+                (f"{name}#s", torch.float32, (-(-k // BLOCK),)),
+            ]
         else:
             specs = [(name, compress(codec, {"x": ref})["x"].dtype, tuple(ref.shape))]
         for key, dtype, shape in specs:

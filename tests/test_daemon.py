@@ -384,3 +384,24 @@ def test_a_models_version_names_its_encoded_bytes():
     assert len(name) == 64 and size > 1200
     assert Daemon._version({"w": torch.ones(300)}) == (name, size)
     assert Daemon._version({"w": torch.ones(300).index_fill_(0, torch.tensor([7]), 2.0)})[0] != name
+
+
+def test_releases_that_cannot_read_each_others_messages_are_in_different_tasks(tmp_path, monkeypatch):
+    """A peer on another frame, message or model encoding never joins our task, so neither end takes
+    the other's messages for malformed ones (and bans it)."""
+    from shoal.learning import codecs
+    from shoal.learning.models import ParameterLayout, build_model
+    from shoal.node.daemon import load_data, task_id
+    from shoal.overlay import framing, wire
+
+    path = tmp_path / "config.toml"
+    path.write_text(node_config(0, 2))
+    config = load(path)
+    data, _, _ = load_data(config)
+    layout = ParameterLayout.of(build_model(config.task.model, data.input_shape, data.num_classes, seed=0))
+    ours = task_id(config, data, layout)
+    assert task_id(config, data, layout) == ours
+    for module, name in ((framing, "VERSION"), (wire, "VERSION"), (codecs, "FORMAT")):
+        with monkeypatch.context() as patched:
+            patched.setattr(module, name, getattr(module, name) + 1)
+            assert task_id(config, data, layout) != ours, f"{module.__name__}.{name}"
