@@ -69,7 +69,7 @@ async def _length_prefixed(
             header += chunk
         (left,) = LENGTH.unpack(header)
         while left:
-            chunk = await read(min(left, 1 << 24))
+            chunk = await read(min(left, 1 << 20))  # reads the size of the pieces sent
             if not chunk:
                 return
             left -= len(chunk)
