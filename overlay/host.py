@@ -9,7 +9,7 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
 - A host listening on ``0.0.0.0`` advertises ``0.0.0.0`` (§6); we announce each interface's address.
 - Yamux's frames, writes, reads and receive windows changed where they were slow or fragile
   (``overlay.yamuxio``), and its Noise I/O batched (``overlay.noiseio``); :func:`build_host` applies
-  both.
+  both, and keeps the process's freed memory for reuse (``overlay.malloc``).
 - Opening a stream costs two multistream-select round trips through both event loops, seconds on a
   loaded machine: liveness sends Yamux pings instead, and anything a connection receives is a sign
   of life (``overlay.connections``).

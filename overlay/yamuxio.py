@@ -1,10 +1,12 @@
-"""py-libp2p's Yamux (0.8.1) changed where it was slow or fragile: frame size, whole frame writes, a
-reading loop that never waits to write, one read per frame body, and receive windows granted and
-released as go-yamux does. Applied by ``overlay.host.build_host``, only on the version measured.
+"""py-libp2p's Yamux (0.8.1) changed where it was slow or fragile, applied by ``overlay.host.build_host``
+only on the version measured (:func:`patch_yamux`):
 
-- Data frames of 1 MiB instead of 64 KiB: a 64 KiB frame is 17 bytes over Noise's 65,519-byte
-  message limit, so each costs two encryptions and twice the scheduling; 1 MiB frames move 1.8x the
-  bytes per second (../shared/LIBP2P.md §1, second probe).
+- Data frames of up to :data:`YAMUX_FRAME` (1 MiB) instead of 64 KiB: a 64 KiB frame is 17 bytes over
+  Noise's 65,519-byte message limit, so each costs two encryptions and twice the scheduling; 1 MiB
+  frames move 1.8x the bytes per second (../shared/LIBP2P.md §1, second probe). Only the frames this
+  process sends change: the Yamux spec bounds a data frame by the receive window, not by 64 KiB, and
+  py-libp2p (up to its 16 MiB window) and rust-yamux (up to 1 MiB) accept them. The initial window
+  stays at the spec's 256 KiB, which Go and Rust peers insist on.
 - Frames written whole even when the writer is cancelled, and a reading loop that never waits to
   write (:func:`_write_frame`): a cancelled write desynchronised Noise and left a connection that
   carries nothing; two reading loops waiting to write left one that carried nothing either.
@@ -12,8 +14,13 @@ released as go-yamux does. Applied by ``overlay.host.build_host``, only on the v
   I/O ``overlay.noiseio`` batches.
 - A message stream's receive window granted at once (:func:`grow_receive_window`): py-libp2p starts
   every stream at 256 KiB and doubles it at most once per round trip, and its writer polls every 10 ms
-  for credit, so a model on a fresh stream crawled through its first megabytes; then released per half
-  window read (:func:`_release_window`), not on every read.
+  for credit, so a model on a fresh stream crawled through its first megabytes.
+- Receive windows released in batches: py-libp2p released them on every read
+  (``PY_YAMUX_RELEASE_ON_READ``), one window-update frame (a Noise message and a write at both ends)
+  per 32-byte ping or 4-byte frame prefix read; that was 10% of a daemon's loop at 24 daemons on 2
+  cores (py-spy), and a kept-stream ping went from 0.55 to 0.45 ms of CPU (benchmarks/ping_cost.py).
+  On a stream whose window grew, an update only once half the window was read
+  (:func:`_release_window`).
 """
 
 from __future__ import annotations
@@ -44,25 +51,8 @@ MAX_QUEUED = 1024  # control frames (12-byte headers) the reading loop may queue
 
 
 def patch_yamux() -> None:
-    """Changes to py-libp2p's Yamux, applied only to the version they were measured on (another
-    keeps its defaults and says so):
-
-    - Data frames of up to :data:`YAMUX_FRAME` bytes (its module constant). Only the frames this process
-      sends change: the Yamux spec bounds a data frame by the receive window, not by 64 KiB, and
-      py-libp2p (up to its 16 MiB window) and rust-yamux (up to 1 MiB) accept them. The initial window
-      stays at the spec's 256 KiB, which Go and Rust peers insist on.
-    - Frame writes that a cancellation cannot cut in two (:func:`_write_frame`).
-    - A reading loop that never waits to write (:func:`_write_frame`).
-    - A data frame's body read in one secure-session read (:func:`_read_data_body`).
-    - Receive windows released in batches of half a window, as go-yamux does: py-libp2p released them
-      on every read (``PY_YAMUX_RELEASE_ON_READ``), one window-update frame (a Noise message and a
-      write at both ends) per 32-byte ping or 4-byte frame prefix read; that was 10% of a daemon's loop
-      at 24 daemons on 2 cores (py-spy). A kept-stream ping went from 0.55 to 0.45 ms of CPU
-      (benchmarks/ping_cost.py); 100 MB transfers are unchanged (benchmarks/transfer_speed.py).
-      On a stream whose window grew (message streams, :func:`grow_receive_window`), an update only
-      once half the window was read (:func:`_release_window`): upstream still sent one for nearly
-      every message read there.
-    """
+    """This module's changes, on the py-libp2p version they were measured on; another keeps its own
+    Yamux (and says so)."""
     version = importlib.metadata.version("libp2p")
     if version != MEASURED_LIBP2P:
         log.warning("py-libp2p %s: keeping its Yamux as it is (measured on %s)", version, MEASURED_LIBP2P)
@@ -78,7 +68,7 @@ def patch_yamux() -> None:
 
 
 def _release_in_batches() -> bool:
-    """py-libp2p's "release the window on every read?" switch, answered no (see :func:`patch_yamux`)."""
+    """py-libp2p's "release the window on every read?" switch, answered no (see the module docstring)."""
     return False
 
 
