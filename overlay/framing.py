@@ -29,9 +29,10 @@ Why bounds beyond the length limit (measured against real daemons: four frames c
   any ``window`` of its life. Per window, not averaged since the start: a frame fed 100 MiB at once and
   then trickled would keep a 64 KiB/s average for 1,600 s.
 
-Refused, TooSlow and Unsupported, like Truncated, say nothing against the sender (``hostile`` is
-False): an honest peer meets them under load, on a bad link or running another release. Every other
-TransferError proves the bytes wrong.
+Refused and TooSlow, like Truncated, say nothing against the sender (``hostile`` is False): an honest
+peer meets them under load or on a bad link. Every other TransferError proves the bytes wrong; a frame
+of another version too, since :data:`VERSION` is part of the task id (``node.daemon.task_id``): an
+honest peer on another release is in another task and never opens our task's streams.
 
 The functions take any object with ``read(n) -> bytes`` (``b""`` at the end) and ``write(data)``,
 so the frame logic is tested on in-memory streams and used unchanged on libp2p streams.
@@ -94,14 +95,6 @@ class TooSlow(TransferError):
 
     hostile = False
     kind = "slow"
-
-
-class Unsupported(TransferError):
-    """A frame of another version: a peer running another release, not a liar (no penalty, so that a
-    swarm can be upgraded node by node; its messages are dropped until both ends speak the same)."""
-
-    hostile = False
-    kind = "version"
 
 
 class Refused(TransferError):
@@ -319,7 +312,7 @@ async def _rest_of_frame(
     if magic != MAGIC:
         raise TransferError(f"not a Shoal frame (starts with {bytes(prefix[:3])!r})")
     if version != VERSION:
-        raise Unsupported(f"unsupported frame version {version} (this node speaks {VERSION})")
+        raise TransferError(f"unsupported frame version {version} (this node speaks {VERSION})")
     if length > max_payload:
         raise TransferError(f"frame of {length} bytes is over the {max_payload}-byte limit")
     if admit is not None:

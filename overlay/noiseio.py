@@ -77,7 +77,9 @@ async def _read(self: secure_session.SecureSession, n: int | None = None) -> byt
 async def _read_msg(self: noise_io.NoiseTransportReadWriter, prefix_encoded: bool = False) -> bytes:
     """The next Noise message, decrypted. A connection that ends raises ``IncompleteReadError``, as
     upstream's reads do (``is_clean_close`` when it ended between messages)."""
-    buffer: bytearray = self.__dict__.setdefault("_shoal_buffer", bytearray())
+    buffer: bytearray | None = self.__dict__.get("_shoal_buffer")
+    if buffer is None:  # the connection's first message
+        buffer = self._shoal_buffer = bytearray()
     start: int = self.__dict__.get("_shoal_start", 0)
     await _buffer_until(self, buffer, start, LENGTH)
     size = int.from_bytes(buffer[start : start + LENGTH], "big")

@@ -106,7 +106,7 @@ async def test_bad_prefixes(mutate, match):
     frame = await frame_bytes(b"payload")
     with pytest.raises(TransferError, match=match) as info:
         await read_frame(Bytes(mutate(frame)), max_payload=1 << 20)
-    assert info.value.hostile == ("version" not in match)  # another release is not a liar
+    assert info.value.hostile  # another release is in another task (VERSION is in the task id)
 
 
 async def test_trailer_length_must_match_prefix():
