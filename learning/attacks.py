@@ -7,6 +7,8 @@ the attacker trains honestly on flipped labels.
 - ``label-flip``: y -> (y + 1) mod classes (Bristle's "label-flip-all");
 - ``noise``: Gaussian noise with the spread of the honest model (Gaussian attack);
 - ``sign-flip``: the own model negated and scaled by 4 (sign-flipping / scaled update);
+- ``stale``: the model the attacker first sent, again and again (an identity that joined, fetched or
+  built a model once and never trains: what a crowd of sybils costs nothing to send);
 - ``alie``: "A little is enough" (Baruch et al., NeurIPS 2019): per coordinate, the mean of the models
   the attacker received (honest and forged alike: it cannot tell) minus z standard deviations, small
   enough to pass robust statistics.
@@ -24,7 +26,8 @@ from shoal.learning.averaging import incompatibility
 from shoal.learning.protocol import Action, Event, LearningProtocol, MessageIn, Send, State
 
 Forge = Callable[[State, list[State]], State]
-ATTACKS = ("label-flip", "noise", "sign-flip", "alie")
+ATTACKS = ("label-flip", "noise", "sign-flip", "alie", "stale")
+MODEL_KINDS = ("model", "aggregated", "trained")  # gossip's and MoDeST's
 SIGN_FLIP_SCALE = 4.0
 ALIE_Z = 1.0
 MEMORY = 20  # models an attacker remembers
@@ -47,6 +50,15 @@ def forge(attack: str, rng: random.Random) -> Forge | None:
         return noise
     if attack == "sign-flip":
         return lambda own, seen: {k: -SIGN_FLIP_SCALE * v for k, v in own.items()}
+    if attack == "stale":
+        first: list[State] = []
+
+        def stale(own: State, seen: list[State]) -> State:
+            if not first:
+                first.append(own)
+            return first[0]
+
+        return stale
     if attack == "alie":
 
         def alie(own: State, seen: list[State]) -> State:
@@ -65,12 +77,14 @@ def forge(attack: str, rng: random.Random) -> Forge | None:
 
 
 class Forging:
-    """Wraps an honest protocol; every model it sends is replaced by ``forge(own, recently seen)``."""
+    """Wraps an honest protocol (gossip or MoDeST); every model it sends is replaced by
+    ``forge(own, recently seen)``."""
 
     def __init__(self, inner: LearningProtocol, forge: Forge):
         self.inner = inner
         self.forge = forge
         self.seen: deque[State] = deque(maxlen=MEMORY)
+        self.forged = 0  # models sent forged
 
     @property
     def model(self) -> State:
@@ -83,14 +97,16 @@ class Forging:
     def handle(self, event: Event, now: float) -> list[Action]:
         if (
             isinstance(event, MessageIn)
-            and event.kind == "model"
+            and event.kind in MODEL_KINDS
             and not incompatibility(self.model, event.tensors)
         ):
             self.seen.append(dict(event.tensors))
         actions = self.inner.handle(event, now)
-        return [
+        out = [
             Send(a.peer, a.kind, a.body, self.forge(dict(a.tensors), list(self.seen)))
-            if isinstance(a, Send) and a.kind == "model"
+            if isinstance(a, Send) and a.kind in MODEL_KINDS
             else a
             for a in actions
         ]
+        self.forged += sum(1 for a, b in zip(actions, out) if a is not b)
+        return out

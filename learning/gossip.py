@@ -20,10 +20,15 @@ daemons, joiners that took their first reply trained from scratch and reached 90
 Messages (``learning.messages``): ``model`` {round, samples, reply, labels (optional: the classes the
 sender holds, for integrators such as Bristle)} + tensors; ``fetch`` {} asks a peer for its model.
 
-Hostile peers (../shared/DESIGN.md principle 7). Every received model is parsed with bounds and checked
-against the node's own (names, shapes, dtypes, finite values, no layer over ``max_norm_ratio`` times
-ours) and refused with a reason otherwise; a model the integrator still cannot take is dropped and
-reported alone (``integrate_contained``). Peers' rounds barely matter here, and that is the defence:
+Hostile peers (docs/security.md). Every received model is parsed with bounds and checked against the
+node's own (``learning.messages.model_fault``): other names, shapes or dtypes, or NaN/Inf, prove the
+sender wrong; a layer over ``max_norm_ratio`` times ours is only dropped, since a node an attacker has
+moved sees honest models that way too (blaming them once made honest nodes ban each other). What is
+taken goes through the integrator (by default robust clipping, ``learning.clipping``, whose verdicts
+become ``Credited``); a model it cannot take at all is dropped and reported alone
+(``integrate_contained``). A fetched model replaces ours only if our anchor admits it (not far worse on
+our own data than our recent models, ``learning.anchor``); otherwise the joiner asks another neighbour.
+Peers' rounds barely matter here, and that is the defence:
 - asynchronous gossip never reads a peer's round, except that a joiner adopts the round of the model
   it fetched, which is limited to ``max_round_jump`` above its own. The round is a local counter (logs,
   metrics, checkpoints): a joiner fetching from a swarm further ahead reports a lower round, nothing
@@ -40,6 +45,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
 from shoal.learning.messages import GossipModel, model_fault, quote
 from shoal.learning.protocol import (
@@ -123,8 +129,12 @@ class Gossip:
         *,
         labels: Sequence[int] | None = None,
         round: int = 0,
+        anchor: Anchor | None = None,
     ):
+        """``anchor``: what the node knows of its own training (``learning.anchor``), to judge a fetched
+        model that would replace ours; without one, any model ahead of ours is taken."""
         self._model = model
+        self._anchor = anchor
         self._samples = samples
         self._integrator = integrator
         self._config = config
@@ -217,15 +227,11 @@ class Gossip:
             return [Rejected(peer, msg)]
         fault = model_fault(self._model, tensors, self._config.max_norm_ratio)
         if fault:
-            return [Rejected(peer, fault)]
+            reason, blame = fault
+            return [Rejected(peer, reason, blame=blame)]
         contribution = Contribution(dict(tensors), msg.samples, peer, msg.labels)
         if self._phase is Phase.FETCHING and msg.reply and peer == self._fetching_from:
-            if msg.round > self._round:
-                self._model = contribution.state
-                self._round = min(msg.round, self._round + self._config.max_round_jump)
-            elif self._can_fetch_again():
-                return self._fetch()
-            return [CancelTimer(Timer.FETCH), *self._train()]
+            return self._on_fetched(peer, msg.round, contribution.state)
         if not self._config.synchronous:
             self._latest[peer] = contribution
             return []
@@ -233,6 +239,22 @@ class Gossip:
             self._inbox.setdefault(msg.round, {})[peer] = contribution
             return self._maybe_complete()
         return []
+
+    def _on_fetched(self, peer: str, rnd: int, state: State) -> list[Action]:
+        """A joiner's fetch reply: taken if it is ahead of us and not far worse on our own data than our
+        known-good model (a liar's reply would replace our model whole); else ask another neighbour."""
+        refused: list[Action] = []
+        if rnd > self._round and (
+            self._anchor is None or self._anchor.admits(state, self._model, rnd - self._round)
+        ):
+            self._model = state
+            self._round = min(rnd, self._round + self._config.max_round_jump)
+            return [CancelTimer(Timer.FETCH), *self._train()]
+        if rnd > self._round:
+            refused.append(Rejected(peer, "fetched model is far worse on our own data", blame=False))
+        if self._can_fetch_again():
+            return [*refused, *self._fetch()]
+        return [*refused, CancelTimer(Timer.FETCH), *self._train()]
 
     def _on_trained(self, state: State) -> list[Action]:
         self._model = state
@@ -270,13 +292,13 @@ class Gossip:
 
     def _integrate_and_continue(self, received: list[Contribution]) -> list[Action]:
         own = Contribution(self._model, self._samples)
-        self._model, rejected = integrate_contained(self._integrator, own, received)
+        self._model, judged = integrate_contained(self._integrator, own, received)
         self._round += 1
         rest = self._cycle_started + self._config.period - self._now
         if rest > 0:
             self._phase = Phase.RESTING
-            return [*rejected, RoundDone(self._round), StartTimer(Timer.CYCLE, rest)]
-        return [*rejected, RoundDone(self._round), *self._train()]
+            return [*judged, RoundDone(self._round), StartTimer(Timer.CYCLE, rest)]
+        return [*judged, RoundDone(self._round), *self._train()]
 
     def _train(self) -> list[Action]:
         self._phase = Phase.TRAINING

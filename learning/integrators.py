@@ -1,18 +1,21 @@
 """Integrators: how a node folds the models it received into its own.
 
-One interface for every protocol (gossip, MoDeST) and every rule (mean, weighted, VCA; Bristle and
-the robust baselines plug in the same way): ``integrate(own, received) -> new model``. Protocols call it
-through :func:`integrate_contained`, so a contribution that cannot be integrated costs only itself.
+One interface for every protocol (gossip, MoDeST) and every rule (mean, weighted, VCA; the robust
+default ``learning.clipping``, Bristle and the robust baselines plug in the same way):
+``integrate(own, received) -> new model``. Protocols call it through :func:`integrate_contained`, so a
+contribution that cannot be integrated costs only itself. The rules here need nothing but the models;
+``clipping`` needs its node's anchor and Bristle its node's data, so their nodes build them
+(``learning.settings.build_integrator``, ``learning.bristle.bristle_node``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from shoal.learning.averaging import check_models, mean, variance_corrected, weighted_mean
-from shoal.learning.protocol import Rejected, State
+from shoal.learning.protocol import Credited, Rejected, State
 from shoal.learning.robust import Krum, Median, TrimmedMean
 
 
@@ -28,6 +31,14 @@ class Contribution:
 
 class Integrator(Protocol):
     def integrate(self, own: Contribution, received: Sequence[Contribution]) -> State: ...
+
+
+@runtime_checkable
+class Judging(Protocol):
+    """An integrator that says, after each integration, how much of each peer's model it took: 1.0 as
+    sent, 0.0 nothing (``learning.clipping``). Protocols pass the verdicts on as :class:`Credited`."""
+
+    verdicts: Mapping[str, float]
 
 
 class Mean:
@@ -56,9 +67,10 @@ class VCA:
 
 
 def integrate_contained(
-    integrator: Integrator, own: Contribution, received: Sequence[Contribution]
-) -> tuple[State, list[Rejected]]:
-    """``integrator.integrate(own, received)``, with any contribution it refuses dropped and reported.
+    integrator: Integrator, own: Contribution, received: Sequence[Contribution], me: str = ""
+) -> tuple[State, list[Rejected | Credited]]:
+    """``integrator.integrate(own, received)``, with any contribution it refuses dropped and reported,
+    and a judging integrator's verdicts on peers other than ``me`` as :class:`Credited`.
 
     Received models are checked on receipt (``learning.messages.model_fault``), so this is the second
     line: when the integration raises (AveragingError or another ValueError), each contribution is
@@ -69,7 +81,7 @@ def integrate_contained(
     if not received:
         return own.state, []
     try:
-        return integrator.integrate(own, received), []
+        return integrator.integrate(own, received), _credits(integrator, me)
     except ValueError:
         check_models([own.state])
     kept, rejected = [], []
@@ -80,11 +92,18 @@ def integrate_contained(
             rejected.append(Rejected(c.peer, f"model could not be integrated: {exc}"))
         else:
             kept.append(c)
-    return (integrator.integrate(own, kept) if kept else own.state), rejected
+    if not kept:
+        return own.state, rejected
+    return integrator.integrate(own, kept), [*rejected, *_credits(integrator, me)]
 
 
-# The rules a node can pick by name. Bristle is not here: it needs the node's model and data
-# (``learning.bristle.bristle_node``).
+def _credits(integrator: Integrator, me: str) -> list[Credited]:
+    if not isinstance(integrator, Judging):
+        return []
+    return [Credited(peer, value) for peer, value in integrator.verdicts.items() if peer != me]
+
+
+# The rules built from their name alone.
 INTEGRATORS: dict[str, type[Integrator]] = {
     "mean": Mean,
     "weighted": Weighted,

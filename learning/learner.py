@@ -4,9 +4,11 @@
 touches an ``nn.Module``. In a simulation many learners may share one module (they run one at a time on
 the event loop's thread); a daemon gives its learner its own.
 
-Training that ends with NaN or infinite weights (finite but huge inputs overflow, a learning rate
-diverges) is rolled back: the node keeps the model it started from, so nothing it sends or integrates
-afterwards is poisoned by it.
+With an :class:`~learning.anchor.Anchor`, a model far worse on the node's own data than the ones it
+recently trained from is not trained on: training starts from the known-good model instead (the
+node's way back from a poisoning), and each round's start point and step are recorded in the anchor.
+Training that ends with NaN or infinite weights (a learning rate diverges) is dropped: the node keeps
+the model it started from, which the anchor has just judged sane.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shoal.learning.anchor import Anchor
 from shoal.learning.models import ParameterLayout
 from shoal.learning.protocol import State
 from shoal.learning.training import Evaluation, TrainStats, evaluate, train_local
@@ -49,6 +52,7 @@ class Learner:
         seed: int = 0,
         device: torch.device | None = None,
         only_rows: tuple[str, list[int]] | None = None,
+        anchor: Anchor | None = None,
     ):
         """``only_rows`` (tensor, rows): training's change to that tensor is kept on those rows only, the
         others stay as they came in. Bristle's local step: a node updates the output rows of the classes
@@ -62,6 +66,7 @@ class Learner:
         if only_rows is not None and only_rows[0] not in self.layout.names:
             raise ValueError(f"no shared tensor {only_rows[0]!r} in this model")
         self.only_rows = only_rows
+        self.anchor = anchor
 
     @property
     def samples(self) -> int:
@@ -73,8 +78,11 @@ class Learner:
     def train(self, state: State, round: int) -> tuple[State, TrainStats]:
         """Train a copy of ``state`` on the shard; the seed depends on (node seed, round) only.
 
-        Returns ``state`` itself when training made any weight non-finite (logged as a warning)."""
+        Starts from the anchor's known-good model instead when ``state`` is far worse than it; returns
+        the model it started from when training made any weight non-finite (logged as a warning)."""
         h = self.hyper
+        if self.anchor is not None:
+            state = self.anchor.recover(state, round)
         self.layout.load(self.model, state)
         stats = train_local(
             self.model,
@@ -99,6 +107,8 @@ class Learner:
         if bad:
             log.warning("training round %d made %s non-finite: kept the model from before", round, bad[:3])
             return state, stats
+        if self.anchor is not None:
+            self.anchor.stepped(state, new)
         return new, stats
 
     def evaluate(self, state: State, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Evaluation:

@@ -12,14 +12,11 @@ these classes and :func:`model_fault`, so every bound that does not depend on th
   get there, so no honest value is refused;
 - sample counts are at most ``MAX_SAMPLES`` (weights of a weighted average: bounded, they cannot
   overflow it, though a peer may still overstate its count within the bound);
-- label sets hold at most ``MAX_LABELS`` class numbers below ``MAX_LABELS``; views at most ``MAX_VIEW``
-  peers with ids of at most ``MAX_PEER_ID`` characters;
-- a model must have our model's names, shapes and dtypes, and no layer much larger (L2) than ours
-  (:func:`model_fault`): finite but huge values (1e30) pass any finiteness check, then overflow local
-  training or dominate every average, whatever the integrator. The same bound refuses NaN and Inf (they
-  make a layer's norm NaN or Inf) without a pass of its own: on libp2p the wire refused them already
-  (``overlay.wire``), and the simulated overlay, which hands tensors over without encoding them, relies
-  on this bound.
+- label sets hold at most ``MAX_LABELS`` class numbers below ``MAX_LABELS``;
+- a model must have our model's names, shapes and dtypes and finite values (on libp2p the wire
+  refused NaN and Inf already, ``overlay.wire``; the simulated overlay hands tensors over as they are),
+  and no layer much larger (L2) than ours (:func:`model_fault`, which says which of these prove the
+  sender wrong).
 
 Reasons quote at most a few dozen characters of what they refuse: a peer cannot grow our log lines.
 """
@@ -35,13 +32,13 @@ import torch
 
 from shoal.learning.averaging import incompatibility
 
+# The messages' schema: part of the task id (``node.daemon.task_id``), so that releases whose messages
+# differ never share a task. 2: MoDeST's models carry no view and adverts are gone (members come from
+# the overlay).
+VERSION = 2
 MAX_ROUND = 2**53 - 1
 MAX_SAMPLES = 10**9
 MAX_LABELS = 10_000
-# Peers in a MoDeST view, sent and kept: half the wire's 10,000 entries per map, so that an honest
-# node's view always fits in a message (a larger one would be refused as malformed and get it banned).
-MAX_VIEW = 5_000
-MAX_PEER_ID = 256
 # Per-element RMS below which a layer of ours counts as this large when bounding a received layer: a
 # zero-initialised layer (biases, LoRA-style adapters) would otherwise refuse every trained peer's.
 NORM_FLOOR = 0.1
@@ -131,36 +128,6 @@ class GossipModel:
 
 
 @dataclass(frozen=True)
-class Entry:
-    """What a MoDeST view says about one peer."""
-
-    last_active: int = 0
-    index: int = 0  # advertisement counter of the peer; only grows
-    joined: bool = True
-
-
-def parse_view(data: object) -> dict[str, Entry]:
-    """A view as it rides along with a model: ``{peer: [last_active, index, joined]}``."""
-    if not isinstance(data, Mapping) or len(data) > MAX_VIEW:
-        raise ValueError(f"view must be a map of at most {MAX_VIEW} peers")
-    out = {}
-    for peer, value in data.items():
-        if not (isinstance(peer, str) and 0 < len(peer) <= MAX_PEER_ID):
-            raise ValueError(f"view key {quote(peer)} is not a peer id")
-        if not (isinstance(value, list | tuple) and len(value) == 3):
-            raise ValueError(f"view entry {quote(peer)} is not [last_active, index, joined]")
-        last, index, joined = value
-        if not (is_count(last) and is_count(index) and isinstance(joined, bool)):
-            raise ValueError(f"view entry {quote(peer)} has bad values {quote(value)}")
-        out[peer] = Entry(last, index, joined)
-    return out
-
-
-def view_body(entries: Mapping[str, Entry]) -> dict[str, list]:
-    return {p: [e.last_active, e.index, e.joined] for p, e in entries.items()}
-
-
-@dataclass(frozen=True)
 class Ping:
     """``ping``: is the receiver available for selection ``sel`` of ``round``?"""
 
@@ -184,44 +151,18 @@ class Pong(Ping):
 
 
 @dataclass(frozen=True)
-class Advert:
-    """``advert``: the sender joins (or leaves), at its ``index``-th advertisement and round estimate."""
-
-    round: int
-    index: int
-    joined: bool
-
-    @classmethod
-    def parse(cls, body: object) -> Advert | str:
-        return _parse(
-            "advert", body, lambda b: cls(_count(b, "round"), _count(b, "index"), _flag(b, "joined"))
-        )
-
-    def body(self) -> dict:
-        return {"round": self.round, "index": self.index, "joined": self.joined}
-
-
-@dataclass(frozen=True)
 class ModestModel:
-    """``aggregated`` (the model of ``round``) or ``trained`` (a trainer's model, tagged ``round``), with
-    the sender's view."""
+    """``aggregated`` (the model of ``round``) or ``trained`` (a trainer's model, tagged ``round``)."""
 
     round: int
     samples: int
-    view: Mapping[str, Entry]
 
     @classmethod
     def parse(cls, body: object, kind: str) -> ModestModel | str:
-        return _parse(
-            kind,
-            body,
-            lambda b: cls(
-                _count(b, "round"), _count(b, "samples", MAX_SAMPLES), parse_view(b.get("view", {}))
-            ),
-        )
+        return _parse(kind, body, lambda b: cls(_count(b, "round"), _count(b, "samples", MAX_SAMPLES)))
 
     def body(self) -> dict:
-        return {"round": self.round, "samples": self.samples, "view": view_body(self.view)}
+        return {"round": self.round, "samples": self.samples}
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -229,25 +170,29 @@ class ModestModel:
 
 def model_fault(
     reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], max_norm_ratio: float
-) -> str | None:
-    """Why a received ``model`` is refused next to ours (``reference``), or None.
+) -> tuple[str, bool] | None:
+    """Why a received ``model`` is refused next to ours (``reference``), and whether that proves its
+    sender wrong (the ``blame`` of :class:`~learning.protocol.Rejected`); None when it is taken.
 
-    Besides names, shapes and dtypes, every floating-point layer's L2 norm must be at most
-    ``max_norm_ratio`` times ours (ours counted as at least ``NORM_FLOOR`` per element), which a NaN or
-    Inf anywhere in it fails. Only the upper side is bounded: a layer far smaller than ours is a bad
-    model like any other, which an average dilutes, while a far larger one overflows training or
-    outweighs everyone else's.
+    Wrong, and blamed: other names, shapes or dtypes than ours, or NaN/Inf: no honest peer of the task
+    sends such a model. Implausible, and only dropped: a floating-point layer whose L2 norm exceeds
+    ``max_norm_ratio`` times ours (ours counted as at least ``NORM_FLOOR`` per element). Finite but huge
+    values (1e30) pass any finiteness check, then overflow training or outweigh everyone else, so they
+    are refused; but the bound is relative to our own model, and when an attacker has moved ours (or an
+    honest peer's), honest models look implausible to each other: blaming them turned one poisoner
+    into a swarm of honest nodes banning each other. Only the upper side is bounded: a layer far
+    smaller than ours is a bad model like any other, which robust integration handles.
     """
-    reason = incompatibility(reference, model, finite=False)  # the norm bound below refuses NaN and Inf
+    reason = incompatibility(reference, model)
     if reason:
-        return f"model does not fit: {reason}"
+        return f"model does not fit: {reason}", True
     for name, ours in reference.items():
         if not ours.is_floating_point():
             continue
         own = torch.linalg.vector_norm(ours, dtype=torch.float64).item()
         bound = max_norm_ratio * max(own, NORM_FLOOR * math.sqrt(ours.numel()))
         theirs = torch.linalg.vector_norm(model[name], dtype=torch.float64).item()
-        if not theirs <= bound:  # NaN included
+        if theirs > bound:
             ratio = f"{max_norm_ratio:g}x"
-            return f"model is implausible: {name!r} has L2 norm {theirs:.3g}, not within {ratio} ours"
+            return f"model is implausible: {name!r} has L2 norm {theirs:.3g}, not within {ratio} ours", False
     return None

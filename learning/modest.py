@@ -1,100 +1,73 @@
 """MoDeST: decentralized sampling of trainers and aggregators, round by round, with no server.
 
-de Vos et al., "MoDeST: Mostly-Consistent Decentralized Sampling Training" (arXiv 2302.13837 v1); the
-steps follow the authors' code as specified in ../shared/ALGORITHMS.md §1.
+de Vos et al., "MoDeST: Mostly-Consistent Decentralized Sampling Training" (arXiv 2302.13837 v1), as the
+authors' code runs it (README, "MoDeST"). Round k: the aggregators of round k (the first ``a`` available
+candidates of round k, ``learning.sampling``) send the round-k model to its trainers (the first ``s``
+available); each trainer trains one local pass and sends the result, tagged k+1, to the aggregators of
+round k+1; an aggregator aggregates once ``ceil(sf·s)`` models of its round arrived (or
+``aggregation_timeout`` after the first, our default where the authors' code leaves the timeout unused)
+and sends the result on. The members of the round-1 sample start by themselves.
 
-Every node keeps a :class:`View` of the swarm (per peer: last active round, advertisement index,
-JOIN/LEAVE) that rides along with every model. The candidates of round k are the active peers of the
-view sorted by MD5(peer id ‖ "-" ‖ k) (:func:`order`); nodes with the same view compute the same list.
-From it a node picks the first n *available* peers: it pings the first n in parallel, re-pings every
-``ping_interval`` and replaces any that has not answered within ``ping_timeout`` by the next candidate
-(:class:`Selection`); the node itself counts as available without a ping.
+Messages (``learning.messages``): ``ping``/``pong`` {sel, round}; ``aggregated`` and ``trained``
+{round, samples} + model.
 
-Round k: the aggregators of round k (first ``a`` available of O_k) send the round-k model to the
-trainers of round k (first ``s`` available of O_k); each trainer trains one local pass and sends the
-result, tagged k+1, to the aggregators of round k+1; an aggregator aggregates once ``ceil(sf·s)``
-models of its round arrived (or ``aggregation_timeout`` after the first one, our default where the
-authors' code leaves the timeout unused) and sends the result on. Our addition: a trainer that sees
-no newer model within ``watch_timeout`` pings its aggregators again and hands its model to the next
-available candidate if one has died (with one aggregator, its crash would otherwise stop training).
-The members of the round-1 sample start by themselves. A joining node advertises JOIN to a few
-peers, which apply it after their next model send, so a newcomer is sampled only once its JOIN has
-spread; a leaving node advertises LEAVE, applied at once. Crashed nodes fail their pings and age
-out after ``inactivity_threshold`` rounds.
+Departures from the paper, each for a hostile or failing peer (README, "Hostile peers"):
 
-Messages (``learning.messages``): ``ping``/``pong`` {sel, round}, ``aggregated`` and ``trained``
-{round, samples, view} + model, ``advert`` {round, index, joined}.
-
-Hostile peers (../shared/DESIGN.md principle 7): MoDeST reads rounds everywhere, so it bounds them all.
-Every message is parsed with bounds and every model checked against ours (names, shapes, dtypes,
-finite values, no layer over ``max_norm_ratio`` times ours), or refused with a reason. Then:
-
-- **Window.** Our *own round* is the newest we trained or aggregated (for a joiner, see below). Rounds a
-  peer merely reports (ping, pong, advert, and every view entry's last_active) are *clamped* to our own
-  round + ``max_round_jump``: they are hearsay that an honest peer may pass on from a liar, so refusing
-  them would let one liar get honest messages refused, while clamping caps what the lie can do. The
-  round of a model (aggregated, trained) must lie within that window or the model is refused: taking it
-  would move our own round. Hearsay never moves our own round, so no number of messages walks it up:
-  the estimate stays within one window of rounds we took part in. Rounds behind ours are never refused
-  (stale models are normal and are ignored as before). Choose the window well above the rounds a node
-  may go unsampled, about n/s (the chance of a gap over w rounds is about exp(-w·s/n)): an honest node
-  further behind refuses the model that would have brought it back.
-- **Joiners.** A joining node has no round of its own: until it hears a first round above 0 it applies
-  no window, and takes that first round as its own, so it can join a swarm at round 500. Residual risk:
-  if a liar speaks to it first, it places the joiner's window anywhere up to 2**53 - 1, where an
-  attacker that is also a plausible aggregator of a far round can then lead it away from the swarm.
-- **Roles.** Derived from our view plus the peers the model's view adds (so a newcomer known to its
-  sender is known to us; its entries for peers we know are not taken for this), with ``role_slack``
-  extra candidates because availability filtering skips crashed peers and views differ slightly: an
-  ``aggregated`` model of round k is taken only from one of the first ``aggregators + role_slack``
-  candidates of round k, and only if we are among its first ``sample_size + role_slack``; a ``trained``
-  model tagged k+1 only from one of the first ``sample_size + role_slack`` candidates of round k, and
-  only if we are among the first ``aggregators + role_slack`` of round k+1. Residual risk: an attacker
-  that really is a plausible aggregator (or trainer) of a round in the window can still send one bad
-  model for it, within the norm bound, and MoDeST has no robust aggregation; by choosing such rounds it
-  can also move the rounds of the nodes it reaches ahead by up to a window each time.
-- **Blame and liveness.** A model refused only by the window or the role check is dropped without a
-  penalty: an honest sender whose view holds fewer peers than ours (a join that has not reached it)
-  ranks higher in its own view, and a node that fell behind sees honest rounds as far ahead. Since a
-  refused model is never resent, a node that has neither begun training nor aggregated for
-  ``watch_timeout`` takes a model the role check alone refuses (measured: three daemons joining at
-  once with a slack of 1 otherwise stalled at round 2 for good). Residual risk: an attacker can make a
-  node idle that long take one model per ``watch_timeout``, still within the window and norm bound.
-  Statements about third peers in a view (a forged LEAVE with a higher index) are still believed:
-  they need signatures.
-
-Size: one state machine (view, availability selection, trainer, aggregator, the bounds on peers'
-input) kept in one module because every part reads the same round state; the view and selection
-could move out once a second sampling protocol needs them.
+- **Members, not views.** The candidates are the members the overlay vouches for (:class:`Members`: on
+  libp2p the peers whose own signed metadata record is current), not a view piggy-backed on models.
+  The paper's views are hearsay: any peer could add entries, mark others as gone or shift who ranks
+  first (measured: crafted views froze every node's round). A member that appears is sampled only after
+  our next model send (the paper's JOIN rule); one that disappears (it left, or its record expired)
+  drops out at once. The paper's inactivity threshold is the records' expiry.
+- **A window on rounds.** Our *own round* is the newest we trained or aggregated (a joiner's: the first
+  above 0 it hears). Rounds a peer merely reports (ping, pong) are clamped to our own round +
+  ``max_round_jump``; a model's round must lie within that window or the model is refused (taking it
+  would move our round), without blame: a node that fell behind sees honest rounds as far ahead. Choose
+  the window well above the rounds a node may go unsampled, about n/s. Residual risk: a liar that
+  speaks first to a joiner places its window anywhere up to 2**53 - 1.
+- **Roles checked against a sample we compute ourselves.** An ``aggregated`` model of round k is taken
+  only from one of the first ``aggregators + role_slack`` candidates of round k by our members (members
+  we know to be down skipped, as the sender's availability filter skipped them) and only if we are among
+  its first ``sample_size + role_slack``; a ``trained`` model tagged k+1 only from one of the first
+  ``sample_size + role_slack`` of round k, and only if we are among the first ``aggregators +
+  role_slack`` of round k+1. The slack covers members still spreading and hand-overs to later
+  candidates (below). A model refused by this check costs its sender nothing (it may know members we do
+  not yet), and a node that has neither begun training nor aggregated for ``watch_timeout`` takes a
+  model the role check alone refused, so that views that differ cannot stall it for good.
+- **Models judged, not just counted.** An ``aggregated`` model replaces ours only if our anchor admits
+  it (``learning.anchor``: not far worse on our own data than our recent models, and not far from ours
+  unless clearly better); one it refuses is credited 0 to its sender, and we train our own model for
+  its round instead, so the round goes on without it at its usual pace (skipping that sender as an
+  aggregator instead split later rounds between it and the next candidate, which then waited out
+  its aggregation timeout for models that went elsewhere: measured, a third of the rounds).
+  Aggregation is the node's integrator: by default clipping around the best of the round's models
+  (``learning.clipping``).
+- **Rounds that go on.** A trainer whose hand-over has led to no newer model within ``watch_timeout``
+  hands its model to one more candidate aggregator each time (up to ``role_slack`` more, available
+  ones only): an aggregator that crashed holding the round's models, refuses to aggregate or sends
+  nothing cannot stop training (with one aggregator its crash once stopped it for good).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import math
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
+from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
-from shoal.learning.messages import (
-    MAX_ROUND,
-    MAX_VIEW,
-    Advert,
-    Entry,
-    ModestModel,
-    Ping,
-    Pong,
-    model_fault,
-    quote,
-)
+from shoal.learning.messages import MAX_ROUND, ModestModel, Ping, Pong, model_fault, quote
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
+    Credited,
     Event,
+    Members,
     MessageIn,
     PeerDown,
+    PeerUp,
     Rejected,
     RoundDone,
     Send,
@@ -102,11 +75,12 @@ from shoal.learning.protocol import (
     Started,
     StartTimer,
     State,
-    Stopping,
     TimerFired,
     Train,
     Trained,
 )
+from shoal.learning.sampling import Sampler, order
+from shoal.learning.sampling import Timer as SamplingTimer
 
 
 @dataclass(frozen=True)
@@ -116,11 +90,10 @@ class ModestConfig:
     success_fraction: float = 1.0  # sf
     ping_timeout: float = 5.0
     ping_interval: float = 1.0
-    inactivity_threshold: int = 50
     aggregation_timeout: float = 5.0
-    watch_timeout: float = 20.0  # a trainer re-checks its aggregators when nothing newer came by then
+    watch_timeout: float = 20.0  # a trainer hands its model to one more aggregator when nothing newer came
     max_round_jump: int = 100  # window: most rounds a peer's message may lie beyond our own round
-    role_slack: int = 16  # candidates beyond a (or s) still plausible in a role (module docstring)
+    role_slack: int = 2  # candidates beyond a (or s) still plausible in a role (module docstring)
     max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
 
     def __post_init__(self) -> None:
@@ -142,47 +115,10 @@ class ModestConfig:
         return max(1, math.ceil(self.sample_size * self.success_fraction - 1e-9))
 
 
-class View:
-    """Who is in the swarm, merged by the rule of ALGORITHMS.md §1 (with the fix of commit 2d45f90)."""
-
-    def __init__(self, entries: Mapping[str, Entry] | None = None) -> None:
-        self.entries: dict[str, Entry] = dict(entries or {})
-
-    def merge(self, other: Mapping[str, Entry], limit: int = MAX_ROUND) -> None:
-        """Take in ``other``, each last_active clamped to ``limit`` (our window)."""
-        for peer, theirs in other.items():
-            last = min(theirs.last_active, limit)
-            mine = self.entries.get(peer)
-            if mine is None:
-                if len(self.entries) < MAX_VIEW:  # a full view takes no newcomers (views are never pruned)
-                    self.entries[peer] = replace(theirs, last_active=last)
-            elif theirs.index > mine.index:
-                self.entries[peer] = Entry(max(mine.last_active, last), theirs.index, theirs.joined)
-            elif last > mine.last_active:
-                self.entries[peer] = replace(mine, last_active=last)
-
-    def refresh(self, peer: str, round: int) -> None:
-        entry = self.entries.get(peer)
-        if entry is None and len(self.entries) >= MAX_VIEW:
-            return
-        entry = entry or Entry()
-        self.entries[peer] = replace(entry, last_active=max(entry.last_active, round))
-
-    def active(self, round: int, threshold: int, me: str) -> list[str]:
-        """Peers that count for round ``round``: joined and active recently; always ``me``."""
-        return [
-            p for p, e in self.entries.items() if p == me or (e.joined and e.last_active >= round - threshold)
-        ]
-
-    def newest_round(self) -> int:
-        return max((e.last_active for e in self.entries.values()), default=0)
-
-
 class Timer(enum.Enum):
-    """The keys of MoDeST's timers, each with what it is for, so none is told apart by parsing a name."""
+    """The keys of MoDeST's own timers (the sampler's pings have theirs, ``learning.sampling``)."""
 
-    PING = "ping"  # (PING, selection id): ping that selection's silent candidates again
-    WATCH = "watch"  # (WATCH, round): our hand-over of that round has not led to a newer model
+    WATCH = "watch"  # (WATCH, round): our hand-over of that round has not led to a newer model yet
     AGGREGATE = "aggregate"  # aggregate what came of our aggregation round (one at a time: replaced)
 
 
@@ -196,35 +132,11 @@ class Aggregation(enum.Enum):
     DONE = "done"  # that round is aggregated: later models of it are ignored
 
 
-def order(peers: list[str], round: int) -> list[str]:
-    """MoDeST's candidate order for a round: ascending MD5(peer ‖ "-" ‖ round)."""
-    suffix = f"-{round}".encode()
-    return sorted(peers, key=lambda p: hashlib.md5(p.encode() + suffix).digest())
-
-
-@dataclass
-class Selection:
-    """Picking the first ``wanted`` available peers of a candidate list, by pings."""
-
-    id: int
-    round: int
-    wanted: int
-    candidates: list[str]
-    then: Callable[[list[str]], list[Action]]
-    next: int = 0
-    pending: dict[str, float] = field(default_factory=dict)  # peer -> time of its first ping
-    chosen: set[str] = field(default_factory=set)
-    done: bool = False
-
-    def result(self) -> list[str]:
-        return [p for p in self.candidates if p in self.chosen]
-
-
 class Modest:
     def __init__(
         self,
         me: str,
-        peers: list[str],
+        peers: Iterable[str],
         model: State,
         samples: int,
         integrator: Integrator,
@@ -232,29 +144,35 @@ class Modest:
         rng: random.Random,
         *,
         joining: bool = False,
+        anchor: Anchor | None = None,
     ):
+        """``peers``: the members known at the start (``Members`` events before ``Started`` replace
+        them). ``anchor`` judges aggregated models before they replace ours; without one, all are taken."""
         self.me = me
-        self.view = View({p: Entry() for p in [me, *peers]})  # only MoDeST's own messages change it
+        self.members: set[str] = {me, *peers}  # whom we sample from
+        self._appeared: set[str] = set()  # new members, sampled from after our next model send
+        self._down: set[str] = set()  # members we know to be down, until we hear from them again
         self._model = model
         self._samples = samples
         self._integrator = integrator
         self._config = config
         self._rng = rng
+        self._anchor = anchor
         self._joining = joining
+        self._started = False
         self._now = 0.0
         self._model_round = 0
         self._train_round = 0
         self._trainer = Trainer.IDLE  # for _train_round
         self._agg_round = 0
+        self._heard_by: dict[str, int] = {}  # member -> the newest round it told us of, clamped
         self._heard = not joining  # a joiner has no round of its own until it hears one
         self._joined_at = 0  # the first round a joiner heard
         self._buffer: dict[str, Contribution] = {}
         self._handed_to: set[str] = set()  # aggregators that have our latest trained model
+        self._extra: dict[int, int] = {}  # round -> aggregators added to our hand-over by watch timeouts
         self._aggregation = Aggregation.COLLECTING  # of _agg_round
-        self._pending_joins: dict[str, Entry] = {}
-        self._selections: dict[int, Selection] = {}
-        self._next_selection = 0
-        self._index = 0  # our own advertisement counter
+        self._sampler = Sampler(me, config.ping_interval, config.ping_timeout)
         self._progressed = 0.0  # when we started, last began training or aggregated (role check fallback)
 
     @property
@@ -268,7 +186,7 @@ class Modest:
 
     def estimate(self) -> int:
         """The spec's round estimate: the newest round trained, aggregated or heard of."""
-        return max(self._train_round, self._agg_round, self.view.newest_round())
+        return max(self._train_round, self._agg_round, *self._heard_by.values())
 
     def _own_round(self) -> int:
         """The newest round we took part in (or a joiner first heard of): what the window is around."""
@@ -280,32 +198,36 @@ class Modest:
             return MAX_ROUND
         return min(MAX_ROUND, self._own_round() + self._config.max_round_jump)
 
-    def _hear(self, rnd: int) -> int:
-        """A round a peer told us, clamped to our window; a joiner takes its first one above 0 as its own."""
+    def _hear(self, peer: str, rnd: int) -> None:
+        """A round ``peer`` told us, clamped to our window; a joiner takes its first above 0 as its own."""
         if not self._heard and rnd > 0:
             self._heard, self._joined_at = True, rnd
-        return min(rnd, self._limit())
+        if peer in self.members:
+            self._heard_by[peer] = max(self._heard_by.get(peer, 0), min(rnd, self._limit()))
 
     def handle(self, event: Event, now: float) -> list[Action]:
         self._now = now
         match event:
             case Started():
                 return self._start()
-            case Stopping():
-                self._index += 1
-                return self._advertise(joined=False)
+            case Members(peers):
+                return self._on_members(peers)
+            case PeerUp(peer):
+                self._down.discard(peer)
             case PeerDown(peer) | SendFailed(peer):
-                return self._unavailable(peer)
+                self._down.add(peer)
+                return self._sampler.unavailable(peer, now)
             case MessageIn(peer, kind, body, tensors):
+                self._down.discard(peer)
                 return self._on_message(peer, kind, body, tensors)
             case Trained(tag, state) if tag == self._train_round and self._trainer is Trainer.TRAINING:
                 return self._on_trained(state)
-            case TimerFired((Timer.PING, sel_id)):
-                return self._on_selection_timer(self._selections[sel_id])
+            case TimerFired((SamplingTimer.PING, sel_id)):
+                return self._sampler.on_timer(sel_id, now)
             # a hand-over's selection may end, and start its watch, after a newer model reached us: the
             # round in the key tells that watch from the current one
-            case TimerFired((Timer.WATCH, rnd)) if rnd == self._train_round + 1 and self._stalled():
-                return self._hand_over(rnd)
+            case TimerFired((Timer.WATCH, rnd)) if rnd == self._train_round + 1 and self._stalled(rnd):
+                return self._hand_over(rnd, escalate=True)
             case TimerFired(Timer.AGGREGATE) if self._aggregation is Aggregation.COLLECTING:
                 return self._aggregate()
         return []
@@ -313,24 +235,32 @@ class Modest:
     # --- membership -------------------------------------------------------------------------
 
     def _start(self) -> list[Action]:
+        self._started = True
         self._progressed = self._now
         if self._joining:
-            self._index += 1
-            return self._advertise(joined=True)
-        sample = order(self.view.active(1, self._config.inactivity_threshold, self.me), 1)
-        if self.me in sample[: self._config.sample_size]:
+            return []  # sampled once the members' next model sends take us in
+        if self.me in order(self.candidates(), 1)[: self._config.sample_size]:
             return self._begin_training(1, self._model)
         return []
 
-    def _advertise(self, *, joined: bool) -> list[Action]:
-        others = [p for p in self.view.entries if p != self.me]
-        targets = self._rng.sample(others, min(self._config.sample_size, len(others)))
-        body = Advert(self.estimate(), self._index, joined).body()
-        return [Send(p, "advert", body) for p in targets]
+    def _on_members(self, peers: frozenset[str]) -> list[Action]:
+        if not self._started:  # the swarm as we find it: all of it sampled from at once
+            self.members = {self.me, *peers}
+            return []
+        gone = self.members - peers - {self.me}
+        self._appeared = set(peers) - self.members
+        self.members -= gone
+        self._down -= gone
+        for peer in gone:
+            self._heard_by.pop(peer, None)
+        actions: list[Action] = []
+        for peer in gone:
+            actions += self._sampler.unavailable(peer, self._now)
+        return actions
 
-    def _apply_pending_joins(self) -> None:
-        self.view.merge(self._pending_joins)
-        self._pending_joins = {}
+    def candidates(self) -> set[str]:
+        """Whom we sample from: members not known to be down."""
+        return (self.members - self._down) | {self.me}
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -340,34 +270,17 @@ class Modest:
                 ping = Ping.parse(body)
                 if isinstance(ping, str):
                     return [Rejected(peer, ping)]
-                self._seen(peer, self._hear(ping.round))
+                self._hear(peer, ping.round)
                 return [Send(peer, "pong", Pong(ping.sel, self.estimate()).body())]
             case "pong":
                 pong = Pong.parse(body)
                 if isinstance(pong, str):
                     return [Rejected(peer, pong)]
-                self._seen(peer, self._hear(pong.round))
-                return self._on_pong(peer, pong.sel)
-            case "advert":
-                advert = Advert.parse(body)
-                if isinstance(advert, str):
-                    return [Rejected(peer, advert)]
-                return self._on_advert(peer, advert)
+                self._hear(peer, pong.round)
+                return self._sampler.on_pong(peer, pong.sel, self._now)
             case "aggregated" | "trained":
                 return self._on_model(peer, kind, body, tensors)
         return [Rejected(peer, f"unknown message kind {quote(kind)}")]
-
-    def _seen(self, peer: str, rnd: int) -> None:
-        """A sign of life from ``peer``: its activity becomes at least max(its round, our estimate)."""
-        self.view.refresh(peer, max(rnd, self.estimate()))
-
-    def _on_advert(self, peer: str, advert: Advert) -> list[Action]:
-        entry = {peer: Entry(self._hear(advert.round), advert.index, advert.joined)}
-        if advert.joined:
-            self._pending_joins.update(entry)  # applied after our next model send
-        else:
-            self.view.merge(entry)
-        return []
 
     def _on_model(self, peer: str, kind: str, body: object, tensors: Mapping) -> list[Action]:
         msg = ModestModel.parse(body, kind)
@@ -375,43 +288,31 @@ class Modest:
             return [Rejected(peer, msg)]
         fault = model_fault(self._model, tensors, self._config.max_norm_ratio)
         if fault:
-            return [Rejected(peer, fault)]
+            reason, blame = fault
+            return [Rejected(peer, reason, blame=blame)]
         if msg.round > self._limit():
             reason = (
                 f"{kind} model of round {msg.round} is more than {self._config.max_round_jump} rounds "
                 f"ahead of our round {self._own_round()}"
             )
             return [Rejected(peer, reason, blame=False)]  # or we fell behind: not proof of a lie
-        implausible = self._implausible_role(peer, kind, msg)
+        implausible = self._implausible_role(peer, kind, msg.round)
         if implausible and self._now - self._progressed < self._config.watch_timeout:
-            return [Rejected(peer, implausible, blame=False)]  # or its view is ahead of ours
-        self._hear(msg.round)
-        self.view.merge(msg.view, self._limit())
-        self._seen(peer, msg.round)
+            return [Rejected(peer, implausible, blame=False)]  # or it knows members we do not yet
+        self._hear(peer, msg.round)
         if kind == "aggregated":
-            return self._on_aggregated(msg.round, dict(tensors))
+            return self._on_aggregated(peer, msg.round, dict(tensors))
         return self._on_trained_model(peer, msg.round, Contribution(dict(tensors), msg.samples, peer))
 
-    def _implausible_role(self, peer: str, kind: str, msg: ModestModel) -> str | None:
-        """Why ``peer`` cannot be sending us this model, by the roles of our view plus what its view adds:
-        newcomers and newer activity, never a status change of a peer we know (a LEAVE with a higher
-        index for every honest peer would let it rank itself first; more active peers only rank it lower)."""
-        known = self.view.entries
-        view = View(known)
-        view.merge(
-            {
-                p: Entry(e.last_active, known[p].index, known[p].joined) if p in known else e
-                for p, e in msg.view.items()
-            },
-            self._limit(),
-        )
+    def _implausible_role(self, peer: str, kind: str, k: int) -> str | None:
+        """Why ``peer`` cannot be sending us this model, by the sample of round k that we compute from
+        our own members (those appearing included, those we know to be down skipped)."""
+        known = (self.members | self._appeared | {self.me}) - (self._down - {peer})
         c = self._config
 
         def plausible(who: str, rnd: int, wanted: int) -> bool:
-            candidates = order(view.active(rnd, c.inactivity_threshold, self.me), rnd)
-            return who in candidates[: wanted + c.role_slack]
+            return who in order(known, rnd)[: wanted + c.role_slack]
 
-        k = msg.round
         if kind == "aggregated":
             if not plausible(peer, k, c.aggregators):
                 return f"aggregated model of round {k} from a peer that is no plausible aggregator of it"
@@ -426,9 +327,21 @@ class Modest:
 
     # --- trainer ----------------------------------------------------------------------------
 
-    def _on_aggregated(self, rnd: int, state: State) -> list[Action]:
-        """A newer round's model replaces whatever we were training; later copies of a round are ignored."""
-        return self._begin_training(rnd, state) if rnd > self._train_round else []
+    def _on_aggregated(self, peer: str, rnd: int, state: State) -> list[Action]:
+        """A newer round's model replaces whatever we were training, if our anchor admits it; later
+        copies of a round are ignored."""
+        if rnd <= self._train_round:
+            return []
+        if (
+            peer == self.me
+            or self._anchor is None
+            or self._anchor.admits(state, self._model, rnd - self._model_round)
+        ):
+            credit = [] if peer == self.me else [Credited(peer, 1.0)]
+            return [*credit, *self._begin_training(rnd, state)]
+        reason = f"aggregated model of round {rnd} is far worse on our own data than our own"
+        refused = [Rejected(peer, reason, blame=False), Credited(peer, 0.0)]
+        return [*refused, *self._begin_training(rnd, self._model)]
 
     def _begin_training(self, rnd: int, state: State) -> list[Action]:
         self._progressed = self._now
@@ -443,24 +356,31 @@ class Modest:
         self._handed_to = set()
         return self._hand_over(self._train_round + 1)
 
-    def _hand_over(self, nxt: int) -> list[Action]:
+    def _hand_over(self, nxt: int, *, escalate: bool = False) -> list[Action]:
         """Send our trained model to the available aggregators of round ``nxt`` that do not have it yet,
-        then watch: if no newer model reaches us in time, check them again (an aggregator may crash
-        after it received the models, which would otherwise end training for everyone)."""
+        then watch for a newer model. ``escalate`` (the watch ran out): if every aggregator we chose
+        has it already and is alive, one more candidate gets it too, up to the slack receivers allow
+        (an aggregator may have crashed holding the models, refuse to aggregate, or send nothing)."""
 
         def send(aggregators: list[str]) -> list[Action]:
             new = [p for p in aggregators if p not in self._handed_to]
+            extra = self._extra.get(nxt, 0)
+            if not new and escalate and extra < self._config.role_slack:
+                self._extra = {nxt: extra + 1}
+                return self._hand_over(nxt)
             self._handed_to.update(new)
-            if not new:
-                return []  # our aggregators are alive: the round is in their hands
             watch = StartTimer((Timer.WATCH, nxt), self._config.watch_timeout)
             return [*self._send_model("trained", new, nxt, self._model), watch]
 
-        return self._select(nxt, self._config.aggregators, send)
+        wanted = self._config.aggregators + self._extra.get(nxt, 0)
+        return self._select(nxt, wanted, send)
 
-    def _stalled(self) -> bool:
-        """Trained and handed over, but no model of a newer round has reached us."""
-        return self._trainer is Trainer.IDLE and self._model_round <= self._train_round
+    def _stalled(self, nxt: int) -> bool:
+        """Trained and handed over, but neither a model of a newer round has reached us nor has anyone
+        but the aggregators we handed to (who may lie to keep us waiting) told us of round ``nxt``."""
+        if self._trainer is not Trainer.IDLE or self._model_round > self._train_round:
+            return False
+        return all(r < nxt for p, r in self._heard_by.items() if p not in self._handed_to)
 
     # --- aggregator -------------------------------------------------------------------------
 
@@ -477,95 +397,33 @@ class Modest:
         return [StartTimer(Timer.AGGREGATE, self._config.aggregation_timeout)] if first else []
 
     def _aggregate(self) -> list[Action]:
-        """FedAvg of the buffer; our own trained model, when in it, is the trusted one a faulty
-        contribution is told apart by (``integrate_contained``)."""
+        """The round's models through our integrator; our own trained model, when among them, is the
+        trusted one a faulty contribution is told apart by (``integrate_contained``)."""
         self._progressed = self._now
         self._aggregation = Aggregation.DONE
         mine = self._buffer.pop(self.me, None)
         received = [*([mine] if mine else []), *self._buffer.values()]
         self._buffer = {}
-        model, rejected = integrate_contained(self._integrator, received[0], received[1:])
+        model, judged = integrate_contained(self._integrator, received[0], received[1:], self.me)
         rnd = self._agg_round
         self._model, self._model_round = model, rnd
         sends = self._select(
             rnd, self._config.sample_size, lambda to: self._send_model("aggregated", to, rnd, model)
         )
-        return [*rejected, RoundDone(rnd), *sends]
+        return [*judged, RoundDone(rnd), *sends]
 
     def _send_model(self, kind: str, peers: list[str], rnd: int, state: State) -> list[Action]:
-        self.view.refresh(self.me, self.estimate())
-        body = ModestModel(rnd, self._samples, self.view.entries).body()
+        body = ModestModel(rnd, self._samples).body()
         actions: list[Action] = [Send(p, kind, body, state) for p in peers if p != self.me]
-        self._apply_pending_joins()
+        self.members |= self._appeared  # the JOIN rule: newcomers count from our next send on
+        self._appeared = set()
         if self.me in peers:  # we picked ourselves: hand it over locally
             if kind == "aggregated":
-                actions += self._on_aggregated(rnd, state)
+                actions += self._on_aggregated(self.me, rnd, state)
             else:
                 actions += self._on_trained_model(self.me, rnd, Contribution(state, self._samples, self.me))
         return actions
 
-    # --- availability -----------------------------------------------------------------------
-
     def _select(self, rnd: int, wanted: int, then: Callable[[list[str]], list[Action]]) -> list[Action]:
-        candidates = order(self.view.active(rnd, self._config.inactivity_threshold, self.me), rnd)
-        sel = Selection(self._next_selection, rnd, wanted, candidates, then)
-        self._next_selection += 1
-        self._selections[sel.id] = sel
-        actions = self._fill(sel)
-        if not sel.done:
-            actions.append(self._ping_timer(sel))
-        return actions
-
-    def _ping_timer(self, sel: Selection) -> StartTimer:
-        return StartTimer((Timer.PING, sel.id), self._config.ping_interval)
-
-    def _refill(self, sel: Selection) -> list[Action]:
-        """:meth:`_fill` a selection under way; its timer ends with it."""
-        actions = self._fill(sel)
-        return [*actions, CancelTimer((Timer.PING, sel.id))] if sel.done else actions
-
-    def _fill(self, sel: Selection) -> list[Action]:
-        """Ping candidates until enough are chosen or pending; finish when nothing is left to wait for."""
-        actions: list[Action] = []
-        while len(sel.chosen) + len(sel.pending) < sel.wanted and sel.next < len(sel.candidates):
-            peer = sel.candidates[sel.next]
-            sel.next += 1
-            if peer == self.me:
-                sel.chosen.add(peer)
-            else:
-                sel.pending[peer] = self._now
-                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
-        if not sel.pending and not sel.done:
-            sel.done = True
-            del self._selections[sel.id]
-            actions += sel.then(sel.result())
-        return actions
-
-    def _on_pong(self, peer: str, sel_id: int) -> list[Action]:
-        sel = self._selections.get(sel_id)
-        if sel is None or peer not in sel.pending:
-            return []
-        del sel.pending[peer]
-        sel.chosen.add(peer)
-        if len(sel.chosen) >= sel.wanted:
-            sel.pending.clear()
-        return self._refill(sel)
-
-    def _unavailable(self, peer: str) -> list[Action]:
-        actions: list[Action] = []
-        for sel in list(self._selections.values()):
-            if sel.pending.pop(peer, None) is not None:
-                actions += self._refill(sel)
-        return actions
-
-    def _on_selection_timer(self, sel: Selection) -> list[Action]:
-        actions: list[Action] = []
-        for peer, since in list(sel.pending.items()):
-            if self._now - since >= self._config.ping_timeout:
-                del sel.pending[peer]
-            else:
-                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
-        actions += self._fill(sel)
-        if not sel.done:
-            actions.append(self._ping_timer(sel))
-        return actions
+        candidates = order(self.candidates(), rnd)
+        return self._sampler.select(rnd, wanted, candidates, then, self._now)

@@ -55,6 +55,15 @@ class PeerDown:
 
 
 @dataclass(frozen=True)
+class Members:
+    """The peers of the task this node holds a current membership statement of, itself included: on
+    libp2p each one's own signed metadata record (``overlay.interface.Overlay.members``), so no peer
+    can add, remove or rank another. Given before ``Started`` and whenever the set changes."""
+
+    peers: frozenset[str]
+
+
+@dataclass(frozen=True)
 class MessageIn:
     """A peer's message as a protocol reads it.
 
@@ -88,7 +97,7 @@ class TimerFired:
     key: TimerKey
 
 
-Event = Started | Stopping | PeerUp | PeerDown | MessageIn | SendFailed | Trained | TimerFired
+Event = Started | Stopping | PeerUp | PeerDown | Members | MessageIn | SendFailed | Trained | TimerFired
 
 
 # --- actions (protocol -> driver) -----------------------------------------------------------
@@ -142,7 +151,16 @@ class Rejected:
     blame: bool = True
 
 
-Action = Send | Train | StartTimer | CancelTimer | RoundDone | Rejected
+@dataclass(frozen=True)
+class Credited:
+    """How much of ``peer``'s model the node took: 1.0 all of it, 0.0 nothing, in between when clipped.
+    The overlay keeps a score per peer from these, to choose whom to keep when it has too many."""
+
+    peer: str
+    value: float
+
+
+Action = Send | Train | StartTimer | CancelTimer | RoundDone | Rejected | Credited
 
 
 class LearningProtocol(Protocol):

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shoal.learning import integrators
+from shoal.learning.anchor import Anchor
+from shoal.learning.clipping import Clipped
 from shoal.learning.compression import CODECS, CodecConfig
 from shoal.learning.datasets import BUILTIN
 from shoal.learning.gossip import Gossip, GossipConfig
@@ -30,7 +32,8 @@ from shoal.learning.modest import Modest, ModestConfig
 from shoal.learning.protocol import LearningProtocol, State
 
 PROTOCOLS = ("gossip", "modest")
-INTEGRATORS = (*integrators.INTEGRATORS, "bristle")  # bristle needs its node's data: learning.bristle
+# clipped needs its node's anchor (build_integrator), bristle its node's data (learning.bristle)
+INTEGRATORS = ("clipped", *integrators.INTEGRATORS, "bristle")
 SEED_STRIDE = 7919  # a prime: node i of a run seeded s trains with seed s * SEED_STRIDE + i
 
 
@@ -106,10 +109,11 @@ class ProtocolSettings:
 
     protocol: str = field(default="gossip", metadata={"help": _choices(PROTOCOLS), "flag": True})
     integrator: str = field(
-        default="vca",
+        default="clipped",
         metadata={
-            "help": f"How received models are folded into ours: {_choices(INTEGRATORS)} (bristle: "
-            "Byzantine-robust on non-IID data; needs model frozen-cnn or head, shares only the output layer)",
+            "help": f"How received models are folded into ours: {_choices(INTEGRATORS)} (clipped: "
+            "Byzantine-robust for every model, peers' models clipped to a radius set by our own training, "
+            "then VCA; bristle: Byzantine-robust on non-IID data, needs model frozen-cnn or head)",
             "flag": True,
         },
     )
@@ -138,7 +142,6 @@ class ProtocolSettings:
         default=ModestConfig.aggregation_timeout, metadata={"help": "... or at most this many seconds"}
     )
     ping_timeout: float = ModestConfig.ping_timeout  # modest, simulations (e.g. a crash experiment's)
-    inactivity_threshold: int = ModestConfig.inactivity_threshold
     watch_timeout: float = ModestConfig.watch_timeout
     max_round_jump: int = field(
         default=ModestConfig.max_round_jump,
@@ -196,7 +199,6 @@ class ProtocolSettings:
             aggregators=self.aggregators,
             success_fraction=self.success_fraction,
             ping_timeout=self.ping_timeout,
-            inactivity_threshold=self.inactivity_threshold,
             aggregation_timeout=self.aggregation_timeout,
             watch_timeout=self.watch_timeout,
             max_round_jump=self.max_round_jump,
@@ -208,6 +210,17 @@ class ProtocolSettings:
         return CodecConfig(self.codec, self.topk_fraction)
 
 
+def build_integrator(settings: ProtocolSettings, anchor: Anchor | None, rng: random.Random) -> Integrator:
+    """The integrator ``settings`` name (not bristle: ``learning.bristle.bristle_node``). ``clipped``
+    needs the node's anchor; on MoDeST it centres on the best of a round's models, as an aggregator's
+    own model is none of them."""
+    if settings.integrator != "clipped":
+        return make_integrator(settings.integrator)
+    if anchor is None:
+        raise ValueError("the clipped integrator needs the node's anchor (learning.anchor)")
+    return Clipped(anchor, rng, self_centred=settings.protocol != "modest")
+
+
 def build_protocol(
     settings: ProtocolSettings,
     me: str,
@@ -216,6 +229,7 @@ def build_protocol(
     samples: int,
     rng: random.Random,
     *,
+    anchor: Anchor | None = None,
     integrator: Integrator | None = None,
     labels: Sequence[int] | None = None,
     joining: bool = False,
@@ -223,16 +237,28 @@ def build_protocol(
 ) -> LearningProtocol:
     """The protocol ``settings`` name for node ``me``, starting from ``model`` at ``round``.
 
-    ``peers``: whom MoDeST knows at the start (gossip learns its neighbours from the overlay). The
-    integrator is the one ``settings`` name unless given (Bristle, or an attacker's plain mean);
-    ``labels`` are announced with gossip's models. A ``joining`` node enters a running swarm: gossip
-    fetches a peer's model first unless it resumes from a round of its own; MoDeST always joins anew
-    when it joins or resumes, as its checkpoint's round is far behind the swarm's.
+    ``peers``: whom MoDeST knows at the start (gossip learns its neighbours from the overlay).
+    ``anchor``: what the node knows of its own training, which judges models that would replace ours
+    (and the clipped integrator's radius). The integrator is the one ``settings`` name unless given
+    (Bristle, or an attacker's plain mean); ``labels`` are announced with gossip's models. A ``joining``
+    node enters a running swarm: gossip fetches a peer's model first unless it resumes from a round of
+    its own; MoDeST always joins anew when it joins or resumes, as its checkpoint's round is far behind
+    the swarm's.
     """
     if integrator is None:
-        integrator = make_integrator(settings.integrator)
+        integrator = build_integrator(settings, anchor, rng)
     if settings.protocol == "modest":
         config = settings.modest()
-        return Modest(me, list(peers), model, samples, integrator, config, rng, joining=joining or round > 0)
+        return Modest(
+            me,
+            list(peers),
+            model,
+            samples,
+            integrator,
+            config,
+            rng,
+            joining=joining or round > 0,
+            anchor=anchor,
+        )
     config = settings.gossip(join_by_fetch=joining and round == 0)
-    return Gossip(model, samples, integrator, config, rng, labels=labels, round=round)
+    return Gossip(model, samples, integrator, config, rng, labels=labels, round=round, anchor=anchor)

@@ -1,4 +1,4 @@
-"""The ``shoal`` command line: init, run, id, peers, status, demo, version.
+"""The ``shoal`` command line: init, run, id, peers, status, allowlist, demo, version.
 
 Exit codes: 0 done; 1 unexpected failure (a bug: the traceback is printed); 2 bad usage or
 configuration; 3 could not join the swarm; 4 unusable files (identity, data, checkpoint, home in use);
@@ -72,6 +72,17 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
         sub = command(name, help)
         sub.add_argument("--api", metavar="HOST:PORT", help="ask the daemon at this API address instead")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
+    allow = command(
+        "allowlist",
+        "sign a closed swarm's allowlist with this node's identity (the founder's)",
+        "Write a file admitting PEER_IDs to a closed swarm, signed with HOME's identity key, and print "
+        "the founder's peer id. Give every node the file (allowlist = ...) and that id (founder = ...); "
+        "peers not on it, relays and bootstrap nodes included, are disconnected.",
+    )
+    allow.add_argument("peers", nargs="+", metavar="PEER_ID", help="peer ids to admit (`shoal id` prints it)")
+    allow.add_argument(
+        "--output", type=Path, metavar="FILE", help="where to write it (default: HOME/allowlist.json)"
+    )
     demo = command(
         "demo",
         "run a local swarm of real daemons on 127.0.0.1 until it learns",
@@ -110,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG
-    return {"init": init, "run": run, "id": ask, "peers": ask, "status": ask, "demo": demo}[args.command](
-        args
-    )
+    commands = {"init": init, "run": run, "id": ask, "peers": ask, "status": ask, "demo": demo}
+    return {**commands, "allowlist": allowlist}[args.command](args)
 
 
 def init(args: argparse.Namespace) -> int:
@@ -131,6 +141,28 @@ def init(args: argparse.Namespace) -> int:
     if not home.config.exists():
         write_atomic(home.config, template())
     print(f"initialised {args.home}\npeer id: {peer_id(key_pair)}\nconfig:  {home.config}")
+    return 0
+
+
+def allowlist(args: argparse.Namespace) -> int:
+    from shoal.node.home import Home
+    from shoal.overlay.allowlist import sign_allowlist
+    from shoal.overlay.atomic import write_atomic
+    from shoal.overlay.identity import IdentityError, load_identity
+
+    home = Home(args.home)
+    try:
+        signed = sign_allowlist(load_identity(home.identity), args.peers)
+    except IdentityError as e:
+        return fail(f"{e} (run: shoal init --home {args.home})", EXIT_FILES)
+    except ValueError as e:
+        return fail(str(e), EXIT_CONFIG)
+    output = args.output or home.path / "allowlist.json"
+    try:
+        write_atomic(output, json.dumps(signed, indent=1).encode())
+    except OSError as e:
+        return fail(f"{output}: {e.strerror}", EXIT_FILES)
+    print(f'wrote {output}: {len(signed["peers"])} peers admitted\nfounder = "{signed["founder"]}"')
     return 0
 
 

@@ -79,6 +79,8 @@ FLAGS: tuple[str, ...] = tuple(
     key for key, section in KEYS.items() if SETTINGS[section][key].metadata.get("flag")
 )
 
+RELATIVE_TO_FILE = {"allowlist"}  # paths that, given in config.toml, are taken from its directory
+
 HEADER = """\
 # Shoal node configuration. Flags of `shoal run` and SHOAL_<KEY> environment variables
 # (e.g. SHOAL_BOOTSTRAP, SHOAL_LR) override these values.
@@ -154,6 +156,8 @@ def load(path: Path | None, env: dict[str, str] | None = None, **flags: Any) -> 
             for key, value in table.items():
                 if key in SETTINGS[section]:
                     values[section][key] = _coerce(key, value, str(path))
+                    if key in RELATIVE_TO_FILE and values[section][key]:  # the file's, not the cwd's
+                        values[section][key] = str(path.parent / values[section][key])
                 else:
                     extra.append(f"{section}.{key}")
     if extra:

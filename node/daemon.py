@@ -27,15 +27,16 @@ import torch
 import trio
 from blake3 import blake3
 
-from shoal.learning import codecs
+from shoal.learning import codecs, messages
+from shoal.learning.anchor import Anchor
 from shoal.learning.bristle import bristle_node
 from shoal.learning.datasets import Dataset, load_dataset, load_npz
-from shoal.learning.integrators import Integrator, make_integrator
+from shoal.learning.integrators import Integrator
 from shoal.learning.learner import Learner
 from shoal.learning.models import ModelError, ParameterLayout, build_model
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol, State
-from shoal.learning.settings import build_protocol, learner_seed
+from shoal.learning.settings import build_integrator, build_protocol, learner_seed
 from shoal.learning.training import Evaluation, evaluate, pick_device
 from shoal.node import api, checkpoint
 from shoal.node.config import Config, ConfigError
@@ -57,6 +58,7 @@ CLOSE_TIMEOUT = 5.0
 # the whole swarm, and one per round (~1 a second) made applying them a large part of each daemon's
 # loop at 24 daemons on 2 cores
 RECORD_INTERVAL = 5.0
+STATUS_PEERS = 20  # peers listed by penalty in /status
 
 
 def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
         "codec": config.protocol.codec,  # not topk_fraction: receivers decode any number of kept values
         # the encodings: releases that cannot read each other's messages are in different tasks, rather
         # than in one where each refuses the other's messages as malformed
-        "encoding": [framing.VERSION, wire.VERSION, codecs.FORMAT],
+        "encoding": [framing.VERSION, wire.VERSION, messages.VERSION, codecs.FORMAT],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -117,23 +119,27 @@ class Daemon:
         self.rng = random.Random(f"{config.task.seed}/{peer_id(self.key_pair)}")
         only_rows = None
         self.labels: list[int] | None = None  # the classes announced with our models (only Bristle's)
+        self.integrator: Integrator | None = None  # Bristle's, or the one the settings name (below)
         if config.protocol.integrator == "bristle":
             try:
                 bristle = bristle_node(model, x, y, self.rng)
             except ValueError as e:
                 raise ConfigError(f"integrator bristle: {e}") from None
-            self.integrator: Integrator = bristle.integrator
+            self.integrator = bristle.integrator
             x, y, only_rows, self.labels = bristle.x_train, bristle.y_train, bristle.only_rows, bristle.labels
-        else:
-            self.integrator = make_integrator(config.protocol.integrator)
+        seed = learner_seed(config.task.seed, config.task.shard)
+        self.anchor = Anchor(copy.deepcopy(model), x, y, seed=seed)
+        if self.integrator is None:
+            self.integrator = build_integrator(config.protocol, self.anchor, self.rng)
         self.learner = Learner(
             model,
             x,
             y,
             config.task.hyperparameters(),
-            seed=learner_seed(config.task.seed, config.task.shard),
+            seed=seed,
             device=pick_device(),
             only_rows=only_rows,
+            anchor=self.anchor,
         )
         n = min(EVAL_SAMPLES, len(self.data.y_test))
         self.x_eval, self.y_eval = self.data.x_test[:n], self.data.y_test[:n]
@@ -142,6 +148,7 @@ class Daemon:
         self.initial = self._in_model_order(saved.state) if saved else self.learner.initial_state()
         if saved:
             log.info("resuming from checkpoint at round %d", saved.round)
+        self.anchor.start(self.initial)
         self.accuracy: float | None = None
         self.started = time.time()
         self.overlay: Libp2pOverlay | None = None
@@ -247,6 +254,7 @@ class Daemon:
             self.initial,
             self.learner.samples,
             self.rng,
+            anchor=self.anchor,
             integrator=self.integrator,
             labels=self.labels,
             joining=bool(self.config.network.bootstrap),
@@ -324,6 +332,14 @@ class Daemon:
             "bytes_in": dict(overlay.bytes_in) if overlay else {},
             "bytes_out": dict(overlay.bytes_out) if overlay else {},
             "rejected": overlay.rejected if overlay else 0,
+            # the peers our refusals count against most (bounded: sybils may be many), and the banned
+            "penalties": dict(overlay.penalties.most_common(STATUS_PEERS)) if overlay else {},
+            "banned": sorted(p for p in overlay.penalties if overlay.banned(p))[:STATUS_PEERS]
+            if overlay
+            else [],
+            "metadata": {"epoch": overlay.metadata.epoch, "bytes": overlay.metadata.size()}
+            if overlay
+            else {},
             "liveness": overlay.liveness() if overlay else {"suspected": [], "down": 0, "flaps": 0},
             "uptime": round(time.time() - self.started, 1),
         }

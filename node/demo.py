@@ -34,7 +34,7 @@ STOP_PER_NODE = 1.0
 
 # What every demo and testbed daemon learns with; the testbed's simulator prediction reads the same.
 TASK = {"dataset": "digits", "lr": 0.1, "local_steps": 20}
-PROTOCOL = {"protocol": "gossip", "integrator": "vca", "period": 0.5}
+PROTOCOL = {"protocol": "gossip", "integrator": "clipped", "period": 0.5}
 
 
 def node_config(

@@ -36,8 +36,10 @@ from shoal.learning.learner import Learner
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
+    Credited,
     Event,
     LearningProtocol,
+    Members,
     MessageIn,
     PeerDown,
     PeerUp,
@@ -55,7 +57,14 @@ from shoal.learning.protocol import (
     Trained,
 )
 from shoal.overlay import offloop
-from shoal.overlay.interface import Delivered, Overlay, PeerConnected, PeerDisconnected, PeerUnreachable
+from shoal.overlay.interface import (
+    Delivered,
+    MembersChanged,
+    Overlay,
+    PeerConnected,
+    PeerDisconnected,
+    PeerUnreachable,
+)
 from shoal.overlay.wire import Message
 
 log = logging.getLogger("shoal.driver")
@@ -146,6 +155,7 @@ class Driver:
             self._nursery = nursery
             for peer in self.overlay.peers():
                 self._handle(PeerUp(peer))
+            self._handle(Members(frozenset(self.overlay.members())))
             self._handle(Started())
             nursery.start_soon(self._pump_overlay)
             async for event in self._events:
@@ -174,6 +184,8 @@ class Driver:
                     self._inbox.send_nowait(PeerUp(peer))
                 case PeerDisconnected(peer):
                     self._inbox.send_nowait(PeerDown(peer))
+                case MembersChanged(peers):
+                    self._inbox.send_nowait(Members(peers))
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()  # the overlay closed: this node is down
 
@@ -232,6 +244,8 @@ class Driver:
             case RoundDone(rnd):
                 if self.on_round is not None:
                     self.on_round(rnd)
+            case Credited(peer, value):
+                self.overlay.credit(peer, value)
             case Rejected(peer, reason, blame=True):
                 self.overlay.penalize(peer, reason)
             case Rejected(peer, reason):

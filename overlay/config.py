@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shoal.overlay.allowlist import Allowlist, load_allowlist
 from shoal.overlay.host import parse_bootstrap, parse_multiaddr
 from shoal.overlay.wire import DEFAULT_LIMITS, Limits
 
@@ -83,15 +84,50 @@ class P2PConfig:
         default=8,
         metadata={
             "group": "The peer set: below peers_low task peers, more are dialled from the metadata "
-            "document and the DHT; above peers_high, the newest are let go.",
+            "document and the DHT; above peers_high, the worst newcomers are refused or let go, never "
+            "the peers this node dialled nor long-lived ones (overlay/peerset.py).",
             "help": "task peers a node keeps at least, when the swarm has them",
         },
     )
     peers_high: int = field(default=32, metadata={"help": "task peers a node keeps at most"})
+    peers_out: int = field(
+        default=4,
+        metadata={
+            "help": "Of them, peers this node dials itself (chosen from the signed metadata records, "
+            "spread over IP ranges), which peers dialling in can never displace; it dials more when it "
+            "has fewer, even above peers_low. Capped at peers_low."
+        },
+    )
+    peers_per_ip: int = field(
+        default=4,
+        metadata={
+            "help": "Task peers from one remote IP at most (loopback and relayed peers exempt); a "
+            "newcomer beyond it is refused. 0: no limit."
+        },
+    )
+    allowlist: str = field(
+        default="",
+        metadata={
+            "group": "Closed swarm (optional): only the peers on a list signed by the founder take part; "
+            "connections of all others are closed. Relays and bootstrap nodes must be on it too.",
+            "help": "File of admitted peer ids signed by the founder (`shoal allowlist` writes it; a "
+            "relative path is taken from the config file's directory). Empty: an open swarm.",
+        },
+    )
+    founder: str = field(
+        default="", metadata={"help": "peer id of the founder whose signature the allowlist must carry"}
+    )
     send_timeout: float = 120.0
     receive_timeout: float = 120.0
     sync_interval: float = 5.0
     heartbeat_interval: float = 10.0
+    metadata_epoch: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds of wall-clock time per metadata document: every node starts a fresh one at "
+            "each boundary (tombstones and junk last one epoch; members stay). The same on every node."
+        },
+    )
     hole_punch_timeout: float = 10.0
     max_penalty: int = field(
         default=5, metadata={"help": "wrong inputs (malformed, implausible, floods) that ban a peer"}
@@ -130,6 +166,7 @@ class P2PConfig:
             "receive_timeout",
             "sync_interval",
             "heartbeat_interval",
+            "metadata_epoch",
             "hole_punch_timeout",
             "ban_duration",
             "log_interval",
@@ -153,12 +190,22 @@ class P2PConfig:
                 f"need 0 < suspect_phi ({self.suspect_phi}) < down_phi ({self.down_phi}) and "
                 f"acceptable_pause ({self.acceptable_pause}) >= 0"
             )
+        for name in ("peers_out", "peers_per_ip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if self.founder and not self.allowlist:
+            raise ValueError("founder is set but allowlist is not: give the founder's signed allowlist too")
+        self.admission()  # a missing, changed or unsigned allowlist stops the node here, naming the file
         if not self.limits.max_message <= self.peer_inflight <= self.max_inflight:
             raise ValueError(
                 f"need limits.max_message ({self.limits.max_message}) <= max_peer_inflight "
                 f"({self.peer_inflight}) <= max_inflight ({self.max_inflight}): otherwise no message "
                 "of the largest size could ever be received"
             )
+
+    def admission(self) -> Allowlist | None:
+        """The allowlist of a closed swarm (``overlay.allowlist``), read and verified; None: open."""
+        return load_allowlist(self.allowlist, self.founder) if self.allowlist else None
 
     @property
     def peer_inflight(self) -> int:

@@ -1,6 +1,7 @@
 """What a node sees of, and does on, its libp2p connections to one peer: when anything last arrived
 (:func:`last_read`), a Yamux ping (:func:`ping_connections`), and where each reading loop stands
-(:func:`reading_loops`). ``overlay.liveness`` is built on these three.
+(:func:`reading_loops`), which ``overlay.liveness`` is built on; and who dialled whom from where
+(:func:`connection_info`), for the peer set.
 
 They read what ``overlay.noiseio`` (the receive clock) and ``overlay.yamuxio``'s Yamux patches (the
 reading task, its queued frames) keep on each connection, and what py-libp2p 0.8.1's Yamux keeps
@@ -14,8 +15,31 @@ import struct
 
 import trio
 from libp2p.abc import IHost, INetConn
+from libp2p.network.connection.swarm_connection import Direction
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux import yamux
+
+from shoal.overlay.nat import is_circuit
+
+
+def connection_info(host: IHost, peer: ID) -> tuple[bool, str | None] | None:
+    """Of our connection to ``peer`` (the first, if several): whether we dialled it, and the remote IP
+    (None when relayed: that would be the relay's); None when there is no connection."""
+    conns = host.get_network().get_connections(peer)
+    if not conns:
+        return None
+    conn = conns[0]
+    direction = getattr(conn, "direction", None)
+    if direction in (Direction.OUTBOUND, Direction.INBOUND):
+        outbound = direction is Direction.OUTBOUND
+    else:  # older paths (relay circuits) leave it unknown: the muxer knows who initiated
+        outbound = bool(getattr(conn.muxed_conn, "is_initiator", False))
+    try:
+        relayed = any(is_circuit(a) for a in conn.get_transport_addresses())
+        remote = None if relayed else conn.muxed_conn.get_remote_address()
+    except Exception:  # a connection closing under us
+        remote = None
+    return outbound, (str(remote[0]) if remote else None)
 
 
 def _received_at(conn: INetConn) -> float | None:

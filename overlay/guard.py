@@ -3,7 +3,9 @@
 ``overlay.penalties`` holds the policy as a plain object (the simulated overlay applies it too); this
 module enforces it on libp2p streams:
 
-- a banned peer's streams are reset on arrival, and the ban cuts the peer off (``cut_off``);
+- a banned peer's streams are reset on arrival, and the ban cuts the peer off (``cut_off``); so are
+  the streams of a peer ``refused`` by the peer set (no slot for it, or not on a closed swarm's
+  allowlist: ``overlay.peers``), without a penalty;
 - every peer's inbound streams (messages, metadata syncs, dial-back requests) are rate limited per
   peer (``message_rate``, ``message_burst``): the excess is a flood, which is wrong input;
 - a stream handler never raises: an exception leaving one stops libp2p's whole swarm, so one peer's
@@ -60,6 +62,7 @@ class Guard:
         config: P2PConfig,
         tasks: Tasks,
         cut_off: Callable[[str], Awaitable[None]],
+        refused: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.config = config
         self.policy = Penalties(config.max_penalty, config.ban_duration, log_interval=config.log_interval)
@@ -67,7 +70,7 @@ class Guard:
         self.receiving: Counter[str] = Counter()  # bytes so far of messages arriving now, by sender
         self._streams = RateLimit(config.message_rate, config.message_burst)
         self._pace = Pace(config.min_rate, config.rate_window)
-        self._tasks, self._cut_off = tasks, cut_off
+        self._tasks, self._cut_off, self._refused = tasks, cut_off, refused
 
     async def run(self) -> None:
         """Once a second: end expired bans, forget idle rate-limit state, log a due summary."""
@@ -105,7 +108,12 @@ class Guard:
 
         async def run(stream: INetStream) -> None:
             peer = str(stream.muxed_conn.peer_id)
-            if self.banned(peer) or not self._tasks.running or not self.allow(peer, "streams"):
+            if (
+                self.banned(peer)
+                or self._refused(peer)
+                or not self._tasks.running
+                or not self.allow(peer, "streams")
+            ):
                 await reset_stream(stream)
                 return
             try:

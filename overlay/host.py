@@ -14,6 +14,11 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/L
   loaded machine: liveness sends Yamux pings instead, and anything a connection receives is a sign
   of life (``overlay.connections``).
 - ``host.get_addrs`` cached for a second (:func:`_for_a_while`): pubsub calls it for every RPC.
+- The swarm's AutoConnector is switched off (:func:`_without_auto_dialing`): below 50 connections it
+  dialled up to 16 peers of the peerstore every 10 s (every 30 s up to 200), whatever they were: peers
+  the peer set refused or let go, departed ones, anyone identify or the DHT had named. Those came back
+  as connections *we* dialled, the slots no inbound newcomer may take (``overlay.peerset``). Whom to
+  dial is ``overlay.membership``'s choice alone.
 - The DHT, relay, pubsub and identify code log warnings for routine events (§2, pitfall 6); they are
   shown only with ``--verbose``.
 """
@@ -126,7 +131,22 @@ def build_host(
         addrs_factory=addrs,
     )
     host.get_addrs = _for_a_while(host.get_addrs)  # type: ignore[method-assign]
+    _without_auto_dialing(host)
     return host
+
+
+def _without_auto_dialing(host: IHost) -> None:
+    """Make py-libp2p's AutoConnector a no-op (see the module doc): both its periodic task and the dial
+    the swarm schedules after a disconnect call ``maybe_connect``, looked up on the instance."""
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is None:
+        log.warning("py-libp2p has no AutoConnector where 0.8.1 had it: nothing to switch off")
+        return
+
+    async def never() -> None:
+        return None
+
+    connector.maybe_connect = never
 
 
 def _for_a_while(

@@ -5,7 +5,8 @@ The node's driver (``node/driver.py``) is written against this interface only, s
 simulations run the same protocol code.
 
 Everything that happens to a node arrives, in order, on one channel (:attr:`Overlay.events`):
-a peer connected or disconnected, a message delivered, an announcement published on a topic. The
+a peer connected or disconnected, the task's members changed, a message delivered, an announcement
+published on a topic. The
 driver hands :class:`PeerConnected` and :class:`PeerDisconnected` to the learning protocols as they are
 (``learning.protocol`` takes them into its events), so this module imports nothing of ``learning``.
 """
@@ -48,13 +49,20 @@ class Delivered:
 
 
 @dataclass(frozen=True)
+class MembersChanged:
+    """The peers :meth:`Overlay.members` returns changed; ``peers`` is the new set."""
+
+    peers: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Announced:
     peer: str
     topic: str
     data: bytes
 
 
-OverlayEvent = PeerConnected | PeerDisconnected | Delivered | Announced
+OverlayEvent = PeerConnected | PeerDisconnected | MembersChanged | Delivered | Announced
 
 
 class Overlay(Protocol):
@@ -89,6 +97,17 @@ class Overlay(Protocol):
 
     async def find_providers(self, key: str, limit: int = 20) -> list[str]:
         """Peers that advertised ``key``, this node excluded."""
+        ...
+
+    def members(self) -> list[str]:
+        """The peers of this node's task it holds a current membership statement of, this node included:
+        on libp2p each one's own signed metadata record, not yet expired and not "left". Unlike
+        :meth:`peers`, not only those connected now, and nothing a third peer could make up."""
+        ...
+
+    def credit(self, peer: str, value: float) -> None:
+        """The learner's verdict on one model of ``peer``'s: 1.0 taken as sent, 0.0 refused, in between
+        when clipped. The overlay keeps a score per peer from these, to choose whom to keep."""
         ...
 
     def penalize(self, peer: str, reason: str) -> None:

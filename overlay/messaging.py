@@ -126,7 +126,9 @@ class Messaging:
             finally:
                 del payload  # the message's tensors keep what they view of it alive, nothing else
         self.bytes_in[self._kind_key(message.kind)] += size
-        await self._peers.up(peer)
+        if not await self._peers.up(peer):  # refused a slot, or off the allowlist: not one of ours
+            await reset_stream(stream)
+            return False
         await self._events.send(Delivered(peer, message))
         return True
 

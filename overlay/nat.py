@@ -11,7 +11,12 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, ../shared/LIBP2P.md §5
 - AutoNAT v1 answers "public" whenever the asker is already connected: its dial-back reuses the
   existing connection. Our check (:func:`serve_dialback`) dials back from a *fresh* host with a new
   key, so only a real inbound connection counts, and only to addresses on the IP we see the asker
-  come from (no reflecting dials at third parties).
+  come from (no reflecting dials at third parties). Each request costs the helper up to
+  ``MAX_DIALBACK_ADDRS`` dials of up to 5 s, so :class:`DialbackServer` bounds them: per asker
+  ``DIALBACK_BURST`` requests, then one per ``DIALBACK_INTERVAL`` seconds (more is a flood, blamed: the
+  monitor asks one helper at most that often), and ``MAX_DIALBACKS`` at once node-wide (the rest are
+  answered "busy" at once, unblamed: many identities each within their rate). Measured before: a flood
+  made one node run ~250 dials at once, 1,776 in 30 s.
 - ``auto_reserve`` never makes a relay reservation: :meth:`Relaying.reserve` makes it explicitly.
 - ``host.get_addrs()`` never contains the ``/p2p-circuit`` address (and an address factory cannot
   add it: the host cuts addresses at their first ``/p2p/``): :meth:`Relaying.circuit_addrs` builds
@@ -23,6 +28,7 @@ Upstream behaviours worked around here (py-libp2p 0.8.1, ../shared/LIBP2P.md §5
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import random
@@ -45,7 +51,8 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from shoal.overlay.framing import Libp2pStream, TransferError, read_frame, write_frame
-from shoal.overlay.host import serves
+from shoal.overlay.host import reset_stream, serves
+from shoal.overlay.penalties import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,9 @@ RECHECK = 300.0  # seconds between reachability checks (and relay reservation re
 # nodes unreachable from other homes for 5 minutes)
 RESERVE_RETRY = 10.0
 MAX_RELAYS = 2
+DIALBACK_INTERVAL = 20.0  # seconds between requests of one asker to one helper, sustained
+DIALBACK_BURST = 3
+MAX_DIALBACKS = 8  # requests served at once, node-wide
 
 
 class Reachability(StrEnum):
@@ -119,9 +129,51 @@ async def serve_dialback(stream: INetStream, timeout: float = 5.0) -> None:
         if await _dial_fresh(addr, timeout):
             reached = str(addr)
             break
-    with trio.move_on_after(timeout):
-        await write_frame(stream_io, msgpack.packb({"reached": reached, "observed": observed_ip}))
+    await _reply(stream, {"reached": reached, "observed": observed_ip}, timeout)
+
+
+async def _reply(stream: INetStream, reply: dict[str, object], timeout: float) -> None:
+    """Answer a request; an asker that went away meanwhile (a reset stream) gets nothing."""
+    with trio.move_on_after(timeout), contextlib.suppress(Exception):
+        await write_frame(Libp2pStream(stream), msgpack.packb(reply))
         await stream.close()
+
+
+class DialbackServer:
+    """:func:`serve_dialback` under bounds: a rate per asker (the excess is a flood, reported through
+    ``reject(peer, kind, reason, wrong=...)``) and ``concurrent`` requests at once node-wide (the rest are
+    answered ``{"busy": true}`` without a dial)."""
+
+    def __init__(
+        self,
+        reject: Callable[..., None],
+        *,
+        interval: float = DIALBACK_INTERVAL,
+        burst: int = DIALBACK_BURST,
+        concurrent: int = MAX_DIALBACKS,
+        timeout: float = 5.0,
+    ) -> None:
+        self._reject, self._timeout, self.concurrent = reject, timeout, concurrent
+        self._rate = RateLimit(1.0 / interval, burst)
+        self.active = 0  # requests being served now
+        self.served = 0
+
+    async def serve(self, stream: INetStream) -> None:
+        asker, now = str(stream.muxed_conn.peer_id), trio.current_time()
+        self._rate.forget_idle(now)
+        if not self._rate.allow(asker, now):
+            self._reject(asker, "flood", "dial-back requests over the rate", wrong=True)
+            await reset_stream(stream)
+            return
+        if self.active >= self.concurrent:
+            await _reply(stream, {"busy": True}, self._timeout)
+            return
+        self.active += 1
+        try:
+            await serve_dialback(stream, self._timeout)
+            self.served += 1
+        finally:
+            self.active -= 1
 
 
 async def _dial_fresh(addr: multiaddr.Multiaddr, timeout: float) -> bool:
@@ -162,7 +214,7 @@ async def ask_dialback(host: IHost, helper: ID, timeout: float = 10.0) -> bool |
     except Exception as e:  # the helper does not speak the protocol, went away, or timed out
         log.debug("dial-back request to %s failed: %s", helper, e)
         return None
-    if not isinstance(reply, dict):
+    if not isinstance(reply, dict) or reply.get("busy"):
         return None
     log.info(
         "dial-back from %s: %s (it sees us at %s)",
@@ -272,12 +324,17 @@ class ReachabilityMonitor:
         self.reachability = Reachability.UNKNOWN
         self._verdict, self._readvertise = verdict, readvertise
         self._retry = RESERVE_RETRY
+        self._asked: dict[ID, float] = {}  # helper: when we last asked it (helpers bound the rate)
 
     async def run(self) -> None:
         me = self.host.get_id()
         while True:
-            helpers = [p for p in self.host.get_connected_peers() if p != me]
+            now = trio.current_time()
+            self._asked = {h: t for h, t in self._asked.items() if now - t < DIALBACK_INTERVAL}
+            helpers = [p for p in self.host.get_connected_peers() if p != me and p not in self._asked]
             random.shuffle(helpers)
+            for helper in helpers[:3]:
+                self._asked[helper] = now
             verdicts = [await ask_dialback(self.host, h) for h in helpers[:3]]
             if True in verdicts:
                 await self._became(Reachability.PUBLIC)

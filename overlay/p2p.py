@@ -17,11 +17,14 @@ interface (``overlay.interface``). Who owns what:
 - ``overlay.dht``: Kademlia discovery and its mode;
 - ``overlay.nat``: the reachability monitor, relay reservations, dial-back, hole punching;
 - ``overlay.liveness``: phi-accrual failure detection over pings and traffic; cuts off hung peers;
-- ``overlay.membership``: the peer set kept between its low and high water marks.
+- ``overlay.membership``: the peer set kept between its low and high water marks, with its policy
+  (``overlay.peerset``: outbound slots, per-IP limit, protection of long-lived and useful peers, credit);
+- ``overlay.allowlist``: the allowlist of a closed swarm, if configured.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,17 +44,20 @@ from shoal.overlay.dht import Discovery
 from shoal.overlay.framing import Inflight
 from shoal.overlay.guard import Guard
 from shoal.overlay.host import build_host, join, parse_bootstrap
-from shoal.overlay.interface import Announced, OverlayEvent
+from shoal.overlay.interface import Announced, MembersChanged, OverlayEvent
 from shoal.overlay.liveness import Liveness
 from shoal.overlay.membership import Membership
 from shoal.overlay.messaging import Messaging
 from shoal.overlay.metadata import Metadata
 from shoal.overlay.metasync import MetaSync
-from shoal.overlay.nat import DIALBACK, Reachability, ReachabilityMonitor, Relaying, serve_dialback
+from shoal.overlay.nat import DIALBACK, DialbackServer, Reachability, ReachabilityMonitor, Relaying
 from shoal.overlay.peers import Peers
+from shoal.overlay.peerset import PeerSet
 from shoal.overlay.penalties import Penalties, Rejection
 from shoal.overlay.tasks import Tasks
 from shoal.overlay.wire import Message
+
+MEMBERS_INTERVAL = 1.0
 
 
 class Libp2pOverlay:
@@ -61,7 +67,8 @@ class Libp2pOverlay:
         self.config = config
         self.task = task
         self.host = build_host(key_pair, config.listen, config.announce, config.upnp)
-        self.metadata = Metadata(task, key_pair)
+        self.metadata = Metadata(task, key_pair, epoch_length=config.metadata_epoch)
+        self.allowlist = config.admission()  # None: an open swarm
         self.relaying = Relaying(self.host, serve=config.relay_service)
         self.bytes_in: Counter[str] = Counter()  # by protocol part: "msg:<kind>", "meta", "announce"
         self.bytes_out: Counter[str] = Counter()
@@ -77,12 +84,24 @@ class Libp2pOverlay:
             banned=self.banned,
             connected=self._connected,
             gone=self._gone,
+            policy=PeerSet(
+                high=config.peers_high,
+                outbound=min(config.peers_out, config.peers_low),
+                per_ip=config.peers_per_ip,
+            ),
+            admitted=self.admitted,
         )
-        self._guard = Guard(config, self._tasks, cut_off=self._peers.disconnect)
+        self._guard = Guard(
+            config,
+            self._tasks,
+            cut_off=self._peers.disconnect,
+            refused=lambda peer: not self.admitted(peer) or self._peers.refused(peer),
+        )
+        self._dialback = DialbackServer(self._guard.reject)
         self._messaging = Messaging(
             task, config, self._guard, self._peers, self._events_in, self.bytes_in, self.bytes_out
         )
-        self._announcements = Announcements(self.host, self.banned, self.bytes_in, self.bytes_out)
+        self._announcements = Announcements(self.host, self._excluded, self.bytes_in, self.bytes_out)
         self._sync = MetaSync(
             self.host,
             task,
@@ -116,6 +135,8 @@ class Libp2pOverlay:
             high=config.peers_high,
             banned=self.banned,
             lookup=self._discovery.find_our_providers,
+            admitted=self.admitted,
+            keep=None if config.relay_service else lambda: {str(r) for r in self.relaying.relays},
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -149,7 +170,7 @@ class Libp2pOverlay:
             for protocol, handler in (
                 (self._messaging.protocol, self._messaging.on_message_stream),
                 (self._sync.protocol, self._sync.on_meta_stream),
-                (DIALBACK, serve_dialback),
+                (DIALBACK, self._dialback.serve),
             ):
                 self.host.set_stream_handler(protocol, self._guard.handler(handler))
             await nursery.start(self._announcements.listen, self._sync.topic, self._sync.on_update)
@@ -167,6 +188,7 @@ class Libp2pOverlay:
                 self._membership,
             ):
                 nursery.start_soon(component.run)
+            nursery.start_soon(self._watch_members)
             yield
 
     async def leave(self, timeout: float = 3.0) -> None:
@@ -183,6 +205,17 @@ class Libp2pOverlay:
         """A peer went down or was cut off: forget what the components keep about it."""
         self._liveness.forget(peer)
         self._messaging.forget(peer)
+
+    async def _watch_members(self) -> None:
+        """Tell the driver when :meth:`members` changed (records arrive, expire or leave): checked every
+        ``MEMBERS_INTERVAL`` seconds, since expiry is a matter of time, not of an event."""
+        last = frozenset(self.members())
+        while True:
+            await trio.sleep(MEMBERS_INTERVAL)
+            now = frozenset(self.members())
+            if now != last:
+                last = now
+                await self._events_in.send(MembersChanged(now))
 
     async def _readvertise(self) -> None:
         """After a reachability check: our addresses may have changed, and the DHT's mode."""
@@ -230,6 +263,27 @@ class Libp2pOverlay:
     def penalize(self, peer: str, reason: str) -> None:
         self._guard.reject(peer, "refused by protocol", reason, wrong=True)
 
+    def credit(self, peer: str, value: float) -> None:
+        """The learner's verdict on one contribution of ``peer``: 1.0 taken as it was, 0.0 refused, in
+        between when clipped. Kept as a moving average per peer, which decides whom the peer set keeps
+        when it is full (``overlay.peerset``)."""
+        self._peers.policy.credit(peer, value, time.monotonic())
+
+    def members(self) -> list[str]:
+        """The peers of this task whose own signed metadata record we hold and is current (not "left",
+        seen within the document's expiry), us included; in a closed swarm only admitted ones."""
+        now = time.time()
+        return sorted(
+            peer
+            for peer, member in self.metadata.members().items()
+            if peer == self.peer_id
+            or (
+                member.state != "left"
+                and abs(now - member.seen) <= self.metadata.expiry
+                and self.admitted(peer)
+            )
+        )
+
     def _topic(self, topic: str) -> str:
         return f"shoal/{self.task}/{topic}"
 
@@ -250,6 +304,25 @@ class Libp2pOverlay:
 
     def banned(self, peer: str) -> bool:
         return self._guard.banned(peer)
+
+    def admitted(self, peer: str) -> bool:
+        """Whether ``peer`` may take part: always in an open swarm, else if it is on the allowlist."""
+        return self.allowlist is None or self.allowlist.admits(peer)
+
+    def _excluded(self, peer: str) -> bool:
+        """Whose gossip is dropped on arrival: banned peers, and peers off a closed swarm's allowlist."""
+        return self.banned(peer) or not self.admitted(peer)
+
+    def peer_set(self) -> dict[str, object]:
+        """The peer set's state, for status: outbound and protected peers now, newcomers refused a slot
+        and peers let go for better ones since start."""
+        policy = self._peers.policy
+        return {
+            "outbound": sorted(p for p, s in policy.slots.items() if s.outbound),
+            "protected": sorted(policy.protected(time.monotonic())),
+            "refused": self._peers.refusals,
+            "displaced": self._peers.evictions,
+        }
 
     def connection_kind(self, peer: str) -> str:
         """ "relayed" when all our connections to ``peer`` go through a relay, else "direct"."""

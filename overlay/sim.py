@@ -47,6 +47,7 @@ import trio.testing
 from shoal.overlay.interface import (
     Announced,
     Delivered,
+    MembersChanged,
     OverlayEvent,
     PeerConnected,
     PeerDisconnected,
@@ -90,6 +91,7 @@ class NodeState:
     up_free: float = 0.0
     down_free: float = 0.0
     topics: set[str] = field(default_factory=set)
+    member_until: float = 0.0  # once down: when its membership statement stops counting
 
 
 @dataclass
@@ -147,6 +149,7 @@ class SimNetwork:
         # Per destination, messages in delivery order. Delivery times to one node never decrease (its
         # downlink is a queue), so one task per busy destination delivers them in order (TCP keeps order).
         self._queues: dict[str, deque[tuple[float, str, tuple[int, int], Message, int]]] = {}
+        self._member_notices: set[float] = set()  # moments a members notice is due
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the tasks that carry messages; runs until cancelled."""
@@ -175,6 +178,7 @@ class SimNetwork:
         )
         for other in dict.fromkeys([*self.graph.setdefault(peer, {}), *neighbours]):
             self.link(peer, other)  # a node that comes back finds its old links again
+        self._members_change(trio.current_time())
         return overlay
 
     def link(self, a: str, b: str) -> None:
@@ -201,12 +205,36 @@ class SimNetwork:
             return
         was_linked = [n for n in self.graph[peer] if self.usable(peer, n)]
         state.alive = False
+        state.member_until = trio.current_time() + (delay or 0.0)
+        self._members_change(state.member_until)
         state.overlay._events_in.close()
         for n in was_linked:
             self._notify(n, PeerDisconnected(peer), delay if delay is not None else self.latency(peer, n))
 
     def alive(self) -> list[str]:
         return [p for p, s in self.nodes.items() if s.alive]
+
+    def members(self) -> list[str]:
+        """The nodes whose membership statement is current: every live node, and a crashed one until
+        its crash is noticed (``detection_delay``), as a signed record outlives its writer until it
+        expires. A model of the metadata document with instant, perfect spread."""
+        now = trio.current_time()
+        return [p for p, s in self.nodes.items() if s.alive or now < s.member_until]
+
+    def _members_change(self, at: float) -> None:
+        """Tell every live node the members at ``at``: once per moment, however many changed in it (a
+        thousand nodes starting at once are one notice, not a thousand)."""
+        if at not in self._member_notices:
+            self._member_notices.add(at)
+            self._spawn(self._notify_members, at)
+
+    async def _notify_members(self, at: float) -> None:
+        await trio.sleep_until(at)
+        self._member_notices.discard(at)
+        members = frozenset(self.members())
+        for state in self.nodes.values():
+            if state.alive:
+                state.overlay._push(MembersChanged(members), state.incarnation)
 
     def is_alive(self, peer: str) -> bool:
         return peer in self.nodes and self.nodes[peer].alive
@@ -366,7 +394,7 @@ class SimOverlay:
         state = self._network.nodes[self._peer_id]
         if not (state.alive and state.overlay is self and state.incarnation == incarnation):
             return
-        if self.policy.banned(event.peer, trio.current_time()):
+        if not isinstance(event, MembersChanged) and self.policy.banned(event.peer, trio.current_time()):
             if isinstance(event, Delivered):
                 self._network.traffic.lost += 1
             return  # nothing from a banned peer: its messages, announcements, or link changes
@@ -402,6 +430,12 @@ class SimOverlay:
             p for p in net.providers.get(key, ()) if p != self._peer_id and net.reachable(self._peer_id, p)
         ]
         return found[:limit]
+
+    def members(self) -> list[str]:
+        return self._network.members()
+
+    def credit(self, peer: str, value: float) -> None:
+        """Nothing: the simulated network has no peer set to choose from (the graph is given)."""
 
     def penalize(self, peer: str, reason: str) -> None:
         now = trio.current_time()

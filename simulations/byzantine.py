@@ -1,20 +1,26 @@
-"""Byzantine peers: honest-node accuracy per attacker fraction, data setting and integrator.
+"""Byzantine peers: honest-node accuracy per attack, attacker fraction, data setting and integrator.
 
-Transfer-learning set-up of Bristle (learning/bristle.py): a conv extractor is pre-trained on a
-*source* part of `digits` (a seeded 40% of its training samples, never given to any node) and frozen;
-the nodes share only a bias-free linear head over its 128 features. The other 60% is split over the
-nodes, IID or non-IID (``shards:K``, K classes per node). Every honest node holds out up to 10 of its
-samples per class as the small local test set Bristle scores peers on.
+Two tasks:
 
-Nodes gossip asynchronously on a complete graph (one-second cycles: one local epoch, then send to
-every peer, or --fanout random ones, and integrate what arrived). Attackers (a fraction of the nodes,
-chosen at random) run the same protocol but send forged models (--attack: label-flip, noise,
-sign-flip, alie).
-The sweep runs every attacker fraction x data setting x integrator, --jobs at a time, and reports the
-final mean test accuracy of the honest nodes. Writes rounds.csv, summary.json and one PNG per data
-setting to --out.
+- ``mlp`` (default): the daemon's own task: `digits` over the nodes (IID, or ``--settings``), the MLP, its
+  hyperparameters; the honest nodes use the robust default ``clipped`` or a baseline (``vca``, the
+  earlier default; ``median``, ``trimmed``, ``krum``).
+- ``head``: Bristle's transfer-learning set-up (learning/bristle.py): a conv extractor pre-trained on a
+  *source* part of `digits` (a seeded 40% of its training samples, never given to any node) and frozen;
+  the nodes share only a bias-free linear head over its 128 features and split the other 60%, IID or
+  non-IID (``shards:K``, K classes per node). Every honest node holds out up to 10 of its samples per
+  class, the small local test set Bristle scores peers on.
 
-    python -m shoal.simulations.byzantine --nodes 30 --attack sign-flip
+Protocols: ``gossip`` (asynchronous, one-second cycles on a complete graph: one round of local training,
+then send to every peer, or ``--fanout`` random ones, and integrate what arrived) or ``modest`` (sample
+``--sample`` nodes per round, one aggregator, messages to whoever is sampled). Attackers (a fraction of
+the nodes, chosen at random) run the same protocol but send forged models (``--attacks``, any of
+label-flip, noise, sign-flip, alie, stale: learning/attacks.py): in MoDeST both the models they
+aggregate and the ones they train. The sweep runs every attack x setting x fraction x integrator,
+``--jobs`` at a time, and reports the final mean test accuracy of the honest nodes (MoDeST: of the
+honest nodes at the newest round). Writes rounds.csv, summary.json and one PNG per attack and setting.
+
+    python -m shoal.simulations.byzantine --attacks sign-flip,alie --protocol modest
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import random
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
@@ -31,16 +38,17 @@ import torch
 from shoal.learning.attacks import ATTACKS, Forging, flip_labels, forge
 from shoal.learning.bristle import bristle_node, hold_out
 from shoal.learning.datasets import Dataset, load_dataset
-from shoal.learning.integrators import Integrator, Mean, make_integrator
+from shoal.learning.integrators import Mean
 from shoal.learning.learner import Learner
 from shoal.learning.pretrain import extract, extractor_bytes, load_extractor, pretrain_extractor
 from shoal.learning.protocol import LearningProtocol
-from shoal.learning.settings import build_protocol
+from shoal.learning.settings import build_integrator, build_protocol
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations import report
-from shoal.simulations.engine import RunResult, Simulation, node_name
+from shoal.simulations.engine import RunResult, SimConfig, Simulation, node_name
 
-INTEGRATORS = ("bristle", "mean", "median", "trimmed", "krum")
+TASKS = ("mlp", "head")
+INTEGRATORS = {"mlp": ("clipped", "vca", "median", "trimmed", "krum"), "head": ("bristle", "clipped", "mean")}
 
 
 def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dataset, str]:
@@ -71,19 +79,21 @@ def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dat
 
 
 def protocol_factory(integrator: str, attackers: set[int], attack: str, num_classes: int):
-    """Gossip nodes: attackers forge (or train on flipped labels); the honest use ``integrator``."""
+    """Attackers forge (or train on flipped labels) behind a plain mean; the honest use ``integrator``."""
 
     def make(sim: Simulation, i: int, learner: Learner, joining: bool):
         rng = sim.rng(i)
+        peers = [node_name(j) for j in range(sim.config.nodes) if j != i]  # MoDeST's members
 
-        def gossip(rule: Integrator, labels: list[int] | None = None) -> LearningProtocol:
+        def build(rule=None, labels: list[int] | None = None) -> LearningProtocol:
             return build_protocol(
                 sim.config,
                 node_name(i),
-                [],
+                peers,
                 sim.initial[i],
                 learner.samples,
                 rng,
+                anchor=learner.anchor,
                 integrator=rule,
                 labels=labels,
                 joining=joining,
@@ -92,16 +102,16 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
         if i in attackers:
             if attack == "label-flip":
                 learner.y = flip_labels(learner.y, num_classes)
-                return gossip(Mean())
-            return Forging(gossip(Mean()), forge(attack, rng))
+                return build(Mean())
+            return Forging(build(Mean()), forge(attack, rng))
         if integrator == "bristle":
             bristle = bristle_node(learner.model, learner.x, learner.y, rng)
             learner.x, learner.y, learner.only_rows = bristle.x_train, bristle.y_train, bristle.only_rows
-            chosen = bristle.integrator
-        else:  # every honest node keeps the same share back as Bristle's, for fairness
+            return build(bristle.integrator, labels=bristle.labels)
+        if sim.config.model == "head":  # every honest node keeps the same share back as Bristle's
             learner.x, learner.y, _, _ = hold_out(learner.x, learner.y)
-            chosen = make_integrator(integrator)
-        return gossip(chosen, labels=learner.y.unique().tolist())
+        config = replace(sim.config, integrator=integrator)
+        return build(build_integrator(config, learner.anchor, rng), labels=learner.y.unique().tolist())
 
     return make
 
@@ -110,119 +120,153 @@ def run_cell(job: tuple) -> RunResult:
     """One cell of the sweep, in a worker process."""
     config, data, attackers, name, attack, label = job
     honest = [i for i in range(config.nodes) if i not in attackers]
+    modest = config.protocol == "modest"
     return Simulation(
         config,
-        nx.complete_graph(config.nodes),
+        nx.empty_graph(config.nodes) if modest else nx.complete_graph(config.nodes),
         label=label,
         data=data,
         observed=honest,
+        evaluate="freshest" if modest else "all",
         progress=None,
         make_protocol=protocol_factory(name, set(attackers), attack, data.num_classes),
     ).run()
 
 
-def plot_sweep(out: Path, setting: str, cells: dict, fractions: list[float], integrators: list[str]) -> None:
+def plot_sweep(out: Path, attack: str, setting: str, cells: dict, fractions: list[float]) -> None:
     fig, ax = report.figure(figsize=(7, 4.5))
-    for name in integrators:
-        ax.plot(
-            [100 * f for f in fractions], [cells[setting][name][str(f)] for f in fractions], "o-", label=name
-        )
+    for name, row in cells.items():
+        ax.plot([100 * f for f in fractions], [row[str(f)] for f in fractions], "o-", label=name)
     ax.set_xlabel("attackers (% of nodes)")
     ax.set_ylabel("final test accuracy of honest nodes")
-    ax.set_title(f"Byzantine peers, {setting} data")
+    ax.set_title(f"Byzantine peers: {attack}, {setting} data")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    report.save_figure(fig, out / f"byzantine_{setting.replace(':', '')}.png")
+    report.save_figure(fig, out / f"byzantine_{attack}_{setting.replace(':', '')}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # mlp: the daemon's own learning settings (learning.settings.TaskSettings)
     p = report.parser(
         "byzantine",
         __doc__,
-        nodes=30,
+        nodes=20,
         duration=60.0,
         eval_every=10.0,
-        dataset="digits",
-        model="head",
-        lr=0.2,
         fanout=None,
+        lr=0.05,
+        batch_size=32,
+        local_steps=20,
     )
     g = p.add_argument_group("byzantine")
+    g.add_argument("--task", default="mlp", choices=TASKS, help="(default %(default)s)")
+    g.add_argument("--protocol", default="gossip", choices=("gossip", "modest"), help="(default %(default)s)")
+    g.add_argument("--sample", type=int, default=10, help="modest: trainers per round (default %(default)s)")
     g.add_argument(
-        "--attack", default="sign-flip", choices=ATTACKS, help="what attackers do (default sign-flip)"
+        "--attacks",
+        default="sign-flip",
+        help=f"comma-separated, of {', '.join(ATTACKS)} (default %(default)s)",
     )
     g.add_argument(
-        "--fractions", default="0,0.1,0.2,0.3,0.4,0.5", help="attacker fractions (default %(default)s)"
+        "--fractions", default="0,0.1,0.2,0.3,0.4", help="attacker fractions (default %(default)s)"
     )
-    g.add_argument("--settings", default="iid,shards:4", help="data settings (default %(default)s)")
-    g.add_argument("--integrators", default=",".join(INTEGRATORS), help="(default %(default)s)")
+    g.add_argument("--settings", help="data settings (default: iid for mlp, iid,shards:4 for head)")
+    g.add_argument(
+        "--integrators", help="(default: clipped,vca,median,trimmed,krum; head: bristle,clipped,mean)"
+    )
     g.add_argument(
         "--jobs", type=int, default=os.cpu_count(), help="runs in parallel (default: one per core)"
     )
     g.add_argument(
-        "--features", type=Path, help="frozen extractor (safetensors); pre-trained and saved if absent"
+        "--features", type=Path, help="head: frozen extractor (safetensors); pre-trained and saved if absent"
     )
+    if p.parse_known_args(argv)[0].task == "head":  # the set-up of Bristle's sweeps
+        p.set_defaults(nodes=30, lr=0.2, batch_size=16, local_steps=None)
     args = p.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
-    integrators = args.integrators.split(",")
-    if unknown := set(integrators) - set(INTEGRATORS):
-        p.error(f"unknown integrator(s) {sorted(unknown)}: use {', '.join(INTEGRATORS)}")
+    attacks = args.attacks.split(",")
+    integrators = (args.integrators or ",".join(INTEGRATORS[args.task])).split(",")
+    settings = (args.settings or ("iid" if args.task == "mlp" else "iid,shards:4")).split(",")
+    if unknown := set(attacks) - set(ATTACKS):
+        p.error(f"unknown attack(s) {sorted(unknown)}: use {', '.join(ATTACKS)}")
+    if unknown := set(integrators) - {*INTEGRATORS["mlp"], *INTEGRATORS["head"]}:
+        p.error(f"unknown integrator(s) {sorted(unknown)}")
+    if "bristle" in integrators and args.task != "head":
+        p.error("bristle shares only a frozen extractor's head: use --task head")
     if any(not 0 <= f < 1 for f in fractions):
         p.error("--fractions must be in [0, 1)")
     report.prepare(args)
-    data, how = transfer_data(args.seed, args.features, args.out)
-    print(f"frozen extractor {how}; {len(data.y_train)} target samples over {args.nodes} nodes", flush=True)
+    base = report.config_from(args)
+    if args.protocol == "modest":
+        base = replace(base, protocol="modest", sample_size=args.sample, dial_any=True)
+    if args.task == "head":
+        data, how = transfer_data(args.seed, args.features, args.out)
+        print(
+            f"frozen extractor {how}; {len(data.y_train)} target samples over {args.nodes} nodes", flush=True
+        )
+        base = replace(base, dataset="digits-features", model="head")
+    else:
+        data = load_dataset(base.dataset, seed=args.seed, samples=base.dataset_samples)
     jobs = []
-    for setting in args.settings.split(","):
-        config = report.config_from(args, partition=setting, dataset="digits-features")
-        for fraction in fractions:
-            attackers = frozenset(
-                random.Random(args.seed).sample(range(args.nodes), round(fraction * args.nodes))
-            )
-            jobs += [
-                (config, data, attackers, name, args.attack, f"{setting}/{int(100 * fraction)}%/{name}")
-                for name in integrators
-            ]
+    for attack in attacks:
+        for setting in settings:
+            config: SimConfig = replace(base, partition=setting)
+            for fraction in fractions:
+                attackers = frozenset(
+                    random.Random(args.seed).sample(range(args.nodes), round(fraction * args.nodes))
+                )
+                jobs += [
+                    (
+                        config,
+                        data,
+                        attackers,
+                        name,
+                        attack,
+                        f"{attack}/{setting}/{int(100 * fraction)}%/{name}",
+                    )
+                    for name in integrators
+                ]
     done: dict[str, RunResult] = {}
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for result in pool.map(run_cell, jobs):
             done[result.label] = result
             if not args.quiet:
                 print(
-                    f"  {result.label:>24}: honest accuracy {result.final.acc_mean:.3f}  "
+                    f"  {result.label:>32}: honest accuracy {result.final.acc_mean:.3f}  "
                     f"({result.wall_seconds:.1f} s)",
                     flush=True,
                 )
     results = [done[job[-1]] for job in jobs]
-    cells: dict[str, dict[str, dict[str, float]]] = {}
-    for (config, _, attackers, name, _, _), result in zip(jobs, results):
+    cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for (config, _, attackers, name, attack, _), result in zip(jobs, results):
         fraction = round(len(attackers) / args.nodes, 2)
-        cells.setdefault(config.partition, {}).setdefault(name, {})[str(fraction)] = round(
-            result.final.acc_mean, 4
-        )
+        by_setting = cells.setdefault(attack, {}).setdefault(config.partition, {})
+        by_setting.setdefault(name, {})[str(fraction)] = round(result.final.acc_mean, 4)
     fractions = [round(round(f * args.nodes) / args.nodes, 2) for f in fractions]
-    for setting in cells:
-        plot_sweep(args.out, setting, cells, fractions, integrators)
+    for attack, by_setting in cells.items():
+        for setting, by_name in by_setting.items():
+            plot_sweep(args.out, attack, setting, by_name, fractions)
     report.write_rounds(args.out, results)
     report.write_summary(
         args.out,
-        config,
+        base,
         {
             "name": "byzantine",
-            "attack": args.attack,
-            "extractor": how,
+            "task": args.task,
+            "attacks": attacks,
             "fractions": fractions,
-            "settings": args.settings,
+            "settings": settings,
         },
         {"honest_accuracy": cells},
     )
     print(f"wrote {args.out}: rounds.csv, summary.json and plots")
     header = "".join(f"{int(100 * f):>7}%" for f in fractions)
-    for setting, by_name in cells.items():
-        print(f"\n{setting:<10}{header}")
-        for name, row in by_name.items():
-            print(f"{name:<10}" + "".join(f"{row[str(f)]:8.3f}" for f in fractions))
+    for attack, by_setting in cells.items():
+        for setting, by_name in by_setting.items():
+            print(f"\n{attack}, {setting}:{' ' * 3}{header}")
+            for name, row in by_name.items():
+                print(f"{name:<20}" + "".join(f"{row[str(f)]:8.3f}" for f in fractions))
     return 0
 
 

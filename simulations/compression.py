@@ -4,7 +4,7 @@ Every run has the same data split, initial model, hyperparameters and seed; only
 (``learning.compression``: fp32, fp16, bf16, int8, and top-k differences with error feedback and int8
 keyframes). Gossip runs asynchronously on a random 4-regular graph; MoDeST samples --sample trainers
 and one aggregator per round from all nodes. Bytes are everything the nodes sent (models and
-MoDeST's pings, adverts and views), as the simulated network counts them.
+MoDeST's pings), as the simulated network counts them.
 
 Writes rounds.csv, summary.json (per protocol and codec: bytes_to_target, rounds_to_target,
 final_accuracy_mean, and bytes_to_target as a fraction of fp32's) and accuracy_by_bytes_<protocol>.png
@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
                 dial_any=True,
                 protocol="modest",
                 sample_size=args.sample,
-                inactivity_threshold=1000,
             ),
             nx.empty_graph(args.nodes),
             label=f"modest {codec}",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import trio
 
+from shoal.learning.anchor import Anchor
 from shoal.learning.datasets import Dataset, load_dataset
 from shoal.learning.learner import Hyperparameters, Learner
 from shoal.learning.models import ParameterLayout, build_model
@@ -149,7 +150,9 @@ def configured_protocol(sim: Simulation, i: int, learner: Learner, joining: bool
         peers = sim.rng(i).sample(alive, min(3, len(alive)))
     elif c.protocol == "modest":
         peers = [node_name(j) for j in range(c.nodes) if j != i and j not in sim.offline]
-    return build_protocol(c, me, peers, sim.initial[i], learner.samples, sim.rng(i), joining=joining)
+    return build_protocol(
+        c, me, peers, sim.initial[i], learner.samples, sim.rng(i), anchor=learner.anchor, joining=joining
+    )
 
 
 class Simulation:
@@ -242,13 +245,11 @@ class Simulation:
         live_neighbours = [node_name(j) for j in self.graph.neighbors(i)]
         overlay = self.network.add_node(name, neighbours=live_neighbours)
         shard = self.shards[i]
-        learner = Learner(
-            self.model,
-            self.data.x_train[shard],
-            self.data.y_train[shard],
-            self.hyper,
-            seed=learner_seed(c.seed, i),
-        )
+        x, y, seed = self.data.x_train[shard], self.data.y_train[shard], learner_seed(c.seed, i)
+        # the nodes run one at a time on this thread: one module serves every node's anchor too
+        anchor = Anchor(self.model, x, y, seed=seed)
+        anchor.start(self.initial[i])
+        learner = Learner(self.model, x, y, self.hyper, seed=seed, anchor=anchor)
         protocol = (self.make_protocol or configured_protocol)(self, i, learner, joining)
         driver = Driver(
             protocol,

@@ -11,14 +11,14 @@ before any protocol saw it.
 Modes (``ATTACKS``):
 - ``huge``: models with the right names, shapes and dtypes and every value 1e30 (finite);
 - ``far-rounds``: rounds of 2**63, 2**53 and our estimate of the swarm's round + 10**6, in every field
-  that carries one (MoDeST: ping, pong, advert, aggregated, trained and view entries), with the newest
-  model received as payload so that only the round is wrong;
+  that carries one (MoDeST: ping, pong, aggregated, trained), with the newest model received as
+  payload so that only the round is wrong; MoDeST models also carry a crafted view (the field of an
+  earlier release that ranked whom it named, the sender first) and JOIN/LEAVE adverts for others;
 - ``hijack`` (MoDeST only: gossip has no roles): aggregated and trained models with random weights of
   the template's scale, for far-future rounds and for rounds within the window where this node is no
   plausible aggregator (or trainer) by the rule of ``learning/modest.py``;
-- ``garbage``: wrong types, negative and oversized counts, bad labels and views (an oversized one every
-  ``OVERSIZED_EVERY`` cycles: packing it costs the simulated network ~50 ms), wrong names, shapes and
-  dtypes, NaN, unknown kinds.
+- ``garbage``: wrong types, negative and oversized counts, bad labels, wrong names, shapes and dtypes,
+  NaN, unknown kinds.
 
 The estimate of the swarm's round comes from messages that hostile nodes do not send with plausible
 rounds (gossip ``model``, MoDeST ``ping``), taken only within ``max_round_jump`` of the last one: the
@@ -34,8 +34,8 @@ from collections.abc import Sequence
 import torch
 
 from shoal.learning.learner import Learner
-from shoal.learning.messages import MAX_LABELS, MAX_ROUND, MAX_VIEW, is_count
-from shoal.learning.modest import ModestConfig, order
+from shoal.learning.messages import MAX_LABELS, MAX_ROUND, is_count
+from shoal.learning.modest import ModestConfig
 from shoal.learning.protocol import (
     Action,
     Event,
@@ -48,6 +48,7 @@ from shoal.learning.protocol import (
     State,
     TimerFired,
 )
+from shoal.learning.sampling import order
 from shoal.simulations.engine import ProtocolFactory, Simulation, node_name
 
 ATTACKS = ("huge", "far-rounds", "hijack", "garbage")
@@ -55,7 +56,6 @@ PROTOCOLS = ("gossip", "modest")
 HUGE = 1e30
 FAR_ROUNDS = (2**63, 2**53)
 FAR_AHEAD = 10**6
-OVERSIZED_EVERY = 10
 
 Body = dict
 Variant = tuple[str, Body, State]  # kind, body, tensors
@@ -90,7 +90,7 @@ class Hostile:
         if period <= 0:
             raise ValueError(f"period must be positive, got {period}")
         self.me = me
-        self._everyone = sorted({me, *peers})  # MoDeST's candidates, as the victims' views hold them
+        self._everyone = sorted({me, *peers})  # MoDeST's candidates, as the victims' members hold them
         self._neighbours = dict.fromkeys(p for p in peers if p != me)
         self._template = model
         self._payload = model  # the newest model received: an honest-looking load for wrong rounds
@@ -101,9 +101,7 @@ class Hostile:
         self._period = period
         self._config = config or ModestConfig()
         self._estimate = 0
-        self._cycle = 0
         self._next_peer = 0
-        self._oversized = {f"x{i}": [0, 0, True] for i in range(MAX_VIEW + 1)}
 
     @property
     def model(self) -> State:
@@ -124,7 +122,6 @@ class Hostile:
             case MessageIn(_, kind, body, tensors):
                 self._observe(kind, body, tensors)
             case TimerFired(Timer.ATTACK):
-                self._cycle += 1
                 return [*self._attack(), StartTimer(Timer.ATTACK, self._period)]
         return []
 
@@ -161,10 +158,7 @@ class Hostile:
         return ("model",) if self._protocol == "gossip" else ("aggregated", "trained")
 
     def _body(self, rnd: int, **extra: object) -> Body:
-        body: Body = {"round": rnd, "samples": 10, **extra}
-        if self._protocol == "modest":
-            body.setdefault("view", {})
-        return body
+        return {"round": rnd, "samples": 10, **extra}
 
     def _huge(self) -> list[Variant]:
         huge = {
@@ -182,18 +176,15 @@ class Hostile:
                     ("model", self._body(rnd, reply=True), self._payload),
                 ]
                 continue
-            view = {self.me: [rnd, 1, True]}
+            # a view that names the sender active and everyone else gone, as an earlier release read it
+            view = {p: [rnd, 1, p == self.me] for p in self._everyone}
             out += [
                 ("ping", {"sel": 0, "round": rnd}, {}),
                 ("pong", {"sel": 0, "round": rnd}, {}),
                 ("advert", {"round": rnd, "index": 1, "joined": True}, {}),
                 ("aggregated", self._body(rnd, view=view), self._payload),
                 ("trained", self._body(rnd, view=view), self._payload),
-                (
-                    "aggregated",
-                    self._body(self._estimate + 1, view=view),
-                    self._payload,
-                ),  # only the view lies
+                ("aggregated", self._body(self._estimate + 1, view=view), self._payload),  # the view lies
             ]
         return out
 
@@ -261,13 +252,7 @@ class Hostile:
             ("ping", {"sel": -1, "round": rnd}, {}),
             ("pong", {"sel": MAX_ROUND + 1, "round": rnd}, {}),
             ("advert", {"round": rnd, "index": -5, "joined": "yes"}, {}),
-            ("aggregated", self._body(rnd, view=[1, 2, 3]), t),
-            ("aggregated", self._body(rnd, view={"p": [1, 2]}), t),
-            ("aggregated", self._body(rnd, view={"p" * 1000: [1, 2, True]}), t),
-            ("trained", self._body(rnd, view={"p": [-1, 0, True]}), t),
         ]
-        if self._cycle % OVERSIZED_EVERY == 0:
-            out.append(("aggregated", self._body(rnd, view=self._oversized), t))
         return out
 
 

@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, fields
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from shoal.learning.compression import CODECS
-from shoal.learning.integrators import INTEGRATORS
+from shoal.learning.integrators import INTEGRATORS as RULES
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations.engine import Row, RunResult, SimConfig
 
@@ -46,11 +47,17 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
     g.add_argument("--model", default=base["model"], help="mlp, cnn, frozen-cnn or module:factory")
     g.add_argument("--partition", default=base["partition"], help="iid, dirichlet:ALPHA or shards:K")
     g.add_argument(
-        "--integrator", default=base["integrator"], choices=INTEGRATORS, help="(default %(default)s)"
+        "--integrator",
+        default=base["integrator"],
+        choices=("clipped", *RULES),
+        help="(default %(default)s)",
     )
     g.add_argument("--lr", type=float, default=base["lr"])
     g.add_argument("--batch-size", type=int, default=base["batch_size"])
     g.add_argument("--local-epochs", type=float, default=base["local_epochs"], help="local epochs per round")
+    g.add_argument(
+        "--local-steps", type=int, default=base["local_steps"], help="local SGD steps per round, instead"
+    )
     g.add_argument(
         "--independent-init",
         dest="same_init",
@@ -98,6 +105,8 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
 def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
     """The SimConfig of the parsed flags (every flag named as a field is one), then ``overrides``."""
     given = {f.name: getattr(args, f.name) for f in fields(SimConfig) if hasattr(args, f.name)}
+    if given.get("local_steps") is not None:  # steps replace epochs
+        given["local_epochs"] = None
     try:
         return SimConfig(**{**given, **overrides})
     except (TypeError, ValueError) as exc:
@@ -107,6 +116,9 @@ def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
 def prepare(args: argparse.Namespace) -> None:
     """Settings every scenario run wants before it starts."""
     torch.set_num_threads(1)  # models this small lose more to thread hand-offs than they gain
+    # a node's warnings (a poisoned model rolled back) are for a daemon's operator: a simulated swarm
+    # under attack writes thousands, and the results say what they did
+    logging.getLogger("shoal.learner").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
 
 

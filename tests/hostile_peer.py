@@ -10,6 +10,9 @@ Phases:
 - ``huge``, ``far-rounds``, ``hijack``, ``garbage``: the simulator's hostile protocol
   (``simulations.hostile.Hostile``, which documents what each sends) run by the node's own driver on
   the libp2p overlay, every 0.2 s.
+- ``forge:ATTACK`` (an attack of ``learning.attacks``, e.g. ``forge:sign-flip``, ``forge:noise``): a
+  participant that runs the swarm's own protocol (gossip every 0.5 s, or MoDeST, where it aggregates
+  and trains when sampled) and sends every model forged: well-formed, finite, within every bound.
 - ``flood``: as many small valid messages as the node takes, from parallel senders.
 - ``trickle``: several fresh identities each open frames claiming the largest allowed size, send most of
   it quickly, then one byte a second.
@@ -26,13 +29,17 @@ import logging
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from shoal.learning.attacks import Forging, forge
+from shoal.learning.integrators import Mean
 from shoal.learning.learner import Hyperparameters, Learner
 from shoal.learning.models import ParameterLayout, build_model
+from shoal.learning.settings import build_protocol
 from shoal.node.config import Config, load
 from shoal.node.daemon import load_data, message_limit, task_id
 from shoal.node.driver import Driver, ThreadCompute
@@ -78,6 +85,26 @@ class Attacker:
         )
         codec = self.config.protocol.codec_config()  # the swarm's, as its members
         await Driver(hostile, self.overlay, self.learner, ThreadCompute(), codec=codec).run()
+
+    async def forging(self, attack: str) -> None:
+        """The swarm's protocol, honest but for the models it sends (``learning.attacks.Forging``)."""
+        settings = replace(self.config.protocol, period=0.5, fanout=None)
+        inner = build_protocol(
+            settings,
+            self.overlay.peer_id,
+            self.overlay.members(),
+            self.template,
+            self.learner.samples,
+            self.rng,
+            integrator=Mean(),
+            joining=True,
+        )
+        attacker = Forging(inner, forge(attack, self.rng))
+        codec = self.config.protocol.codec_config()
+        try:
+            await Driver(attacker, self.overlay, self.learner, ThreadCompute(), codec=codec).run()
+        finally:
+            self.sent += attacker.forged
 
     async def flood(self) -> None:
         """Eight senders per victim, each as fast as the victim takes them: gossip fetches (each asks
@@ -202,6 +229,8 @@ async def main(args: argparse.Namespace) -> None:
             with trio.move_on_after(args.seconds):
                 if phase in ATTACKS:
                     await attacker.protocol(phase)
+                elif phase.startswith("forge:"):
+                    await attacker.forging(phase.removeprefix("forge:"))
                 else:
                     await getattr(attacker, phase)()
             sent = overlay.bytes_out.total()

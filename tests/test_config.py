@@ -7,8 +7,12 @@ import tomllib
 from dataclasses import fields
 
 import pytest
+import torch
 
+from shoal.learning.anchor import Anchor
+from shoal.learning.clipping import Clipped
 from shoal.learning.gossip import Gossip
+from shoal.learning.models import build_model
 from shoal.learning.modest import Modest
 from shoal.learning.settings import ProtocolSettings, build_protocol
 from shoal.node.cli import build_parser
@@ -196,11 +200,20 @@ def test_the_simulations_are_checked_by_the_same_rules():
 
 def test_one_function_builds_each_protocol_from_its_settings():
     model = {}
-    modest = build_protocol(ProtocolSettings(protocol="modest"), "me", ["p"], model, 10, random.Random(0))
-    assert isinstance(modest, Modest)
-    gossip = build_protocol(ProtocolSettings(), "me", [], model, 10, random.Random(0), joining=True)
+    module = build_model("mlp", (4,), 3, seed=0)
+    anchor = Anchor(module, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    settings = ProtocolSettings(protocol="modest")
+    modest = build_protocol(settings, "me", ["p"], model, 10, random.Random(0), anchor=anchor)
+    assert isinstance(modest, Modest) and not modest._integrator.self_centred  # an aggregator's centre
+    gossip = build_protocol(
+        ProtocolSettings(), "me", [], model, 10, random.Random(0), anchor=anchor, joining=True
+    )
     assert isinstance(gossip, Gossip) and gossip._config.join_by_fetch  # a fresh joiner fetches first
-    resumed = build_protocol(ProtocolSettings(), "me", [], model, 10, random.Random(0), joining=True, round=7)
+    assert isinstance(gossip._integrator, Clipped) and gossip._integrator.self_centred  # the robust default
+    with pytest.raises(ValueError, match="anchor"):
+        build_protocol(ProtocolSettings(), "me", [], model, 10, random.Random(0))
+    vca = ProtocolSettings(integrator="vca")
+    resumed = build_protocol(vca, "me", [], model, 10, random.Random(0), joining=True, round=7)
     assert not resumed._config.join_by_fetch and resumed.round == 7
     dpsgd = SimConfig(synchronous=True, round_timeout=5.0)  # what the Byzantine sweep once dropped
     config = build_protocol(dpsgd, "me", [], model, 10, random.Random(0))._config

@@ -257,7 +257,7 @@ def test_three_daemons_learn_with_the_other_protocol_and_rules(tmp_path, env, ta
     try:
         wait_for(lambda: min(accuracies(nodes)) >= target, 180, f"every node at {target:.0%}", nodes)
         for shown in (n.status() for n in nodes):
-            assert shown["integrator"] == env.get("SHOAL_INTEGRATOR", "vca")
+            assert shown["integrator"] == env.get("SHOAL_INTEGRATOR", "clipped")
             assert shown["protocol"] == env.get("SHOAL_PROTOCOL", "gossip")
             assert shown["codec"] == env["SHOAL_CODEC"]
             assert len(shown["peers"]) == 2 and shown["rejected"] == 0

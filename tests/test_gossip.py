@@ -136,7 +136,7 @@ def test_isolated_sync_node_keeps_training_alone():
         ),
         # NaN is refused at the wire; what reaches a protocol otherwise (the simulated overlay) fails the
         # norm bound
-        (MessageIn("p1", "model", {"round": 0, "samples": 1}, model(float("nan"))), "L2 norm nan"),
+        (MessageIn("p1", "model", {"round": 0, "samples": 1}, model(float("nan"))), "NaN or infinite"),
         (MessageIn("p1", "model", {"round": -1, "samples": 1}, model(0)), "round must be an integer"),
         (MessageIn("p1", "model", {"round": "0", "samples": 1}, model(0)), "round must be an integer"),
         (MessageIn("p1", "model", {"samples": 1}, model(0)), "round must be an integer"),

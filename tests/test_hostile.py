@@ -20,27 +20,21 @@ import pytest
 
 from tests.test_daemon import ACCURACY, ENV, Node, accuracies, sigterm_all, stop_all, swarm, wait_for
 
-PHASE_SECONDS = 4.0
-ACCURACY_MARGIN = 0.05  # "within a few points" of the clean swarm
+PHASE_SECONDS = 5.0
+ACCURACY_MARGIN = 0.02  # the attacked swarm's mean accuracy ends within 2 points of the clean one's
 RSS_MARGIN = 100 * 2**20  # bytes of resident memory an attacked daemon may grow beyond a clean one
 LOG_LINES = 400  # lines an attacked daemon may write in the whole test
+# forge:sign-flip (gossip) and forge:noise (MoDeST) are participants whose every model is valid-looking
+# poison: a scaled sign flip of the honest model, noise as the aggregate of the rounds it is sampled for
 PHASES = {
-    "gossip": ["huge", "far-rounds", "garbage", "flood", "trickle", "metadata"],
-    "modest": ["far-rounds", "hijack", "huge", "garbage", "flood"],
+    "gossip": ["forge:sign-flip", "huge", "far-rounds", "garbage", "flood", "trickle", "metadata"],
+    "modest": ["forge:noise", "far-rounds", "hijack", "huge", "garbage", "flood"],
 }
-# MoDeST: a role slack of 2 (aggregator among the first 3 candidates of a round, trainers among the first
-# 4), so that with the attacker in the view it holds no aggregator role in a quarter of the rounds, which
-# are the ones it hijacks (the default of 16 is sized for crashes in large swarms and accepts every peer
-# of a small swarm in every role).
+# MoDeST: a sample of 2 of the 3 or 4 members, so that the attacker is sampled, and aggregates, often
 SETTINGS = {
     "gossip": {},
     # top-k: the attacker's models, and its garbage, go through the codec as its victims' do
-    "modest": {
-        "SHOAL_PROTOCOL": "modest",
-        "SHOAL_SAMPLE_SIZE": "2",
-        "SHOAL_ROLE_SLACK": "2",
-        "SHOAL_CODEC": "topk",
-    },
+    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_CODEC": "topk"},
 }
 
 
@@ -53,6 +47,17 @@ def rss(node: Node) -> int:
 
 def rounds(nodes: list[Node]) -> list[int]:
     return [(n.status() or {}).get("round", -1) for n in nodes]
+
+
+def check_honest_links(nodes: list[Node]) -> None:
+    """Every honest daemon still has the others as peers and holds nothing against any of them."""
+    ids = {n.peer for n in nodes}
+    for node in nodes:
+        shown = node.status() or {}
+        peers = {p["peer"] for p in shown.get("peers", [])}
+        assert ids - {node.peer} <= peers, f"{node.peer} lost honest peers: {sorted(peers)}"
+        blamed = ids & set(shown.get("penalties", {}))
+        assert not blamed, f"{node.peer} holds penalties against honest peers {blamed}"
 
 
 @pytest.mark.slow
@@ -87,6 +92,8 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
                     assert len(event["peers"]) == 3, f"the attacker did not join: {event}"
                     reached[event["phase"]] = rounds(attacked)
                 elif "end" in event and "ended " + event["phase"] not in reached:
+                    if event["phase"].startswith("forge:"):  # it took part: sampled, it sent models
+                        assert event["sent"] > 0, event
                     before = reached[event["phase"]]
                     wait_for(
                         lambda b=before: all(r > s for r, s in zip(rounds(attacked), b, strict=True)),
@@ -95,6 +102,7 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
                         attacked,
                     )
                     reached["ended " + event["phase"]] = rounds(attacked)
+                    check_honest_links(attacked)
             time.sleep(0.5)
         log = (tmp_path / "attacker.jsonl").read_text()
         assert attacker.returncode == 0, log
@@ -106,10 +114,10 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
         print(json.dumps({"protocol": protocol, "rounds": reached, "accuracy": [final_clean, final_attacked],
                           "rss_growth_mb": [round(g / 2**20) for g in growth],
                           "log_lines": [len(n.full_log().splitlines()) for n in attacked]}))  # fmt: skip
-        assert min(final_clean) >= ACCURACY and min(final_attacked) >= mean - ACCURACY_MARGIN, (
-            final_clean,
-            final_attacked,
-        )
+        assert min(final_clean) >= ACCURACY, final_clean
+        assert sum(final_attacked) / 3 >= mean - ACCURACY_MARGIN, (final_clean, final_attacked)
+        check_honest_links(clean)  # a clean swarm at full speed never blames its own
+        check_honest_links(attacked)
         clean_growth = max(rss(n) - memory[id(n)] for n in clean)
         for node in attacked:
             assert rss(node) - memory[id(node)] < clean_growth + RSS_MARGIN, node.log()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from shoal.learning.integrators import Mean
-from shoal.learning.messages import Entry, parse_view, view_body
-from shoal.learning.modest import Modest, ModestConfig, View, order
-from shoal.learning.protocol import MessageIn, Rejected, Started, Stopping
+from shoal.learning.modest import Modest, ModestConfig
+from shoal.learning.protocol import Credited, Members, MessageIn, Rejected, Send, Started
+from shoal.learning.sampling import order
 from tests.bench import Bench, constant_model, value_of
 
 # The bench's toy models grow by 1 per round from 0: far apart in scale, so the norm bound (tested on its
@@ -49,12 +49,9 @@ def test_order_is_md5_of_peer_and_round():
     assert order(peers, 7) != order(peers, 8)
 
 
-def test_same_view_gives_the_same_sample_on_every_node():
+def test_the_same_members_give_the_same_sample_on_every_node():
     bench = swarm(12)
-    samples = {
-        name: order(p.view.active(5, CONFIG.inactivity_threshold, name), 5)[: CONFIG.sample_size]
-        for name, p in bench.protocols.items()
-    }
+    samples = {name: order(p.candidates(), 5)[: CONFIG.sample_size] for name, p in bench.protocols.items()}
     assert len({tuple(s) for s in samples.values()}) == 1
 
 
@@ -118,9 +115,9 @@ def test_an_aggregator_that_dies_holding_the_models_is_replaced():
         bench.run(until=bench.now + 0.01)
     bench.crashed.add(aggregator)  # it dies with round 6's models on the way to it
     bench.run(until=60.0)
-    done = {rnd: node for _, node, rnd in bench.rounds_done}
-    assert done[6] == order(everyone, 6)[1]  # the next candidate aggregated round 6
-    assert max(done) >= 12
+    sixth = [node for _, node, rnd in bench.rounds_done if rnd == 6]
+    assert sixth[0] == order(everyone, 6)[1]  # the next candidate aggregated round 6
+    assert max(rnd for _, _, rnd in bench.rounds_done) >= 12
 
 
 def test_no_deadlock_when_too_few_trainers_survive():
@@ -138,56 +135,51 @@ def test_no_deadlock_when_too_few_trainers_survive():
     assert 6 in done and max(done) >= 10  # round 6 aggregated on the timeout, and rounds went on
 
 
-def test_a_joining_node_is_sampled_only_after_its_join_spread():
-    bench = swarm(10, joiners={"newcomer": ["p00", "p01", "p02"]})
+def test_a_new_member_is_sampled_only_after_the_next_model_send():
+    """The overlay vouches for a newcomer (its signed record spread); each node takes it in after its
+    next model send, as the paper applies a JOIN, so it never lands in the sample being formed."""
+    bench = swarm(10, joiners={"newcomer": [f"p{i:02d}" for i in range(10)]})
+    everyone = frozenset(bench.protocols)
+    for name in bench.protocols:
+        bench.at(5.0, name, Members(everyone))
     bench.at(5.0, "newcomer", Started())
-    bench.run(until=4.9)
-    assert all("newcomer" not in p.view.entries for n, p in bench.protocols.items() if n != "newcomer")
+    bench.run(until=5.0)
+    assert all("newcomer" not in p.members for n, p in bench.protocols.items() if n != "newcomer")
     bench.run(until=120.0)
-    adverts = [(t, s.peer) for t, src, s in bench.sent if s.kind == "advert" and src == "newcomer"]
-    assert {peer for _, peer in adverts} == {"p00", "p01", "p02"}
-    sampled = [(t, s) for t, _, s in bench.sent if s.kind == "aggregated" and s.peer == "newcomer"]
+    sampled = [t for t, _, s in bench.sent if s.kind == "aggregated" and s.peer == "newcomer"]
     assert sampled, "the newcomer was never sampled"
-    assert sampled[0][0] > adverts[0][0]
-    knows_it = [n for n, p in bench.protocols.items() if "newcomer" in p.view.entries]
-    assert len(knows_it) == len(bench.protocols)  # the JOIN spread through piggybacked views
+    assert all("newcomer" in p.members for p in bench.protocols.values())
+    assert not bench.rejected
 
 
-def test_a_leaving_node_drops_out_at_once():
+def test_a_member_that_disappears_drops_out_at_once():
     bench = swarm(8)
     bench.run(until=3.0)
-    leaver = bench.protocols["p03"]
-    for action in leaver.handle(Stopping(), bench.now):
-        bench._act("p03", action)
-    bench.crashed.add("p03")  # gone after its goodbye
-    bench.run(until=3.1)
-    informed = [n for n, p in bench.protocols.items() if n != "p03" and not p.view.entries["p03"].joined]
-    assert len(informed) == CONFIG.sample_size
+    bench.crashed.add("p03")
+    rest = frozenset(n for n in bench.protocols if n != "p03")
+    for name in rest:
+        bench.at(3.0, name, Members(rest))
+    bench.run(until=3.01)
+    assert all("p03" not in bench.protocols[n].candidates() for n in rest)
     bench.run(until=40.0)
     later = max(rnd for _, _, rnd in bench.rounds_done)
     assert later > 6 and not bench.rejected
+    assert not [s for t, _, s in bench.sent if t > 3.01 and s.peer == "p03"]
 
 
 @pytest.mark.parametrize(
     ("kind", "body", "tensors", "reason"),
     [
-        ("aggregated", {"round": 3, "samples": 1, "view": {}}, {"w": torch.zeros(4)}, "does not fit"),
+        ("aggregated", {"round": 3, "samples": 1}, {"w": torch.zeros(4)}, "does not fit"),
         (
             "aggregated",
-            {"round": 3, "samples": 1, "view": {}},
+            {"round": 3, "samples": 1},
             {"w": torch.full((3,), float("nan"))},
-            "norm nan",
+            "NaN or infinite",
         ),
-        ("aggregated", {"round": 3, "samples": 1, "view": {"x": [1, 2]}}, constant_model(), "view entry"),
-        (
-            "aggregated",
-            {"round": 3, "samples": 1, "view": {"x": [1, -2, True]}},
-            constant_model(),
-            "bad values",
-        ),
-        ("trained", {"round": 3, "view": {}}, constant_model(), "samples"),
+        ("trained", {"round": 3}, constant_model(), "samples"),
         ("ping", {"sel": 0, "round": -1}, {}, "round must be an integer"),
-        ("advert", {"round": 1, "index": 1}, {}, "joined must be true or false"),
+        ("advert", {"round": 1, "index": 1, "joined": True}, {}, "unknown message kind"),  # views are gone
         ("vote", {"round": 1}, {}, "unknown message kind"),
     ],
 )
@@ -198,17 +190,74 @@ def test_bad_input_is_rejected_with_a_reason(kind, body, tensors, reason):
     assert node.estimate() == 0  # bad input does not move our round estimate
 
 
-def test_view_merge_rule():
-    view = View()
-    view.merge({"a": Entry(3, 1, True)})
-    view.merge({"a": Entry(1, 2, False)})  # newer advertisement wins the status; activity keeps the max
-    assert (view.entries["a"].last_active, view.entries["a"].index, view.entries["a"].joined) == (3, 2, False)
-    view.merge({"a": Entry(9, 1, True)})  # an older advertisement cannot undo a LEAVE
-    assert (view.entries["a"].last_active, view.entries["a"].joined) == (9, False)
-    assert view.active(10, 5, "me") == []
-    view.merge({"b": Entry(2, 0, True), "me": Entry(0, 0, True)})
-    assert view.active(10, 5, "me") == ["me"] and view.active(6, 5, "me") == ["b", "me"]
-    assert parse_view(view_body(view.entries))["a"] == view.entries["a"]
+class Sceptic:
+    """An anchor that admits no model whose values exceed ``limit`` (a poisoned one, here)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def admits(self, state, own=None, rounds=1) -> bool:
+        return value_of(state) < self.limit
+
+
+class Poisoner(Modest):
+    """An honest MoDeST node in every way, except that each aggregated model it sends is poison."""
+
+    def handle(self, event, now):
+        return [
+            Send(a.peer, a.kind, a.body, constant_model(1e6))
+            if isinstance(a, Send) and a.kind == "aggregated"
+            else a
+            for a in super().handle(event, now)
+        ]
+
+
+def test_a_poisoned_aggregate_is_refused_and_the_rounds_go_on_without_its_sender():
+    bench = swarm(12)
+    evil = order(bench.protocols, 4)[0]  # the aggregator of round 4
+    names = list(bench.protocols)
+    for i, name in enumerate(names):
+        others = [p for p in names if p != name]
+        cls = Poisoner if name == evil else Modest
+        bench.protocols[name] = cls(
+            name, others, constant_model(), 10, Mean(), CONFIG, random.Random(i), anchor=Sceptic(1e5)
+        )
+    bench.run(until=60.0)
+    poisoned = [p for n, p in bench.protocols.items() if n != evil and value_of(p.model) >= 1e5]
+    assert not poisoned
+    refusals = {n: a for n, a in bench.rejected if a.peer == evil}
+    assert refusals and all(not a.blame and "far worse" in a.reason for a in refusals.values())
+    assert max(rnd for _, _, rnd in bench.rounds_done) >= 12  # rounds went on past round 4
+
+
+class Idle(Modest):
+    """Answers pings like a live node, takes models in, and never aggregates or sends anything on."""
+
+    def handle(self, event, now):
+        return [a for a in super().handle(event, now) if isinstance(a, Send) and a.kind == "pong"]
+
+
+def test_an_aggregator_that_answers_pings_but_never_aggregates_is_bypassed():
+    config = ModestConfig(sample_size=4, ping_timeout=1.0, watch_timeout=3.0, max_norm_ratio=LOOSE)
+    bench = swarm(12, config)
+    idle = order(bench.protocols, 5)[0]
+    names = list(bench.protocols)
+    bench.protocols[idle] = Idle(
+        idle, [p for p in names if p != idle], constant_model(), 10, Mean(), config, random.Random(0)
+    )
+    bench.run(until=60.0)
+    fifth = [node for _, node, rnd in bench.rounds_done if rnd == 5]
+    assert fifth[0] == order(names, 5)[1]  # the watch handed round 5's models to the next candidate
+    assert max(rnd for _, _, rnd in bench.rounds_done) >= 10
+
+
+def test_credits_tell_whose_models_were_taken():
+    node = Modest("me", ["a", "b"], constant_model(), 10, Mean(), CONFIG, random.Random(0))
+    rnd = next(r for r in range(2, 200) if order(["me", "a", "b"], r)[0] == "a")
+    actions = node.handle(
+        MessageIn("a", "aggregated", {"round": rnd, "samples": 1}, constant_model(1.0)), 1.0
+    )
+    assert Credited("a", 1.0) in actions
 
 
 def test_config_is_checked():

@@ -26,7 +26,6 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
 from libp2p.tools.anyio_service.exceptions import LifecycleError
 from multiaddr import Multiaddr
 
-from shoal.overlay import membership
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import PREFIX, VERSION, Libp2pStream, write_frame
 from shoal.overlay.host import BootstrapError, quiet_libp2p_logs
@@ -295,18 +294,28 @@ async def test_a_peer_whose_streams_cannot_be_opened_but_whose_connection_reads_
 
 
 @pytest.mark.slow
-async def test_the_peer_set_is_refilled_from_the_metadata_document_and_trimmed_above_high(monkeypatch):
+async def test_the_peer_set_is_refilled_from_the_metadata_document_and_bounded_by_high():
     """Nodes joined through one bootstrap node know the others only from the metadata document: below
-    peers_low they dial them; above peers_high they let the newest go (GRACE waived here)."""
+    peers_low they dial them; above peers_high a newcomer is refused (or displaces a worse peer) at
+    once, and the one refused finds room elsewhere from the document."""
     async with swarm(4, peers_low=3) as nodes:
         await until(lambda: all(len(n.peers()) == 3 for n in nodes), 40)
         # the full set is kept: a peer we cut off is dialled again (a fresh backoff does not wait)
         await nodes[1]._peers.disconnect(nodes[2].peer_id)
         await until(lambda: nodes[2].peer_id in nodes[1].peers(), 30)
-    monkeypatch.setattr(membership, "GRACE", 0.0)
-    async with swarm(3, peers_low=1, peers_high=1) as nodes:
-        await until(lambda: all(len(n.peers()) == 1 for n in nodes[1:]), 40)
-        assert len(nodes[0].peers()) <= 2  # trimmed towards 1; the joiners hold on to it
+    async with swarm(4, peers_low=1, peers_high=2) as nodes, trio.open_nursery() as nursery:
+        most = [0]
+
+        async def watch() -> None:
+            while True:
+                most[0] = max(most[0], *(len(n._peers.policy.slots) for n in nodes))
+                await trio.sleep(0.02)
+
+        nursery.start_soon(watch)
+        await until(lambda: all(1 <= len(n.peers()) <= 2 for n in nodes), 40)
+        assert most[0] <= 2  # never over high, not even for a grace period
+        assert sum(n._peers.refusals for n in nodes) >= 1  # the bootstrap node had three joiners
+        nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager

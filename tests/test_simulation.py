@@ -266,29 +266,47 @@ def test_compression_scenario_reports_bytes_to_target_per_protocol_and_codec(tmp
 def test_byzantine_sweep_reports_honest_accuracy_per_cell(tmp_path):
     out = tmp_path / "b"
     args = ["--nodes", "10", "--duration", "6", "--eval-every", "3", "--fractions", "0,0.3", "--quiet"]
-    assert (
-        byzantine.main([*args, "--settings", "iid", "--integrators", "bristle,mean", "--out", str(out)]) == 0
-    )
-    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["iid"]
+    sweep = [*args, "--task", "head", "--settings", "iid", "--integrators", "bristle,mean", "--out", str(out)]
+    assert byzantine.main(sweep) == 0
+    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["sign-flip"]["iid"]
     assert set(cells) == {"bristle", "mean"} and set(cells["mean"]) == {"0.0", "0.3"}
     assert cells["mean"]["0.3"] < cells["mean"]["0.0"]  # sign-flipping attackers hurt plain averaging
-    assert (out / "extractor.safetensors").exists() and (out / "byzantine_iid.png").exists()
+    assert (out / "extractor.safetensors").exists() and (out / "byzantine_sign-flip_iid.png").exists()
     rows = read_rows(out / "rounds.csv")
-    assert {r["run"] for r in rows} == {"iid/0%/bristle", "iid/0%/mean", "iid/30%/bristle", "iid/30%/mean"}
+    runs = {"sign-flip/iid/0%/bristle", "sign-flip/iid/0%/mean", "sign-flip/iid/30%/bristle"}
+    assert runs | {"sign-flip/iid/30%/mean"} == {r["run"] for r in rows}
 
 
-@pytest.mark.parametrize("attack", ["label-flip", "noise", "alie"])
+@pytest.mark.parametrize("protocol", ["gossip", "modest"])
+def test_the_robust_default_holds_where_the_mean_falls(tmp_path, protocol):
+    """The daemon's own task under sign-flipping peers, on either protocol: the clipped default keeps
+    the honest nodes learning, VCA (the earlier default) does not."""
+    out = tmp_path / protocol
+    args = ["--nodes", "10", "--duration", "20", "--eval-every", "10", "--fractions", "0.3", "--quiet"]
+    sweep = [
+        *args,
+        "--protocol",
+        protocol,
+        "--sample",
+        "5",
+        "--integrators",
+        "clipped,vca",
+        "--out",
+        str(out),
+    ]
+    assert byzantine.main(sweep) == 0
+    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["sign-flip"]["iid"]
+    assert cells["clipped"]["0.3"] > 0.6 and cells["clipped"]["0.3"] > cells["vca"]["0.3"] + 0.2
+
+
+@pytest.mark.parametrize("attack", ["label-flip", "noise", "alie", "stale"])
 def test_every_attack_runs_in_the_sweep(tmp_path, attack):
     out = tmp_path / attack
     args = ["--nodes", "8", "--duration", "4", "--eval-every", "2", "--fractions", "0.25", "--quiet"]
-    assert (
-        byzantine.main(
-            [*args, "--settings", "iid", "--integrators", "bristle", "--attack", attack, "--out", str(out)]
-        )
-        == 0
-    )
-    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["iid"]
-    assert 0.0 <= cells["bristle"]["0.25"] <= 1.0
+    sweep = [*args, "--integrators", "clipped", "--attacks", attack, "--out", str(out)]
+    assert byzantine.main(sweep) == 0
+    cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"][attack]["iid"]
+    assert 0.0 <= cells["clipped"]["0.25"] <= 1.0
 
 
 def hostile_swarm(protocol: str, hostile: set[int]):

@@ -1,0 +1,204 @@
+"""What a node knows of its own learning that no peer can move: the anchor of its defences.
+
+Every bound a node puts on peers' models must rest on something the peers do not control; a bound
+relative to the node's current model is not one, since the models it accepts move it (measured: a
+norm bound of 10x our own model let a sign-flipping attacker walk honest weights from an L2 norm of
+2.9e3 to 1.8e20 in three seconds). An :class:`Anchor` keeps two such things, both from the node's own
+training on its own data:
+
+- **step**: how far one round of the node's own training moves its model (L2, the median of the last
+  ``window`` rounds). Honest peers of one task disagree by a few such steps, whatever they send; robust
+  integration (``learning.clipping``) clips peers' models to a multiple of it, and a model that would
+  replace ours must lie within REACH steps of it per round it claims to be ahead.
+- **probe loss**: the loss of a model on a fixed probe of the node's own training samples. The
+  anchor keeps the probe losses of the models the node started its last ``window`` rounds of training
+  from (its *start points*: the integration of its peers' models and its own, or the aggregate MoDeST
+  sampled it with). A model whose loss exceeds the best of them by more than half of the way to chance
+  (:meth:`bound`) is *far worse*: it does not replace ours (a gossip fetch reply, a MoDeST aggregate:
+  :meth:`admits`), and a start point that bad is not trained from: the node rolls back to its
+  *known-good* model, the latest start point that was not (:meth:`recover`). The node's way back, at
+  the cost of one model kept.
+
+Chance is the loss of a uniform guess over the model's outputs (ln of their number): noise of an
+honest model's scale sits there or above, sign-flipped models far above, while models of the swarm a
+node should take (even on non-IID data, trained on other classes too) are between. Start points, not
+trained models, set the bar: a model just trained on these samples scores far better on them than
+any peer's model can, so comparing with it would refuse honest peers. The probe is training data, not
+held out: it tells a poisoned or diverged model from a sane one, which needs no unseen data, and
+holding data out would cost every honest node training samples.
+
+Thread safety: the learner calls :meth:`recover` and :meth:`stepped` from a worker thread while
+protocols and integrators call the rest on the event loop's thread; one lock serialises them (and the
+probe's module, which they share).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+from collections import deque
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from shoal.learning.models import ParameterLayout
+from shoal.learning.protocol import State
+
+log = logging.getLogger("shoal.learner")
+
+WINDOW = 20  # rounds of own training the step and the best start point are taken over
+PROBE_SAMPLES = 128
+# Far worse: a probe loss over best + HALFWAY x (chance - best), and at least MARGIN over best (a node
+# still at chance takes nothing worse than its own). A trained digits MLP's best is ~0.1, chance 2.3.
+HALFWAY, MARGIN = 0.5, 0.1
+# Models further than REACH of our training steps from ours are far (``learning.clipping``), and a model
+# said to be k rounds ahead of ours is far beyond REACH x k steps: honest peers of a task disagree by a
+# few steps (measured: 1-1.5 in a 20-node IID swarm), and models move less than a step a round apart.
+REACH = 8.0
+# A far model is clearly better on our data when its probe loss is below BETTER times ours.
+BETTER = 0.9
+# Before any training of its own a node has no step: a model is near when it lies within NEAR of our
+# model's own norm (a model of random noise of the same scale lies about 1.4 times it away).
+NEAR = 0.5
+
+
+def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """L2 distance between two models over their floating-point tensors."""
+    total = 0.0
+    for name, t in a.items():
+        if t.is_floating_point():
+            total += float(torch.sum((t.double() - b[name].double()) ** 2))
+    return math.sqrt(total)
+
+
+def _zeros(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(t) for name, t in state.items()}
+
+
+class Anchor:
+    def __init__(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        window: int = WINDOW,
+        probe_samples: int = PROBE_SAMPLES,
+        seed: int = 0,
+    ) -> None:
+        """``module`` is evaluated with peers' parameters loaded into it: give the anchor its own (a
+        simulation, which runs one node at a time on one thread, may share one among its nodes). The
+        probe is ``probe_samples`` of ``(x, y)`` drawn with ``seed``."""
+        if window < 1 or probe_samples < 1:
+            raise ValueError("window and probe_samples must be at least 1")
+        self.module = module
+        self.layout = ParameterLayout.of(module)
+        pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:probe_samples]
+        self.x, self.y = x[pick], y[pick]
+        self._steps: deque[float] = deque(maxlen=window)
+        self._losses: deque[float] = deque(maxlen=window)  # probe losses of our start points
+        self._good: State | None = None
+        self._chance = math.inf  # the loss of a uniform guess over the model's outputs, once known
+        self._lock = threading.Lock()
+
+    # --- what the node's own training says ------------------------------------------------------
+
+    def step(self) -> float | None:
+        """The median distance one round of our own training moved our model; None before any."""
+        with self._lock:
+            return statistics.median(self._steps) if self._steps else None
+
+    def known_good(self) -> State | None:
+        """The latest start point that was not far worse than the others; None before any."""
+        with self._lock:
+            return self._good
+
+    def start(self, initial: State) -> None:
+        """Take the node's initial model (or its checkpoint's) as its first known-good one, so that
+        even before training a node refuses to replace it with something far worse."""
+        self._keep(self.loss(initial), initial)
+
+    def recover(self, state: State, round: int) -> State:
+        """What round ``round``'s training starts from: ``state``, recorded as a start point, or our
+        known-good model if ``state`` is far worse than our recent start points (then it is not
+        trained on, nor sent, any further)."""
+        loss = self.loss(state)
+        if self._keep(loss, state):
+            return state
+        log.warning(
+            "round %d: the model is far worse on our own data than our recent ones (probe loss %.3g, "
+            "above %.3g): rolled back to our known-good model",
+            round,
+            loss,
+            self.bound(),
+        )
+        good = self.known_good()
+        assert good is not None  # _keep takes anything before it knows a loss
+        return good
+
+    def stepped(self, before: State, after: State) -> None:
+        """Record how far one round of our own training moved our model (called by the learner)."""
+        step = distance(before, after)
+        with self._lock:
+            self._steps.append(step)
+
+    def _keep(self, loss: float, state: State) -> bool:
+        """Record a start point; whether it was within the bound (then it is the known-good one)."""
+        with self._lock:
+            if not loss <= self._bound():  # NaN included
+                return False
+            self._good = state
+            self._losses.append(loss)
+            return True
+
+    # --- judging models -------------------------------------------------------------------------
+
+    def loss(self, state: State) -> float:
+        """Mean cross-entropy of ``state`` on the probe; inf when it is not finite; 0 for a node that
+        holds no data (it cannot tell models apart, so it judges none worse than another)."""
+        if not len(self.y):
+            return 0.0
+        with self._lock, torch.no_grad():
+            self.layout.load(self.module, state)
+            was_training = self.module.training
+            self.module.eval()
+            device = next(self.module.parameters()).device
+            logits = self.module(self.x.to(device))
+            value = F.cross_entropy(logits, self.y.to(device)).item()
+            self._chance = math.log(logits.shape[-1])
+            self.module.train(was_training)
+        return value if math.isfinite(value) else math.inf
+
+    def bound(self) -> float:
+        """The probe loss above which a model is far worse than our recent start points."""
+        with self._lock:
+            return self._bound()
+
+    def _bound(self) -> float:
+        if not self._losses:
+            return math.inf
+        best = min(self._losses)
+        return best + max(HALFWAY * (self._chance - best), MARGIN)
+
+    def admits(self, state: State, own: State | None = None, rounds: int = 1) -> bool:
+        """Whether ``state``, said to be ``rounds`` rounds ahead of our model ``own``, may replace it:
+        not far worse on our own data than our recent start points, and either near ``own`` (within
+        REACH of our steps per round it is ahead; NEAR of its norm before we trained) or clearly better
+        on our data than our best start point (a node that fell behind takes the swarm's model). Early
+        in training both are needed: a model of random noise of an honest model's scale is no worse
+        than ours on our data yet, but far from it and no better."""
+        loss = self.loss(state)
+        if loss > self.bound():
+            return False
+        if own is None:
+            return True
+        step = self.step()
+        reach = REACH * step * max(1, rounds) if step else NEAR * distance(own, _zeros(own))
+        if distance(state, own) <= reach:
+            return True
+        with self._lock:
+            return bool(self._losses) and loss < BETTER * min(self._losses)

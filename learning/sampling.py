@@ -1,0 +1,136 @@
+"""MoDeST's decentralized sampling: who the candidates of a round are, and which of them are available.
+
+de Vos et al., "MoDeST: Mostly-Consistent Decentralized Sampling Training" (arXiv 2302.13837 v1).
+The candidates of round k are the swarm's members sorted by MD5(peer id ‖ "-" ‖ k) (:func:`order`);
+nodes that know the same members compute the same list. To pick the first n *available* ones, a node
+pings the first n in parallel, pings each silent one again every ``ping_interval`` and replaces any that
+has not answered within ``ping_timeout`` (or is known to be down) by the next candidate
+(:class:`Sampler`); the node itself counts as available without a ping.
+
+Sans-IO like the protocols: every method takes ``now`` and returns the actions to carry out; a
+selection's pings are re-sent on a keyed timer ``(PING, selection id)`` that the protocol hands back to
+:meth:`Sampler.on_timer`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from shoal.learning.messages import Ping
+from shoal.learning.protocol import Action, CancelTimer, Send, StartTimer
+
+
+class Timer(enum.Enum):
+    PING = "ping"  # (PING, selection id): ping that selection's silent candidates again
+
+
+def order(peers: Iterable[str], round: int) -> list[str]:
+    """MoDeST's candidate order for a round: ascending MD5(peer ‖ "-" ‖ round)."""
+    suffix = f"-{round}".encode()
+    return sorted(peers, key=lambda p: hashlib.md5(p.encode() + suffix).digest())
+
+
+@dataclass
+class Selection:
+    """Picking the first ``wanted`` available peers of a candidate list, by pings."""
+
+    id: int
+    round: int
+    wanted: int
+    candidates: list[str]
+    then: Callable[[list[str]], list[Action]]
+    next: int = 0
+    pending: dict[str, float] = field(default_factory=dict)  # peer -> time of its first ping
+    chosen: set[str] = field(default_factory=set)
+    done: bool = False
+
+    def result(self) -> list[str]:
+        return [p for p in self.candidates if p in self.chosen]
+
+
+class Sampler:
+    """The selections under way of one node; ``then(chosen peers)`` runs when a selection is complete."""
+
+    def __init__(self, me: str, ping_interval: float, ping_timeout: float) -> None:
+        self.me = me
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self._selections: dict[int, Selection] = {}
+        self._next_id = 0
+
+    def select(
+        self,
+        rnd: int,
+        wanted: int,
+        candidates: list[str],
+        then: Callable[[list[str]], list[Action]],
+        now: float,
+    ) -> list[Action]:
+        """Start picking the first ``wanted`` available of ``candidates`` (in order) for round ``rnd``."""
+        sel = Selection(self._next_id, rnd, wanted, candidates, then)
+        self._next_id += 1
+        self._selections[sel.id] = sel
+        actions = self._fill(sel, now)
+        if not sel.done:
+            actions.append(self._timer(sel))
+        return actions
+
+    def on_pong(self, peer: str, sel_id: int, now: float) -> list[Action]:
+        sel = self._selections.get(sel_id)
+        if sel is None or peer not in sel.pending:
+            return []
+        del sel.pending[peer]
+        sel.chosen.add(peer)
+        if len(sel.chosen) >= sel.wanted:
+            sel.pending.clear()
+        return self._refill(sel, now)
+
+    def unavailable(self, peer: str, now: float) -> list[Action]:
+        """``peer`` went down or cannot be sent to: the selections waiting for it move on."""
+        actions: list[Action] = []
+        for sel in list(self._selections.values()):
+            if sel.pending.pop(peer, None) is not None:
+                actions += self._refill(sel, now)
+        return actions
+
+    def on_timer(self, sel_id: int, now: float) -> list[Action]:
+        sel = self._selections.get(sel_id)
+        if sel is None:
+            return []
+        actions: list[Action] = []
+        for peer, since in list(sel.pending.items()):
+            if now - since >= self.ping_timeout:
+                del sel.pending[peer]
+            else:
+                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
+        actions += self._fill(sel, now)
+        if not sel.done:
+            actions.append(self._timer(sel))
+        return actions
+
+    def _timer(self, sel: Selection) -> StartTimer:
+        return StartTimer((Timer.PING, sel.id), self.ping_interval)
+
+    def _refill(self, sel: Selection, now: float) -> list[Action]:
+        """:meth:`_fill` a selection under way; its timer ends with it."""
+        actions = self._fill(sel, now)
+        return [*actions, CancelTimer((Timer.PING, sel.id))] if sel.done else actions
+
+    def _fill(self, sel: Selection, now: float) -> list[Action]:
+        """Ping candidates until enough are chosen or pending; finish when nothing is left to wait for."""
+        actions: list[Action] = []
+        while len(sel.chosen) + len(sel.pending) < sel.wanted and sel.next < len(sel.candidates):
+            peer = sel.candidates[sel.next]
+            sel.next += 1
+            if peer == self.me:
+                sel.chosen.add(peer)
+            else:
+                sel.pending[peer] = now
+                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
+        if not sel.pending and not sel.done:
+            sel.done = True
+            del self._selections[sel.id]
+            actions += sel.then(sel.result())
+        return actions
