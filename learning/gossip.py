@@ -1,8 +1,8 @@
 """Gossip learning as a sans-IO state machine, asynchronous or in synchronous rounds (D-PSGD).
 
 Each cycle a node trains on its own data, sends the result to its neighbours (all of them, or
-``fanout`` drawn at random), and folds the models it has received into its own with an
-:class:`~learning.integrators.Integrator`.
+``fanout`` of them: those whose models it took lately first, the rest at random), and folds the models
+it has received into its own with an :class:`~learning.integrators.Integrator`.
 
 - **Asynchronous** (gossip learning, Ormándi et al. 2013): no barrier. After each local training the
   node integrates whatever arrived since the last cycle (the latest model per peer) and trains again;
@@ -51,6 +51,7 @@ from shoal.learning.messages import GossipModel, model_fault, quote
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
+    Credited,
     Event,
     MessageIn,
     PeerDown,
@@ -69,6 +70,10 @@ from shoal.learning.protocol import (
 
 # How far ahead of our own round a synchronous peer's model may be and still be kept for later.
 MAX_ROUNDS_AHEAD = 2
+USEFUL = 0.5  # a neighbour is useful when we took at least this much of its last model
+FETCH_INTERVAL = 1.0  # seconds: we answer one fetch per peer in this long
+MAX_ANSWERED = 4096  # peers whose last fetch we remember
+EXPLORE = 0.25  # the share of cycles in which one of the fanout is any neighbour
 
 
 class Phase(enum.Enum):
@@ -149,6 +154,8 @@ class Gossip:
         self._latest: dict[str, Contribution] = {}  # asynchronous: newest model per peer since last cycle
         self._inbox: dict[int, dict[str, Contribution]] = {}  # synchronous: models per round, per peer
         self._expected: dict[str, None] = {}  # synchronous: neighbours still awaited this round
+        self._taken: dict[str, float] = {}  # per neighbour: how much of its last model we took (0..1)
+        self._answered: dict[str, float] = {}  # per peer: when we last answered its fetch
         self._fetching_from: str | None = None
         self._asked: set[str] = set()  # neighbours a joiner asked for their model
 
@@ -174,12 +181,12 @@ class Gossip:
                 return []
             case PeerDown(peer):
                 self._neighbours.pop(peer, None)
+                self._taken.pop(peer, None)
                 return self._lost(peer)
             case SendFailed(peer):  # not gone (only PeerDown says so), but not to be waited for now
                 return self._lost(peer)
             case MessageIn(peer, "fetch"):
-                reply = GossipModel(self._round, self._samples, reply=True)
-                return [Send(peer, "model", reply.body(), self._model)]
+                return self._on_fetch(peer)
             case MessageIn(peer, "model", body, tensors):
                 return self._on_model(peer, body, tensors)
             case MessageIn(peer, kind):
@@ -193,6 +200,17 @@ class Gossip:
             case TimerFired(Timer.ROUND) if self._phase is Phase.WAITING:
                 return self._complete_round()
         return []
+
+    def _on_fetch(self, peer: str) -> list[Action]:
+        """Our model, at most once per FETCH_INTERVAL per peer: each answer is a whole model, so a stream
+        of small fetches would have us send models as fast as it asks (an honest joiner asks once)."""
+        if self._now - self._answered.get(peer, -FETCH_INTERVAL) < FETCH_INTERVAL:
+            return [Rejected(peer, f"fetch again within {FETCH_INTERVAL:g} s", blame=False)]
+        if len(self._answered) >= MAX_ANSWERED:
+            self._answered = {p: t for p, t in self._answered.items() if self._now - t < FETCH_INTERVAL}
+        self._answered[peer] = self._now
+        reply = GossipModel(self._round, self._samples, reply=True)
+        return [Send(peer, "model", reply.body(), self._model)]
 
     def _start(self) -> list[Action]:
         if self._config.join_by_fetch and self._neighbours:
@@ -256,14 +274,24 @@ class Gossip:
             return [*refused, *self._fetch()]
         return [*refused, CancelTimer(Timer.FETCH), *self._train()]
 
+    def _targets(self) -> list[str]:
+        """Whom this cycle's model goes to: every neighbour, or ``fanout`` of them, first among those
+        whose models we took lately (a model sent to a peer that sends nothing useful back, such as one
+        of the sybils a node's peer set may hold, is lost to the swarm), the rest at random; one in
+        EXPLORE cycles one of them is any neighbour at random, so that newcomers are heard."""
+        neighbours = list(self._neighbours)
+        if self._config.synchronous or self._config.fanout is None:
+            return neighbours
+        k = min(self._config.fanout, len(neighbours))
+        useful = [p for p in neighbours if self._taken.get(p, 0.0) >= USEFUL]
+        explore = 1 if k and self._rng.random() < EXPLORE else 0
+        chosen = self._rng.sample(useful, min(k - explore, len(useful)))
+        rest = [p for p in neighbours if p not in chosen]
+        return chosen + self._rng.sample(rest, k - len(chosen))
+
     def _on_trained(self, state: State) -> list[Action]:
         self._model = state
-        if self._config.synchronous or self._config.fanout is None:
-            targets = list(self._neighbours)
-        else:
-            targets = self._rng.sample(
-                list(self._neighbours), min(self._config.fanout, len(self._neighbours))
-            )
+        targets = self._targets()
         body = GossipModel(self._round, self._samples, labels=self._labels).body()
         sends: list[Action] = [Send(p, "model", body, state) for p in targets]
         if not self._config.synchronous:
@@ -293,6 +321,13 @@ class Gossip:
     def _integrate_and_continue(self, received: list[Contribution]) -> list[Action]:
         own = Contribution(self._model, self._samples)
         self._model, judged = integrate_contained(self._integrator, own, received)
+        self._taken.update({c.peer: 1.0 for c in received})  # a plain integrator takes all it keeps
+        for action in judged:
+            match action:
+                case Credited(peer, value):
+                    self._taken[peer] = value
+                case Rejected(peer):
+                    self._taken[peer] = 0.0
         self._round += 1
         rest = self._cycle_started + self._config.period - self._now
         if rest > 0:

@@ -119,10 +119,14 @@ class ProtocolSettings:
     )
     period: float = field(
         default=1.0,
-        metadata={"group": "gossip:", "help": "least seconds between the starts of two rounds", "flag": True},
+        metadata={
+            "help": "least seconds between the starts of two rounds (gossip) or of two trainings (modest)",
+            "flag": True,
+        },
     )
     fanout: int | None = field(  # None (simulations): every neighbour
-        default=2, metadata={"help": "peers each model is sent to per round", "flag": True}
+        default=2,
+        metadata={"group": "gossip:", "help": "peers each model is sent to per round", "flag": True},
     )
     synchronous: bool = False  # simulations: synchronous rounds (D-PSGD) with every neighbour, no fanout
     round_timeout: float = 30.0  # synchronous: most seconds a round waits for the neighbours' models
@@ -201,6 +205,7 @@ class ProtocolSettings:
             ping_timeout=self.ping_timeout,
             aggregation_timeout=self.aggregation_timeout,
             watch_timeout=self.watch_timeout,
+            period=self.period,
             max_round_jump=self.max_round_jump,
             role_slack=self.role_slack,
             max_norm_ratio=self.max_norm_ratio,

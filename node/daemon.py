@@ -332,6 +332,7 @@ class Daemon:
             "bytes_in": dict(overlay.bytes_in) if overlay else {},
             "bytes_out": dict(overlay.bytes_out) if overlay else {},
             "rejected": overlay.rejected if overlay else 0,
+            "peak_rate": overlay.peak_rate if overlay else 0,  # per peer per second, the busiest
             # the peers our refusals count against most (bounded: sybils may be many), and the banned
             "penalties": dict(overlay.penalties.most_common(STATUS_PEERS)) if overlay else {},
             "banned": sorted(p for p in overlay.penalties if overlay.banned(p))[:STATUS_PEERS]

@@ -83,6 +83,11 @@ class Guard:
     def banned(self, peer: str) -> bool:
         return self.policy.banned(peer, trio.current_time())
 
+    @property
+    def peak_rate(self) -> int:
+        """The most inbound streams and messages one peer sent in one second since start."""
+        return self._streams.peak
+
     def reject(self, peer: str, kind: str, reason: str, *, wrong: bool) -> None:
         """Refused input, under the node's policy; a peer it bans is cut off: streams, connection, and its
         gossip is dropped on arrival (``overlay.announce``). Not pubsub's blacklist: py-libp2p 0.8.1

@@ -305,6 +305,12 @@ class Libp2pOverlay:
     def banned(self, peer: str) -> bool:
         return self._guard.banned(peer)
 
+    @property
+    def peak_rate(self) -> int:
+        """The most inbound streams and messages one peer sent in one second since start (the limit is
+        ``message_rate`` sustained, ``message_burst`` at once)."""
+        return self._guard.peak_rate
+
     def admitted(self, peer: str) -> bool:
         """Whether ``peer`` may take part: always in an open swarm, else if it is on the allowlist."""
         return self.allowlist is None or self.allowlist.admits(peer)

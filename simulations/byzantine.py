@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     report.prepare(args)
     base = report.config_from(args)
     if args.protocol == "modest":
-        base = replace(base, protocol="modest", sample_size=args.sample, dial_any=True)
+        base = replace(base, protocol="modest", sample_size=args.sample, dial_any=True, period=0.0)
     if args.task == "head":
         data, how = transfer_data(args.seed, args.features, args.out)
         print(

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 dial_any=True,
                 protocol="modest",
                 sample_size=args.sample,
+                period=0.0,  # unpaced, as simulations/modest.py
             ),
             nx.empty_graph(args.nodes),
             label=f"modest {codec}",

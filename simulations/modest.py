@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = None if args.quiet else print
     no_links = nx.empty_graph(base.nodes)  # MoDeST dials whoever it samples; nobody is a standing neighbour
     # --aggregators names a field: config_from took it
-    normal = replace(base, protocol="modest", sample_size=args.sample)
+    # unpaced, as the paper runs MoDeST (a daemon's trainings are ``period`` apart)
+    normal = replace(base, protocol="modest", sample_size=args.sample, period=0.0)
     modest = Simulation(normal, no_links, label="modest", evaluate="freshest", progress=progress).run()
     dpsgd_config = report.config_from(args, synchronous=True, duration=float(args.rounds), period=1.0)
     dpsgd = Simulation(dpsgd_config, nx.cycle_graph(base.nodes), label="d-psgd", progress=progress).run()

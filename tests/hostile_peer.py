@@ -13,6 +13,9 @@ Phases:
 - ``forge:ATTACK`` (an attack of ``learning.attacks``, e.g. ``forge:sign-flip``, ``forge:noise``): a
   participant that runs the swarm's own protocol (gossip every 0.5 s, or MoDeST, where it aggregates
   and trains when sampled) and sends every model forged: well-formed, finite, within every bound.
+
+A phase may end in ``=SECONDS``, its own length (``forge:noise=15``: MoDeST samples a newcomer once its
+record has spread and the members' next model sends took it in).
 - ``flood``: as many small valid messages as the node takes, from parallel senders.
 - ``trickle``: several fresh identities each open frames claiming the largest allowed size, send most of
   it quickly, then one byte a second.
@@ -216,7 +219,8 @@ async def main(args: argparse.Namespace) -> None:
     task = task_id(config, data, layout)
     learner = Learner(model, x, y, Hyperparameters(local_steps=1, local_epochs=None))
     args.frame_limit = message_limit(learner.initial_state())
-    for phase in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
+    for spec in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
+        phase, _, seconds = spec.partition("=")
         p2p = P2PConfig(bootstrap=tuple(args.bootstrap), heartbeat_interval=1.0)
         async with Libp2pOverlay.start(create_new_key_pair(), task, p2p) as overlay:
             attacker = Attacker(overlay, learner, config, args)
@@ -226,7 +230,7 @@ async def main(args: argparse.Namespace) -> None:
                     await overlay.find_providers(f"shoal/{task}")
                     await trio.sleep(0.5)
             say({"phase": phase, "start": time.time(), "peer": overlay.peer_id, "peers": overlay.peers()})
-            with trio.move_on_after(args.seconds):
+            with trio.move_on_after(float(seconds or args.seconds)):
                 if phase in ATTACKS:
                     await attacker.protocol(phase)
                 elif phase.startswith("forge:"):

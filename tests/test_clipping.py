@@ -93,12 +93,13 @@ def test_honest_peers_are_taken_as_sent():
 
 def test_a_far_model_is_refused_and_a_near_one_moves_us_at_most_tau():
     _, anchor, state = trained_node()
-    rule = clipped(anchor)
     honest = honest_peers(state, anchor)
-    clean = rule.integrate(Contribution(state, 10), honest)
+    clean = clipped(anchor).integrate(Contribution(state, 10), honest)
+    rule = clipped(anchor)  # the same trust in the honest peers as the clean run had
     flipped = Contribution(scaled(state, -4.0), 10, "evil")  # far: no say at all
     assert distance(rule.integrate(Contribution(state, 10), [*honest, flipped]), clean) < 1e-6
     assert rule.verdicts["evil"] == 0.0
+    rule = clipped(anchor)
     step = anchor.step()
     tau = ClippingConfig().clip * step
     direction = {k: torch.ones_like(v) for k, v in state.items()}

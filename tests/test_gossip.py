@@ -60,6 +60,31 @@ def test_async_cycle_trains_sends_integrates_and_trains_again():
     assert g.round == 1
 
 
+def test_the_fanout_goes_to_neighbours_whose_models_we_took_and_a_lone_node_sends_nothing():
+    g = node(GossipConfig(fanout=1), peers=("good", "sybil1", "sybil2", "sybil3"))
+    lone = node(GossipConfig(fanout=2), peers=())
+    lone.handle(Started(), 0.0)
+    assert kinds(lone.handle(Trained(0, model(1.0)), 0.5)) == ["RoundDone", "Train"]
+    g.handle(Started(), 0.0)
+    targets = []
+    for rnd in range(40):
+        g.handle(model_msg("good", float(rnd)), rnd + 0.1)  # only "good" ever sends us a model
+        actions = g.handle(Trained(rnd, model(float(rnd))), rnd + 0.5)
+        targets += [a.peer for a in actions if isinstance(a, Send)]
+    assert targets.count("good") > 0.6 * len(targets)  # uniform: a quarter; explored now and then
+    assert {"sybil1", "sybil2", "sybil3"} & set(targets)
+
+
+def test_answers_one_fetch_per_peer_per_interval():
+    g = node()
+    (reply,) = g.handle(MessageIn("p1", "fetch", {}, {}), 1.0)
+    assert isinstance(reply, Send) and reply.kind == "model"
+    (again,) = g.handle(MessageIn("p1", "fetch", {}, {}), 1.5)  # each answer is a whole model
+    assert isinstance(again, Rejected) and not again.blame
+    assert isinstance(g.handle(MessageIn("p2", "fetch", {}, {}), 1.5)[0], Send)
+    assert isinstance(g.handle(MessageIn("p1", "fetch", {}, {}), 2.1)[0], Send)
+
+
 def test_async_keeps_only_the_newest_model_per_peer():
     g = node(GossipConfig(fanout=1))
     g.handle(Started(), 0.0)

@@ -6,7 +6,14 @@ import pytest
 import torch
 import trio
 
-from shoal.overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
+from shoal.overlay.interface import (
+    Announced,
+    Delivered,
+    MembersChanged,
+    PeerConnected,
+    PeerDisconnected,
+    PeerUnreachable,
+)
 from shoal.overlay.sim import SimNetwork
 from shoal.overlay.wire import Message, encoded_size
 
@@ -162,8 +169,19 @@ async def test_graceful_leave_is_noticed_after_one_latency(net, autojump_clock):
     t0 = trio.current_time()
     net.leave("b")
     with trio.fail_after(10):
+        assert await a.events.receive() == MembersChanged(frozenset({"a"}))  # its "left", at once
         assert await a.events.receive() == PeerDisconnected("b")
     assert trio.current_time() - t0 == pytest.approx(0.05)
+
+
+async def test_members_are_the_live_nodes_and_a_crashed_one_until_its_crash_is_noticed(net, autojump_clock):
+    a, _b = net.add_node("a"), net.add_node("b", neighbours=["a"])
+    await trio.sleep(0.01)
+    assert MembersChanged(frozenset({"a", "b"})) in await drain(a)  # one notice for both arrivals
+    net.crash("b")
+    assert a.members() == ["a", "b"]  # its signed record outlives it until the crash is noticed
+    await trio.sleep(net.detection_delay + 0.01)
+    assert a.members() == ["a"] and MembersChanged(frozenset({"a"})) in await drain(a)
 
 
 async def test_join_and_rejoin(net, autojump_clock):
