@@ -64,6 +64,9 @@ BETTER = 0.9
 # Before any training of its own a node has no step: a model is near when it lies within NEAR of our
 # model's own norm (a model of random noise of the same scale lies about 1.4 times it away).
 NEAR = 0.5
+# A model said to be k rounds ahead may lie REACH x min(k, AHEAD) steps away: further ones must be
+# clearly better on our data (a peer chooses the k it claims).
+AHEAD = 4
 
 
 def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -75,8 +78,9 @@ def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> fl
     return math.sqrt(total)
 
 
-def _zeros(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros_like(t) for name, t in state.items()}
+def norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a model over its floating-point tensors."""
+    return math.sqrt(sum(float(torch.sum(t.double() ** 2)) for t in state.values() if t.is_floating_point()))
 
 
 class Anchor:
@@ -184,21 +188,28 @@ class Anchor:
         best = min(self._losses)
         return best + max(HALFWAY * (self._chance - best), MARGIN)
 
-    def admits(self, state: State, own: State | None = None, rounds: int = 1) -> bool:
-        """Whether ``state``, said to be ``rounds`` rounds ahead of our model ``own``, may replace it:
-        not far worse on our own data than our recent start points, and either near ``own`` (within
-        REACH of our steps per round it is ahead; NEAR of its norm before we trained) or clearly better
-        on our data than our best start point (a node that fell behind takes the swarm's model). Early
-        in training both are needed: a model of random noise of an honest model's scale is no worse
-        than ours on our data yet, but far from it and no better."""
-        loss = self.loss(state)
-        if loss > self.bound():
-            return False
-        if own is None:
-            return True
+    def sane(self, state: State) -> bool:
+        """Whether ``state`` is not far worse on our own data than our recent start points."""
+        return self.loss(state) <= self.bound()
+
+    def reach(self, own: State) -> float:
+        """How far from ``own`` a model is near: REACH of our steps, or, before we trained, NEAR of
+        ``own``'s norm (a node without data, whose steps are 0, too)."""
         step = self.step()
-        reach = REACH * step * max(1, rounds) if step else NEAR * distance(own, _zeros(own))
-        if distance(state, own) <= reach:
+        return REACH * step if step else NEAR * norm(own)
+
+    def admits(self, state: State, own: State, rounds: int = 1) -> bool:
+        """Whether ``state``, said to be ``rounds`` rounds ahead of our model ``own``, may replace it:
+        not far worse on our own data than our recent start points, and either near ``own`` (our reach
+        per round it is ahead, up to AHEAD rounds) or clearly better on our data than our best start
+        point (a node that fell behind takes the swarm's model). Early in training both are needed: a
+        model of random noise of an honest model's scale is no worse than ours on our data yet, but far
+        from it and no better."""
+        loss = self.loss(state)
+        if not loss <= self.bound():
+            return False
+        ahead = min(max(1, rounds), AHEAD) if self.step() else 1  # NEAR of a norm is a whole model's scale
+        if distance(state, own) <= self.reach(own) * ahead:
             return True
         with self._lock:
             return bool(self._losses) and loss < BETTER * min(self._losses)

@@ -22,9 +22,10 @@ Departures, stated:
   is pulled towards the best of them (the far models are scored on the anchor's probe, at most
   ``max_probes`` per integration). A model that is both far and better on our data is no attack on us.
 - **MoDeST aggregation** (``self_centred=False``): an aggregator's own model is not one of the round's
-  trained models, so the centre is the received model that does best on our probe (a trainer's model
-  when an attacker's is among them), and the others are clipped around it. This is centred clipping
-  (Karimireddy, He and Jaggi, ICML 2021, arXiv 2012.10333) with a performance-chosen centre.
+  trained models, so the centre is the round's medoid (the model with the smallest median distance to
+  the others: honest trainers started from one model and lie close together) and the others are
+  clipped around it. This is centred clipping (Karimireddy, He and Jaggi, ICML 2021, arXiv 2012.10333)
+  around a robust centre.
 - **Trust from history**: each peer's weight in the average is the square of a moving average of its
   verdicts (``TRUST_RATE``, from ``NEWCOMER`` for a peer not judged yet), so peers whose models keep
   being clipped lose their say (a peer clipped to half its length weighs a quarter) and a wave of new
@@ -49,7 +50,6 @@ clipped, 0.0 refused, for the overlay's peer scores.
 from __future__ import annotations
 
 import random
-import statistics
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,12 +113,9 @@ class Clipped:
             return losses[i]
 
         c = self.config
-        centre = 0 if self.self_centred else self._best(range(len(everyone)), loss)
+        centre = 0 if self.self_centred else self._medoid(flats, loss)
         distances = [float((f - flats[centre]).norm()) for f in flats]
-        step = self.anchor.step()
-        if step is None or step == 0.0:  # before any training of ours: the peers' median, this once
-            others = [d for i, d in enumerate(distances) if i != centre]
-            step = statistics.median(others) if others else 0.0
+        step = self.anchor.reach(everyone[centre].state) / REACH  # our step (before any: from the norm)
         if self.self_centred:
             far = [i for i in range(1, len(everyone)) if distances[i] > c.accept * step]
             if far:
@@ -128,7 +125,7 @@ class Clipped:
                     distances = [float((f - flats[centre]).norm()) for f in flats]
         tau, limit = c.clip * step, c.accept * step
         kept: list[State] = [everyone[centre].state]
-        weights = [1.0]
+        weights = [self._weight(everyone[centre].peer)]
         self.verdicts = {}
         for i, contribution in enumerate(everyone):
             if i == centre:
@@ -138,17 +135,34 @@ class Clipped:
             else:
                 verdict = 1.0 if distances[i] <= tau else tau / distances[i]
                 kept.append(self._toward(everyone[centre].state, flats[centre], flats[i], verdict))
-                weights.append(self._trust.get(contribution.peer, NEWCOMER) ** 2)  # before this verdict
+                weights.append(self._weight(contribution.peer))  # the trust before this verdict
             if contribution.peer:
                 self.verdicts[contribution.peer] = verdict
                 self._remember(contribution.peer, verdict)
         return variance_corrected(kept, weights)
+
+    def _weight(self, peer: str) -> float:
+        """A contribution's weight: 1 for our own (no peer), else the square of the peer's trust."""
+        return self._trust.get(peer, NEWCOMER) ** 2 if peer else 1.0
 
     def _remember(self, peer: str, verdict: float) -> None:
         trust = self._trust.pop(peer, NEWCOMER)
         self._trust[peer] = (1 - TRUST_RATE) * trust + TRUST_RATE * verdict
         if len(self._trust) > MAX_TRUSTED:
             self._trust.popitem(last=False)
+
+    @staticmethod
+    def _medoid(flats: Sequence[torch.Tensor], loss: Callable[[int], float]) -> int:
+        """MoDeST's centre: the model with the smallest median distance to the others, the best on our
+        probe among equals. Honest trainers of a round started from one model and lie close together;
+        early in training a model of noise scores as well as theirs on our data, but lies far from
+        everything. With two models (or a tie) the probe decides."""
+        n = len(flats)
+        if n <= 2:
+            return min(range(n), key=loss)
+        apart = torch.cdist(torch.stack(flats)[None], torch.stack(flats)[None])[0]
+        typical = [float(apart[i][torch.arange(n) != i].median()) for i in range(n)]
+        return min(range(n), key=lambda i: (round(typical[i], 9), loss(i)))
 
     def _best(self, indices: Sequence[int], loss: Callable[[int], float]) -> int:
         """The index among ``indices`` whose model does best on our probe, the first unless another is

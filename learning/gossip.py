@@ -205,7 +205,7 @@ class Gossip:
         """Our model, at most once per FETCH_INTERVAL per peer: each answer is a whole model, so a stream
         of small fetches would have us send models as fast as it asks (an honest joiner asks once)."""
         if self._now - self._answered.get(peer, -FETCH_INTERVAL) < FETCH_INTERVAL:
-            return [Rejected(peer, f"fetch again within {FETCH_INTERVAL:g} s", blame=False)]
+            return []
         if len(self._answered) >= MAX_ANSWERED:
             self._answered = {p: t for p, t in self._answered.items() if self._now - t < FETCH_INTERVAL}
         self._answered[peer] = self._now

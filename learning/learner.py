@@ -97,12 +97,13 @@ class Learner:
             seed=self.seed * 1_000_003 + round,
             device=self.device,
         )
-        new = self.layout.state(self.model)
+        # states live on the CPU (the wire and the averaging read them there), whatever trained them
+        new = {name: t.cpu() for name, t in self.layout.state(self.model).items()}
         if self.only_rows is not None:
             name, rows = self.only_rows
             others = torch.ones(len(new[name]), dtype=torch.bool)
             others[rows] = False
-            new[name][others] = state[name][others].to(new[name].device)
+            new[name][others] = state[name][others]
         bad = [n for n, t in new.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             log.warning("training round %d made %s non-finite: kept the model from before", round, bad[:3])

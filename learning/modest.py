@@ -32,20 +32,28 @@ Departures from the paper, each for a hostile or failing peer (README, "Hostile 
   ``sample_size + role_slack`` of round k, and only if we are among the first ``aggregators +
   role_slack`` of round k+1. The slack covers members still spreading and hand-overs to later
   candidates (below). A model refused by this check costs its sender nothing (it may know members we do
-  not yet), and a node that has neither begun training nor aggregated for ``watch_timeout`` takes a
-  model the role check alone refused, so that views that differ cannot stall it for good.
+  not yet).
 - **Models judged, not just counted.** An ``aggregated`` model replaces ours only if our anchor admits
-  it (``learning.anchor``: not far worse on our own data than our recent models, and not far from ours
-  unless clearly better); one it refuses is credited 0 to its sender, and we train our own model for
-  its round instead, so the round goes on without it at its usual pace (skipping that sender as an
-  aggregator instead split later rounds between it and the next candidate, which then waited out
-  its aggregation timeout for models that went elsewhere: measured, a third of the rounds).
+  it (``learning.anchor``: not far worse on our own data than our recent start points, and not far
+  from our model unless clearly better); one it refuses is credited 0 to its sender, and we train our
+  own model for its round instead, so the round goes on without it at its usual pace. Only within
+  the rounds a trainer goes unsampled (twice members / sample size): further ahead, a refused model
+  moves nothing of ours, or a plausible aggregator of a far round could lead us away from the swarm.
+  Residual risk: within that gap it moves our round, and our next model makes the aggregators we
+  hand it to leave the round they were collecting. An aggregator that trained none of the round's
+  models itself judges its aggregate the same way, and sends nothing rather than one it would refuse
+  (all the round's models were poison).
   Aggregation is the node's integrator: by default clipping around the best of the round's models
   (``learning.clipping``).
-- **Rounds that go on.** A trainer whose hand-over has led to no newer model within ``watch_timeout``
-  hands its model to one more candidate aggregator each time (up to ``role_slack`` more, available
-  ones only): an aggregator that crashed holding the round's models, refuses to aggregate or sends
-  nothing cannot stop training (with one aggregator its crash once stopped it for good).
+- **Rounds that go on.** A trainer whose hand-over has led to no newer model within ten of the swarm's
+  rounds (as the models it took measured them; at most ``watch_timeout``) hands its model to one more
+  available candidate aggregator each time, up to ``role_slack`` more: an aggregator that crashed
+  holding the round's models (with one aggregator, that once stopped training for good), refuses to
+  aggregate or sends nothing costs the swarm at most that long per round it aggregates, and once per
+  trainer: one whose round came to nothing, or whose model we refused, gets one more aggregator beside
+  it in our later hand-overs. With ``aggregators`` = 2 no round waits at all, at the cost of each
+  trained model sent twice. Only a model counts as a sign the round went on: a round a peer merely
+  reports could be a lie that keeps us waiting.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ from __future__ import annotations
 import enum
 import math
 import random
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -91,7 +101,7 @@ class ModestConfig:
     ping_timeout: float = 5.0
     ping_interval: float = 1.0
     aggregation_timeout: float = 5.0
-    watch_timeout: float = 20.0  # a trainer hands its model to one more aggregator when nothing newer came
+    watch_timeout: float = 20.0  # most seconds a hand-over may come to nothing (see Modest._watch)
     period: float = 0.0  # least seconds between the starts of two of our trainings (0: as fast as it goes)
     max_round_jump: int = 100  # window: most rounds a peer's message may lie beyond our own round
     role_slack: int = 2  # candidates beyond a (or s) still plausible in a role (module docstring)
@@ -114,6 +124,10 @@ class ModestConfig:
     @property
     def quorum(self) -> int:
         return max(1, math.ceil(self.sample_size * self.success_fraction - 1e-9))
+
+
+WATCH_ROUNDS = 10  # a hand-over may come to nothing for this many of the swarm's rounds ...
+WATCH_FLOOR = 1.0  # ... and at least this many seconds
 
 
 class Timer(enum.Enum):
@@ -154,6 +168,9 @@ class Modest:
         self.members: set[str] = {me, *peers}  # whom we sample from
         self._appeared: set[str] = set()  # new members, sampled from after our next model send
         self._down: set[str] = set()  # members we know to be down, until we hear from them again
+        self._suspects: set[str] = set()  # members whose aggregation came to nothing or was refused
+        self._took: tuple[int, float] | None = None  # the round and time of the last aggregate we took
+        self._pace: deque[float] = deque(maxlen=10)  # seconds per round between the aggregates we took
         self._model = model
         self._samples = samples
         self._integrator = integrator
@@ -167,15 +184,14 @@ class Modest:
         self._train_round = 0
         self._trainer = Trainer.IDLE  # for _train_round
         self._agg_round = 0
-        self._heard_by: dict[str, int] = {}  # member -> the newest round it told us of, clamped
+        self._heard_round = 0  # the newest round a peer told us of, clamped to our window
         self._heard = not joining  # a joiner has no round of its own until it hears one
         self._joined_at = 0  # the first round a joiner heard
         self._buffer: dict[str, Contribution] = {}
         self._handed_to: set[str] = set()  # aggregators that have our latest trained model
-        self._extra: dict[int, int] = {}  # round -> aggregators added to our hand-over by watch timeouts
+        self._extra = (0, 0)  # (round, aggregators added to our hand-over of it by watch timeouts)
         self._aggregation = Aggregation.COLLECTING  # of _agg_round
         self._sampler = Sampler(me, config.ping_interval, config.ping_timeout)
-        self._progressed = 0.0  # when we started, last began training or aggregated (role check fallback)
         self._trained_at = -math.inf  # when our last training began (``period``)
 
     @property
@@ -189,7 +205,7 @@ class Modest:
 
     def estimate(self) -> int:
         """The spec's round estimate: the newest round trained, aggregated or heard of."""
-        return max(self._train_round, self._agg_round, *self._heard_by.values())
+        return max(self._train_round, self._agg_round, self._heard_round)
 
     def _own_round(self) -> int:
         """The newest round we took part in (or a joiner first heard of): what the window is around."""
@@ -201,12 +217,11 @@ class Modest:
             return MAX_ROUND
         return min(MAX_ROUND, self._own_round() + self._config.max_round_jump)
 
-    def _hear(self, peer: str, rnd: int) -> None:
-        """A round ``peer`` told us, clamped to our window; a joiner takes its first above 0 as its own."""
+    def _hear(self, rnd: int) -> None:
+        """A round a peer told us, clamped to our window; a joiner takes its first above 0 as its own."""
         if not self._heard and rnd > 0:
             self._heard, self._joined_at = True, rnd
-        if peer in self.members:
-            self._heard_by[peer] = max(self._heard_by.get(peer, 0), min(rnd, self._limit()))
+        self._heard_round = max(self._heard_round, min(rnd, self._limit()))
 
     def handle(self, event: Event, now: float) -> list[Action]:
         self._now = now
@@ -218,7 +233,8 @@ class Modest:
             case PeerUp(peer):
                 self._down.discard(peer)
             case PeerDown(peer) | SendFailed(peer):
-                self._down.add(peer)
+                if peer in self.members or peer in self._appeared:  # only members: ids cost nothing
+                    self._down.add(peer)
                 return self._sampler.unavailable(peer, now)
             case MessageIn(peer, kind, body, tensors):
                 self._down.discard(peer)
@@ -229,7 +245,7 @@ class Modest:
                 return self._sampler.on_timer(sel_id, now)
             # a hand-over's selection may end, and start its watch, after a newer model reached us: the
             # round in the key tells that watch from the current one
-            case TimerFired((Timer.WATCH, rnd)) if rnd == self._train_round + 1 and self._stalled(rnd):
+            case TimerFired((Timer.WATCH, rnd)) if rnd == self._train_round + 1 and self._stalled():
                 return self._hand_over(rnd, escalate=True)
             case TimerFired(Timer.AGGREGATE) if self._aggregation is Aggregation.COLLECTING:
                 return self._aggregate()
@@ -241,7 +257,6 @@ class Modest:
 
     def _start(self) -> list[Action]:
         self._started = True
-        self._progressed = self._now
         if self._joining:
             return []  # sampled once the members' next model sends take us in
         if self.me in order(self.candidates(), 1)[: self._config.sample_size]:
@@ -255,9 +270,8 @@ class Modest:
         gone = self.members - peers - {self.me}
         self._appeared = set(peers) - self.members
         self.members -= gone
-        self._down -= gone
-        for peer in gone:
-            self._heard_by.pop(peer, None)
+        self._down &= self.members | self._appeared
+        self._suspects &= self.members
         actions: list[Action] = []
         for peer in gone:
             actions += self._sampler.unavailable(peer, self._now)
@@ -275,13 +289,13 @@ class Modest:
                 ping = Ping.parse(body)
                 if isinstance(ping, str):
                     return [Rejected(peer, ping)]
-                self._hear(peer, ping.round)
+                self._hear(ping.round)
                 return [Send(peer, "pong", Pong(ping.sel, self.estimate()).body())]
             case "pong":
                 pong = Pong.parse(body)
                 if isinstance(pong, str):
                     return [Rejected(peer, pong)]
-                self._hear(peer, pong.round)
+                self._hear(pong.round)
                 return self._sampler.on_pong(peer, pong.sel, self._now)
             case "aggregated" | "trained":
                 return self._on_model(peer, kind, body, tensors)
@@ -302,9 +316,9 @@ class Modest:
             )
             return [Rejected(peer, reason, blame=False)]  # or we fell behind: not proof of a lie
         implausible = self._implausible_role(peer, kind, msg.round)
-        if implausible and self._now - self._progressed < self._config.watch_timeout:
+        if implausible:
             return [Rejected(peer, implausible, blame=False)]  # or it knows members we do not yet
-        self._hear(peer, msg.round)
+        self._hear(msg.round)
         if kind == "aggregated":
             return self._on_aggregated(peer, msg.round, dict(tensors))
         return self._on_trained_model(peer, msg.round, Contribution(dict(tensors), msg.samples, peer))
@@ -342,17 +356,24 @@ class Modest:
             or self._anchor is None
             or self._anchor.admits(state, self._model, rnd - self._model_round)
         ):
+            self._suspects.discard(peer)
             credit = [] if peer == self.me else [Credited(peer, 1.0)]
             return [*credit, *self._begin_training(rnd, state)]
+        self._suspects.add(peer)
         reason = f"aggregated model of round {rnd} is far worse on our own data than our own"
-        refused = [Rejected(peer, reason, blame=False), Credited(peer, 0.0)]
-        return [*refused, *self._begin_training(rnd, self._model)]
+        refused: list[Action] = [Rejected(peer, reason, blame=False), Credited(peer, 0.0)]
+        if rnd - self._train_round > self._gap():
+            return refused  # further ahead than a trainer goes unsampled: no round of ours moves
+        return [*refused, *self._begin_training(rnd, self._model)]  # the round goes on without it
+
+    def _gap(self) -> int:
+        """The most rounds a trainer goes unsampled, about twice members / sample size."""
+        return max(2, math.ceil(2 * len(self.members) / self._config.sample_size))
 
     def _begin_training(self, rnd: int, state: State) -> list[Action]:
         """Train ``state`` for round ``rnd``, once ``period`` has passed since our last training began:
         unpaced, three daemons ran 33 rounds a second of a small model, most of the CPU and 60
         messages a second between two of them, for little more learning."""
-        self._progressed = self._now
         self._model, self._model_round = state, rnd
         self._train_round = rnd
         self._trainer = Trainer.TRAINING
@@ -377,23 +398,41 @@ class Modest:
 
         def send(aggregators: list[str]) -> list[Action]:
             new = [p for p in aggregators if p not in self._handed_to]
-            extra = self._extra.get(nxt, 0)
+            extra = self._added(nxt)
             if not new and escalate and extra < self._config.role_slack:
-                self._extra = {nxt: extra + 1}
+                self._suspects.update(aggregators)  # alive, holding our model, and nothing came of it
+                self._extra = (nxt, extra + 1)
                 return self._hand_over(nxt)
             self._handed_to.update(new)
-            watch = StartTimer((Timer.WATCH, nxt), self._config.watch_timeout)
+            watch = StartTimer((Timer.WATCH, nxt), self._watch())
             return [*self._send_model("trained", new, nxt, self._model), watch]
 
-        wanted = self._config.aggregators + self._extra.get(nxt, 0)
-        return self._select(nxt, wanted, send)
+        return self._select(nxt, self._config.aggregators + self._added(nxt), send)
 
-    def _stalled(self, nxt: int) -> bool:
-        """Trained and handed over, but neither a model of a newer round has reached us nor has anyone
-        but the aggregators we handed to (who may lie to keep us waiting) told us of round ``nxt``."""
-        if self._trainer is not Trainer.IDLE or self._model_round > self._train_round:
-            return False
-        return all(r < nxt for p, r in self._heard_by.items() if p not in self._handed_to)
+    def _watch(self) -> float:
+        """How long a hand-over may come to nothing: WATCH_ROUNDS of the swarm's rounds as the models
+        we took measured them, within [WATCH_FLOOR, ``watch_timeout``] (a fixed 20 s let each silent
+        aggregator stall a simulated swarm of 0.3 s rounds for 60 rounds)."""
+        if not self._pace:
+            return self._config.watch_timeout
+        rounds = WATCH_ROUNDS * statistics.median(self._pace)
+        return min(self._config.watch_timeout, max(WATCH_FLOOR, rounds))
+
+    def _added(self, nxt: int) -> int:
+        """Aggregators beyond ``aggregators`` our model of round ``nxt`` goes to: those watch timeouts
+        added, and at least one for each suspect among the round's first candidates (an aggregator
+        that let a round of ours come to nothing, or sent us a model we refused), so that a hostile
+        aggregator stalls a round of ours at most once."""
+        first = order(self.candidates(), nxt)[: self._config.aggregators]
+        suspected = sum(1 for p in first if p in self._suspects)
+        added = self._extra[1] if self._extra[0] == nxt else 0
+        return min(max(added, suspected), self._config.role_slack)
+
+    def _stalled(self) -> bool:
+        """Trained and handed over, but no model of a newer round has reached us. Only a model counts:
+        a round any peer merely reports could be a lie that keeps us waiting. A round that went on
+        without us costs at most ``role_slack`` more hand-overs of one model."""
+        return self._trainer is Trainer.IDLE and self._model_round <= self._train_round
 
     # --- aggregator -------------------------------------------------------------------------
 
@@ -412,13 +451,18 @@ class Modest:
     def _aggregate(self) -> list[Action]:
         """The round's models through our integrator; our own trained model, when among them, is the
         trusted one a faulty contribution is told apart by (``integrate_contained``)."""
-        self._progressed = self._now
         self._aggregation = Aggregation.DONE
         mine = self._buffer.pop(self.me, None)
         received = [*([mine] if mine else []), *self._buffer.values()]
         self._buffer = {}
         model, judged = integrate_contained(self._integrator, received[0], received[1:], self.me)
         rnd = self._agg_round
+        if (
+            mine is None
+            and self._anchor is not None
+            and not self._anchor.admits(model, self._model, rnd - self._model_round)
+        ):
+            return judged  # the round's models were poison: nothing goes out
         self._model, self._model_round = model, rnd
         sends = self._select(
             rnd, self._config.sample_size, lambda to: self._send_model("aggregated", to, rnd, model)
@@ -434,7 +478,7 @@ class Modest:
             if kind == "aggregated":
                 actions += self._on_aggregated(self.me, rnd, state)
             else:
-                actions += self._on_trained_model(self.me, rnd, Contribution(state, self._samples, self.me))
+                actions += self._on_trained_model(self.me, rnd, Contribution(state, self._samples))
         return actions
 
     def _select(self, rnd: int, wanted: int, then: Callable[[list[str]], list[Action]]) -> list[Action]:

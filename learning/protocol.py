@@ -5,9 +5,8 @@ sleeps, opens sockets or reads clocks (``now`` is given), as h11 and aioquic do;
 (``node/driver.py``) turns its actions into I/O on a real or simulated overlay and feeds back what
 happens. Models travel as named tensors (:data:`State`).
 
-A peer connecting or disconnecting is the overlay's own event (``overlay.interface``), passed on as it
-is: this is the one place ``learning`` imports from ``overlay``, and only its interface, which imports
-nothing of ``learning``.
+The driver translates the overlay's own events (a peer connected or disconnected, the members changed)
+into this module's: ``learning`` imports nothing of ``overlay`` nor ``overlay`` of ``learning``.
 
 Timers are keyed: ``StartTimer(key, delay)`` replaces any pending timer with an equal key,
 ``CancelTimer(key)`` removes it, and ``TimerFired(key)`` hands back the key given. A key is a typed

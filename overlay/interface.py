@@ -6,9 +6,8 @@ simulations run the same protocol code.
 
 Everything that happens to a node arrives, in order, on one channel (:attr:`Overlay.events`):
 a peer connected or disconnected, the task's members changed, a message delivered, an announcement
-published on a topic. The
-driver hands :class:`PeerConnected` and :class:`PeerDisconnected` to the learning protocols as they are
-(``learning.protocol`` takes them into its events), so this module imports nothing of ``learning``.
+published on a topic. The driver translates them into the learning protocols' own events
+(``learning.protocol``), so this module imports nothing of ``learning``.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
                 sim.initial[i],
                 learner.samples,
                 rng,
-                anchor=learner.anchor,
+                anchor=None if i in attackers else learner.anchor,  # attackers judge nothing
                 integrator=rule,
                 labels=labels,
                 joining=joining,

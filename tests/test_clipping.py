@@ -44,8 +44,8 @@ def test_the_anchor_knows_its_step_and_its_known_good_model():
     start = anchor.known_good()  # the model the last round of training started from
     trained, _ = learner.train(start, 4)  # the last round again
     assert distance(trained, state) < 1e-6  # gives the same model
-    assert anchor.admits(state)
-    assert not anchor.admits(scaled(state, -4.0))  # a sign-flipped model is far worse on our data
+    assert anchor.sane(state)
+    assert not anchor.sane(scaled(state, -4.0))  # a sign-flipped model is far worse on our data
     assert anchor.loss({k: torch.full_like(v, float("nan")) for k, v in state.items()}) == float("inf")
 
 
@@ -62,7 +62,7 @@ def test_training_starts_from_the_known_good_model_when_ours_went_bad(caplog):
     trained, _ = learner.train(poisoned, round=9)
     assert "rolled back to our known-good model" in caplog.text
     assert distance(trained, state) < distance(trained, poisoned)  # trained on from the good model
-    assert anchor.admits(trained)
+    assert anchor.sane(trained)
 
 
 def clipped(anchor, **config):
@@ -123,7 +123,7 @@ def test_no_number_of_rounds_of_poison_ratchets_the_model():
         model = rule.integrate(Contribution(model, 10), [evil, sly])
         model, _ = learner.train(model, 10 + rnd)
     assert distance(model, {k: torch.zeros_like(v) for k, v in model.items()}) < 3 * start
-    assert anchor.admits(model)
+    assert anchor.sane(model)
 
 
 def test_a_node_behind_its_peers_centres_on_the_best_of_them():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from shoal.learning.integrators import Mean
-from shoal.learning.modest import Modest, ModestConfig
-from shoal.learning.protocol import Credited, Members, MessageIn, Rejected, Send, Started
+from shoal.learning.modest import Modest, ModestConfig, Timer
+from shoal.learning.protocol import Credited, Members, MessageIn, Rejected, Send, Started, TimerFired
 from shoal.learning.sampling import order
 from tests.bench import Bench, constant_model, value_of
 
@@ -199,6 +199,8 @@ class Sceptic:
     def admits(self, state, own=None, rounds=1) -> bool:
         return value_of(state) < self.limit
 
+    sane = admits
+
 
 class Poisoner(Modest):
     """An honest MoDeST node in every way, except that each aggregated model it sends is poison."""
@@ -228,6 +230,38 @@ def test_a_poisoned_aggregate_is_refused_and_the_rounds_go_on_without_its_sender
     refusals = {n: a for n, a in bench.rejected if a.peer == evil}
     assert refusals and all(not a.blame and "far worse" in a.reason for a in refusals.values())
     assert max(rnd for _, _, rnd in bench.rounds_done) >= 12  # rounds went on past round 4
+
+
+def test_a_refused_aggregate_moves_nothing_of_ours_and_an_aggregator_sends_no_poison():
+    """A plausible aggregator of a round far ahead whose model is refused must not move our round (we
+    would ignore the swarm's rounds behind it); an aggregator whose round brought only poison sends
+    nothing."""
+    names = [f"p{i:02d}" for i in range(12)]
+    node = Modest(
+        "p00", names[1:], constant_model(), 10, Mean(), CONFIG, random.Random(0), anchor=Sceptic(1e5)
+    )
+    node.handle(Started(), 0.0)
+    far = next(r for r in range(50, 99) if "p00" in order(names, r)[:4] and order(names, r)[0] != "p00")
+    poison = MessageIn(order(names, far)[0], "aggregated", {"round": far, "samples": 1}, constant_model(1e6))
+    refused, credit = node.handle(poison, 1.0)
+    assert isinstance(refused, Rejected) and credit == Credited(order(names, far)[0], 0.0)
+    assert node.round == 0 and node.estimate() == far  # heard of, not taken part in
+    near = next(r for r in range(2, 50) if "p00" in order(names, r)[:4] and order(names, r)[0] != "p00")
+    honest = MessageIn(
+        order(names, near)[0], "aggregated", {"round": near, "samples": 1}, constant_model(1.0)
+    )
+    assert any(type(a).__name__ == "Train" for a in node.handle(honest, 2.0)) and node.round == near
+    aggregator = Modest(
+        "p00", names[1:], constant_model(), 10, Mean(), CONFIG, random.Random(0), anchor=Sceptic(1e5)
+    )
+    k = next(r for r in range(2, 99) if order(names, r)[0] == "p00")
+    trainer = next(p for p in order(names, k - 1)[:4] if p != "p00")
+    sent = aggregator.handle(
+        MessageIn(trainer, "trained", {"round": k, "samples": 1}, constant_model(1e6)), 1.0
+    )
+    sent += aggregator.handle(TimerFired(Timer.AGGREGATE), 4.0)
+    assert not [a for a in sent if isinstance(a, Send) and a.kind == "aggregated"]
+    assert aggregator.round == 0
 
 
 class Idle(Modest):
