@@ -10,20 +10,24 @@ training on its own data:
   ``window`` rounds). Honest peers of one task disagree by a few such steps, whatever they send; robust
   integration (``learning.clipping``) clips peers' models to a multiple of it, and a model that would
   replace ours must lie within REACH steps of it per round it claims to be ahead.
-- **probe loss**: the loss of a model on a fixed probe of the node's own training samples. The
-  anchor keeps the probe losses of the models the node started its last ``window`` rounds of training
-  from (its *start points*: the integration of its peers' models and its own, or the aggregate MoDeST
-  sampled it with). A model whose loss exceeds the best of them by more than half of the way to chance
-  (:meth:`bound`) is *far worse*: it does not replace ours (a gossip fetch reply, a MoDeST aggregate:
-  :meth:`admits`), and a start point that bad is not trained from: the node rolls back to its
-  *known-good* model, the latest start point that was not (:meth:`recover`). The node's way back, at
-  the cost of one model kept.
+- **probe score**: the error and cross-entropy of a model on a fixed probe of the node's own training
+  samples. The anchor keeps the scores of the models the node started its last ``window`` rounds of
+  training from (its *start points*: the integration of its peers' models and its own, or the
+  aggregate MoDeST sampled it with). A model whose error, or loss, exceeds their median by more than
+  half of the way to chance is *far worse*: it does not replace ours (a gossip fetch reply, a MoDeST
+  aggregate: :meth:`admits`); a start point far worse in error is not trained from: the node rolls
+  back to its *known-good* model, the latest start point that was kept (:meth:`recover`). The node's
+  way back, at the cost of one model kept.
 
-Chance is the loss of a uniform guess over the model's outputs (ln of their number): noise of an
-honest model's scale sits there or above, sign-flipped models far above, while models of the swarm a
-node should take (even on non-IID data, trained on other classes too) are between. Start points, not
-trained models, set the bar: a model just trained on these samples scores far better on them than
-any peer's model can, so comparing with it would refuse honest peers. The probe is training data, not
+Chance is a guess among the model's outputs (error 1 - 1/their number, loss ln of it): noise of an
+honest model's scale sits there, sign-flipped models above (confidently wrong: a loss far above
+chance, which the error alone does not show early in training, when every model errs about as much
+as chance), while models of the swarm a node should take (even on non-IID data, trained on other
+classes too) are between. Our own start points are judged by error alone: a linear head trained at a
+high rate grows confident, so its loss rose as its accuracy rose (Bristle's task: by loss, every
+honest round was rolled back). Start points, not
+trained models, set the bar: a model just trained on these samples scores far better on them than any
+peer's model can, so comparing with it would refuse honest peers. The probe is training data, not
 held out: it tells a poisoned or diverged model from a sane one, which needs no unseen data, and
 holding data out would cost every honest node training samples.
 
@@ -40,6 +44,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -52,14 +57,16 @@ log = logging.getLogger("shoal.learner")
 
 WINDOW = 20  # rounds of own training the step and the best start point are taken over
 PROBE_SAMPLES = 128
-# Far worse: a probe loss over best + HALFWAY x (chance - best), and at least MARGIN over best (a node
-# still at chance takes nothing worse than its own). A trained digits MLP's best is ~0.1, chance 2.3.
-HALFWAY, MARGIN = 0.5, 0.1
+# Far worse: over typical + HALFWAY x (chance - typical), and at least a margin over it, typical being
+# the median of our recent start points' (honest start points early in training differ by 10 points
+# of error and more; their best once made honest integrations look far worse): in error by MARGIN, in
+# loss by LOSS_MARGIN. A trained digits MLP errs ~0.03 (chance 0.9) at a loss of ~0.1 (chance 2.3).
+HALFWAY, MARGIN, LOSS_MARGIN = 0.5, 0.2, 0.5
 # Models further than REACH of our training steps from ours are far (``learning.clipping``), and a model
 # said to be k rounds ahead of ours is far beyond REACH x k steps: honest peers of a task disagree by a
 # few steps (measured: 1-1.5 in a 20-node IID swarm), and models move less than a step a round apart.
 REACH = 8.0
-# A far model is clearly better on our data when its probe loss is below BETTER times ours.
+# A far model is clearly better on our data when its probe error is below BETTER times our typical.
 BETTER = 0.9
 # Before any training of its own a node has no step: a model is near when it lies within NEAR of our
 # model's own norm (a model of random noise of the same scale lies about 1.4 times it away).
@@ -67,6 +74,13 @@ NEAR = 0.5
 # A model said to be k rounds ahead may lie REACH x min(k, AHEAD) steps away: further ones must be
 # clearly better on our data (a peer chooses the k it claims).
 AHEAD = 4
+
+
+class Score(NamedTuple):
+    """How a model does on the probe: the share it gets wrong, and its mean cross-entropy."""
+
+    error: float
+    loss: float
 
 
 def distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -104,9 +118,9 @@ class Anchor:
         pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:probe_samples]
         self.x, self.y = x[pick], y[pick]
         self._steps: deque[float] = deque(maxlen=window)
-        self._losses: deque[float] = deque(maxlen=window)  # probe losses of our start points
+        self._scores: deque[Score] = deque(maxlen=window)  # of our start points
         self._good: State | None = None
-        self._chance = math.inf  # the loss of a uniform guess over the model's outputs, once known
+        self._chance = Score(1.0, math.inf)  # of a guess among the model's outputs, once known
         self._lock = threading.Lock()
 
     # --- what the node's own training says ------------------------------------------------------
@@ -124,24 +138,23 @@ class Anchor:
     def start(self, initial: State) -> None:
         """Take the node's initial model (or its checkpoint's) as its first known-good one, so that
         even before training a node refuses to replace it with something far worse."""
-        self._keep(self.loss(initial), initial)
+        self._keep(self.score(initial), initial)
 
     def recover(self, state: State, round: int) -> State:
         """What round ``round``'s training starts from: ``state``, recorded as a start point, or our
         known-good model if ``state`` is far worse than our recent start points (then it is not
         trained on, nor sent, any further)."""
-        loss = self.loss(state)
-        if self._keep(loss, state):
+        score = self.score(state)
+        if self._keep(score, state):
             return state
         log.warning(
-            "round %d: the model is far worse on our own data than our recent ones (probe loss %.3g, "
-            "above %.3g): rolled back to our known-good model",
+            "round %d: the model is far worse on our own data than our recent ones (probe error %.2f, "
+            "loss %.3g): rolled back to our known-good model",
             round,
-            loss,
-            self.bound(),
+            *score,
         )
         good = self.known_good()
-        assert good is not None  # _keep takes anything before it knows a loss
+        assert good is not None  # _keep takes anything before it knows a score
         return good
 
     def stepped(self, before: State, after: State) -> None:
@@ -150,47 +163,57 @@ class Anchor:
         with self._lock:
             self._steps.append(step)
 
-    def _keep(self, loss: float, state: State) -> bool:
-        """Record a start point; whether it was within the bound (then it is the known-good one)."""
+    def _keep(self, score: Score, state: State) -> bool:
+        """Record a start point; whether it was kept (then it is the known-good one): not if it errs
+        far more than the others. By error alone: a confident honest model's loss rises as it learns."""
         with self._lock:
-            if not loss <= self._bound():  # NaN included
+            if self._far_worse(score, by_loss=False):
                 return False
             self._good = state
-            self._losses.append(loss)
+            self._scores.append(score)
             return True
 
     # --- judging models -------------------------------------------------------------------------
 
-    def loss(self, state: State) -> float:
-        """Mean cross-entropy of ``state`` on the probe; inf when it is not finite; 0 for a node that
-        holds no data (it cannot tell models apart, so it judges none worse than another)."""
+    def score(self, state: State) -> Score:
+        """How ``state`` does on the probe; infinite when its outputs are not; 0 for a node that holds no
+        data (it cannot tell models apart, so it judges none worse than another)."""
         if not len(self.y):
-            return 0.0
+            return Score(0.0, 0.0)
         with self._lock, torch.no_grad():
             self.layout.load(self.module, state)
             was_training = self.module.training
             self.module.eval()
             device = next(self.module.parameters()).device
-            logits = self.module(self.x.to(device))
-            value = F.cross_entropy(logits, self.y.to(device)).item()
-            self._chance = math.log(logits.shape[-1])
+            outputs = self.module(self.x.to(device)).cpu()
             self.module.train(was_training)
-        return value if math.isfinite(value) else math.inf
+            self._chance = Score(1.0 - 1.0 / outputs.shape[-1], math.log(outputs.shape[-1]))
+        if not torch.isfinite(outputs).all():
+            return Score(math.inf, math.inf)
+        error = float((outputs.argmax(-1) != self.y).double().mean())
+        return Score(error, F.cross_entropy(outputs, self.y).item())
 
-    def bound(self) -> float:
-        """The probe loss above which a model is far worse than our recent start points."""
-        with self._lock:
-            return self._bound()
+    def _far_worse(self, score: Score, *, by_loss: bool = True) -> bool:
+        """Whether ``score`` is far worse than our recent start points' (module docstring)."""
+        if not self._scores:
+            return not math.isfinite(score.error)
+        typical = self._typical()
 
-    def _bound(self) -> float:
-        if not self._losses:
-            return math.inf
-        best = min(self._losses)
-        return best + max(HALFWAY * (self._chance - best), MARGIN)
+        def beyond(value: float, mid: float, chance: float, margin: float) -> bool:
+            return not value <= mid + max(HALFWAY * (chance - mid), margin)  # NaN included
+
+        if beyond(score.error, typical.error, self._chance.error, MARGIN):
+            return True
+        return by_loss and beyond(score.loss, typical.loss, self._chance.loss, LOSS_MARGIN)
+
+    def _typical(self) -> Score:
+        return Score(*(statistics.median(s[i] for s in self._scores) for i in range(2)))
 
     def sane(self, state: State) -> bool:
         """Whether ``state`` is not far worse on our own data than our recent start points."""
-        return self.loss(state) <= self.bound()
+        score = self.score(state)
+        with self._lock:
+            return not self._far_worse(score)
 
     def reach(self, own: State) -> float:
         """How far from ``own`` a model is near: REACH of our steps, or, before we trained, NEAR of
@@ -201,15 +224,16 @@ class Anchor:
     def admits(self, state: State, own: State, rounds: int = 1) -> bool:
         """Whether ``state``, said to be ``rounds`` rounds ahead of our model ``own``, may replace it:
         not far worse on our own data than our recent start points, and either near ``own`` (our reach
-        per round it is ahead, up to AHEAD rounds) or clearly better on our data than our best start
-        point (a node that fell behind takes the swarm's model). Early in training both are needed: a
+        per round it is ahead, up to AHEAD rounds) or clearly better on our data than our start points
+        (a node that fell behind takes the swarm's model). Early in training both are needed: a
         model of random noise of an honest model's scale is no worse than ours on our data yet, but far
         from it and no better."""
-        loss = self.loss(state)
-        if not loss <= self.bound():
-            return False
+        score = self.score(state)
+        with self._lock:
+            if self._far_worse(score):
+                return False
+            typical = self._typical().error if self._scores else math.inf
         ahead = min(max(1, rounds), AHEAD) if self.step() else 1  # NEAR of a norm is a whole model's scale
         if distance(state, own) <= self.reach(own) * ahead:
             return True
-        with self._lock:
-            return bool(self._losses) and loss < BETTER * min(self._losses)
+        return score.error < BETTER * typical

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.learning.anchor import BETTER, REACH, Anchor
+from shoal.learning.anchor import BETTER, REACH, Anchor, Score
 from shoal.learning.averaging import check_models, variance_corrected
 from shoal.learning.integrators import Contribution
 from shoal.learning.protocol import State
@@ -67,7 +67,7 @@ class ClippingConfig:
     clip: float = 2.0  # tau = clip x our median training step
     accept: float = REACH  # models further than accept x our step are refused (unless better on our data)
     max_probes: int = 4  # far models scored on our probe per integration, at most
-    better: float = BETTER  # a far model is better when its probe loss is below this share of the centre's
+    better: float = BETTER  # a far model is better when its probe error is below this share of the centre's
 
     def __post_init__(self) -> None:
         if not 0 < self.clip <= self.accept:
@@ -105,21 +105,21 @@ class Clipped:
         check_models([own.state, *(c.state for c in received)])
         everyone = [own, *received]
         flats = [_flat(c.state) for c in everyone]
-        losses: dict[int, float] = {}
+        scores: dict[int, Score] = {}
 
-        def loss(i: int) -> float:
-            if i not in losses:
-                losses[i] = self.anchor.loss(everyone[i].state)
-            return losses[i]
+        def score(i: int) -> Score:
+            if i not in scores:
+                scores[i] = self.anchor.score(everyone[i].state)
+            return scores[i]
 
         c = self.config
-        centre = 0 if self.self_centred else self._medoid(flats, loss)
+        centre = 0 if self.self_centred else self._medoid(flats, score)
         distances = [float((f - flats[centre]).norm()) for f in flats]
         step = self.anchor.reach(everyone[centre].state) / REACH  # our step (before any: from the norm)
         if self.self_centred:
             far = [i for i in range(1, len(everyone)) if distances[i] > c.accept * step]
             if far:
-                best = self._best([0, *self.rng.sample(far, min(c.max_probes, len(far)))], loss)
+                best = self._best([0, *self.rng.sample(far, min(c.max_probes, len(far)))], score)
                 if best != 0:  # we are the one behind: centre on the best of the far models
                     centre = best
                     distances = [float((f - flats[centre]).norm()) for f in flats]
@@ -152,24 +152,24 @@ class Clipped:
             self._trust.popitem(last=False)
 
     @staticmethod
-    def _medoid(flats: Sequence[torch.Tensor], loss: Callable[[int], float]) -> int:
+    def _medoid(flats: Sequence[torch.Tensor], score: Callable[[int], Score]) -> int:
         """MoDeST's centre: the model with the smallest median distance to the others, the best on our
         probe among equals. Honest trainers of a round started from one model and lie close together;
         early in training a model of noise scores as well as theirs on our data, but lies far from
         everything. With two models (or a tie) the probe decides."""
         n = len(flats)
         if n <= 2:
-            return min(range(n), key=loss)
+            return min(range(n), key=score)
         apart = torch.cdist(torch.stack(flats)[None], torch.stack(flats)[None])[0]
         typical = [float(apart[i][torch.arange(n) != i].median()) for i in range(n)]
-        return min(range(n), key=lambda i: (round(typical[i], 9), loss(i)))
+        return min(range(n), key=lambda i: (round(typical[i], 9), score(i)))
 
-    def _best(self, indices: Sequence[int], loss: Callable[[int], float]) -> int:
-        """The index among ``indices`` whose model does best on our probe, the first unless another is
-        clearly better (``better``): ties keep the centre we had."""
+    def _best(self, indices: Sequence[int], score: Callable[[int], Score]) -> int:
+        """The index among ``indices`` whose model does best on our probe, the first unless another errs
+        clearly less (``better``): ties keep the centre we had."""
         first = indices[0]
-        best = min(indices, key=loss)
-        return best if loss(best) < self.config.better * loss(first) else first
+        best = min(indices, key=score)
+        return best if score(best).error < self.config.better * score(first).error else first
 
     @staticmethod
     def _toward(centre: State, flat_centre: torch.Tensor, flat: torch.Tensor, scale: float) -> State:

@@ -263,8 +263,10 @@ def with_hostile(
     attacks: Sequence[str],
     *,
     config: ModestConfig | None = None,
+    period: float = 1.0,
 ) -> ProtocolFactory:
-    """A protocol factory for the engine that puts :class:`Hostile` on the ``hostile`` nodes."""
+    """A protocol factory for the engine that puts :class:`Hostile` on the ``hostile`` nodes, each
+    attacking every ``period`` seconds."""
 
     def make(sim: Simulation, i: int, learner: Learner, joining: bool):
         if i not in hostile:
@@ -281,7 +283,7 @@ def with_hostile(
             protocol,
             attacks,
             sim.rng(i),
-            period=sim.config.period,
+            period=period,
             config=config,
         )
 

@@ -1,5 +1,6 @@
 """The anchor (what a node knows of its own training) and the robust default integrator built on it."""
 
+import logging
 import random
 
 import pytest
@@ -46,17 +47,19 @@ def test_the_anchor_knows_its_step_and_its_known_good_model():
     assert distance(trained, state) < 1e-6  # gives the same model
     assert anchor.sane(state)
     assert not anchor.sane(scaled(state, -4.0))  # a sign-flipped model is far worse on our data
-    assert anchor.loss({k: torch.full_like(v, float("nan")) for k, v in state.items()}) == float("inf")
+    nan = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    assert anchor.score(nan).error == float("inf") and not anchor.sane(nan)
 
 
 def test_a_node_without_data_judges_no_model_worse_than_another():
     model, x, y = task()
     anchor = Anchor(model, x[:0], y[:0])
     anchor.start({n: p.detach() for n, p in model.named_parameters()})
-    assert anchor.loss({n: p.detach() * -100 for n, p in model.named_parameters()}) == 0.0
+    assert anchor.score({n: p.detach() * -100 for n, p in model.named_parameters()}) == (0.0, 0.0)
 
 
 def test_training_starts_from_the_known_good_model_when_ours_went_bad(caplog):
+    caplog.set_level(logging.WARNING, logger="shoal.learner")  # scenario runs in this process quiet it
     learner, anchor, state = trained_node()
     poisoned = scaled(state, -4.0)
     trained, _ = learner.train(poisoned, round=9)

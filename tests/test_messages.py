@@ -1,6 +1,7 @@
 """Bounds on every field the protocols read, containment of what slips through, and MoDeST's window and
 roles: each rejection with its reason."""
 
+import logging
 import random
 
 import pytest
@@ -133,6 +134,7 @@ def test_our_own_bad_model_is_our_bug_and_raises():
 
 
 def test_training_to_non_finite_weights_is_rolled_back(caplog):
+    caplog.set_level(logging.WARNING, logger="shoal.learner")  # scenario runs in this process quiet it
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     model = build_model("mlp", (4,), 3, seed=0)
     learner = Learner(model, x, y, Hyperparameters(local_steps=3, local_epochs=None))

@@ -277,13 +277,13 @@ def test_byzantine_sweep_reports_honest_accuracy_per_cell(tmp_path):
     assert runs | {"sign-flip/iid/30%/mean"} == {r["run"] for r in rows}
 
 
-@pytest.mark.parametrize(("protocol", "least"), [("gossip", 0.6), ("modest", 0.4)])
-def test_the_robust_default_holds_where_the_mean_falls(tmp_path, protocol, least):
+@pytest.mark.parametrize("protocol", ["gossip", "modest"])
+def test_the_robust_default_holds_where_the_mean_falls(tmp_path, protocol):
     """The daemon's own task under sign-flipping peers (3 of 10, each also aggregating MoDeST's rounds
     when sampled), on either protocol: the clipped default keeps the honest nodes learning, VCA (the
     earlier default) does not."""
     out = tmp_path / protocol
-    args = ["--nodes", "10", "--duration", "30", "--eval-every", "10", "--fractions", "0.3", "--quiet"]
+    args = ["--nodes", "10", "--duration", "60", "--eval-every", "20", "--fractions", "0.3", "--quiet"]
     sweep = [
         *args,
         "--protocol",
@@ -297,7 +297,7 @@ def test_the_robust_default_holds_where_the_mean_falls(tmp_path, protocol, least
     ]
     assert byzantine.main(sweep) == 0
     cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["sign-flip"]["iid"]
-    assert cells["clipped"]["0.3"] > least and cells["clipped"]["0.3"] > cells["vca"]["0.3"] + 0.3
+    assert cells["clipped"]["0.3"] > 0.7 and cells["clipped"]["0.3"] > cells["vca"]["0.3"] + 0.3
 
 
 @pytest.mark.parametrize("attack", ["label-flip", "noise", "alie", "stale"])
@@ -333,6 +333,7 @@ def hostile_swarm(protocol: str, hostile: set[int]):
             aggregation_timeout=2.0,
             watch_timeout=6.0,
             role_slack=4,
+            period=0.0,  # unpaced, as the scenarios run MoDeST
         )
         graph, modest_config = nx.empty_graph(nodes), config.modest()
         attacks, evaluate = list(ATTACKS), "freshest"
