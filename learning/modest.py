@@ -272,6 +272,7 @@ class Modest:
         self.members -= gone
         self._down &= self.members | self._appeared
         self._suspects &= self.members
+        self._sampler.keep(self.members | self._appeared)
         actions: list[Action] = []
         for peer in gone:
             actions += self._sampler.unavailable(peer, self._now)

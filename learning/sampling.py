@@ -7,6 +7,13 @@ pings the first n in parallel, pings each silent one again every ``ping_interval
 has not answered within ``ping_timeout`` (or is known to be down) by the next candidate
 (:class:`Sampler`); the node itself counts as available without a ping.
 
+A departure from the paper: a peer that let a ping time out is skipped without a ping for a while
+(:data:`MUTE`, doubling with each new time-out up to :data:`MUTE_MAX`; only answering a ping once that
+has passed resets it, not a pong nobody asked for nor a reconnection, which cost an attacker nothing).
+A member that is connected but never answers (a hostile one, or one whose loop is stuck) otherwise
+costs ``ping_timeout`` in every selection it ranks in: on the in-memory bench one such member of six
+cut a swarm's rounds to 29% of a clean swarm's, and among three daemons it left one unsampled for 30 s.
+
 Sans-IO like the protocols: every method takes ``now`` and returns the actions to carry out; a
 selection's pings are re-sent on a keyed timer ``(PING, selection id)`` that the protocol hands back to
 :meth:`Sampler.on_timer`.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +33,10 @@ from shoal.learning.protocol import Action, CancelTimer, Send, StartTimer
 
 class Timer(enum.Enum):
     PING = "ping"  # (PING, selection id): ping that selection's silent candidates again
+
+
+MUTE = 120.0  # seconds a peer is skipped after its first ping time-out ...
+MUTE_MAX = 3600.0  # ... doubling with each further one up to this
 
 
 def order(peers: Iterable[str], round: int) -> list[str]:
@@ -59,6 +71,7 @@ class Sampler:
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self._selections: dict[int, Selection] = {}
         self._next_id = 0
+        self._muted: dict[str, tuple[float, float]] = {}  # peer -> (skipped until, its last mute length)
 
     def select(
         self,
@@ -82,6 +95,7 @@ class Sampler:
         if sel is None or peer not in sel.pending:
             return []
         del sel.pending[peer]
+        self._muted.pop(peer, None)
         sel.chosen.add(peer)
         if len(sel.chosen) >= sel.wanted:
             sel.pending.clear()
@@ -95,6 +109,11 @@ class Sampler:
                 actions += self._refill(sel, now)
         return actions
 
+    def keep(self, peers: set[str]) -> None:
+        """Forget the mutes of peers not in ``peers`` (the members): ids cost nothing."""
+        for peer in self._muted.keys() - peers:
+            del self._muted[peer]
+
     def on_timer(self, sel_id: int, now: float) -> list[Action]:
         sel = self._selections.get(sel_id)
         if sel is None:
@@ -103,6 +122,8 @@ class Sampler:
         for peer, since in list(sel.pending.items()):
             if now - since >= self.ping_timeout:
                 del sel.pending[peer]
+                length = min(MUTE_MAX, 2 * self._muted[peer][1]) if peer in self._muted else MUTE
+                self._muted[peer] = (now + length, length)
             else:
                 actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
         actions += self._fill(sel, now)
@@ -126,6 +147,8 @@ class Sampler:
             sel.next += 1
             if peer == self.me:
                 sel.chosen.add(peer)
+            elif now < self._muted.get(peer, (-math.inf, 0.0))[0]:
+                continue
             else:
                 sel.pending[peer] = now
                 actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))

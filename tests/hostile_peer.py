@@ -28,37 +28,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import trio
+from attacker import join, parser, run, say, task_of
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from shoal.learning.attacks import Forging, forge
 from shoal.learning.integrators import Mean
 from shoal.learning.learner import Hyperparameters, Learner
-from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.settings import build_protocol
-from shoal.node.config import Config, load
-from shoal.node.daemon import load_data, message_limit, task_id
+from shoal.node.config import Config
+from shoal.node.daemon import message_limit
 from shoal.node.driver import Driver, ThreadCompute
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import MAGIC as FRAME_MAGIC
 from shoal.overlay.framing import PREFIX, Libp2pStream
 from shoal.overlay.framing import VERSION as FRAME_VERSION
-from shoal.overlay.host import quiet_libp2p_logs
 from shoal.overlay.metadata import Metadata
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
 from shoal.simulations.hostile import ATTACKS, Hostile
-
-
-def say(value: object) -> None:
-    print(json.dumps(value), flush=True)
 
 
 class Attacker:
@@ -210,25 +202,15 @@ def _tamper(value: dict) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    quiet_libp2p_logs(False)
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    config = load(Path(args.config))
-    data, x, y = load_data(config)
-    model = build_model(config.task.model, data.input_shape, data.num_classes, seed=config.task.seed)
-    layout = ParameterLayout.of(model)
-    task = task_id(config, data, layout)
-    learner = Learner(model, x, y, Hyperparameters(local_steps=1, local_epochs=None))
+    task = task_of(args.config)
+    learner = Learner(task.model, task.x, task.y, Hyperparameters(local_steps=1, local_epochs=None))
     args.frame_limit = message_limit(learner.initial_state())
     for spec in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
         phase, _, seconds = spec.partition("=")
         p2p = P2PConfig(bootstrap=tuple(args.bootstrap), heartbeat_interval=1.0)
-        async with Libp2pOverlay.start(create_new_key_pair(), task, p2p) as overlay:
-            attacker = Attacker(overlay, learner, config, args)
-            await overlay.provide(f"shoal/{task}")
-            with trio.move_on_after(60):
-                while len(overlay.peers()) < args.peers:
-                    await overlay.find_providers(f"shoal/{task}")
-                    await trio.sleep(0.5)
+        async with Libp2pOverlay.start(create_new_key_pair(), task.id, p2p) as overlay:
+            attacker = Attacker(overlay, learner, task.config, args)
+            await join(overlay, task.id, args.peers)
             say({"phase": phase, "start": time.time(), "peer": overlay.peer_id, "peers": overlay.peers()})
             with trio.move_on_after(float(seconds or args.seconds)):
                 if phase in ATTACKS:
@@ -242,15 +224,10 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True, help="an honest node's config.toml (for the task)")
-    parser.add_argument("--bootstrap", nargs="+", required=True)
-    parser.add_argument("--peers", type=int, default=3, help="task peers to wait for before attacking")
-    parser.add_argument("--phases", nargs="+", required=True)
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
-    parser.add_argument("--identities", type=int, default=3, help="fresh identities in the trickle phase")
-    parser.add_argument("--sybils", type=int, default=2000, help="fake records in the metadata phase")
-    try:
-        trio.run(main, parser.parse_args())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    args = parser(__doc__.partition("\n")[0])
+    args.add_argument("--peers", type=int, default=3, help="task peers to wait for before attacking")
+    args.add_argument("--phases", nargs="+", required=True)
+    args.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
+    args.add_argument("--identities", type=int, default=3, help="fresh identities in the trickle phase")
+    args.add_argument("--sybils", type=int, default=2000, help="fake records in the metadata phase")
+    run(main, args)

@@ -25,45 +25,25 @@ Phases:
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import sys
 import time
 from contextlib import AsyncExitStack
 from functools import partial
-from pathlib import Path
 
 import msgpack
 import trio
+from attacker import BlackHole, fresh_update, join, parser, run, say, task_of
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from pycrdt import Doc, Map
 
-from shoal.learning.models import ParameterLayout, build_model
-from shoal.node.config import load
-from shoal.node.daemon import load_data, task_id
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import Libp2pStream, write_frame
-from shoal.overlay.host import quiet_libp2p_logs
 from shoal.overlay.nat import DIALBACK
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.records import sign_record
-
-
-def say(value: object) -> None:
-    print(json.dumps(value), flush=True)
-
-
-def fresh_update(changes: dict) -> bytes:
-    doc = Doc()
-    peers = doc.get("peers", type=Map)
-    with doc.transaction():
-        for key, value in changes.items():
-            peers[key] = value
-    return doc.get_update()
 
 
 def pending_update(size: int) -> bytes:
@@ -93,11 +73,7 @@ class Attacker:
             Libp2pOverlay.start(create_new_key_pair(), self.task, self.config())
         )
         self.identities.append(overlay.peer_id)
-        await overlay.provide(f"shoal/{self.task}")
-        with trio.move_on_after(60):
-            while len(overlay.peers()) < peers:
-                await overlay.find_providers(f"shoal/{self.task}")
-                await trio.sleep(0.5)
+        await join(overlay, self.task, peers)
         return overlay
 
     def envelope(self, overlay: Libp2pOverlay, update: bytes) -> bytes:
@@ -194,21 +170,13 @@ class Attacker:
             await trio.sleep_forever()
 
     async def dialback(self, overlay: Libp2pOverlay, stack: AsyncExitStack) -> None:
-        held, peak = 0, 0
+        hole = BlackHole()
+        try:
+            await self._dialback(overlay, hole)
+        finally:
+            self.extra["peak"] = hole.peak
 
-        async def black_hole(stream: trio.SocketStream) -> None:
-            nonlocal held, peak
-            held += 1
-            peak = max(peak, held)
-            self.extra["peak"] = peak
-            try:  # held until the dialer gives up and closes: never a reply
-                while await stream.receive_some(64):
-                    pass
-            except trio.BrokenResourceError:
-                pass
-            finally:
-                held -= 1
-
+    async def _dialback(self, overlay: Libp2pOverlay, hole: BlackHole) -> None:
         async def request(identity: Libp2pOverlay, victim: str, claim: list[str]) -> None:
             try:
                 stream = await identity.host.new_stream(ID.from_base58(victim), [DIALBACK])
@@ -220,7 +188,7 @@ class Attacker:
                 return
 
         async with trio.open_nursery() as nursery:
-            (listener,) = await nursery.start(partial(trio.serve_tcp, black_hole, 0, host="127.0.0.1"))
+            (listener,) = await nursery.start(partial(trio.serve_tcp, hole, 0, host="127.0.0.1"))
             claim = [f"/ip4/127.0.0.1/tcp/{listener.socket.getsockname()[1]}"]
             victims = overlay.peers()
 
@@ -244,15 +212,10 @@ class Attacker:
 
 
 async def main(args: argparse.Namespace) -> None:
-    quiet_libp2p_logs(False)
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    config = load(Path(args.config))
-    data, _, _ = load_data(config)
-    model = build_model(config.task.model, data.input_shape, data.num_classes, seed=config.task.seed)
-    task = task_id(config, data, ParameterLayout.of(model))
+    task = task_of(args.config)
     async with trio.open_nursery() as background:
         for phase in args.phases:
-            attacker = Attacker(args, task, config.network)
+            attacker = Attacker(args, task.id, task.config.network)
             attacker.background = background
             async with AsyncExitStack() as stack:
                 overlay = await attacker.join(stack, args.peers)
@@ -265,14 +228,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True, help="an honest node's config.toml (for the task)")
-    parser.add_argument("--bootstrap", nargs="+", required=True)
-    parser.add_argument("--peers", type=int, default=3, help="task peers to wait for before attacking")
-    parser.add_argument("--phases", nargs="+", required=True)
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    parser.add_argument("--sybils", type=int, default=1200, help="signed fake members in the sybils phase")
-    try:
-        trio.run(main, parser.parse_args())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    args = parser(__doc__.partition("\n")[0])
+    args.add_argument("--peers", type=int, default=3, help="task peers to wait for before attacking")
+    args.add_argument("--phases", nargs="+", required=True)
+    args.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    args.add_argument("--sybils", type=int, default=1200, help="signed fake members in the sybils phase")
+    run(main, args)

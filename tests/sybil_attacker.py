@@ -17,40 +17,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import logging
-import sys
 import time
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import trio
+from attacker import parser, run, say, task_of
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from shoal.learning.compression import Compression
 from shoal.learning.learner import Hyperparameters, Learner
-from shoal.learning.models import ParameterLayout, build_model
-from shoal.node.config import load
-from shoal.node.daemon import load_data, task_id
 from shoal.overlay.config import P2PConfig
-from shoal.overlay.host import quiet_libp2p_logs
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
 
 
-def say(value: object) -> None:
-    print(json.dumps(value), flush=True)
-
-
 async def main(args: argparse.Namespace) -> None:
-    quiet_libp2p_logs(False)
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    config = load(Path(args.config))
-    data, x, y = load_data(config)
-    model = build_model(config.task.model, data.input_shape, data.num_classes, seed=config.task.seed)
-    task = task_id(config, data, ParameterLayout.of(model))
-    stale = Learner(model, x, y, Hyperparameters(local_steps=1, local_epochs=None)).initial_state()
-    samples = len(y)
+    task = task_of(args.config)
+    learner = Learner(task.model, task.x, task.y, Hyperparameters(local_steps=1, local_epochs=None))
+    stale = learner.initial_state()
+    samples = len(task.y)
     victim = args.victim
     sent = 0
 
@@ -68,13 +53,13 @@ async def main(args: argparse.Namespace) -> None:
     async with AsyncExitStack() as stack:
         sybils = []
         for _ in range(args.identities):
-            p2p = P2PConfig(bootstrap=(args.bootstrap,), peers_low=1, peers_high=4)
-            sybil = Libp2pOverlay.start(create_new_key_pair(), task, p2p)
+            p2p = P2PConfig(bootstrap=tuple(args.bootstrap), peers_low=1, peers_high=4)
+            sybil = Libp2pOverlay.start(create_new_key_pair(), task.id, p2p)
             sybils.append(await stack.enter_async_context(sybil))
         say({"started": len(sybils), "at": time.time()})
         async with trio.open_nursery() as nursery:
             for sybil in sybils:
-                nursery.start_soon(attack, sybil, Compression(config.protocol.codec_config(), stale))
+                nursery.start_soon(attack, sybil, Compression(task.config.protocol.codec_config(), stale))
             with trio.move_on_after(args.seconds):
                 while True:
                     say({"peers": sum(victim in s.peers() for s in sybils), "at": time.time()})
@@ -84,14 +69,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True, help="an honest node's config.toml (for the task)")
-    parser.add_argument("--bootstrap", required=True, help="the victim's address")
-    parser.add_argument("--victim", required=True, help="the victim's peer id")
-    parser.add_argument("--identities", type=int, default=35)
-    parser.add_argument("--period", type=float, default=0.5, help="seconds between one identity's models")
-    parser.add_argument("--seconds", type=float, default=40.0, help="length of the attack")
-    try:
-        trio.run(main, parser.parse_args())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    args = parser(__doc__.partition("\n")[0])
+    args.add_argument("--victim", required=True, help="the victim's peer id")
+    args.add_argument("--identities", type=int, default=35)
+    args.add_argument("--period", type=float, default=0.5, help="seconds between one identity's models")
+    args.add_argument("--seconds", type=float, default=40.0, help="length of the attack")
+    run(main, args)

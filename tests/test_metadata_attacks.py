@@ -21,6 +21,7 @@ from shoal.overlay.metadata import (
     sign_record,
 )
 from shoal.overlay.roster import Roster
+from tests.attacker import fresh_update
 
 
 @cache
@@ -55,16 +56,6 @@ def on_top(meta: Metadata, changes: dict, delete: tuple = ()) -> bytes:
         for k in delete:
             del peers[k]
     return doc.get_update(sv)
-
-
-def fresh(changes: dict) -> bytes:
-    """An update of a new writer setting ``changes`` and nothing else: it builds on nothing."""
-    doc = Doc()
-    peers = doc.get("peers", type=Map)
-    with doc.transaction():
-        for k, value in changes.items():
-            peers[k] = value
-    return doc.get_update()
 
 
 def signed(i: int, seen: float = 1.0, counter: int = 1, **fields) -> dict:
@@ -123,7 +114,7 @@ def test_gossip_may_write_only_its_origins_own_key_and_delete_any():
     with pytest.raises(MetadataRefused, match="writes the key of"):  # an overwrite: its key inherited
         c.apply(update, sender=peer_id(0), origin=peer_id(0))  # a forwards b's write as its own
     with pytest.raises(MetadataError, match="writes the key of") as refused:  # a key its bytes name
-        c.apply(fresh({peer_id(5): signed(5)}), sender=peer_id(0), origin=peer_id(0))
+        c.apply(fresh_update({peer_id(5): signed(5)}), sender=peer_id(0), origin=peer_id(0))
     assert refused.value.hostile
     c.apply(update, sender=peer_id(0), origin=peer_id(1))  # forwarded by a, signed by b: fine
     assert c.members()[peer_id(1)].seen == 2.0
@@ -162,7 +153,7 @@ def test_honest_diffs_holding_stale_replayed_and_over_cap_records_are_not_blamed
     """Validly signed records that readers refuse reach honest replicas too, and honest peers relay them:
     they are applied (readers ignore them and expire deletes them), never blamed."""
     relay = node(0, now=100.0, expiry=10.0)
-    relay.apply(fresh({peer_id(1): signed(1, seen=50.0)}))  # stale for us at t=100, older than expiry
+    relay.apply(fresh_update({peer_id(1): signed(1, seen=50.0)}))  # stale for us at t=100, older than expiry
     p = node(2, now=99.0)
     relay.apply(p.diff(b"\x00"))
     old = relay.snapshot()["peers"][peer_id(2)]
@@ -170,7 +161,7 @@ def test_honest_diffs_holding_stale_replayed_and_over_cap_records_are_not_blamed
     relay.apply(p.take_outgoing())
     relay.apply(on_top(relay, {peer_id(2): old}))  # a replay of p's older record, over its newer one
     for i in range(3, 8):
-        relay.apply(fresh({peer_id(i): signed(i, seen=100.0)}))
+        relay.apply(fresh_update({peer_id(i): signed(i, seen=100.0)}))
     small = Metadata("task", key(9), max_entries=4, expiry=10.0)
     small.heartbeat(100.0, [])
     small.apply(p.diff(b"\x00"), sender=peer_id(2))  # p's newer record first, from p itself
@@ -222,12 +213,12 @@ def test_a_senders_quota_of_records_readers_refuse_ends_those_but_not_the_rest_i
     member = node(1, now=100.0)
     meta.apply(member.diff(b"\x00"), sender=peer_id(1))
     for i in range(10, 13):  # stale records: validly signed, refused by readers, charged to "relay"
-        meta.apply(fresh({peer_id(i): signed(i, seen=1.0)}), sender="relay")
+        meta.apply(fresh_update({peer_id(i): signed(i, seen=1.0)}), sender="relay")
     with pytest.raises(MetadataFull, match="quota") as refused:
-        meta.apply(fresh({peer_id(13): signed(13, seen=1.0)}), sender="relay")
+        meta.apply(fresh_update({peer_id(13): signed(13, seen=1.0)}), sender="relay")
     assert not refused.value.hostile
-    meta.apply(fresh({peer_id(14): signed(14, seen=1.0)}), sender="other")  # others are not charged
-    meta.apply(fresh({peer_id(20): signed(20, seen=100.0)}), sender="relay")  # a record readers take
+    meta.apply(fresh_update({peer_id(14): signed(14, seen=1.0)}), sender="other")  # others are not charged
+    meta.apply(fresh_update({peer_id(20): signed(20, seen=100.0)}), sender="relay")  # a record readers take
     member.heartbeat(101.0, [])
     meta.apply(member.take_outgoing(), sender="relay")  # and a member's heartbeat
     assert meta.members()[peer_id(1)].seen == 101.0 and peer_id(20) in meta.members()
@@ -342,7 +333,7 @@ def test_large_records_take_more_slots():
 def test_evicted_sybils_are_deleted_from_the_document_at_expiry():
     meta = node(0, max_entries=6, junk_quota=100)
     for i in range(100, 110):
-        meta.apply(fresh({peer_id(i): signed(i)}), sender="sybil-relay")
+        meta.apply(fresh_update({peer_id(i): signed(i)}), sender="sybil-relay")
     assert len(meta.members()) == 6
     newcomer = node(1)
     meta.apply(newcomer.diff(b"\x00"), sender="honest")
@@ -363,7 +354,7 @@ def test_at_an_epoch_boundary_the_document_starts_empty_and_members_stay():
         for other in nodes:
             meta.apply(other.diff(meta.state_vector()), sender=other.peer_id)
     junk = {peer_id(100 + i): signed(100 + i, seen=50.0) for i in range(20)}
-    nodes[0].apply(fresh(junk), sender="evil")
+    nodes[0].apply(fresh_update(junk), sender="evil")
     nodes[0].expire(50.0)
     tombstones = nodes[0].size()
     assert nodes[0].roll(101.0) and nodes[0].epoch == 1
@@ -401,7 +392,7 @@ def test_the_document_stays_bounded_over_hours_of_churn_and_junk():
         stale = {peer_id(sybil + j): signed(sybil + j, seen=now - 100.0) for j in range(40)}
         sybil += 40
         with contextlib.suppress(MetadataFull):
-            observer.apply(fresh(stale), sender=f"sybil-{t // 60}")  # a fresh identity every minute
+            observer.apply(fresh_update(stale), sender=f"sybil-{t // 60}")  # a fresh identity every minute
         observer.expire(now)
         if t % 300 == 290:
             sizes.append(observer.size())

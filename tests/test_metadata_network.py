@@ -26,6 +26,7 @@ from shoal.overlay.metasync import MAX_GOSSIP
 from shoal.overlay.nat import DIALBACK, MAX_DIALBACKS
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
+from tests.attacker import BlackHole
 
 TASK = "meta-net-test"
 FAST = {"ping_interval": 0.5, "ping_timeout": 0.5, "acceptable_pause": 1.0, "heartbeat_interval": 1.0}
@@ -100,22 +101,10 @@ async def test_hostile_gossip_is_refused_blamed_on_its_origin_and_never_forwarde
 async def test_dialback_requests_are_bounded_node_wide_and_a_flood_is_blamed():
     """Askers claim an address where a listener accepts and never answers, so each dial-back holds a
     connection for its whole 5 s timeout: however many ask, at most MAX_DIALBACKS run at once."""
-    held, peak = 0, 0
-
-    async def black_hole(stream: trio.SocketStream) -> None:
-        nonlocal held, peak
-        held += 1
-        peak = max(peak, held)
-        try:  # held until the dialer gives up and closes: never a reply
-            while await stream.receive_some(64):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        finally:
-            held -= 1
+    hole = BlackHole()
 
     async with overlays(1) as (node,), trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, black_hole, 0, host="127.0.0.1"))
+        (listener,) = await nursery.start(partial(trio.serve_tcp, hole, 0, host="127.0.0.1"))
         claimed = [f"/ip4/127.0.0.1/tcp/{listener.socket.getsockname()[1]}"]
         target = info_from_p2p_addr(Multiaddr(node.addresses()[0]))
         replies = []
@@ -133,7 +122,7 @@ async def test_dialback_requests_are_bounded_node_wide_and_a_flood_is_blamed():
             async with trio.open_nursery() as asking:
                 for host in askers:
                     asking.start_soon(ask, host)
-            assert peak == MAX_DIALBACKS and node._dialback.served == MAX_DIALBACKS
+            assert hole.peak == MAX_DIALBACKS and node._dialback.served == MAX_DIALBACKS
             assert sum(1 for r in replies if r.get("busy")) == len(askers) - MAX_DIALBACKS
             flooder = askers[0]
             for _ in range(8):  # one asker, one after the other: 3 are within its rate (2 left), then floods

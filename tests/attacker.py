@@ -1,0 +1,103 @@
+"""What the attacker processes of the daemon tests share (hostile_peer.py, metadata_attacker.py,
+sybil_attacker.py): the honest daemons' task read from their ``config.toml``, joining it as a task peer,
+the command line and the JSON lines they report on; and two tools the metadata tests attack with too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import trio
+from pycrdt import Doc, Map
+from torch import nn
+
+from shoal.learning.datasets import Dataset
+from shoal.learning.models import ParameterLayout, build_model
+from shoal.node.config import Config, load
+from shoal.node.daemon import load_data, task_id
+from shoal.overlay.host import quiet_libp2p_logs
+from shoal.overlay.p2p import Libp2pOverlay
+
+
+def say(value: object) -> None:
+    print(json.dumps(value), flush=True)
+
+
+@dataclass
+class Task:
+    """The honest daemons' task, as a node with their settings builds it (so the same task id)."""
+
+    config: Config
+    data: Dataset
+    x: torch.Tensor
+    y: torch.Tensor
+    model: nn.Module
+    id: str
+
+
+def task_of(path: str) -> Task:
+    config = load(Path(path))
+    data, x, y = load_data(config)
+    model = build_model(config.task.model, data.input_shape, data.num_classes, seed=config.task.seed)
+    return Task(config, data, x, y, model, task_id(config, data, ParameterLayout.of(model)))
+
+
+async def join(overlay: Libp2pOverlay, task: str, peers: int) -> None:
+    """Announce ourselves on the task and wait (at most 60 s) until ``peers`` task peers are connected."""
+    await overlay.provide(f"shoal/{task}")
+    with trio.move_on_after(60):
+        while len(overlay.peers()) < peers:
+            await overlay.find_providers(f"shoal/{task}")
+            await trio.sleep(0.5)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every attacker takes: the honest nodes' config and whom to bootstrap from."""
+    out = argparse.ArgumentParser(description=description)
+    out.add_argument("--config", required=True, help="an honest node's config.toml (for the task)")
+    out.add_argument("--bootstrap", nargs="+", required=True)
+    return out
+
+
+def run(main: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.ArgumentParser) -> None:
+    quiet_libp2p_logs(False)
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    try:
+        trio.run(main, args.parse_args())
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+def fresh_update(changes: dict) -> bytes:
+    """A metadata update of a new writer setting ``changes`` and nothing else: it builds on nothing."""
+    doc = Doc()
+    peers = doc.get("peers", type=Map)
+    with doc.transaction():
+        for key, value in changes.items():
+            peers[key] = value
+    return doc.get_update()
+
+
+class BlackHole:
+    """A TCP handler that accepts and never answers (a dial to it lasts the dialer's whole timeout),
+    counting the connections it holds."""
+
+    def __init__(self) -> None:
+        self.held = self.peak = 0
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:  # held until the dialer gives up and closes
+            while await stream.receive_some(64):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            self.held -= 1
