@@ -4,8 +4,8 @@ Asynchronous gossip (fanout 2; per 1-second round two local SGD steps of batch 1
 costs the same at every scale) with the MLP on MNIST-1D (20,000 generated samples, IID over the
 nodes) on a 4-regular graph, for 100 and 1,000 nodes.
 Prints wall time, node-rounds per second and the growth of resident memory per node (after a warm-up
-run, so one-off allocations are not counted); run it on a quiet machine and repeat (this VM's speed
-varies; see ../shared/DATA.md).
+run, so one-off allocations are not counted); run it on a quiet machine and repeat (a shared VM's speed
+varies from run to run).
 
     python benchmarks/sim_speed.py                      # 100 and 1,000 nodes, 100 rounds each
     python benchmarks/sim_speed.py --nodes 100 --rounds 20

@@ -55,7 +55,7 @@ from shoal.learning.protocol import State
 
 log = logging.getLogger("shoal.learner")
 
-WINDOW = 20  # rounds of own training the step and the best start point are taken over
+WINDOW = 20  # rounds of own training the step and the start points' median score are taken over
 PROBE_SAMPLES = 128
 # Far worse: over typical + HALFWAY x (chance - typical), and at least a margin over it, typical being
 # the median of our recent start points' (honest start points early in training differ by 10 points
@@ -208,12 +208,6 @@ class Anchor:
 
     def _typical(self) -> Score:
         return Score(*(statistics.median(s[i] for s in self._scores) for i in range(2)))
-
-    def sane(self, state: State) -> bool:
-        """Whether ``state`` is not far worse on our own data than our recent start points."""
-        score = self.score(state)
-        with self._lock:
-            return not self._far_worse(score)
 
     def reach(self, own: State) -> float:
         """How far from ``own`` a model is near: REACH of our steps, or, before we trained, NEAR of

@@ -2,7 +2,7 @@
 
 Variance-corrected averaging (VCA) is from Tian, Al-Ars, Kitsak and Hofstee, "Vanishing Variance Problem
 in Fully Decentralized Neural-Network Systems" (arXiv 2404.04616); the exact steps follow the authors'
-code as specified in ../shared/ALGORITHMS.md §2. Averaging N uncorrelated models divides each layer's
+code. Averaging N uncorrelated models divides each layer's
 weight variance by about N; VCA rescales each layer of the average around its mean so that its variance
 equals a target: the mean of the inputs' variances ("others"), or a reference model's ("self").
 The correction is applied on every averaging: when the inputs are already correlated the factor is ~1.
@@ -19,7 +19,7 @@ import torch
 
 Model = Mapping[str, torch.Tensor]
 
-# Tensors VCA leaves as plain averages: batch-norm statistics (ALGORITHMS.md §2, step 5).
+# Tensors VCA leaves as plain averages: batch-norm statistics (the authors' step 5).
 UNCORRECTED_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 # Guards the division only. The authors' torch port uses 1e-4, which is of the order of a small layer's
 # variance after averaging (e.g. 3e-4 for a 64-unit layer averaged over 16 nodes) and so undoes part of

@@ -1,9 +1,9 @@
 """Bristle: Byzantine-robust integration of peers' output layers on non-IID data.
 
 Verbraeken, de Vos and Pouwelse, "Bristle: Decentralized Federated Learning in Byzantine, Non-i.i.d.
-Environments" (arXiv 2110.11006); the steps and constants follow the authors' code as specified in
-../shared/ALGORITHMS.md §3. Nodes share only a bias-free output layer W (one row per class, on top of a
-frozen feature extractor: ``learning.models.FrozenFeaturesHead``).
+Environments" (arXiv 2110.11006); the steps and constants follow the authors' code. Nodes share only a
+bias-free output layer W (one row per class, on top of a frozen feature extractor:
+``learning.models.FrozenFeaturesHead``).
 
 1. :func:`prioritize`: keep the ``nearest`` received layers closest (L2) to our own, plus ``explore``
    others at random.

@@ -34,8 +34,8 @@ Departures, stated:
   0.75 -> 0.90 (trained on flipped labels), clean runs unchanged.
 
 Guarantee, per integration: a model further than ``accept * step`` moves nothing, and the others move
-the result by at most ``tau`` times their share of the weights (the centre weighs 1, every peer at most
-1; VCA then rescales each layer around its mean, bounded by the same inputs). What it costs: a
+the result by at most ``tau`` times their share of the weights (our own model weighs 1, every peer
+trust², at most 1; VCA then rescales each layer around its mean, bounded by the same inputs). What it costs: a
 flattened copy of each model and its distance (O(model) per contribution), plus a probe evaluation per
 far model (at most ``max_probes``) or, for MoDeST aggregation, per contribution. What it does not stop:
 attackers that stay within the radius (e.g. "a little is enough") move each node by up to tau times

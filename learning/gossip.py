@@ -206,9 +206,10 @@ class Gossip:
         of small fetches would have us send models as fast as it asks (an honest joiner asks once)."""
         if self._now - self._answered.get(peer, -FETCH_INTERVAL) < FETCH_INTERVAL:
             return []
-        if len(self._answered) >= MAX_ANSWERED:
-            self._answered = {p: t for p, t in self._answered.items() if self._now - t < FETCH_INTERVAL}
+        self._answered.pop(peer, None)  # re-inserted last: the dict stays in order of answers
         self._answered[peer] = self._now
+        if len(self._answered) > MAX_ANSWERED:
+            del self._answered[next(iter(self._answered))]
         reply = GossipModel(self._round, self._samples, reply=True)
         return [Send(peer, "model", reply.body(), self._model)]
 
@@ -269,7 +270,7 @@ class Gossip:
             self._round = min(rnd, self._round + self._config.max_round_jump)
             return [CancelTimer(Timer.FETCH), *self._train()]
         if rnd > self._round:
-            refused.append(Rejected(peer, "fetched model is far worse on our own data", blame=False))
+            refused.append(Rejected(peer, "fetched model not admitted by our anchor", blame=False))
         if self._can_fetch_again():
             return [*refused, *self._fetch()]
         return [*refused, CancelTimer(Timer.FETCH), *self._train()]
@@ -321,13 +322,15 @@ class Gossip:
     def _integrate_and_continue(self, received: list[Contribution]) -> list[Action]:
         own = Contribution(self._model, self._samples)
         self._model, judged = integrate_contained(self._integrator, own, received)
-        self._taken.update({c.peer: 1.0 for c in received})  # a plain integrator takes all it keeps
+        taken = {c.peer: 1.0 for c in received}  # a plain integrator takes all it keeps
         for action in judged:
             match action:
                 case Credited(peer, value):
-                    self._taken[peer] = value
+                    taken[peer] = value
                 case Rejected(peer):
-                    self._taken[peer] = 0.0
+                    taken[peer] = 0.0
+        # neighbours only (PeerDown forgets them): a model can arrive from a peer already gone
+        self._taken.update({p: v for p, v in taken.items() if p in self._neighbours})
         self._round += 1
         rest = self._cycle_started + self._config.period - self._now
         if rest > 0:

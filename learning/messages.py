@@ -1,4 +1,4 @@
-"""The messages of the learning protocols as typed values with bounds (../shared/DESIGN.md principle 7).
+"""The messages of the learning protocols as typed values with bounds (every peer is a possible adversary).
 
 Each message kind has one frozen dataclass: ``parse(body)`` returns the message or a string saying why it
 was refused, ``body()`` is what a sender puts on the wire. Protocols read a peer's message only through
@@ -61,13 +61,6 @@ def _count(body: Mapping, key: str, limit: int = MAX_ROUND) -> int:
     x = body.get(key)
     if not is_count(x, limit):
         raise ValueError(f"{key} must be an integer in [0, {limit}], got {quote(x)}")
-    return x
-
-
-def _flag(body: Mapping, key: str) -> bool:
-    x = body.get(key)
-    if not isinstance(x, bool):
-        raise ValueError(f"{key} must be true or false, got {quote(x)}")
     return x
 
 

@@ -5,7 +5,7 @@ model, where ``factory(input_shape=..., num_classes=...)`` returns an ``nn.Modul
 
 What peers share is a model's *trainable* parameters, in ``named_parameters()`` order
 (:class:`ParameterLayout`). For ``frozen-cnn`` that is only the bias-free output layer, as Bristle
-needs (../shared/ALGORITHMS.md §3); its frozen extractor is built from a fixed seed (or loaded from a
+needs (``learning.bristle``); its frozen extractor is built from a fixed seed (or loaded from a
 safetensors file), so every node holds the same one.
 """
 

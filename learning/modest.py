@@ -43,7 +43,7 @@ Departures from the paper, each for a hostile or failing peer (README, "Hostile 
   hand it to leave the round they were collecting. An aggregator that trained none of the round's
   models itself judges its aggregate the same way, and sends nothing rather than one it would refuse
   (all the round's models were poison).
-  Aggregation is the node's integrator: by default clipping around the best of the round's models
+  Aggregation is the node's integrator: by default clipping around the round's medoid
   (``learning.clipping``).
 - **Rounds that go on.** A trainer whose hand-over has led to no newer model within ten of the swarm's
   rounds (as the models it took measured them; at most ``watch_timeout``) hands its model to one more
@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import enum
 import math
-import random
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -157,7 +156,6 @@ class Modest:
         samples: int,
         integrator: Integrator,
         config: ModestConfig,
-        rng: random.Random,
         *,
         joining: bool = False,
         anchor: Anchor | None = None,
@@ -175,7 +173,6 @@ class Modest:
         self._samples = samples
         self._integrator = integrator
         self._config = config
-        self._rng = rng
         self._anchor = anchor
         self._joining = joining
         self._started = False
@@ -358,10 +355,14 @@ class Modest:
             or self._anchor.admits(state, self._model, rnd - self._model_round)
         ):
             self._suspects.discard(peer)
-            credit = [] if peer == self.me else [Credited(peer, 1.0)]
-            return [*credit, *self._begin_training(rnd, state)]
+            if peer == self.me:
+                return self._begin_training(rnd, state)
+            if self._took is not None and rnd > self._took[0]:
+                self._pace.append((self._now - self._took[1]) / (rnd - self._took[0]))
+            self._took = (rnd, self._now)
+            return [Credited(peer, 1.0), *self._begin_training(rnd, state)]
         self._suspects.add(peer)
-        reason = f"aggregated model of round {rnd} is far worse on our own data than our own"
+        reason = f"aggregated model of round {rnd} not admitted by our anchor (learning.anchor)"
         refused: list[Action] = [Rejected(peer, reason, blame=False), Credited(peer, 0.0)]
         if rnd - self._train_round > self._gap():
             return refused  # further ahead than a trainer goes unsampled: no round of ours moves
@@ -401,7 +402,8 @@ class Modest:
             new = [p for p in aggregators if p not in self._handed_to]
             extra = self._added(nxt)
             if not new and escalate and extra < self._config.role_slack:
-                self._suspects.update(aggregators)  # alive, holding our model, and nothing came of it
+                # alive, holding our model, and nothing came of it
+                self._suspects.update(p for p in aggregators if p != self.me)
                 self._extra = (nxt, extra + 1)
                 return self._hand_over(nxt)
             self._handed_to.update(new)

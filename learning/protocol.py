@@ -43,7 +43,7 @@ class Stopping:
 @dataclass(frozen=True)
 class PeerUp:
     """A peer of the task is reachable. The overlay says so with its own ``PeerConnected``; the driver
-    translates, since learning and overlay import nothing of each other (../shared/DESIGN.md)."""
+    translates, since learning and overlay import nothing of each other."""
 
     peer: str
 

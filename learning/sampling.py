@@ -122,14 +122,20 @@ class Sampler:
         for peer, since in list(sel.pending.items()):
             if now - since >= self.ping_timeout:
                 del sel.pending[peer]
-                length = min(MUTE_MAX, 2 * self._muted[peer][1]) if peer in self._muted else MUTE
-                self._muted[peer] = (now + length, length)
+                self._mute(peer, now)
             else:
                 actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
         actions += self._fill(sel, now)
         if not sel.done:
             actions.append(self._timer(sel))
         return actions
+
+    def _mute(self, peer: str, now: float) -> None:
+        """A new time-out doubles the last mute; one of a selection that began before it does not."""
+        until, length = self._muted.get(peer, (-math.inf, MUTE / 2))
+        if now >= until:
+            length = min(MUTE_MAX, 2 * length)
+            self._muted[peer] = (now + length, length)
 
     def _timer(self, sel: Selection) -> StartTimer:
         return StartTimer((Timer.PING, sel.id), self.ping_interval)

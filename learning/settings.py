@@ -217,7 +217,7 @@ class ProtocolSettings:
 
 def build_integrator(settings: ProtocolSettings, anchor: Anchor | None, rng: random.Random) -> Integrator:
     """The integrator ``settings`` name (not bristle: ``learning.bristle.bristle_node``). ``clipped``
-    needs the node's anchor; on MoDeST it centres on the best of a round's models, as an aggregator's
+    needs the node's anchor; on MoDeST it centres on the medoid of a round's models, as an aggregator's
     own model is none of them."""
     if settings.integrator != "clipped":
         return make_integrator(settings.integrator)
@@ -261,7 +261,6 @@ def build_protocol(
             samples,
             integrator,
             config,
-            rng,
             joining=joining or round > 0,
             anchor=anchor,
         )

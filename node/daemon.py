@@ -338,6 +338,7 @@ class Daemon:
             "banned": sorted(p for p in overlay.penalties if overlay.banned(p))[:STATUS_PEERS]
             if overlay
             else [],
+            "peer_set": overlay.peer_set() if overlay else {},
             "metadata": {"epoch": overlay.metadata.epoch, "bytes": overlay.metadata.size()}
             if overlay
             else {},

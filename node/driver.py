@@ -15,9 +15,9 @@ replaced or cancelled after its delay ran out (its expiry already queued) does n
 Models pass through the node's :class:`~learning.compression.Compression` on the way out and in, so
 protocols always see whole models whatever the codec.
 
-Input from peers is contained to that input (../shared/DESIGN.md principle 7): a protocol's ``Rejected``
-becomes ``overlay.penalize``, and so does a ValueError a protocol raises on a peer's message or a model
-the codec refuses.
+Input from peers is contained to that input (every peer is a possible adversary: docs/security.md): a
+protocol's ``Rejected`` becomes ``overlay.penalize``, and so does a ValueError a protocol raises on a
+peer's message or a model the codec refuses.
 """
 
 from __future__ import annotations

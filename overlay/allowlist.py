@@ -40,9 +40,10 @@ from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from shoal.overlay.records import MAX_PEER_ID
+
 DOMAIN = "shoal/allowlist/1"
 MAX_FILE = 4 * 2**20  # bytes: ~70,000 peer ids
-MAX_PEER_ID = 64
 
 
 class AllowlistError(ValueError):

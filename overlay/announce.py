@@ -1,7 +1,7 @@
 """Announcements: small messages on the task's gossipsub topics, kept within what gossipsub delivers.
 
 Gossipsub drops messages over 1 MiB and a topic's messages beyond 10 per second, silently
-(../shared/LIBP2P.md §3): announcements are capped at ``MAX_ANNOUNCEMENT`` and publishing is paced to
+(py-libp2p 0.8.1, measured): announcements are capped at ``MAX_ANNOUNCEMENT`` and publishing is paced to
 ``ANNOUNCEMENTS_PER_SECOND`` per topic; models go over streams (``overlay.messaging``). Gossip from a
 banned peer is dropped on arrival (``overlay.guard``).
 
@@ -41,7 +41,7 @@ log = logging.getLogger("shoal.overlay")
 
 Gate = Callable[[str, str, bytes], bool]  # (forwarder, origin, data): whether to go on with a message
 
-MAX_ANNOUNCEMENT = 512 * 1024  # gossipsub silently drops messages over 1 MiB (LIBP2P.md §3)
+MAX_ANNOUNCEMENT = 512 * 1024  # gossipsub silently drops messages over 1 MiB (measured)
 ANNOUNCEMENTS_PER_SECOND = 8.0
 
 

@@ -1,7 +1,7 @@
 """Discovery on Kademlia: provider records per key, the DHT's mode, and two upstream workarounds.
 
 Mode: server once a dial-back proved us reachable (``overlay.nat``), client otherwise; the first
-node, with no bootstrap, starts as server (../shared/LIBP2P.md §2: run providers in server mode).
+node, with no bootstrap, starts as server (py-libp2p 0.8.1 serves provider records only in server mode).
 Our keys are provided again at every reachability verdict, so the records follow a mode switch and
 are refreshed every ``overlay.nat.RECHECK`` seconds.
 

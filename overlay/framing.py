@@ -7,7 +7,7 @@ Layout of a frame (a stream carries one or more, one after the other)::
     b"END" | 0 u8 | payload length u64 LE              (trailer, 12 bytes)
 
 Why a length and a trailer: on py-libp2p 0.8.1 a sender killed mid-transfer reads as a clean end of
-stream (../shared/LIBP2P.md §7), so "EOF" alone would hand a truncated model to the learner. The
+stream (measured), so "EOF" alone would hand a truncated model to the learner. The
 receiver accepts a payload only once it has read as many bytes as the prefix announced and then the
 trailer with the same length: a short payload is :class:`Truncated`, and bytes that do not end where
 the prefix said (a desynchronised stream) are refused. No hash: Noise authenticates every message of

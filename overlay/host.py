@@ -1,7 +1,7 @@
 """Building the libp2p host and joining a swarm: transports, addresses, bootstrap, log noise; and two
 helpers every overlay component needs (:func:`reset_stream`, :func:`serves`).
 
-Upstream behaviours worked around here (py-libp2p 0.8.1, measured in ../shared/LIBP2P.md):
+Upstream behaviours worked around here (py-libp2p 0.8.1, each measured):
 
 - TCP + Noise + Yamux only: QUIC loses the last bytes of streams silently (§1c).
 - ``ConnectionConfig(max_connections_per_peer=1)``: otherwise every dial waits out a 250 ms

@@ -1,7 +1,7 @@
 """Failure detection: phi accrual over pings, with any traffic from a peer as a sign of life.
 
 py-libp2p 0.8.1 never notices a peer that hangs while its TCP connection stays up: Yamux keep-alives
-do not close the connection and a blocked writer waits forever (../shared/LIBP2P.md §7); a peer that
+do not close the connection and a blocked writer waits forever (measured); a peer that
 exits or is killed closes its connections and is down at once (``overlay.peers``). So each node
 watches when it last received anything from each task peer, on any of its connections
 (``connections.last_read``: any bytes count, whatever protocol they belong to), and sends a Yamux ping

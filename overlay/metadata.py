@@ -10,7 +10,7 @@ Layout: a single root map ``peers``, one key per peer, holding one atomic (JSON)
 peer writes, signed with its libp2p identity key (``overlay.records`` has the record, its bounds and its
 signature, bound to the task, the peer id and a counter that only grows).
 
-Why one key per peer rather than separate maps (../shared/DATA.md §A): every overwrite or delete leaves a
+Why one key per peer rather than separate maps: every overwrite or delete leaves a
 tombstone, and Yjs merges tombstones only when they are consecutive items of one client in one key's
 chain. A peer that always overwrites the same key stays flat; measured with 20 peers writing a heartbeat
 and a model record each round for 1,000 rounds: write-once model keys grew the state to 1.69 MB, this
@@ -69,7 +69,7 @@ Bounded under churn: one entry per live peer, ``keep_rounds`` model records per 
 tombstones of one epoch (each document gets a fresh random client id, as it must: reusing a client id
 without its state corrupts Yjs clocks).
 
-pycrdt pitfalls this respects (DATA.md §A): small ints come back as floats; nothing writes inside an
+pycrdt pitfalls this respects (measured): small ints come back as floats; nothing writes inside an
 observe callback; the Doc is not thread-safe, so touch a ``Metadata`` from one thread (the trio thread).
 """
 
@@ -97,7 +97,7 @@ from shoal.overlay.admission import (
     decoding_error,
     is_panic,
 )
-from shoal.overlay.records import Member, ModelRecord, Verified, finite, natural, sign_record  # noqa: F401
+from shoal.overlay.records import Member, ModelRecord, Verified, finite, natural
 from shoal.overlay.roster import Roster
 from shoal.overlay.yupdate import parse_state_vector, parse_update
 
@@ -357,10 +357,10 @@ class Metadata:
             raise MetadataRefused(f"update refused: {e}") from None
         relayer = sender if sender is not None else ""
         # records readers would refuse (stale, replayed, over the cap) and keys that only bring a tombstone
-        refused = sum(
+        tombstones = len(admitted.new_keys - admitted.live.keys())
+        refused = tombstones + sum(
             1 for key, record in admitted.live.items() if not self.roster.judge(key, record, relayer)
         )
-        refused += len(admitted.new_keys - admitted.live.keys())
         if refused and self._junk_by[relayer] >= self.junk_quota:  # one diff may cross it: honest relays
             raise MetadataFull(
                 f"update brings {refused} records readers refuse, from a sender that brought "
@@ -384,9 +384,7 @@ class Metadata:
         for client, start, end, key in admitted.runs:
             self._index.add(client, start, end, key)
         self._refresh(relayer, admitted.live)
-        self._junk_by[relayer] += sum(1 for key in admitted.live if key in self._junk) + len(
-            admitted.new_keys - admitted.live.keys()
-        )
+        self._junk_by[relayer] += tombstones + sum(1 for key in admitted.live if key in self._junk)
 
     def take_outgoing(self) -> bytes | None:
         """All local writes since the last call, merged into one update; None if there were none.

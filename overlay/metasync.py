@@ -32,6 +32,7 @@ A successful exchange makes the other side a task peer (``overlay.peers``).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -50,7 +51,7 @@ from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import Libp2pStream, write_frame
 from shoal.overlay.guard import Guard
 from shoal.overlay.host import reset_stream, serves
-from shoal.overlay.metadata import Metadata, MetadataError, MetadataFull, MetadataPending, MetadataRefused
+from shoal.overlay.metadata import Metadata, MetadataError, MetadataFull, MetadataPending
 from shoal.overlay.peers import Peers
 from shoal.overlay.penalties import RateLimit
 from shoal.overlay.records import short
@@ -287,6 +288,8 @@ class MetaSync:
             epoch, sent, update = envelope["e"], envelope["t"], envelope["u"]
             if not isinstance(epoch, int) or not isinstance(sent, float) or not isinstance(update, bytes):
                 raise MetadataError("gossip envelope with fields of the wrong types")
+            if not math.isfinite(sent):  # NaN compares false with everything: it would reset the rate
+                raise MetadataError("gossip envelope with a time that is not finite")
         except (MetadataError, KeyError) as e:
             self._blame(
                 forwarder, origin, e if isinstance(e, MetadataError) else MetadataError(f"no field {e}")
@@ -387,7 +390,7 @@ def _metadata_kind(error: MetadataError) -> str:
         return "malformed metadata"
     if isinstance(error, MetadataFull):
         return "metadata over a bound"
-    return "refused metadata" if isinstance(error, MetadataRefused) else "oversized metadata"
+    return "refused metadata"
 
 
 def _unpack(frame: bytes, what: str) -> dict[str, Any]:

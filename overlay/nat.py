@@ -6,7 +6,7 @@ enough to be public), every ``RECHECK`` seconds since networks change and one he
 and keeps relay reservations fresh while private. What depends on the verdict (the DHT's mode, our
 advertised records) is told through the two callbacks it is built with.
 
-Upstream behaviours worked around here (py-libp2p 0.8.1, ../shared/LIBP2P.md §5):
+Upstream behaviours worked around here (py-libp2p 0.8.1, each measured):
 
 - AutoNAT v1 answers "public" whenever the asker is already connected: its dial-back reuses the
   existing connection. Our check (:func:`serve_dialback`) dials back from a *fresh* host with a new

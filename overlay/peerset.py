@@ -15,9 +15,9 @@ so a wave of newcomers left the settled honest peers as the only candidates. The
   crowded IP range, then the newest. Neutral newcomers therefore lose to neutral incumbents: an old,
   still reachable peer is kept rather than a newcomer (test-before-evict, Heilman et al. 2015); dead
   ones are cut off by the failure detector, which frees their slot.
-- **Long-lived peers protected**: peers held for ``settle`` seconds, the longest first, up to half of
-  ``high``, are never evicted by newcomers (Bitcoin Core protects its longest-connected peers the same
-  way); nor are the ``useful`` best scored.
+- **Long-lived peers protected**: peers held for ``settle`` seconds, the longest first, until half of
+  ``high`` is protected (outbound and useful peers counted), are never evicted by newcomers (Bitcoin
+  Core protects its longest-connected peers the same way); nor are the ``useful`` best scored.
 - **Per-IP limit** (gossipsub's IP colocation factor, as a hard bound): at most ``per_ip`` task peers
   from one remote IP; a newcomer beyond it is refused, incumbents stay. Loopback is exempt (tests,
   demos), and so are relayed peers, whose IP we do not see. Wider ranges (/16 for IPv4, /32 for IPv6,

@@ -134,7 +134,7 @@ class Roster:
         return [peer for peer in evicted if peer not in self.records]
 
     def introducers(self) -> Counter[str]:
-        """Slots per introducer of the records that are not protected (for status and tests)."""
+        """Slots per introducer of the records that are not protected: what the cap is shared by."""
         return Counter(self._loads())
 
     # -- the cap ------------------------------------------------------------------------------------

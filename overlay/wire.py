@@ -6,8 +6,8 @@ tensors (a model). Encoded layout (version 1)::
     b"SHL" | version u8 | header length u32 LE | header (msgpack) | zero padding to 8 | tensor bytes
 
 The header is ``{"k": kind, "b": body, "t": [[name, dtype, shape, offset, nbytes], ...]}`` with
-offsets relative to the 8-aligned start of the tensor bytes (../shared/DATA.md §B: the fastest
-round-trip measured, zero-copy on decode).
+offsets relative to the 8-aligned start of the tensor bytes (the fastest
+round-trip we measured, zero-copy on decode).
 
 Decoding treats every byte as hostile: sizes and container lengths are bounded while unpacking,
 dtypes come from a fixed list, shapes must match byte counts, tensors must not overlap or run past

@@ -3,7 +3,7 @@ only on the version measured (:func:`patch_yamux`):
 
 - Data frames of up to :data:`YAMUX_FRAME` (1 MiB) instead of 64 KiB: a 64 KiB frame is 17 bytes over
   Noise's 65,519-byte message limit, so each costs two encryptions and twice the scheduling; 1 MiB
-  frames move 1.8x the bytes per second (../shared/LIBP2P.md §1, second probe). Only the frames this
+  frames move 1.8x the bytes per second (measured on loopback). Only the frames this
   process sends change: the Yamux spec bounds a data frame by the receive window, not by 64 KiB, and
   py-libp2p (up to its 16 MiB window) and rust-yamux (up to 1 MiB) accept them. The initial window
   stays at the spec's 256 KiB, which Go and Rust peers insist on.

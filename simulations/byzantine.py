@@ -133,7 +133,8 @@ def run_cell(job: tuple) -> RunResult:
     ).run()
 
 
-def plot_sweep(out: Path, attack: str, setting: str, cells: dict, fractions: list[float]) -> None:
+def plot_sweep(out: Path, what: str, attack: str, setting: str, cells: dict, fractions: list[float]) -> None:
+    """``what``: the protocol swept (or ``head``, Bristle's set-up), first in the file's name."""
     fig, ax = report.figure(figsize=(7, 4.5))
     for name, row in cells.items():
         ax.plot([100 * f for f in fractions], [row[str(f)] for f in fractions], "o-", label=name)
@@ -143,7 +144,7 @@ def plot_sweep(out: Path, attack: str, setting: str, cells: dict, fractions: lis
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    report.save_figure(fig, out / f"byzantine_{attack}_{setting.replace(':', '')}.png")
+    report.save_figure(fig, out / f"byzantine_{what}_{attack}_{setting.replace(':', '')}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     fractions = [round(round(f * args.nodes) / args.nodes, 2) for f in fractions]
     for attack, by_setting in cells.items():
         for setting, by_name in by_setting.items():
-            plot_sweep(args.out, attack, setting, by_name, fractions)
+            plot_sweep(
+                args.out, args.protocol if args.task == "mlp" else "head", attack, setting, by_name, fractions
+            )
     report.write_rounds(args.out, results)
     report.write_summary(
         args.out,

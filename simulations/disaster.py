@@ -1,7 +1,7 @@
 """Disaster: a share of the nodes drops at once; does losing connectivity hurt more than losing data?
 
 Reproduces the setting of Palmieri et al., "Exploring the Impact of Disrupted Peer-to-Peer Communications
-on Fully Decentralized Learning in Disaster Scenarios" (arXiv 2310.02986; ../shared/ALGORITHMS.md §4):
+on Fully Decentralized Learning in Disaster Scenarios" (arXiv 2310.02986):
 a Barabási–Albert graph (m=2), IID data held by half of the nodes (the others only relay), synchronous
 rounds of one second (D-PSGD: 3 local epochs, then average with every neighbour). At --drop-at seconds
 a --fraction of the nodes crashes at once, chosen four ways, each its own run from the same seed:

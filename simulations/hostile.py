@@ -13,7 +13,7 @@ Modes (``ATTACKS``):
 - ``far-rounds``: rounds of 2**63, 2**53 and our estimate of the swarm's round + 10**6, in every field
   that carries one (MoDeST: ping, pong, aggregated, trained), with the newest model received as
   payload so that only the round is wrong; MoDeST models also carry a crafted view (the field of an
-  earlier release that ranked whom it named, the sender first) and JOIN/LEAVE adverts for others;
+  earlier release that ranked whom it named, the sender first) and an earlier release's JOIN advert;
 - ``hijack`` (MoDeST only: gossip has no roles): aggregated and trained models with random weights of
   the template's scale, for far-future rounds and for rounds within the window where this node is no
   plausible aggregator (or trainer) by the rule of ``learning/modest.py``;

@@ -127,6 +127,7 @@ def test_four_daemons_learn_see_each_other_and_exit_cleanly(tmp_path):
             shown = json.loads(out)
             assert shown["peer"] == node.peer
             assert {p["peer"] for p in shown["peers"]} == {m.peer for m in nodes} - {node.peer}
+            assert set(shown["peer_set"]["outbound"]) <= {m.peer for m in nodes}, shown["peer_set"]
         metrics = urllib.request.urlopen(f"http://{nodes[0].api}/metrics", timeout=5).read().decode()
         assert "shoal_peers 3.0" in metrics and "shoal_accuracy 0." in metrics, metrics
         assert 'shoal_bytes_out_total{kind="msg:model"}' in metrics, metrics

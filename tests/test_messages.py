@@ -2,7 +2,6 @@
 roles: each rejection with its reason."""
 
 import logging
-import random
 
 import pytest
 import torch
@@ -154,9 +153,7 @@ CONFIG = ModestConfig(sample_size=4, aggregators=1, role_slack=1, max_round_jump
 
 
 def modest(me="p00", joining=False, config=CONFIG):
-    return Modest(
-        me, [p for p in PEERS if p != me], layers(0.5), 10, Mean(), config, random.Random(0), joining=joining
-    )
+    return Modest(me, [p for p in PEERS if p != me], layers(0.5), 10, Mean(), config, joining=joining)
 
 
 def role(rnd: int, rank: int) -> str:

@@ -24,8 +24,8 @@ from shoal.overlay.metadata import (
     MetadataPending,
     MetadataRefused,
     ModelRecord,
-    sign_record,
 )
+from shoal.overlay.records import sign_record
 from shoal.overlay.yupdate import MAX_DEPTH, UpdateError, check_state_vector, check_update
 
 

@@ -18,8 +18,8 @@ from shoal.overlay.metadata import (
     MetadataFull,
     MetadataPending,
     MetadataRefused,
-    sign_record,
 )
+from shoal.overlay.records import sign_record
 from shoal.overlay.roster import Roster
 from tests.attacker import fresh_update
 

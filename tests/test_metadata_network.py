@@ -21,10 +21,11 @@ from shoal.overlay.config import P2PConfig
 from shoal.overlay.framing import Libp2pStream, read_frame, write_frame
 from shoal.overlay.host import quiet_libp2p_logs
 from shoal.overlay.interface import Delivered
-from shoal.overlay.metadata import Metadata, sign_record
+from shoal.overlay.metadata import Metadata
 from shoal.overlay.metasync import MAX_GOSSIP
 from shoal.overlay.nat import DIALBACK, MAX_DIALBACKS
 from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.records import sign_record
 from shoal.overlay.wire import Message
 from tests.attacker import BlackHole
 
@@ -81,11 +82,13 @@ async def test_hostile_gossip_is_refused_blamed_on_its_origin_and_never_forwarde
             (b"\x00" * (MAX_GOSSIP + 1), "over the topic's"),
             (envelope(evil.metadata, junk_doc.get_update()), "is not a peer id"),
             (envelope(evil.metadata, foreign_doc.get_update()), "writes the key of"),
+            # NaN compares false with everything: taken, it would have reset the origin's rate for good
+            (envelope(evil.metadata, b"", sent=float("nan")), "not finite"),
         ):
             await evil.pubsub.publish(topic, data)
             for node in (a, b):
                 await until(lambda n=node, s=says: any(s in r for r in reasons(n, me)), 10)
-        assert all(len(reasons(node, me)) == 3 for node in (a, b))  # each blamed once: nothing forwarded
+        assert all(len(reasons(node, me)) == 4 for node in (a, b))  # each blamed once: nothing forwarded
         evil.router.spam_protection_enabled = False  # gossipsub's own limit would drop its excess first
         for i in range(40):  # its own record, 40 times in 0.4 s of its own clock: a flood
             evil.metadata.heartbeat(time.time(), [])

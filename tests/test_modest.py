@@ -1,7 +1,6 @@
 """MoDeST as a pure state machine, several nodes on the in-memory bench (tests/bench.py)."""
 
 import hashlib
-import random
 
 import pytest
 import torch
@@ -23,15 +22,11 @@ CONFIG = ModestConfig(
 def swarm(n: int, config: ModestConfig = CONFIG, joiners: dict[str, list[str]] | None = None) -> Bench:
     names = [f"p{i:02d}" for i in range(n)]
     protocols = {
-        name: Modest(
-            name, [p for p in names if p != name], constant_model(), 10, Mean(), config, random.Random(i)
-        )
-        for i, name in enumerate(names)
+        name: Modest(name, [p for p in names if p != name], constant_model(), 10, Mean(), config)
+        for name in names
     }
-    for i, (name, knows) in enumerate((joiners or {}).items()):
-        protocols[name] = Modest(
-            name, knows, constant_model(), 10, Mean(), config, random.Random(100 + i), joining=True
-        )
+    for name, knows in (joiners or {}).items():
+        protocols[name] = Modest(name, knows, constant_model(), 10, Mean(), config, joining=True)
     bench = Bench(protocols)
     for name in names:
         bench.at(0.0, name, Started())
@@ -184,7 +179,7 @@ def test_a_member_that_disappears_drops_out_at_once():
     ],
 )
 def test_bad_input_is_rejected_with_a_reason(kind, body, tensors, reason):
-    node = Modest("me", ["a"], constant_model(), 10, Mean(), CONFIG, random.Random(0))
+    node = Modest("me", ["a"], constant_model(), 10, Mean(), CONFIG)
     (action,) = node.handle(MessageIn("a", kind, body, tensors), 1.0)
     assert isinstance(action, Rejected) and reason in action.reason
     assert node.estimate() == 0  # bad input does not move our round estimate
@@ -218,17 +213,15 @@ def test_a_poisoned_aggregate_is_refused_and_the_rounds_go_on_without_its_sender
     bench = swarm(12)
     evil = order(bench.protocols, 4)[0]  # the aggregator of round 4
     names = list(bench.protocols)
-    for i, name in enumerate(names):
+    for name in names:
         others = [p for p in names if p != name]
         cls = Poisoner if name == evil else Modest
-        bench.protocols[name] = cls(
-            name, others, constant_model(), 10, Mean(), CONFIG, random.Random(i), anchor=Sceptic(1e5)
-        )
+        bench.protocols[name] = cls(name, others, constant_model(), 10, Mean(), CONFIG, anchor=Sceptic(1e5))
     bench.run(until=60.0)
     poisoned = [p for n, p in bench.protocols.items() if n != evil and value_of(p.model) >= 1e5]
     assert not poisoned
     refusals = {n: a for n, a in bench.rejected if a.peer == evil}
-    assert refusals and all(not a.blame and "far worse" in a.reason for a in refusals.values())
+    assert refusals and all(not a.blame and "not admitted" in a.reason for a in refusals.values())
     assert max(rnd for _, _, rnd in bench.rounds_done) >= 12  # rounds went on past round 4
 
 
@@ -237,9 +230,7 @@ def test_a_refused_aggregate_moves_nothing_of_ours_and_an_aggregator_sends_no_po
     would ignore the swarm's rounds behind it); an aggregator whose round brought only poison sends
     nothing."""
     names = [f"p{i:02d}" for i in range(12)]
-    node = Modest(
-        "p00", names[1:], constant_model(), 10, Mean(), CONFIG, random.Random(0), anchor=Sceptic(1e5)
-    )
+    node = Modest("p00", names[1:], constant_model(), 10, Mean(), CONFIG, anchor=Sceptic(1e5))
     node.handle(Started(), 0.0)
     far = next(r for r in range(50, 99) if "p00" in order(names, r)[:4] and order(names, r)[0] != "p00")
     poison = MessageIn(order(names, far)[0], "aggregated", {"round": far, "samples": 1}, constant_model(1e6))
@@ -251,9 +242,7 @@ def test_a_refused_aggregate_moves_nothing_of_ours_and_an_aggregator_sends_no_po
         order(names, near)[0], "aggregated", {"round": near, "samples": 1}, constant_model(1.0)
     )
     assert any(type(a).__name__ == "Train" for a in node.handle(honest, 2.0)) and node.round == near
-    aggregator = Modest(
-        "p00", names[1:], constant_model(), 10, Mean(), CONFIG, random.Random(0), anchor=Sceptic(1e5)
-    )
+    aggregator = Modest("p00", names[1:], constant_model(), 10, Mean(), CONFIG, anchor=Sceptic(1e5))
     k = next(r for r in range(2, 99) if order(names, r)[0] == "p00")
     trainer = next(p for p in order(names, k - 1)[:4] if p != "p00")
     sent = aggregator.handle(
@@ -271,18 +260,19 @@ class Idle(Modest):
         return [a for a in super().handle(event, now) if isinstance(a, Send) and a.kind == "pong"]
 
 
-def test_an_aggregator_that_answers_pings_but_never_aggregates_is_bypassed():
-    config = ModestConfig(sample_size=4, ping_timeout=1.0, watch_timeout=3.0, max_norm_ratio=LOOSE)
+def test_an_aggregator_that_answers_pings_but_never_aggregates_is_bypassed_within_ten_rounds():
+    config = ModestConfig(sample_size=4, ping_timeout=1.0, max_norm_ratio=LOOSE)  # watch_timeout 20 s
     bench = swarm(12, config)
-    idle = order(bench.protocols, 5)[0]
+    idle = order(bench.protocols, 12)[0]
     names = list(bench.protocols)
-    bench.protocols[idle] = Idle(
-        idle, [p for p in names if p != idle], constant_model(), 10, Mean(), config, random.Random(0)
-    )
+    bench.protocols[idle] = Idle(idle, [p for p in names if p != idle], constant_model(), 10, Mean(), config)
     bench.run(until=60.0)
-    fifth = [node for _, node, rnd in bench.rounds_done if rnd == 5]
-    assert fifth[0] == order(names, 5)[1]  # the watch handed round 5's models to the next candidate
-    assert max(rnd for _, _, rnd in bench.rounds_done) >= 10
+    done = {rnd: (at, node) for at, node, rnd in reversed(bench.rounds_done)}  # the first of each round
+    assert done[12][1] == order(names, 12)[1]  # the watch handed round 12's models to the next candidate
+    # ten of the swarm's rounds as the trainers measured them (0.56 s clean, 5.5 s when the idle node
+    # trains and its aggregator waits out aggregation_timeout): 11 s here, not watch_timeout's 20 s
+    assert done[12][0] - done[11][0] < 0.75 * config.watch_timeout
+    assert max(done) >= 15
 
 
 def test_a_member_that_never_answers_costs_one_ping_timeout_not_one_per_round():
@@ -315,7 +305,7 @@ def test_a_muted_peer_cannot_unmute_itself_with_pongs_nobody_asked_for():
 
 
 def test_credits_tell_whose_models_were_taken():
-    node = Modest("me", ["a", "b"], constant_model(), 10, Mean(), CONFIG, random.Random(0))
+    node = Modest("me", ["a", "b"], constant_model(), 10, Mean(), CONFIG)
     rnd = next(r for r in range(2, 200) if order(["me", "a", "b"], r)[0] == "a")
     actions = node.handle(
         MessageIn("a", "aggregated", {"round": rnd, "samples": 1}, constant_model(1.0)), 1.0

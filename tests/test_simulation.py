@@ -271,7 +271,7 @@ def test_byzantine_sweep_reports_honest_accuracy_per_cell(tmp_path):
     cells = json.loads((out / "summary.json").read_text())["results"]["honest_accuracy"]["sign-flip"]["iid"]
     assert set(cells) == {"bristle", "mean"} and set(cells["mean"]) == {"0.0", "0.3"}
     assert cells["mean"]["0.3"] < cells["mean"]["0.0"]  # sign-flipping attackers hurt plain averaging
-    assert (out / "extractor.safetensors").exists() and (out / "byzantine_sign-flip_iid.png").exists()
+    assert (out / "extractor.safetensors").exists() and (out / "byzantine_head_sign-flip_iid.png").exists()
     rows = read_rows(out / "rounds.csv")
     runs = {"sign-flip/iid/0%/bristle", "sign-flip/iid/0%/mean", "sign-flip/iid/30%/bristle"}
     assert runs | {"sign-flip/iid/30%/mean"} == {r["run"] for r in rows}
