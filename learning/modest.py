@@ -18,7 +18,9 @@ Departures from the paper, each for a hostile or failing peer (README, "Hostile 
   The paper's views are hearsay: any peer could add entries, mark others as gone or shift who ranks
   first (measured: crafted views froze every node's round). A member that appears is sampled only after
   our next model send (the paper's JOIN rule); one that disappears (it left, or its record expired)
-  drops out at once. The paper's inactivity threshold is the records' expiry.
+  drops out at once. The paper's inactivity threshold is the records' expiry. A member is sampled
+  only once it has answered a ping of ours (``learning.sampling``): identities cost nothing, and a
+  stream of members that never answer otherwise kept rounds waiting on ``ping_timeout``.
 - **A window on rounds.** Our *own round* is the newest we trained or aggregated (a joiner's: the first
   above 0 it hears). Rounds a peer merely reports (ping, pong) are clamped to our own round +
   ``max_round_jump``; a model's round must lie within that window or the model is refused (taking it
@@ -254,8 +256,15 @@ class Modest:
 
     def _start(self) -> list[Action]:
         self._started = True
-        if self._joining:
-            return []  # sampled once the members' next model sends take us in
+        if self._joining:  # sampled once the members' next model sends take us in
+            return self._sampler.probe(0, self.members, self._now)
+        return self._sampler.probe(0, self.members, self._now, then=self._first_round)
+
+    def _first_round(self) -> list[Action]:
+        """Once the members answered or timed out: train round 1 if we are in its sample (and no
+        round reached us meanwhile)."""
+        if self._train_round or self._agg_round:
+            return []
         if self.me in order(self.candidates(), 1)[: self._config.sample_size]:
             return self._begin_training(1, self._model)
         return []
@@ -270,14 +279,15 @@ class Modest:
         self._down &= self.members | self._appeared
         self._suspects &= self.members
         self._sampler.keep(self.members | self._appeared)
-        actions: list[Action] = []
+        actions = self._sampler.probe(self.estimate(), self._appeared, self._now)
         for peer in gone:
             actions += self._sampler.unavailable(peer, self._now)
         return actions
 
     def candidates(self) -> set[str]:
-        """Whom we sample from: members not known to be down."""
-        return (self.members - self._down) | {self.me}
+        """Whom we sample from: members not known to be down that answered our pings
+        (``learning.sampling``: a member that never answers costs no round anything)."""
+        return {p for p in self.members - self._down if self._sampler.usable(p)} | {self.me}
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -323,8 +333,12 @@ class Modest:
 
     def _implausible_role(self, peer: str, kind: str, k: int) -> str | None:
         """Why ``peer`` cannot be sending us this model, by the sample of round k that we compute from
-        our own members (those appearing included, those we know to be down skipped)."""
-        known = (self.members | self._appeared | {self.me}) - (self._down - {peer})
+        our own members (those appearing included, those we know to be down or never heard from
+        skipped, as the sender's own pings skipped them)."""
+        members = self.members | self._appeared
+        known = {p for p in members - self._down if self._sampler.usable(p)} | {self.me}
+        if peer in members:
+            known.add(peer)  # it is evidently up
         c = self._config
 
         def plausible(who: str, rnd: int, wanted: int) -> bool:
@@ -485,5 +499,7 @@ class Modest:
         return actions
 
     def _select(self, rnd: int, wanted: int, then: Callable[[list[str]], list[Action]]) -> list[Action]:
+        # members whose mute has passed are heard from again in the background, not in this selection
+        probes = self._sampler.probe(rnd, self.members - self._down, self._now)
         candidates = order(self.candidates(), rnd)
-        return self._sampler.select(rnd, wanted, candidates, then, self._now)
+        return [*probes, *self._sampler.select(rnd, wanted, candidates, then, self._now)]

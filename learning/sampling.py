@@ -7,12 +7,19 @@ pings the first n in parallel, pings each silent one again every ``ping_interval
 has not answered within ``ping_timeout`` (or is known to be down) by the next candidate
 (:class:`Sampler`); the node itself counts as available without a ping.
 
-A departure from the paper: a peer that let a ping time out is skipped without a ping for a while
-(:data:`MUTE`, doubling with each new time-out up to :data:`MUTE_MAX`; only answering a ping once that
-has passed resets it, not a pong nobody asked for nor a reconnection, which cost an attacker nothing).
-A member that is connected but never answers (a hostile one, or one whose loop is stuck) otherwise
-costs ``ping_timeout`` in every selection it ranks in: on the in-memory bench one such member of six
-cut a swarm's rounds to 29% of a clean swarm's, and among three daemons it left one unsampled for 30 s.
+Departures from the paper, for members that are connected but never answer (a hostile identity, or a
+node whose loop is stuck): pinged through every selection they ranked in, each cost it ``ping_timeout``,
+one after another (on the in-memory bench one such member of six cut a swarm's rounds to 29% of a clean
+swarm's; three daemons joined by a fresh silent identity every 5 s went 30-54 s without a round).
+
+- **Heard before sampled.** A member is a candidate only once it has answered a ping of ours
+  (:meth:`Sampler.usable`): members never heard from are pinged in the background (:meth:`Sampler.probe`),
+  outside any selection, so a silent one costs no round anything. A receiver checks roles against
+  the same set, so both ends skip the same silent members.
+- **Silence costs its standing.** A peer that lets a ping time out is no longer heard, is dropped from
+  every selection waiting for it, and is not probed again for :data:`MUTE` seconds, doubling with each
+  further time-out up to :data:`MUTE_MAX`; only an answer to our ping brings it back (a pong nobody asked
+  for, or a reconnection, costs an attacker nothing).
 
 Sans-IO like the protocols: every method takes ``now`` and returns the actions to carry out; a
 selection's pings are re-sent on a keyed timer ``(PING, selection id)`` that the protocol hands back to
@@ -54,6 +61,7 @@ class Selection:
     wanted: int
     candidates: list[str]
     then: Callable[[list[str]], list[Action]]
+    probe: bool = False  # a background probe: its candidates have not been heard from
     next: int = 0
     pending: dict[str, float] = field(default_factory=dict)  # peer -> time of its first ping
     chosen: set[str] = field(default_factory=set)
@@ -71,7 +79,9 @@ class Sampler:
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self._selections: dict[int, Selection] = {}
         self._next_id = 0
-        self._muted: dict[str, tuple[float, float]] = {}  # peer -> (skipped until, its last mute length)
+        self._heard: set[str] = set()  # peers that answered a ping of ours and have not timed out since
+        self._probing: set[str] = set()  # peers a background probe is waiting for
+        self._muted: dict[str, tuple[float, float]] = {}  # peer -> (not probed until, its last mute length)
 
     def select(
         self,
@@ -80,9 +90,12 @@ class Sampler:
         candidates: list[str],
         then: Callable[[list[str]], list[Action]],
         now: float,
+        *,
+        probe: bool = False,
     ) -> list[Action]:
-        """Start picking the first ``wanted`` available of ``candidates`` (in order) for round ``rnd``."""
-        sel = Selection(self._next_id, rnd, wanted, candidates, then)
+        """Start picking the first ``wanted`` available of ``candidates`` (in order) for round ``rnd``
+        (``probe``: candidates not heard from yet are pinged too)."""
+        sel = Selection(self._next_id, rnd, wanted, candidates, then, probe)
         self._next_id += 1
         self._selections[sel.id] = sel
         actions = self._fill(sel, now)
@@ -90,12 +103,40 @@ class Sampler:
             actions.append(self._timer(sel))
         return actions
 
+    def usable(self, peer: str) -> bool:
+        """Whether ``peer`` may be sampled: it answered a ping of ours and has not timed out since."""
+        return peer == self.me or peer in self._heard
+
+    def probe(
+        self, rnd: int, peers: Iterable[str], now: float, then: Callable[[], list[Action]] | None = None
+    ) -> list[Action]:
+        """Ping, in the background, those of ``peers`` never heard from that are neither muted nor being
+        probed; ``then()`` runs once they all answered or timed out (at once when there are none)."""
+        new = [
+            p
+            for p in peers
+            if p != self.me
+            and p not in self._heard
+            and p not in self._probing
+            and now >= self._muted.get(p, (-math.inf, 0.0))[0]
+        ]
+        if not new:
+            return then() if then else []
+        self._probing.update(new)
+
+        def done(_: list[str]) -> list[Action]:
+            self._probing.difference_update(new)
+            return then() if then else []
+
+        return self.select(rnd, len(new), new, done, now, probe=True)
+
     def on_pong(self, peer: str, sel_id: int, now: float) -> list[Action]:
         sel = self._selections.get(sel_id)
         if sel is None or peer not in sel.pending:
             return []
         del sel.pending[peer]
         self._muted.pop(peer, None)
+        self._heard.add(peer)
         sel.chosen.add(peer)
         if len(sel.chosen) >= sel.wanted:
             sel.pending.clear()
@@ -110,7 +151,8 @@ class Sampler:
         return actions
 
     def keep(self, peers: set[str]) -> None:
-        """Forget the mutes of peers not in ``peers`` (the members): ids cost nothing."""
+        """Forget what we heard of peers not in ``peers`` (the members): ids cost nothing."""
+        self._heard &= peers
         for peer in self._muted.keys() - peers:
             del self._muted[peer]
 
@@ -119,19 +161,21 @@ class Sampler:
         if sel is None:
             return []
         actions: list[Action] = []
-        for peer, since in list(sel.pending.items()):
-            if now - since >= self.ping_timeout:
-                del sel.pending[peer]
-                self._mute(peer, now)
-            else:
-                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
-        actions += self._fill(sel, now)
-        if not sel.done:
-            actions.append(self._timer(sel))
+        silent = [peer for peer, since in sel.pending.items() if now - since >= self.ping_timeout]
+        for peer in sel.pending.keys() - set(silent):
+            actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
+        for peer in silent:
+            self._mute(peer, now)
+            actions += self.unavailable(peer, now)  # every selection waiting for it moves on
+        if sel.id in self._selections:
+            actions += self._fill(sel, now)
+            if not sel.done:
+                actions.append(self._timer(sel))
         return actions
 
     def _mute(self, peer: str, now: float) -> None:
         """A new time-out doubles the last mute; one of a selection that began before it does not."""
+        self._heard.discard(peer)
         until, length = self._muted.get(peer, (-math.inf, MUTE / 2))
         if now >= until:
             length = min(MUTE_MAX, 2 * length)
@@ -153,7 +197,7 @@ class Sampler:
             sel.next += 1
             if peer == self.me:
                 sel.chosen.add(peer)
-            elif now < self._muted.get(peer, (-math.inf, 0.0))[0]:
+            elif not (sel.probe or peer in self._heard):  # it timed out since the selection began
                 continue
             else:
                 sel.pending[peer] = now

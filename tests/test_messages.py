@@ -153,7 +153,10 @@ CONFIG = ModestConfig(sample_size=4, aggregators=1, role_slack=1, max_round_jump
 
 
 def modest(me="p00", joining=False, config=CONFIG):
-    return Modest(me, [p for p in PEERS if p != me], layers(0.5), 10, Mean(), config, joining=joining)
+    """A node that knows every peer as a member that answered its pings (``learning.sampling``)."""
+    node = Modest(me, [p for p in PEERS if p != me], layers(0.5), 10, Mean(), config, joining=joining)
+    node._sampler._heard.update(PEERS)
+    return node
 
 
 def role(rnd: int, rank: int) -> str:
