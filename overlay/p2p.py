@@ -276,12 +276,7 @@ class Libp2pOverlay:
         return sorted(
             peer
             for peer, member in self.metadata.members().items()
-            if peer == self.peer_id
-            or (
-                member.state != "left"
-                and abs(now - member.seen) <= self.metadata.expiry
-                and self.admitted(peer)
-            )
+            if peer == self.peer_id or (member.current(now, self.metadata.expiry) and self.admitted(peer))
         )
 
     def _topic(self, topic: str) -> str:

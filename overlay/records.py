@@ -43,6 +43,10 @@ class Member:
     seen: float
     state: str  # "joining", "training", "left", ...
 
+    def current(self, now: float, expiry: float) -> bool:
+        """Not "left", and seen within ``expiry`` of ``now`` either way (clocks differ)."""
+        return self.state != "left" and abs(now - self.seen) <= expiry
+
 
 @dataclass(frozen=True)
 class ModelRecord:

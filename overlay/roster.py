@@ -118,7 +118,7 @@ class Roster:
         forgotten = []
         for peer, record in list(self.records.items()):
             member = record.entry.member
-            if peer != self.own and (member.state == "left" or abs(now - member.seen) > self.expiry):
+            if peer != self.own and not member.current(now, self.expiry):
                 forgotten.append(peer)
                 self._drop(peer)
                 if member.state == "left":  # older records of its, replayed, must not revive it
