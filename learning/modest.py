@@ -127,8 +127,7 @@ class ModestConfig:
         return max(1, math.ceil(self.sample_size * self.success_fraction - 1e-9))
 
 
-WATCH_ROUNDS = 10  # a hand-over may come to nothing for this many of the swarm's rounds ...
-WATCH_FLOOR = 1.0  # ... and at least this many seconds
+WATCH_ROUNDS = 10  # a hand-over may come to nothing for this many of the swarm's rounds
 
 
 class Timer(enum.Enum):
@@ -428,12 +427,14 @@ class Modest:
 
     def _watch(self) -> float:
         """How long a hand-over may come to nothing: WATCH_ROUNDS of the swarm's rounds as the models
-        we took measured them, within [WATCH_FLOOR, ``watch_timeout``] (a fixed 20 s let each silent
-        aggregator stall a simulated swarm of 0.3 s rounds for 60 rounds)."""
-        if not self._pace:
-            return self._config.watch_timeout
-        rounds = WATCH_ROUNDS * statistics.median(self._pace)
-        return min(self._config.watch_timeout, max(WATCH_FLOOR, rounds))
+        we took measured them (a fixed 20 s let each silent aggregator stall a simulated swarm of 0.3 s
+        rounds for 60 rounds), at most ``watch_timeout``, and at least what an honest aggregator may
+        take: its aggregation timeout and a ping time-out while it picks the trainers (shorter, the
+        watch fired on honest rounds and sent models twice: 57% more bytes to the target)."""
+        c = self._config
+        honest = c.aggregation_timeout + c.ping_timeout
+        rounds = WATCH_ROUNDS * statistics.median(self._pace) if self._pace else c.watch_timeout
+        return min(c.watch_timeout, max(honest, rounds))
 
     def _added(self, nxt: int) -> int:
         """Aggregators beyond ``aggregators`` our model of round ``nxt`` goes to: those watch timeouts
