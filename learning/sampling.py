@@ -42,7 +42,7 @@ class Timer(enum.Enum):
     PING = "ping"  # (PING, selection id): ping that selection's silent candidates again
 
 
-MUTE = 120.0  # seconds a peer is skipped after its first ping time-out ...
+MUTE = 120.0  # seconds a peer is not pinged again after its first ping time-out ...
 MUTE_MAX = 3600.0  # ... doubling with each further one up to this
 
 
