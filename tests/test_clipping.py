@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from shoal.learning.anchor import Anchor, distance
+from shoal.learning.anchor import AHEAD, REACH, Anchor, distance
 from shoal.learning.clipping import Clipped, ClippingConfig
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Contribution, integrate_contained
@@ -189,3 +189,23 @@ def test_a_joiner_refuses_a_fetched_model_far_worse_than_its_own_and_asks_anothe
     assert again.kind == "fetch" and again.peer != first
     good = MessageIn(again.peer, "model", {"round": 9, "samples": 10, "reply": True}, state)
     assert any(isinstance(a, Train) for a in node.handle(good, 2.0)) and node.round == 9
+
+
+def test_a_model_far_worse_than_our_latest_start_point_replaces_nothing():
+    """MoDeST's stale attackers: early in training our start points' median is near chance, so the
+    initial model was no worse than it and aggregates of it were taken (20% of stale attackers: honest
+    accuracy 0.48). Next to the latest start point, once the swarm has learned, it is far worse."""
+    model, x, y = task()
+    anchor = Anchor(build_model("mlp", (8,), 4, seed=0), x, y)
+    learner = Learner(model, x, y, Hyperparameters(lr=0.1, local_steps=10, local_epochs=None), anchor=anchor)
+    initial = learner.initial_state()
+    anchor.start(initial)
+    for rnd in range(5):  # every round started from the initial model again, as the attackers reset us
+        learner.train(initial, rnd)
+    swarm, _ = Learner(task()[0], x, y, Hyperparameters(lr=0.1, local_steps=150, local_epochs=None)).train(
+        initial, 0
+    )  # the swarm's model once it has learned: our next start point
+    ours, _ = learner.train(swarm, 5)
+    assert anchor.score(swarm).loss < anchor.score(initial).loss - 1.0
+    assert distance(initial, ours) < AHEAD * REACH * anchor.step()  # near, said to be AHEAD rounds ahead
+    assert anchor.admits(swarm, ours, AHEAD) and not anchor.admits(initial, ours, AHEAD)
