@@ -56,6 +56,11 @@ Departures from the paper, each for a hostile or failing peer (README, "Hostile 
   model we refused, gets one more aggregator beside it in our later hand-overs. With ``aggregators``
   = 2 no round waits at all, at the cost of each trained model sent twice. Only a model counts as a
   sign the round went on: a round a peer merely reports could be a lie that keeps us waiting.
+
+One module, over 400 lines, for one state machine: the trainer's and the aggregator's roles share the
+round state (own round, window, members, suspects) that each of them reads and moves; the pieces that
+stand alone are apart already (sampling in ``learning.sampling``, messages in ``learning.messages``,
+judging models in ``learning.anchor`` and ``learning.clipping``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ when it is delivered. Announcements model gossipsub: they reach every live subsc
 partitioned from the publisher after two latencies, and count their bytes once per recipient.
 
 Size: the network model and the per-node overlay share the link state, so they stay together.
+
+Over 400 lines in one module: the link model above and the simulated overlay share the per-node
+queues and crash state it is computed on; split them behind one small interface before they grow.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ import msgpack
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from shoal.overlay.gossipgate import GossipGate
 from shoal.overlay.metadata import Metadata, MetadataError, MetadataFull
-from shoal.overlay.metasync import GossipGate, SyncSession
+from shoal.overlay.metasync import SyncSession
 
 
 @cache
