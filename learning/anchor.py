@@ -227,10 +227,15 @@ class Anchor:
         ours on our data yet, but far from it and no better."""
         score = self.score(state)
         with self._lock:
-            latest = self._scores[-1] if self._scores else None
-            if self._far_worse(score) or self._far_worse(score, than=latest):
-                return False
-            typical = self._typical().error if self._scores else math.inf
+            if not self._scores:
+                if self._far_worse(score):
+                    return False
+                typical = math.inf
+            else:
+                median = self._typical()
+                if self._far_worse(score, than=median) or self._far_worse(score, than=self._scores[-1]):
+                    return False
+                typical = median.error
         ahead = min(max(1, rounds), AHEAD) if self.step() else 1  # NEAR of a norm is a whole model's scale
         if distance(state, own) <= self.reach(own) * ahead:
             return True

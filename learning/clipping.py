@@ -160,9 +160,11 @@ class Clipped:
         n = len(flats)
         if n <= 2:
             return min(range(n), key=score)
-        apart = torch.cdist(torch.stack(flats)[None], torch.stack(flats)[None])[0]
-        typical = [float(apart[i][torch.arange(n) != i].median()) for i in range(n)]
-        return min(range(n), key=lambda i: (round(typical[i], 9), score(i)))
+        stacked = torch.stack(flats)[None]
+        apart = torch.cdist(stacked, stacked)[0]
+        typical = [round(float(apart[i][torch.arange(n) != i].median()), 9) for i in range(n)]
+        closest = [i for i in range(n) if typical[i] == min(typical)]
+        return min(closest, key=score)  # the probe only among equals: it costs a forward pass each
 
     def _best(self, indices: Sequence[int], score: Callable[[int], Score]) -> int:
         """The index among ``indices`` whose model does best on our probe, the first unless another errs

@@ -291,7 +291,11 @@ class Modest:
     def candidates(self) -> set[str]:
         """Whom we sample from: members not known to be down that answered our pings
         (``learning.sampling``: a member that never answers costs no round anything)."""
-        return {p for p in self.members - self._down if self._sampler.usable(p)} | {self.me}
+        return self._available(self.members)
+
+    def _available(self, peers: set[str]) -> set[str]:
+        """Those of ``peers`` not known to be down that answered our pings, and us."""
+        return {p for p in peers - self._down if self._sampler.usable(p)} | {self.me}
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -340,7 +344,7 @@ class Modest:
         our own members (those appearing included, those we know to be down or never heard from
         skipped, as the sender's own pings skipped them)."""
         members = self.members | self._appeared
-        known = {p for p in members - self._down if self._sampler.usable(p)} | {self.me}
+        known = self._available(members)
         if peer in members:
             known.add(peer)  # it is evidently up
         c = self._config

@@ -69,6 +69,8 @@ class Guard:
         self.inflight = Inflight(config.max_inflight, config.peer_inflight)
         self.receiving: Counter[str] = Counter()  # bytes so far of messages arriving now, by sender
         self._streams = RateLimit(config.message_rate, config.message_burst)
+        self._seconds: dict[str, tuple[int, int]] = {}  # peer -> (whole second, streams in it)
+        self.peak_rate = 0  # the most inbound streams and messages one peer sent in one second, for status
         self._pace = Pace(config.min_rate, config.rate_window)
         self._tasks, self._cut_off, self._refused = tasks, cut_off, refused
 
@@ -79,14 +81,10 @@ class Guard:
             now = trio.current_time()
             self.policy.tick(now)
             self._streams.forget_idle(now)
+            self._seconds = {p: (t, n) for p, (t, n) in self._seconds.items() if t >= int(now) - 1}
 
     def banned(self, peer: str) -> bool:
         return self.policy.banned(peer, trio.current_time())
-
-    @property
-    def peak_rate(self) -> int:
-        """The most inbound streams and messages one peer sent in one second since start."""
-        return self._streams.peak
 
     def reject(self, peer: str, kind: str, reason: str, *, wrong: bool) -> None:
         """Refused input, under the node's policy; a peer it bans is cut off: streams, connection, and its
@@ -100,7 +98,13 @@ class Guard:
     def allow(self, peer: str, what: str) -> bool:
         """Take one inbound stream or message from ``peer``'s rate; over it, record a flood of ``what``
         and return False."""
-        if self._streams.allow(peer, trio.current_time()):
+        now = trio.current_time()
+        second = int(now)
+        then, count = self._seconds.get(peer, (second, 0))
+        count = count + 1 if then == second else 1
+        self._seconds[peer] = (second, count)
+        self.peak_rate = max(self.peak_rate, count)
+        if self._streams.allow(peer, now):
             return True
         rate = f"{self.config.message_rate:g}/s, burst {self.config.message_burst}"
         self.reject(peer, "flood", f"{what} faster than {rate}", wrong=True)

@@ -197,15 +197,8 @@ class RateLimit:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate, self.burst = rate, burst
         self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, at)
-        self._seconds: dict[str, tuple[int, int]] = {}  # peer -> (whole second, requests in it)
-        self.peak = 0  # the most requests one peer made in one whole second since start, for status
 
     def allow(self, peer: str, now: float) -> bool:
-        second = int(now)
-        then, count = self._seconds.get(peer, (second, 0))
-        count = count + 1 if then == second else 1
-        self._seconds[peer] = (second, count)
-        self.peak = max(self.peak, count)
         tokens, at = self._buckets.get(peer, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.rate)
         if tokens < 1.0:
@@ -219,4 +212,3 @@ class RateLimit:
         self._buckets = {
             p: (t, at) for p, (t, at) in self._buckets.items() if t + (now - at) * self.rate < self.burst
         }
-        self._seconds = {p: (s, n) for p, (s, n) in self._seconds.items() if s >= int(now) - 1}
