@@ -47,7 +47,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -100,31 +100,60 @@ def norm(state: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(torch.sum(t.double() ** 2)) for t in state.values() if t.is_floating_point()))
 
 
+class Probe(Protocol):
+    """Scores a model (loaded into a module) on a fixed sample of the node's own data."""
+
+    def __call__(self, module: nn.Module) -> Score:
+        """The module's error and loss; infinite when its outputs are not finite."""
+        ...
+
+    @property
+    def chance(self) -> Score:
+        """The score of a model that knows nothing (a guess among its outputs), once one was scored."""
+        ...
+
+
+class ClassificationProbe:
+    """Error and cross-entropy of a classifier on ``samples`` of the node's ``(x, y)`` drawn with
+    ``seed``; chance is a guess among the model's outputs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, samples: int = PROBE_SAMPLES, seed: int = 0):
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples}")
+        pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:samples]
+        self.x, self.y = x[pick], y[pick]
+        self.chance = Score(1.0, math.inf)
+
+    def __call__(self, module: nn.Module) -> Score:
+        if not len(self.y):  # a node without data cannot tell models apart: it judges none worse
+            return Score(0.0, 0.0)
+        device = next(module.parameters()).device
+        outputs = module(self.x.to(device)).cpu()
+        self.chance = Score(1.0 - 1.0 / outputs.shape[-1], math.log(outputs.shape[-1]))
+        if not torch.isfinite(outputs).all():
+            return Score(math.inf, math.inf)
+        error = float((outputs.argmax(-1) != self.y).double().mean())
+        return Score(error, F.cross_entropy(outputs, self.y).item())
+
+
 class Anchor:
-    def __init__(
-        self,
-        module: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        window: int = WINDOW,
-        probe_samples: int = PROBE_SAMPLES,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, module: nn.Module, probe: Probe | None, *, window: int = WINDOW) -> None:
         """``module`` is evaluated with peers' parameters loaded into it: give the anchor its own (a
-        simulation, which runs one node at a time on one thread, may share one among its nodes). The
-        probe is ``probe_samples`` of ``(x, y)`` drawn with ``seed``."""
-        if window < 1 or probe_samples < 1:
-            raise ValueError("window and probe_samples must be at least 1")
+        simulation, which runs one node at a time on one thread, may share one among its nodes).
+        Without a ``probe`` every model scores the same: models are judged by distance only."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
         self.module = module
         self.layout = ParameterLayout.of(module)
-        pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:probe_samples]
-        self.x, self.y = x[pick], y[pick]
+        self.probe = probe
         self._steps: deque[float] = deque(maxlen=window)
         self._scores: deque[Score] = deque(maxlen=window)  # of our start points
         self._good: State | None = None
-        self._chance = Score(1.0, math.inf)  # of a guess among the model's outputs, once known
         self._lock = threading.Lock()
+
+    @property
+    def _chance(self) -> Score:
+        return self.probe.chance if self.probe is not None else Score(1.0, math.inf)
 
     # --- what the node's own training says ------------------------------------------------------
 
@@ -179,22 +208,17 @@ class Anchor:
     # --- judging models -------------------------------------------------------------------------
 
     def score(self, state: State) -> Score:
-        """How ``state`` does on the probe; infinite when its outputs are not; 0 for a node that holds no
-        data (it cannot tell models apart, so it judges none worse than another)."""
-        if not len(self.y):
+        """How ``state`` does on the probe (0 without one: every model alike)."""
+        if self.probe is None:
             return Score(0.0, 0.0)
         with self._lock, torch.no_grad():
             self.layout.load(self.module, state)
             was_training = self.module.training
             self.module.eval()
-            device = next(self.module.parameters()).device
-            outputs = self.module(self.x.to(device)).cpu()
-            self.module.train(was_training)
-            self._chance = Score(1.0 - 1.0 / outputs.shape[-1], math.log(outputs.shape[-1]))
-        if not torch.isfinite(outputs).all():
-            return Score(math.inf, math.inf)
-        error = float((outputs.argmax(-1) != self.y).double().mean())
-        return Score(error, F.cross_entropy(outputs, self.y).item())
+            try:
+                return self.probe(self.module)
+            finally:
+                self.module.train(was_training)
 
     def _far_worse(self, score: Score, *, by_loss: bool = True, than: Score | None = None) -> bool:
         """Whether ``score`` is far worse than ``than``, by default our start points' median (above)."""

@@ -128,20 +128,24 @@ MODELS: dict[str, Factory] = {"mlp": MLP, "cnn": SmallCNN, "frozen-cnn": frozen_
 def resolve_factory(spec: str) -> Factory:
     if spec in MODELS:
         return MODELS[spec]
+    return import_callable(spec, "model", f"use one of {', '.join(MODELS)} or 'package.module:factory'")
+
+
+def import_callable(spec: str, what: str, usage: str = "use 'package.module:function'") -> Callable:
+    """The callable ``spec`` names as ``package.module:attribute``; a ModelError naming ``what`` and
+    ``spec`` in one line when it cannot be imported or called."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelError(
-            f"unknown model {spec!r}: use one of {', '.join(MODELS)} or 'package.module:factory'"
-        )
+        raise ModelError(f"unknown {what} {spec!r}: {usage}")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        found = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
-        raise ModelError(f"model {spec!r}: cannot import {module_name!r} ({exc})") from None
+        raise ModelError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
     except AttributeError:
-        raise ModelError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(factory):
-        raise ModelError(f"model {spec!r}: {attr!r} is not callable")
-    return factory
+        raise ModelError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(found):
+        raise ModelError(f"{what} {spec!r}: {attr!r} is not callable")
+    return found
 
 
 def build_model(

@@ -1,9 +1,9 @@
-"""The learning layer's settings, and the one function that builds a node's protocol from them.
+"""The learning layer's settings (``learning.node`` builds a node from them).
 
 :class:`TaskSettings` is what a node learns and from which data; :class:`ProtocolSettings` how it learns
 with its peers. They are the ``[task]`` and ``[protocol]`` sections of a daemon's ``config.toml``, and
 :class:`ProtocolSettings` is also what every simulated node runs (``simulations.engine.SimConfig``
-extends it), so the daemon and the simulations build their protocols the same way: :func:`build_protocol`.
+extends it), so the daemon and the simulations build their nodes the same way: ``learning.node``.
 
 A field whose metadata has a ``help`` is a setting: ``node.config`` writes it into the commented template
 (after the ``group`` line, if any) and reads it from the file, from ``SHOAL_<KEY>`` and, with ``flag``,
@@ -15,21 +15,19 @@ check their own fields, and build a :class:`GossipConfig`, :class:`ModestConfig`
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
 from shoal.learning import integrators
-from shoal.learning.anchor import Anchor
-from shoal.learning.clipping import Clipped
 from shoal.learning.compression import CODECS, CodecConfig
 from shoal.learning.datasets import BUILTIN
-from shoal.learning.gossip import Gossip, GossipConfig
-from shoal.learning.integrators import Integrator, make_integrator
-from shoal.learning.learner import Hyperparameters
+from shoal.learning.gossip import GossipConfig
 from shoal.learning.models import MODELS
-from shoal.learning.modest import Modest, ModestConfig
-from shoal.learning.protocol import LearningProtocol, State
+from shoal.learning.modest import ModestConfig
+from shoal.learning.task import Labelled, Task, classification
 
 PROTOCOLS = ("gossip", "modest")
 # clipped needs its node's anchor (build_integrator), bristle its node's data (learning.bristle)
@@ -51,11 +49,20 @@ class TaskSettings:
     """What a node learns and from which data. Peers whose model, input shape, classes, protocol or
     codec differ are another task (``node.daemon.task_id``); the other fields are each node's own."""
 
-    dataset: str = field(
-        default="digits",
+    task: str = field(
+        default="",
         metadata={
             "group": "Nodes train the same task only if model, input shape, classes, protocol and codec "
             "match.",
+            "help": "your own task: package.module:function, called with (shard, shards), returning a "
+            'shoal.Task (README, "Python API"); the settings below are then unused, but shard and shards',
+            "flag": True,
+            "metavar": "MODULE:FUNCTION",
+        },
+    )
+    dataset: str = field(
+        default="digits",
+        metadata={
             "help": f"{_choices(BUILTIN)} | path to a .npz file",
             "flag": True,
         },
@@ -96,9 +103,20 @@ class TaskSettings:
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
-    def hyperparameters(self) -> Hyperparameters:
-        return Hyperparameters(
-            batch_size=self.batch_size, lr=self.lr, local_steps=self.local_steps, local_epochs=None
+    def builtin(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, test: Labelled, classes: int
+    ) -> Task:
+        """The built-in task on this node's samples ``(x, y)``, evaluated on ``test``."""
+        return classification(
+            model,
+            x,
+            y,
+            test=test,
+            num_classes=classes,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            steps=self.local_steps,
+            seed=learner_seed(self.seed, self.shard),
         )
 
 
@@ -213,56 +231,3 @@ class ProtocolSettings:
 
     def codec_config(self) -> CodecConfig:
         return CodecConfig(self.codec, self.topk_fraction)
-
-
-def build_integrator(settings: ProtocolSettings, anchor: Anchor | None, rng: random.Random) -> Integrator:
-    """The integrator ``settings`` name (not bristle: ``learning.bristle.bristle_node``). ``clipped``
-    needs the node's anchor; on MoDeST it centres on the medoid of a round's models, as an aggregator's
-    own model is none of them."""
-    if settings.integrator != "clipped":
-        return make_integrator(settings.integrator)
-    if anchor is None:
-        raise ValueError("the clipped integrator needs the node's anchor (learning.anchor)")
-    return Clipped(anchor, rng, self_centred=settings.protocol != "modest")
-
-
-def build_protocol(
-    settings: ProtocolSettings,
-    me: str,
-    peers: Sequence[str],
-    model: State,
-    samples: int,
-    rng: random.Random,
-    *,
-    anchor: Anchor | None = None,
-    integrator: Integrator | None = None,
-    labels: Sequence[int] | None = None,
-    joining: bool = False,
-    round: int = 0,
-) -> LearningProtocol:
-    """The protocol ``settings`` name for node ``me``, starting from ``model`` at ``round``.
-
-    ``peers``: whom MoDeST knows at the start (gossip learns its neighbours from the overlay).
-    ``anchor``: what the node knows of its own training, which judges models that would replace ours
-    (and the clipped integrator's radius). The integrator is the one ``settings`` name unless given
-    (Bristle, or an attacker's plain mean); ``labels`` are announced with gossip's models. A ``joining``
-    node enters a running swarm: gossip fetches a peer's model first unless it resumes from a round of
-    its own; MoDeST always joins anew when it joins or resumes, as its checkpoint's round is far behind
-    the swarm's.
-    """
-    if integrator is None:
-        integrator = build_integrator(settings, anchor, rng)
-    if settings.protocol == "modest":
-        config = settings.modest()
-        return Modest(
-            me,
-            list(peers),
-            model,
-            samples,
-            integrator,
-            config,
-            joining=joining or round > 0,
-            anchor=anchor,
-        )
-    config = settings.gossip(join_by_fetch=joining and round == 0)
-    return Gossip(model, samples, integrator, config, rng, labels=labels, round=round, anchor=anchor)

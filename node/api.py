@@ -25,6 +25,12 @@ REQUEST_TIMEOUT = 10.0
 Status = Callable[[], dict[str, Any]]
 
 
+def describe(metrics: dict[str, float | None]) -> str:
+    """A task's metrics on one line (``/status`` gives None for a value that is not finite)."""
+    parts = (f"{name} {value:.4g}" if value is not None else f"{name} -" for name, value in metrics.items())
+    return ", ".join(parts) or "no metrics"
+
+
 class StatusCollector(Collector):
     """Prometheus metrics computed from the status snapshot at scrape time."""
 
@@ -35,10 +41,11 @@ class StatusCollector(Collector):
         s = self.status()
         yield GaugeMetricFamily("shoal_round", "Training round of this node's model", value=s["round"])
         yield GaugeMetricFamily("shoal_peers", "Peers of this task connected now", value=len(s["peers"]))
-        if s["accuracy"] is not None:
-            yield GaugeMetricFamily(
-                "shoal_accuracy", "Test accuracy of this node's model", value=s["accuracy"]
-            )
+        metric = GaugeMetricFamily("shoal_metric", "What the task's evaluate returned", labels=["name"])
+        for name, value in s["metrics"].items():
+            if value is not None:
+                metric.add_metric([name], value)
+        yield metric
         for direction in ("in", "out"):
             family = CounterMetricFamily(f"shoal_bytes_{direction}", f"Bytes {direction}", labels=["kind"])
             for kind, count in sorted(s[f"bytes_{direction}"].items()):

@@ -67,7 +67,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     for name, help in (
         ("id", "print this node's peer id and addresses"),
         ("peers", "list the peers the running daemon is connected to"),
-        ("status", "show the running daemon's round, accuracy, peers and traffic"),
+        ("status", "show the running daemon's round, metrics, peers and traffic"),
     ):
         sub = command(name, help)
         sub.add_argument("--api", metavar="HOST:PORT", help="ask the daemon at this API address instead")
@@ -177,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
 
     import trio  # the heavy imports (torch, libp2p) only once the configuration is known to be good
 
+    # --task and --model name the user's modules as package.module:function, found from the current
+    # directory as well (as uvicorn and gunicorn find an application)
+    sys.path.insert(0, os.getcwd())
+
     from shoal.learning.datasets import DatasetError
     from shoal.learning.models import ModelError
     from shoal.node.checkpoint import CheckpointError
@@ -264,7 +268,8 @@ def offline_id(args: argparse.Namespace) -> int:
 
 
 def human_status(s: dict[str, Any]) -> str:
-    accuracy = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
+    from shoal.node.api import describe
+
     traffic = (
         f"{sum(s['bytes_in'].values()) / 1e6:.1f} MB in, {sum(s['bytes_out'].values()) / 1e6:.1f} MB out"
     )
@@ -273,7 +278,7 @@ def human_status(s: dict[str, Any]) -> str:
         f"task:         {s['task']} ({s['protocol']}, {s['integrator']}, {s['samples']} local samples)",
         f"reachability: {s['reachability']}"
         + (f" (relays: {', '.join(s['relays'])})" if s["relays"] else ""),
-        f"round:        {s['round']}   accuracy: {accuracy}",
+        f"round:        {s['round']}   metrics: {describe(s['metrics'])}",
         f"peers:        {len(s['peers'])}"
         + "".join(f"\n  {p['peer']}  {p['connection']}" for p in s["peers"]),
         f"traffic:      {traffic}, {s['rejected']} inputs rejected",

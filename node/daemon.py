@@ -26,21 +26,20 @@ from typing import Any
 import torch
 import trio
 from blake3 import blake3
+from torch import nn
 
 from shoal.learning import codecs, messages
-from shoal.learning.anchor import Anchor
-from shoal.learning.bristle import bristle_node
 from shoal.learning.datasets import Dataset, load_dataset, load_npz
-from shoal.learning.integrators import Integrator
 from shoal.learning.learner import Learner
 from shoal.learning.models import ModelError, ParameterLayout, build_model
+from shoal.learning.node import build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol, State
-from shoal.learning.settings import build_integrator, build_protocol, learner_seed
-from shoal.learning.training import Evaluation, evaluate, pick_device
+from shoal.learning.task import Task, load_task, shown
 from shoal.node import api, checkpoint
+from shoal.node.api import describe
 from shoal.node.config import Config, ConfigError
-from shoal.node.driver import Driver, ThreadCompute
+from shoal.node.driver import Compute, Driver, ThreadCompute
 from shoal.node.home import Home
 from shoal.overlay import framing, offloop, wire
 from shoal.overlay.atomic import write_atomic
@@ -76,14 +75,23 @@ def load_data(config: Config) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     return data, data.x_train[shard], data.y_train[shard]
 
 
-def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
-    """What peers must agree on to average models: architecture, input shape, classes, protocol, and the
-    encodings of frames, messages and models."""
+def builtin_task(config: Config) -> tuple[Task, dict[str, Any]]:
+    """The ``[task]`` settings' task on this node's shard, and what peers must share to be its swarm."""
+    data, x, y = load_data(config)
+    t = config.task
+    model = build_model(t.model, data.input_shape, data.num_classes, seed=t.seed)
+    n = min(EVAL_SAMPLES, len(data.y_test))
+    task = t.builtin(model, x, y, (data.x_test[:n], data.y_test[:n]), data.num_classes)
+    return task, {"model": t.model, "input": list(data.input_shape), "classes": data.num_classes}
+
+
+def task_id(config: Config, spec: dict[str, Any], layout: ParameterLayout) -> str:
+    """What peers must agree on to average models: the task's ``spec`` (the built-in's model, input
+    shape and classes; a user's model class), the tensors, the protocol, and the encodings of frames,
+    messages and models."""
     spec = {
-        "model": config.task.model,
+        **spec,
         "tensors": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)],
-        "input": list(data.input_shape),
-        "classes": data.num_classes,
         "protocol": config.protocol.protocol,
         "codec": config.protocol.codec,  # not topk_fraction: receivers decode any number of kept values
         # the encodings: releases that cannot read each other's messages are in different tasks, rather
@@ -91,6 +99,21 @@ def task_id(config: Config, data: Dataset, layout: ParameterLayout) -> str:
         "encoding": [framing.VERSION, wire.VERSION, messages.VERSION, codecs.FORMAT],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def configured_task(config: Config, task: Task | None = None) -> tuple[Task, nn.Module, str]:
+    """The task a node of ``config`` learns (``task`` if given, else the user's ``--task``, else the
+    built-in one), the module it computes in, and its task id. A user's task is one swarm with every
+    node whose model is of the same class with the same tensors."""
+    if task is None and config.task.task:
+        task = load_task(config.task.task, config.task.shard, config.task.shards)
+    if task is None:
+        task, spec = builtin_task(config)
+        module = task.module()
+    else:
+        module = task.module()
+        spec = {"model": f"{type(module).__module__}.{type(module).__qualname__}"}
+    return task, module, task_id(config, spec, ParameterLayout.of(module))
 
 
 def message_limit(state: State) -> int:
@@ -101,55 +124,40 @@ def message_limit(state: State) -> int:
 
 
 class Daemon:
-    def __init__(self, home: Path, config: Config) -> None:
+    def __init__(
+        self, home: Path, config: Config, task: Task | None = None, compute: Compute | None = None
+    ) -> None:
+        """A node in ``home`` learning ``task`` (the user's, from ``shoal.Node``), else the one
+        ``config`` names: a user's ``--task`` or the built-in one. ``compute``: who trains (default:
+        the task's ``train`` in a worker thread; ``shoal.Node``: the user's loop)."""
+        self.compute = compute or ThreadCompute()
         self.home = Home(home)
         self._home_lock = self.home.claim()
         self.home.api.unlink(missing_ok=True)  # left by a daemon that was killed: its ports are not ours
         self.config = config
+        task, module, self.task = configured_task(config, task)
         self.key_pair, created = load_or_create_identity(self.home.identity)
         if created:
             log.info("new identity created in %s", self.home.identity)
-        self.data, x, y = load_data(config)
-        model = build_model(
-            config.task.model, self.data.input_shape, self.data.num_classes, seed=config.task.seed
-        )
-        self.layout = ParameterLayout.of(model)
-        self.eval_model = copy.deepcopy(model)
-        self.task = task_id(config, self.data, self.layout)
-        self.rng = random.Random(f"{config.task.seed}/{peer_id(self.key_pair)}")
-        only_rows = None
-        self.labels: list[int] | None = None  # the classes announced with our models (only Bristle's)
-        self.integrator: Integrator | None = None  # Bristle's, or the one the settings name (below)
-        if config.protocol.integrator == "bristle":
-            try:
-                bristle = bristle_node(model, x, y, self.rng)
-            except ValueError as e:
-                raise ConfigError(f"integrator bristle: {e}") from None
-            self.integrator = bristle.integrator
-            x, y, only_rows, self.labels = bristle.x_train, bristle.y_train, bristle.only_rows, bristle.labels
-        seed = learner_seed(config.task.seed, config.task.shard)
-        self.anchor = Anchor(copy.deepcopy(model), x, y, seed=seed)
-        if self.integrator is None:
-            self.integrator = build_integrator(config.protocol, self.anchor, self.rng)
-        self.learner = Learner(
-            model,
-            x,
-            y,
-            config.task.hyperparameters(),
-            seed=seed,
-            device=pick_device(),
-            only_rows=only_rows,
-            anchor=self.anchor,
-        )
-        n = min(EVAL_SAMPLES, len(self.data.y_test))
-        self.x_eval, self.y_eval = self.data.x_test[:n], self.data.y_test[:n]
+        self.layout = ParameterLayout.of(module)
         saved = checkpoint.load(self.home.checkpoint, self.task)
         self.start_round = saved.round if saved else 0
-        self.initial = self._in_model_order(saved.state) if saved else self.learner.initial_state()
         if saved:
             log.info("resuming from checkpoint at round %d", saved.round)
-        self.anchor.start(self.initial)
-        self.accuracy: float | None = None
+        self.rng = random.Random(f"{config.task.seed}/{peer_id(self.key_pair)}")
+        try:
+            self.node = build_node(
+                task,
+                config.protocol,
+                self.rng,
+                module=module,
+                initial=self._in_model_order(saved.state) if saved else None,
+            )
+        except ValueError as e:
+            raise ConfigError(f"integrator {config.protocol.integrator}: {e}") from None
+        self.learner = self.node.learner
+        self.evaluator = Learner(task, copy.deepcopy(module))  # evaluates while training runs
+        self.metrics: dict[str, float | None] = {}
         self.started = time.time()
         self.overlay: Libp2pOverlay | None = None
         self.protocol: LearningProtocol | None = None
@@ -171,19 +179,25 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        p2p = replace(self.config.network, limits=Limits(max_message=message_limit(self.initial)))
+    async def run(self, stop: trio.Event | None = None) -> None:
+        """Run until SIGINT or SIGTERM, or until ``stop`` is set when given (``shoal.Node`` runs the
+        daemon in a thread of its own, where signals cannot be received); then leave gracefully."""
+        p2p = replace(self.config.network, limits=Limits(max_message=message_limit(self.node.initial)))
         with trio.CancelScope() as closing:
             async with (
                 Libp2pOverlay.start(self.key_pair, self.task, p2p) as overlay,
                 trio.open_nursery() as nursery,
             ):
                 self.overlay = overlay
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    nursery.start_soon(self._serve, nursery)
-                    async for signum in signals:
-                        log.info("%s: leaving the swarm", signal.Signals(signum).name)
-                        break
+                nursery.start_soon(self._serve, nursery)
+                if stop is not None:
+                    await stop.wait()
+                    log.info("stopped: leaving the swarm")
+                else:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            log.info("%s: leaving the swarm", signal.Signals(signum).name)
+                            break
                 with trio.move_on_after(LEAVE_TIMEOUT):
                     if self.driver is not None:
                         await self.driver.leave(LEAVE_TIMEOUT / 2)
@@ -215,7 +229,7 @@ class Daemon:
             self.protocol,
             overlay,
             self.learner,
-            ThreadCompute(),
+            self.compute,
             send_timeout=overlay.config.send_timeout,  # also the overlay's own bound on a send
             on_round=self._rounds[0].send_nowait,
             codec=self.config.protocol.codec_config(),
@@ -247,18 +261,8 @@ class Daemon:
         return f"shoal/{self.task}"
 
     def _protocol(self, peers: list[str]) -> LearningProtocol:
-        return build_protocol(
-            self.config.protocol,
-            self.overlay.peer_id,
-            peers,
-            self.initial,
-            self.learner.samples,
-            self.rng,
-            anchor=self.anchor,
-            integrator=self.integrator,
-            labels=self.labels,
-            joining=bool(self.config.network.bootstrap),
-            round=self.start_round,
+        return self.node.protocol(
+            self.overlay.peer_id, peers, joining=bool(self.config.network.bootstrap), round=self.start_round
         )
 
     async def _after_rounds(self) -> None:
@@ -272,22 +276,14 @@ class Daemon:
                 except trio.WouldBlock:
                     break
             state = self.protocol.model
-            evaluation = await offloop.run_sync(self._evaluate, state)
-            self.accuracy = evaluation.accuracy
-            log.info("round %d done: accuracy %.3f, %d peers", rnd, self.accuracy, len(self.overlay.peers()))
+            self.metrics = shown(await offloop.run_sync(self.evaluator.evaluate, state))
+            log.info("round %d done: %s, %d peers", rnd, describe(self.metrics), len(self.overlay.peers()))
             if trio.current_time() - last_record >= RECORD_INTERVAL:
                 last_record = trio.current_time()
                 self.overlay.metadata.record_model(rnd, *await offloop.run_sync(self._version, state))
             if rnd - last_checkpoint >= self.config.node.checkpoint_every:
                 last_checkpoint = rnd
                 await offloop.run_sync(self._checkpoint)
-
-    def _evaluate(self, state: State) -> Evaluation:
-        """Test accuracy, on a model of its own (training runs at the same time on the learner's)."""
-        self.layout.load(self.eval_model, state)
-        return evaluate(
-            self.eval_model, self.x_eval, self.y_eval, self.data.num_classes, device=pick_device()
-        )
 
     @staticmethod
     def _version(state: State) -> tuple[str, int]:
@@ -325,7 +321,8 @@ class Daemon:
             "codec": self.config.protocol.codec,
             "learning": self.protocol is not None,  # false until its first task peer (alone: discovery done)
             "round": self.protocol.round if self.protocol else self.start_round,
-            "accuracy": self.accuracy,
+            "metrics": self.metrics,  # what the task's evaluate returned for the newest round evaluated
+            "training_error": self.learner.error,  # why the last round's training was dropped, if it was
             "samples": self.learner.samples,
             "peers": [{"peer": p, "connection": overlay.connection_kind(p)} for p in peers],
             "members": sorted(overlay.metadata.members()) if overlay else [],

@@ -64,6 +64,11 @@ def node_config(
     return "\n".join(lines) + "\n"
 
 
+def accuracy(status: dict) -> float | None:
+    """The test accuracy a daemon of the built-in task reports (None before its first evaluation)."""
+    return (status.get("metrics") or {}).get("accuracy")
+
+
 def status(home: Home) -> dict | None:
     """The /status of the daemon running in ``home``, or None if it does not serve (yet)."""
     running = home.running()
@@ -158,10 +163,10 @@ def watch(
             s = status(homes[i])
             if s is not None:
                 seen[i] = s
-                if s["accuracy"] is not None:
+                if accuracy(s) is not None:
                     peer_counts.setdefault(i, []).append(len(s["peers"]))
         rows = [seen.get(i) for i in range(len(procs))]
-        accuracies = [r["accuracy"] for r in rows if r and r["accuracy"] is not None]
+        accuracies = [a for r in rows if r and (a := accuracy(r)) is not None]
         rounds = [r["round"] for r in rows if r]
         peers = [len(r["peers"]) for r in rows if r]
         if not accuracies:
@@ -212,11 +217,11 @@ def summary(
     ]
     for i, pid in enumerate(ids):
         s = seen.get(i, {})
-        accuracy = s.get("accuracy")
+        shown = accuracy(s)
         counts = peer_counts.get(i)
         lines.append(
             f"{i:>4}  {'…' + pid[-12:]:<14} {s.get('round', '-'):>5} "
-            f"{'-' if accuracy is None else f'{accuracy:.3f}':>8} "
+            f"{'-' if shown is None else f'{shown:.3f}':>8} "
             f"{statistics.median(counts) if counts else '-':>5} {s.get('liveness', {}).get('down', '-'):>4} "
             f"{sum(s.get('bytes_out', {}).values()) / 1e6:>7.1f} {codes[i]:>4}"
         )

@@ -119,7 +119,7 @@ class VirtualCompute:
 
     async def train(self, learner: Learner, state: State, round: int) -> State:
         state, stats = learner.train(state, round)
-        await trio.sleep(stats.samples / self.samples_per_second)
+        await trio.sleep(stats["samples"] / self.samples_per_second)
         return state
 
 

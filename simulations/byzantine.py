@@ -39,10 +39,10 @@ from shoal.learning.attacks import ATTACKS, Forging, flip_labels, forge
 from shoal.learning.bristle import bristle_node, hold_out
 from shoal.learning.datasets import Dataset, load_dataset
 from shoal.learning.integrators import Mean
-from shoal.learning.learner import Learner
+from shoal.learning.node import LearningNode, build_integrator, build_protocol
 from shoal.learning.pretrain import extract, extractor_bytes, load_extractor, pretrain_extractor
 from shoal.learning.protocol import LearningProtocol
-from shoal.learning.settings import build_integrator, build_protocol
+from shoal.learning.task import retrained
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations import report
 from shoal.simulations.engine import RunResult, SimConfig, Simulation, node_name
@@ -81,19 +81,20 @@ def transfer_data(seed: int, features_file: Path | None, out: Path) -> tuple[Dat
 def protocol_factory(integrator: str, attackers: set[int], attack: str, num_classes: int):
     """Attackers forge (or train on flipped labels) behind a plain mean; the honest use ``integrator``."""
 
-    def make(sim: Simulation, i: int, learner: Learner, joining: bool):
-        rng = sim.rng(i)
+    def make(sim: Simulation, i: int, node: LearningNode, joining: bool):
+        rng, learner = sim.rng(i), node.learner
         peers = [node_name(j) for j in range(sim.config.nodes) if j != i]  # MoDeST's members
+        x, y = learner.task.train.x, learner.task.train.y
 
         def build(rule=None, labels: list[int] | None = None) -> LearningProtocol:
             return build_protocol(
                 sim.config,
                 node_name(i),
                 peers,
-                sim.initial[i],
+                node.initial,
                 learner.samples,
                 rng,
-                anchor=None if i in attackers else learner.anchor,  # attackers judge nothing
+                anchor=None if i in attackers else node.anchor,  # attackers judge nothing
                 integrator=rule,
                 labels=labels,
                 joining=joining,
@@ -101,17 +102,19 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
 
         if i in attackers:
             if attack == "label-flip":
-                learner.y = flip_labels(learner.y, num_classes)
+                learner.task = retrained(learner.task, x, flip_labels(y, num_classes))
                 return build(Mean())
             return Forging(build(Mean()), forge(attack, rng))
         if integrator == "bristle":
-            bristle = bristle_node(learner.model, learner.x, learner.y, rng)
-            learner.x, learner.y, learner.only_rows = bristle.x_train, bristle.y_train, bristle.only_rows
+            bristle = bristle_node(learner.model, x, y, rng)
+            learner.task = retrained(learner.task, bristle.x_train, bristle.y_train)
+            learner.only_rows = bristle.only_rows
             return build(bristle.integrator, labels=bristle.labels)
         if sim.config.model == "head":  # every honest node keeps the same share back as Bristle's
-            learner.x, learner.y, _, _ = hold_out(learner.x, learner.y)
+            x, y, _, _ = hold_out(x, y)
+            learner.task = retrained(learner.task, x, y)
         config = replace(sim.config, integrator=integrator)
-        return build(build_integrator(config, learner.anchor, rng), labels=learner.y.unique().tolist())
+        return build(build_integrator(config, node.anchor, rng), labels=y.unique().tolist())
 
     return make
 

@@ -1,15 +1,17 @@
 """The simulation engine: the daemon's own protocol, learner and driver on a simulated network.
 
-A :class:`Simulation` builds one node per graph vertex: a :class:`~learning.learner.Learner` on its
-data shard, a learning protocol (the one the :class:`SimConfig` names, built as the daemon builds its
-own; attackers or other integrators through a protocol factory), a :class:`~node.driver.Driver` and a
+A :class:`Simulation` builds one node per graph vertex, as the daemon builds its own
+(``learning.node.build_node``): its task (the built-in one on its data shard, or the user's, from a
+task factory: ``shoal.simulate``), a learning protocol (the one the :class:`SimConfig` names;
+attackers or other integrators through a protocol factory), a :class:`~node.driver.Driver` and a
 :class:`~overlay.sim.SimOverlay`;
 runs them all on one trio loop in virtual time (``overlay.sim.run_virtual``), applies a schedule of
 crashes, leaves, joins and partitions, and evaluates every live node's model at fixed virtual times.
 Everything random derives from the seed, so a seed reproduces a run bit for bit on CPU.
 
-All nodes share one ``nn.Module`` for compute (they train one at a time on the loop's thread); what
-each node owns is its parameters, so memory per node is a few copies of the model.
+The built-in task's nodes share one ``nn.Module`` for compute (they train one at a time on the loop's
+thread); what each node owns is its parameters, so memory per node is a few copies of the model. A
+user's task factory decides: returning one module for every node shares it too.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import numpy as np
 import torch
 import trio
 
-from shoal.learning.anchor import Anchor
 from shoal.learning.datasets import Dataset, load_dataset
-from shoal.learning.learner import Hyperparameters, Learner
 from shoal.learning.models import ParameterLayout, build_model
+from shoal.learning.node import LearningNode, build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol
-from shoal.learning.settings import ProtocolSettings, build_protocol, learner_seed
+from shoal.learning.settings import ProtocolSettings, learner_seed
+from shoal.learning.task import Labelled, Task, TaskFactory, classification, shown
 from shoal.node.driver import Driver, VirtualCompute
 from shoal.overlay.sim import SimNetwork, run_virtual
 
@@ -64,12 +66,27 @@ class SimConfig(ProtocolSettings):
     loss: float = 0.0
     dial_any: bool = False  # True: any node may message any other, not only graph neighbours
 
-    def hyperparameters(self) -> Hyperparameters:
-        return Hyperparameters(
+    def builtin(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        test: Labelled,
+        classes: int,
+        node: int,
+    ) -> Task:
+        """Node ``node``'s built-in task on its samples ``(x, y)``, evaluated on ``test``."""
+        return classification(
+            model,
+            x,
+            y,
+            test=test,
+            num_classes=classes,
             batch_size=self.batch_size,
             lr=self.lr,
-            local_steps=self.local_steps,
-            local_epochs=self.local_epochs,
+            steps=self.local_steps,
+            epochs=self.local_epochs,
+            seed=learner_seed(self.seed, node),
         )
 
     def __post_init__(self) -> None:
@@ -105,17 +122,30 @@ class ScheduledEvent:
 
 @dataclass
 class Row:
-    """One evaluation point: the columns of rounds.csv."""
+    """One evaluation point: the columns of rounds.csv, ``metrics`` spread as ``<name>_mean``,
+    ``<name>_min`` and ``<name>_max`` of each metric the task's evaluate returns, over the nodes
+    evaluated."""
 
     run: str
     time: float
     round: float
     alive: int
-    acc_mean: float
-    acc_min: float
-    acc_max: float
     consensus_distance: float
     bytes_sent: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def acc_mean(self) -> float:
+        """The built-in task's mean accuracy (NaN for a task without one)."""
+        return self.metrics.get("accuracy_mean", math.nan)
+
+    @property
+    def acc_min(self) -> float:
+        return self.metrics.get("accuracy_min", math.nan)
+
+    @property
+    def acc_max(self) -> float:
+        return self.metrics.get("accuracy_max", math.nan)
 
 
 @dataclass
@@ -125,7 +155,7 @@ class RunResult:
     wall_seconds: float
     node_rounds: int
     bytes_by_kind: dict[str, int]
-    per_node_accuracy: dict[str, float] = field(default_factory=dict)  # at the end, live nodes
+    per_node_accuracy: dict[str, float] = field(default_factory=dict)  # at the end, live nodes (if any)
     bytes_per_node: dict[str, int] = field(default_factory=dict)  # sent + received over the run
 
     @property
@@ -137,10 +167,10 @@ def node_name(i: int) -> str:
     return f"n{i:04d}"
 
 
-ProtocolFactory = Callable[["Simulation", int, Learner, bool], LearningProtocol]
+ProtocolFactory = Callable[["Simulation", int, LearningNode, bool], LearningProtocol]
 
 
-def configured_protocol(sim: Simulation, i: int, learner: Learner, joining: bool) -> LearningProtocol:
+def configured_protocol(sim: Simulation, i: int, node: LearningNode, joining: bool) -> LearningProtocol:
     """The default factory: the protocol the SimConfig names. Gossip learns its neighbours from the
     overlay; MoDeST's initial nodes know each other, and a late joiner knows three live nodes."""
     c, me = sim.config, node_name(i)
@@ -150,9 +180,7 @@ def configured_protocol(sim: Simulation, i: int, learner: Learner, joining: bool
         peers = sim.rng(i).sample(alive, min(3, len(alive)))
     elif c.protocol == "modest":
         peers = [node_name(j) for j in range(c.nodes) if j != i and j not in sim.offline]
-    return build_protocol(
-        c, me, peers, sim.initial[i], learner.samples, sim.rng(i), anchor=learner.anchor, joining=joining
-    )
+    return node.protocol(me, peers, joining=joining)
 
 
 class Simulation:
@@ -167,6 +195,7 @@ class Simulation:
         schedule: Sequence[ScheduledEvent] = (),
         offline: Sequence[int] = (),
         make_protocol: ProtocolFactory | None = None,
+        make_task: TaskFactory | None = None,
         evaluate: str = "all",
         observed: Sequence[int] | None = None,
         speeds: Sequence[float] | None = None,
@@ -177,7 +206,9 @@ class Simulation:
         node's protocol (default: :func:`configured_protocol`); ``evaluate`` is ``all`` live nodes'
         models or only the ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample);
         ``observed`` limits evaluation to some nodes (e.g. the honest ones when others attack);
-        ``speeds`` gives each node's samples/s (e.g. measured on daemons) instead of drawing them."""
+        ``speeds`` gives each node's samples/s (e.g. measured on daemons) instead of drawing them;
+        ``make_task(i, nodes)`` gives node ``i``'s task (default: the built-in one the config names, on
+        the node's shard of ``data``)."""
         if evaluate not in {"all", "freshest"}:
             raise ValueError(f"evaluate must be 'all' or 'freshest', got {evaluate!r}")
         if sorted(graph.nodes) != list(range(config.nodes)):
@@ -185,7 +216,10 @@ class Simulation:
         self.config = config
         self.graph = graph
         self.label = label
-        self.data = data or load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
+        self.make_task = make_task
+        if make_task is None:
+            data = data or load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
+        self.data = data  # the built-in task's (None: the user's tasks hold their own)
         self.schedule = sorted(schedule, key=lambda e: e.time)
         self.offline = set(offline)
         self.progress = progress
@@ -195,10 +229,11 @@ class Simulation:
         if speeds is not None and (len(speeds) != config.nodes or min(speeds) <= 0):
             raise ValueError(f"speeds must be {config.nodes} positive numbers")
         self.given_speeds = speeds
-        holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
-        shards = partition(self.data.y_train.numpy(), len(holders), config.partition, config.seed)
         self.shards = {i: np.empty(0, dtype=np.int64) for i in range(config.nodes)}
-        self.shards.update(zip(holders, shards))
+        if data is not None:
+            holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
+            shards = partition(data.y_train.numpy(), len(holders), config.partition, config.seed)
+            self.shards.update(zip(holders, shards))
         self.rows: list[Row] = []
         self.node_rounds = 0
         self._final_accuracy: dict[str, float] = {}
@@ -208,30 +243,45 @@ class Simulation:
     def _setup(self) -> None:
         c = self.config
         rng = np.random.default_rng(c.seed)
-        self.model = build_model(c.model, self.data.input_shape, self.data.num_classes, seed=c.seed)
-        self.hyper = c.hyperparameters()
         spread = math.log(c.speed_spread)
         self.speeds = (
             dict(enumerate(self.given_speeds))
             if self.given_speeds is not None
             else {i: c.speed * math.exp(rng.uniform(-spread, spread)) for i in range(c.nodes)}
         )
-        eval_idx = torch.randperm(len(self.data.y_test), generator=torch.Generator().manual_seed(c.seed))
-        eval_idx = eval_idx[: c.eval_samples]
-        self.x_eval, self.y_eval = self.data.x_test[eval_idx], self.data.y_test[eval_idx]
         self.network = SimNetwork(
             seed=c.seed, latency=c.latency, bandwidth=c.bandwidth * 1e6 / 8, loss=c.loss, dial_any=c.dial_any
         )
         self.drivers: dict[int, Driver] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
-        layout = ParameterLayout.of(self.model)
-        shared = layout.state(self.model)  # protocols never change a model in place: one copy serves all
-        self.initial = {  # node -> initial parameters
-            i: shared
-            if c.same_init
-            else layout.state(
-                build_model(c.model, self.data.input_shape, self.data.num_classes, seed=c.seed * 100_003 + i)
-            )
+        self.tasks = (
+            {i: self.make_task(i, c.nodes) for i in range(c.nodes)} if self.make_task else self._builtin()
+        )
+        self.modules = {i: task.module() for i, task in self.tasks.items()}
+        layout = ParameterLayout.of(self.modules[0])
+        if not c.same_init:
+            self.initial = {i: layout.state(self._own_model(i)) for i in range(c.nodes)}  # node -> model
+        else:
+            shared = layout.state(self.modules[0])  # protocols never change a model in place: one serves all
+            self.initial = dict.fromkeys(range(c.nodes), shared)
+
+    def _own_model(self, i: int) -> torch.nn.Module:
+        """Node ``i``'s own initial model: from the user's factory, or the built-in one's seeded by ``i``."""
+        if self.make_task:
+            return self.modules[i]
+        c, data = self.config, self.data
+        return build_model(c.model, data.input_shape, data.num_classes, seed=c.seed * 100_003 + i)
+
+    def _builtin(self) -> dict[int, Task]:
+        """The built-in task of every node: the config's model (one module computes for all) on the
+        node's shard, evaluated on the same ``eval_samples`` test samples."""
+        c, data = self.config, self.data
+        pick = torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(c.seed))
+        test = (data.x_test[pick[: c.eval_samples]], data.y_test[pick[: c.eval_samples]])
+        model = build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)
+        shards = self.shards
+        return {
+            i: c.builtin(model, data.x_train[shards[i]], data.y_train[shards[i]], test, data.num_classes, i)
             for i in range(c.nodes)
         }
 
@@ -244,17 +294,15 @@ class Simulation:
         name = node_name(i)
         live_neighbours = [node_name(j) for j in self.graph.neighbors(i)]
         overlay = self.network.add_node(name, neighbours=live_neighbours)
-        shard = self.shards[i]
-        x, y, seed = self.data.x_train[shard], self.data.y_train[shard], learner_seed(c.seed, i)
-        # the nodes run one at a time on this thread: one module serves every node's anchor too
-        anchor = Anchor(self.model, x, y, seed=seed)
-        anchor.start(self.initial[i])
-        learner = Learner(self.model, x, y, self.hyper, seed=seed, anchor=anchor)
-        protocol = (self.make_protocol or configured_protocol)(self, i, learner, joining)
+        # the nodes run one at a time on this thread: a node's module serves its anchor too
+        node = build_node(
+            self.tasks[i], c, self.rng(i), module=self.modules[i], shared=True, initial=self.initial[i]
+        )
+        protocol = (self.make_protocol or configured_protocol)(self, i, node, joining)
         driver = Driver(
             protocol,
             overlay,
-            learner,
+            node.learner,
             VirtualCompute(self.speeds[i]),
             on_round=self._count_round,
             codec=c.codec_config(),
@@ -284,7 +332,15 @@ class Simulation:
 
     def run(self) -> RunResult:
         start = time.perf_counter()
-        run_virtual(self._main, seed=self.config.seed)
+        state = random.getstate()
+        # what a user's task draws from torch's and Python's global generators derives from the seed too
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+            try:
+                run_virtual(self._main, seed=self.config.seed)
+            finally:
+                random.setstate(state)
         self.wall_seconds = time.perf_counter() - start
         traffic = self.network.traffic
         per_node = {
@@ -365,36 +421,33 @@ class Simulation:
             newest = max(self.drivers[i].protocol.round for i in live)
             live = [i for i in live if self.drivers[i].protocol.round == newest]
         if not live:
-            return Row(
-                self.label, now, math.nan, alive, math.nan, math.nan, math.nan, math.nan, self._bytes()
-            )
-        evaluator = next(iter(self.drivers.values())).learner
-        states = [self.drivers[i].protocol.model for i in live]
-        accs = [
-            evaluator.evaluate(s, self.x_eval, self.y_eval, self.data.num_classes).accuracy for s in states
-        ]
-        self._final_accuracy = {node_name(i): a for i, a in zip(live, accs)}
-        flat = torch.stack([evaluator.layout.flatten(s) for s in states])
+            return Row(self.label, now, math.nan, alive, math.nan, self._bytes())
+        states = {i: self.drivers[i].protocol.model for i in live}
+        evaluated = {i: shown(self.drivers[i].learner.evaluate(s)) for i, s in states.items()}
+        self._final_accuracy = {
+            node_name(i): m["accuracy"] for i, m in evaluated.items() if m.get("accuracy") is not None
+        }
+        metrics: dict[str, float] = {}
+        for name in dict.fromkeys(name for m in evaluated.values() for name in m):
+            values = [v for m in evaluated.values() if (v := m.get(name)) is not None]
+            for stat, value in zip(("mean", "min", "max"), (np.mean, min, max)):
+                metrics[f"{name}_{stat}"] = float(value(values)) if values else math.nan
+        layout = self.drivers[live[0]].learner.layout
+        flat = torch.stack([layout.flatten(s) for s in states.values()])
         distance = (flat - flat.mean(0)).norm(dim=1).mean().item()
         rounds = float(np.mean([self.drivers[i].protocol.round for i in live]))
-        return Row(
-            self.label,
-            now,
-            rounds,
-            alive,
-            float(np.mean(accs)),
-            min(accs),
-            max(accs),
-            distance,
-            self._bytes(),
-        )
+        return Row(self.label, now, rounds, alive, distance, self._bytes(), metrics)
 
     def _bytes(self) -> int:
         return self.network.traffic.total_sent()
 
     def _describe(self, row: Row) -> str:
+        m = row.metrics
+        text = "  ".join(
+            f"{n} {m[n + '_mean']:.3f} (min {m[n + '_min']:.3f}, max {m[n + '_max']:.3f})"
+            for n in (key.removesuffix("_mean") for key in m if key.endswith("_mean"))
+        )
         return (
-            f"  [{self.label}] t={row.time:6.0f}s  round {row.round:6.1f}  alive {row.alive:4d}  "
-            f"accuracy {row.acc_mean:.3f} (min {row.acc_min:.3f}, max {row.acc_max:.3f})  "
+            f"  [{self.label}] t={row.time:6.0f}s  round {row.round:6.1f}  alive {row.alive:4d}  {text}  "
             f"sent {row.bytes_sent / 1e6:8.1f} MB"
         )

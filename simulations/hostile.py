@@ -33,9 +33,9 @@ from collections.abc import Sequence
 
 import torch
 
-from shoal.learning.learner import Learner
 from shoal.learning.messages import MAX_LABELS, MAX_ROUND, is_count
 from shoal.learning.modest import ModestConfig
+from shoal.learning.node import LearningNode
 from shoal.learning.protocol import (
     Action,
     Event,
@@ -268,9 +268,9 @@ def with_hostile(
     """A protocol factory for the engine that puts :class:`Hostile` on the ``hostile`` nodes, each
     attacking every ``period`` seconds."""
 
-    def make(sim: Simulation, i: int, learner: Learner, joining: bool):
+    def make(sim: Simulation, i: int, node: LearningNode, joining: bool):
         if i not in hostile:
-            return make_protocol(sim, i, learner, joining)
+            return make_protocol(sim, i, node, joining)
         peers = (
             [node_name(j) for j in sim.graph.neighbors(i)]
             if protocol == "gossip"

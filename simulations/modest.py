@@ -35,7 +35,6 @@ from shoal.learning.integrators import Contribution, make_integrator
 from shoal.learning.learner import Learner
 from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.partition import partition
-from shoal.learning.settings import learner_seed
 from shoal.overlay.wire import Message, encoded_size
 from shoal.simulations import report
 from shoal.simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation
@@ -46,9 +45,9 @@ def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
     data = load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
     shards = partition(data.y_train.numpy(), config.nodes, config.partition, config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
-    hyper = config.hyperparameters()
+    test = (data.x_test, data.y_test)
     learners = [
-        Learner(model, data.x_train[s], data.y_train[s], hyper, seed=learner_seed(config.seed, i))
+        Learner(config.builtin(model, data.x_train[s], data.y_train[s], test, data.num_classes, i))
         for i, s in enumerate(shards)
     ]
     integrator = make_integrator(config.integrator)
@@ -62,8 +61,9 @@ def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
             trained = [Contribution(learners[i].train(state, rnd)[0], learners[i].samples) for i in chosen]
             state = integrator.integrate(trained[0], trained[1:])
             sent += 2 * sample * model_bytes
-        acc = learners[0].evaluate(state, data.x_test, data.y_test, data.num_classes).accuracy
-        rows.append(Row("fedavg", math.nan, float(rnd), config.nodes, acc, acc, acc, 0.0, sent))
+        acc = learners[0].evaluate(state)["accuracy"]
+        metrics = {"accuracy_mean": acc, "accuracy_min": acc, "accuracy_max": acc}
+        rows.append(Row("fedavg", math.nan, float(rnd), config.nodes, 0.0, sent, metrics))
     return RunResult("fedavg", rows, 0.0, rounds * sample, {"model": sent})
 
 

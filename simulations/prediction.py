@@ -39,7 +39,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from shoal.learning.learner import Learner
+from shoal.learning.node import LearningNode
 from shoal.learning.protocol import LearningProtocol
 from shoal.learning.settings import TaskSettings
 from shoal.node.daemon import EVAL_SAMPLES
@@ -119,12 +119,12 @@ class Scenario:
     origin: float
     _launched: Counter[int] = field(default_factory=Counter)
 
-    def protocol(self, sim: Simulation, i: int, learner: Learner, joining: bool) -> LearningProtocol:
+    def protocol(self, sim: Simulation, i: int, node: LearningNode, joining: bool) -> LearningProtocol:
         """Node ``i``'s protocol at its next launch: a joiner fetches a neighbour's model only where the
         daemon's launch began from a peer's model."""
         launch, self._launched[i] = self._launched[i], self._launched[i] + 1
         fetched = launch >= len(self.starts[i]) or self.starts[i][launch].fetched
-        return configured_protocol(sim, i, learner, joining and fetched)
+        return configured_protocol(sim, i, node, joining and fetched)
 
 
 def scenario(measured: Measurement) -> Scenario:

@@ -125,10 +125,13 @@ def prepare(args: argparse.Namespace) -> None:
 def write_rounds(out: Path, results: Sequence[RunResult]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([f.name for f in fields(Row)])
+    columns = [f.name for f in fields(Row) if f.name != "metrics"]
+    metrics = list(dict.fromkeys(name for r in results for row in r.rows for name in row.metrics))
+    writer.writerow(columns + metrics)
     for result in results:
         for row in result.rows:
-            writer.writerow([_cell(v) for v in asdict(row).values()])
+            values = [getattr(row, c) for c in columns] + [row.metrics.get(m, math.nan) for m in metrics]
+            writer.writerow([_cell(v) for v in values])
     write_atomic(out / "rounds.csv", buf.getvalue())
 
 

@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from shoal.node.demo import node_config
+from shoal.node.demo import accuracy, node_config
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
@@ -208,7 +208,7 @@ class Harness:
                     "time": round(now, 2),
                     "node": m.site.index,
                     "round": s["round"],
-                    "accuracy": s["accuracy"],
+                    "accuracy": accuracy(s),
                     "peers": len(kinds),
                     "direct": kinds.count("direct"),
                     "relayed": kinds.count("relayed"),
@@ -217,7 +217,7 @@ class Harness:
                     "rss_mb": round(rss, 1),
                 }
             )
-        accs = [m.status["accuracy"] for m in live if m.status and m.status["accuracy"] is not None]
+        accs = [a for m in live if m.status and (a := accuracy(m.status)) is not None]
         if not accs:
             self.progress(f"{now:5.1f} s  {sum(m.status is not None for m in live)}/{len(live)} daemons up")
             return False

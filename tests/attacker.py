@@ -12,15 +12,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import trio
 from pycrdt import Doc, Map
 from torch import nn
 
-from shoal.learning.datasets import Dataset
-from shoal.learning.models import ParameterLayout, build_model
+import shoal
 from shoal.node.config import Config, load
-from shoal.node.daemon import load_data, task_id
+from shoal.node.daemon import configured_task
 from shoal.overlay.host import quiet_libp2p_logs
 from shoal.overlay.p2p import Libp2pOverlay
 
@@ -31,21 +29,18 @@ def say(value: object) -> None:
 
 @dataclass
 class Task:
-    """The honest daemons' task, as a node with their settings builds it (so the same task id)."""
+    """The honest daemons' task, as a node with their settings builds it (so the same task id): the
+    built-in one or a user's (``task = "package.module:function"``)."""
 
     config: Config
-    data: Dataset
-    x: torch.Tensor
-    y: torch.Tensor
+    task: shoal.Task
     model: nn.Module
     id: str
 
 
 def task_of(path: str) -> Task:
     config = load(Path(path))
-    data, x, y = load_data(config)
-    model = build_model(config.task.model, data.input_shape, data.num_classes, seed=config.task.seed)
-    return Task(config, data, x, y, model, task_id(config, data, ParameterLayout.of(model)))
+    return Task(config, *configured_task(config))
 
 
 async def join(overlay: Libp2pOverlay, task: str, peers: int) -> None:

@@ -38,8 +38,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from shoal.learning.attacks import Forging, forge
 from shoal.learning.integrators import Mean
-from shoal.learning.learner import Hyperparameters, Learner
-from shoal.learning.settings import build_protocol
+from shoal.learning.learner import Learner
+from shoal.learning.node import build_protocol
 from shoal.node.config import Config
 from shoal.node.daemon import message_limit
 from shoal.node.driver import Driver, ThreadCompute
@@ -203,7 +203,7 @@ def _tamper(value: dict) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     task = task_of(args.config)
-    learner = Learner(task.model, task.x, task.y, Hyperparameters(local_steps=1, local_epochs=None))
+    learner = Learner(task.task, task.model)
     args.frame_limit = message_limit(learner.initial_state())
     for spec in args.phases:  # a fresh identity per phase: identities cost nothing, and bans are per peer
         phase, _, seconds = spec.partition("=")

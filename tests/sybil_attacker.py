@@ -25,7 +25,7 @@ from attacker import parser, run, say, task_of
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from shoal.learning.compression import Compression
-from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.learner import Learner
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
@@ -33,9 +33,9 @@ from shoal.overlay.wire import Message
 
 async def main(args: argparse.Namespace) -> None:
     task = task_of(args.config)
-    learner = Learner(task.model, task.x, task.y, Hyperparameters(local_steps=1, local_epochs=None))
+    learner = Learner(task.task, task.model)
     stale = learner.initial_state()
-    samples = len(task.y)
+    samples = task.task.samples
     victim = args.victim
     sent = 0
 

@@ -6,13 +6,14 @@ import random
 import pytest
 import torch
 
-from shoal.learning.anchor import AHEAD, REACH, Anchor, distance
+from shoal.learning.anchor import AHEAD, REACH, Anchor, ClassificationProbe, distance
 from shoal.learning.clipping import Clipped, ClippingConfig
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Contribution, integrate_contained
-from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.learner import Learner
 from shoal.learning.models import build_model
 from shoal.learning.protocol import Credited, MessageIn, PeerUp, Rejected, Send, Started, Train
+from shoal.learning.task import classification
 
 
 def task(seed: int = 0):
@@ -26,8 +27,8 @@ def task(seed: int = 0):
 def trained_node(rounds: int = 5):
     """A learner with an anchor after a few rounds of its own training, and its current model."""
     model, x, y = task()
-    anchor = Anchor(build_model("mlp", (8,), 4, seed=0), x, y)
-    learner = Learner(model, x, y, Hyperparameters(lr=0.1, local_steps=10, local_epochs=None), anchor=anchor)
+    anchor = Anchor(build_model("mlp", (8,), 4, seed=0), ClassificationProbe(x, y))
+    learner = Learner(classification(model, x, y, lr=0.1, steps=10), anchor=anchor)
     state = learner.initial_state()
     anchor.start(state)
     for rnd in range(rounds):
@@ -54,7 +55,7 @@ def test_the_anchor_knows_its_step_and_its_known_good_model():
 
 def test_a_node_without_data_judges_no_model_worse_than_another():
     model, x, y = task()
-    anchor = Anchor(model, x[:0], y[:0])
+    anchor = Anchor(model, ClassificationProbe(x[:0], y[:0]))
     anchor.start({n: p.detach() for n, p in model.named_parameters()})
     assert anchor.score({n: p.detach() * -100 for n, p in model.named_parameters()}) == (0.0, 0.0)
 
@@ -196,13 +197,13 @@ def test_a_model_far_worse_than_our_latest_start_point_replaces_nothing():
     initial model was no worse than it and aggregates of it were taken (20% of stale attackers: honest
     accuracy 0.48). Next to the latest start point, once the swarm has learned, it is far worse."""
     model, x, y = task()
-    anchor = Anchor(build_model("mlp", (8,), 4, seed=0), x, y)
-    learner = Learner(model, x, y, Hyperparameters(lr=0.1, local_steps=10, local_epochs=None), anchor=anchor)
+    anchor = Anchor(build_model("mlp", (8,), 4, seed=0), ClassificationProbe(x, y))
+    learner = Learner(classification(model, x, y, lr=0.1, steps=10), anchor=anchor)
     initial = learner.initial_state()
     anchor.start(initial)
     for rnd in range(5):  # every round started from the initial model again, as the attackers reset us
         learner.train(initial, rnd)
-    swarm, _ = Learner(task()[0], x, y, Hyperparameters(lr=0.1, local_steps=150, local_epochs=None)).train(
+    swarm, _ = Learner(classification(task()[0], x, y, lr=0.1, steps=150)).train(
         initial, 0
     )  # the swarm's model once it has learned: our next start point
     ours, _ = learner.train(swarm, 5)

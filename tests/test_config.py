@@ -9,12 +9,13 @@ from dataclasses import fields
 import pytest
 import torch
 
-from shoal.learning.anchor import Anchor
+from shoal.learning.anchor import Anchor, ClassificationProbe
 from shoal.learning.clipping import Clipped
 from shoal.learning.gossip import Gossip
 from shoal.learning.models import build_model
 from shoal.learning.modest import Modest
-from shoal.learning.settings import ProtocolSettings, build_protocol
+from shoal.learning.node import build_protocol
+from shoal.learning.settings import ProtocolSettings
 from shoal.node.cli import build_parser
 from shoal.node.config import FLAGS, KEYS, SECTIONS, SETTINGS, Config, ConfigError, load, template
 from shoal.simulations.engine import SimConfig
@@ -201,7 +202,7 @@ def test_the_simulations_are_checked_by_the_same_rules():
 def test_one_function_builds_each_protocol_from_its_settings():
     model = {}
     module = build_model("mlp", (4,), 3, seed=0)
-    anchor = Anchor(module, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    anchor = Anchor(module, ClassificationProbe(torch.randn(8, 4), torch.randint(0, 3, (8,))))
     settings = ProtocolSettings(protocol="modest")
     modest = build_protocol(settings, "me", ["p"], model, 10, random.Random(0), anchor=anchor)
     assert isinstance(modest, Modest) and not modest._integrator.self_centred  # an aggregator's centre

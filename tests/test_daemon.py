@@ -15,7 +15,7 @@ import pytest
 from shoal.learning.settings import INTEGRATORS
 from shoal.node import checkpoint
 from shoal.node.config import load
-from shoal.node.demo import node_config, status
+from shoal.node.demo import accuracy, node_config, status
 from shoal.node.home import Home
 from shoal.overlay.identity import load_or_create_identity, peer_id
 
@@ -108,7 +108,7 @@ def sigterm_all(nodes: list[Node]) -> None:
 
 
 def accuracies(nodes: list[Node]) -> list[float]:
-    return [(s or {}).get("accuracy") or 0.0 for s in (n.status() for n in nodes)]
+    return [(s and accuracy(s)) or 0.0 for s in (n.status() for n in nodes)]
 
 
 @pytest.mark.slow
@@ -129,7 +129,7 @@ def test_four_daemons_learn_see_each_other_and_exit_cleanly(tmp_path):
             assert {p["peer"] for p in shown["peers"]} == {m.peer for m in nodes} - {node.peer}
             assert set(shown["peer_set"]["outbound"]) <= {m.peer for m in nodes}, shown["peer_set"]
         metrics = urllib.request.urlopen(f"http://{nodes[0].api}/metrics", timeout=5).read().decode()
-        assert "shoal_peers 3.0" in metrics and "shoal_accuracy 0." in metrics, metrics
+        assert "shoal_peers 3.0" in metrics and 'shoal_metric{name="accuracy"} 0.' in metrics, metrics
         assert 'shoal_bytes_out_total{kind="msg:model"}' in metrics, metrics
         rounds = [n.status()["round"] for n in nodes]
         task = nodes[0].status()["task"]
@@ -189,7 +189,7 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
             "the others to see it again",
             nodes,
         )
-        wait_for(lambda: (victim.status()["accuracy"] or 0) >= ACCURACY, 120, "it to catch up", nodes)
+        wait_for(lambda: (accuracy(victim.status()) or 0) >= ACCURACY, 120, "it to catch up", nodes)
     finally:
         stop_all(nodes)
 
@@ -354,9 +354,9 @@ def test_every_integrator_the_config_offers_folds_models_in_a_daemon(tmp_path, n
     daemon = Daemon(tmp_path, load(None, env={}, integrator=name, model="frozen-cnn", shards=3))
     own = daemon.learner.initial_state()
     other = {k: v + 0.01 for k, v in own.items()}
-    merged = daemon.integrator.integrate(Contribution(own, 10), [Contribution(other, 10, "p", (0, 1))])
+    merged = daemon.node.integrator.integrate(Contribution(own, 10), [Contribution(other, 10, "p", (0, 1))])
     daemon.layout.check(merged)
-    assert (daemon.labels is not None) == (name == "bristle")
+    assert (daemon.node.labels is not None) == (name == "bristle")
 
 
 def test_bristle_on_a_model_that_shares_more_than_a_head_is_a_config_error(tmp_path):
@@ -391,18 +391,18 @@ def test_releases_that_cannot_read_each_others_messages_are_in_different_tasks(t
     """A peer on another frame, message or model encoding never joins our task, so neither end takes
     the other's messages for malformed ones (and bans it)."""
     from shoal.learning import codecs
-    from shoal.learning.models import ParameterLayout, build_model
-    from shoal.node.daemon import load_data, task_id
+    from shoal.learning.models import ParameterLayout
+    from shoal.node.daemon import builtin_task, task_id
     from shoal.overlay import framing, wire
 
     path = tmp_path / "config.toml"
     path.write_text(node_config(0, 2))
     config = load(path)
-    data, _, _ = load_data(config)
-    layout = ParameterLayout.of(build_model(config.task.model, data.input_shape, data.num_classes, seed=0))
-    ours = task_id(config, data, layout)
-    assert task_id(config, data, layout) == ours
+    task, spec = builtin_task(config)
+    layout = ParameterLayout.of(task.module())
+    ours = task_id(config, spec, layout)
+    assert task_id(config, spec, layout) == ours
     for module, name in ((framing, "VERSION"), (wire, "VERSION"), (codecs, "FORMAT")):
         with monkeypatch.context() as patched:
             patched.setattr(module, name, getattr(module, name) + 1)
-            assert task_id(config, data, layout) != ours, f"{module.__name__}.{name}"
+            assert task_id(config, spec, layout) != ours, f"{module.__name__}.{name}"

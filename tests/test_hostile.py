@@ -8,6 +8,10 @@ points of the clean swarm's, their memory must have grown by less than a bound o
 swarm's growth, their logs must stay short, and their rounds must not have been moved far ahead.
 Then all six daemons get SIGTERM at once, under traffic, and must exit 0 without a traceback; with
 the ten daemons of tests/test_daemon.py stopped the same way that makes 22 such exits per run.
+
+The gossip swarms run a user's task (examples/cnn_adamw.py: its own CNN, AdamW, data and evaluation,
+through `shoal run --task`), whose models go through the same containment as the built-in task's; the
+MoDeST swarms run the built-in task.
 """
 
 import json
@@ -33,7 +37,7 @@ PHASES = {
 }
 # MoDeST: a sample of 2 of the 3 or 4 members, so that the attacker is sampled, and aggregates, often
 SETTINGS = {
-    "gossip": {},
+    "gossip": {"SHOAL_TASK": "cnn_adamw:make_task", "PYTHONPATH": str(Path(__file__).parents[1] / "examples")},
     # top-k: the attacker's models, and its garbage, go through the codec as its victims' do
     "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_CODEC": "topk"},
 }

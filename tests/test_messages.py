@@ -8,7 +8,7 @@ import torch
 
 from shoal.learning.averaging import AveragingError
 from shoal.learning.integrators import Contribution, Mean, integrate_contained
-from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.learner import Learner
 from shoal.learning.messages import (
     MAX_LABELS,
     MAX_ROUND,
@@ -22,6 +22,7 @@ from shoal.learning.messages import (
 from shoal.learning.models import build_model
 from shoal.learning.modest import Modest, ModestConfig, Timer, order
 from shoal.learning.protocol import Credited, MessageIn, Rejected, Started, StartTimer, Train
+from shoal.learning.task import classification
 
 # --- parsing ---------------------------------------------------------------------------------
 
@@ -136,13 +137,14 @@ def test_training_to_non_finite_weights_is_rolled_back(caplog):
     caplog.set_level(logging.WARNING, logger="shoal.learner")  # scenario runs in this process quiet it
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     model = build_model("mlp", (4,), 3, seed=0)
-    learner = Learner(model, x, y, Hyperparameters(local_steps=3, local_epochs=None))
+    learner = Learner(classification(model, x, y, steps=3))
     initial = learner.initial_state()
     start = {n: torch.full_like(t, 1e30) for n, t in initial.items()}  # finite, but overflows
     state, stats = learner.train(start, round=1)
-    assert state is start and stats.steps == 3
-    assert "non-finite" in caplog.text
+    assert state is start and stats["samples"] == 3 * 32  # it trained its 3 steps of 32, then rolled back
+    assert "non-finite" in caplog.text and "non-finite" in learner.error
     good, _ = learner.train(initial, round=2)
+    assert learner.error is None
     assert all(torch.isfinite(t).all() for t in good.values())
 
 

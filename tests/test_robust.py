@@ -145,12 +145,12 @@ def test_overlap_judges_a_peer_on_its_best_classes_only():
 
 def test_a_node_holds_out_its_local_test_set_and_trains_only_its_own_rows():
     from shoal.learning.bristle import bristle_node, hold_out
-    from shoal.learning.learner import Hyperparameters, Learner
+    from shoal.learning.learner import Learner
     from shoal.learning.models import build_model
+    from shoal.learning.task import classification
 
     y = torch.tensor([0] * 15 + [2] * 4 + [3] * 12)
     x = torch.randn(len(y), 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    hyper = Hyperparameters(local_steps=3, local_epochs=None, lr=0.5)
     model = build_model("frozen-cnn", (1, 8, 8), 5, seed=0)
     _, _, x_test, y_test = hold_out(x, y, per_class=10)
     assert sorted(y_test.tolist()) == [0] * 10 + [2] * 4 + [3] * 10 and len(x_test) == 24
@@ -158,7 +158,8 @@ def test_a_node_holds_out_its_local_test_set_and_trains_only_its_own_rows():
     assert sorted(node.y_train.tolist()) == [0] * 5 + [3] * 2  # class 2 went whole into the test set
     assert len(node.x_train) == 7 and len(y) == 31  # the shard given is left as it was
     assert node.integrator.familiar == [0, 2, 3] and node.labels == [0, 3]
-    learner = Learner(model, node.x_train, node.y_train, hyper, only_rows=node.only_rows)
+    task = classification(model, node.x_train, node.y_train, steps=3, lr=0.5)
+    learner = Learner(task, only_rows=node.only_rows)
     before = learner.initial_state()
     after, _ = learner.train(before, round=1)
     assert (after["head.weight"] != before["head.weight"]).any(dim=1).tolist() == [1, 0, 0, 1, 0]

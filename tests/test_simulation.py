@@ -15,8 +15,9 @@ import trio
 from shoal.learning.compression import CodecConfig, Compression
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Mean
-from shoal.learning.learner import Hyperparameters, Learner
+from shoal.learning.learner import Learner
 from shoal.learning.models import build_model
+from shoal.learning.task import classification
 from shoal.node.driver import Driver, ThreadCompute, VirtualCompute
 from shoal.overlay.sim import SimNetwork
 from shoal.overlay.wire import Message
@@ -68,12 +69,7 @@ async def test_the_driver_rejects_a_bad_model_and_keeps_going(nursery, autojump_
     net = SimNetwork(latency=0.01)
     await nursery.start(net.run)
     model = build_model("mlp", (4,), 3, seed=0)
-    learner = Learner(
-        model,
-        torch.randn(20, 4),
-        torch.randint(0, 3, (20,)),
-        Hyperparameters(local_steps=2, local_epochs=None),
-    )
+    learner = Learner(classification(model, torch.randn(20, 4), torch.randint(0, 3, (20,)), steps=2))
     protocol = Gossip(
         learner.initial_state(),
         learner.samples,
@@ -147,11 +143,14 @@ def test_scenario_scripts_write_their_three_outputs(tmp_path, capsys):
             "time",
             "round",
             "alive",
-            "acc_mean",
-            "acc_min",
-            "acc_max",
             "consensus_distance",
             "bytes_sent",
+            "accuracy_mean",
+            "accuracy_min",
+            "accuracy_max",
+            "loss_mean",
+            "loss_min",
+            "loss_max",
         ]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["config"]["nodes"] == 12 and summary["results"]
@@ -193,10 +192,9 @@ async def test_thread_compute_trains_off_the_event_loop(nursery):
     drivers = []
     for name, peers in (("a", []), ("b", ["a"])):
         learner = Recording(
-            build_model("mlp", (4,), 3, seed=0),
-            torch.randn(40, 4),
-            torch.randint(0, 3, (40,)),
-            Hyperparameters(local_steps=3, local_epochs=None),
+            classification(
+                build_model("mlp", (4,), 3, seed=0), torch.randn(40, 4), torch.randint(0, 3, (40,)), steps=3
+            )
         )
         protocol = Gossip(learner.initial_state(), 40, Mean(), GossipConfig(period=0.05), random.Random(0))
         drivers.append(Driver(protocol, net.add_node(name, neighbours=peers), learner, ThreadCompute()))
@@ -389,7 +387,9 @@ async def test_the_driver_contains_value_errors_on_messages_but_not_our_bugs(nur
     net = SimNetwork(latency=0.01)
     await nursery.start(net.run)
     learner = Learner(
-        build_model("mlp", (4,), 3), torch.randn(4, 4), torch.randint(0, 3, (4,)), Hyperparameters()
+        classification(
+            build_model("mlp", (4,), 3), torch.randn(4, 4), torch.randint(0, 3, (4,)), steps=None, epochs=1.0
+        )
     )
     sender, good = net.add_node("evil"), net.add_node("good", neighbours=["evil"])
     protocol = Raising(ValueError("implausible"))

@@ -109,12 +109,13 @@ def test_bad_arguments_and_empty_shard(digits):
 
 
 def test_learner_can_keep_training_to_some_output_rows(digits):
-    from shoal.learning.learner import Hyperparameters, Learner
+    from shoal.learning.learner import Learner
+    from shoal.learning.task import classification
 
     def learner(only_rows: tuple[str, list[int]]) -> Learner:
         model = build_model("frozen-cnn", digits.input_shape, digits.num_classes, seed=0)
-        hyper = Hyperparameters(local_steps=5, local_epochs=None, lr=0.5)
-        return Learner(model, digits.x_train, digits.y_train, hyper, only_rows=only_rows)
+        task = classification(model, digits.x_train, digits.y_train, steps=5, lr=0.5)
+        return Learner(task, only_rows=only_rows)
 
     rows = learner(("head.weight", [1, 3]))
     before = rows.initial_state()
