@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,14 +62,25 @@ State = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class CodecConfig:
-    name: str = "fp32"
+    """Also the daemon's ``[protocol.codec]`` settings (``learning.settings``)."""
+
+    name: str = field(
+        default="fp32",
+        metadata={
+            "help": f"{' | '.join(CODECS)} (topk: differences to the last model sent to that peer, the top "
+            "topk_fraction of them by magnitude, whole int8 models when a peer has none)",
+            "flag": True,
+        },
+    )
     # the best share measured (README "Compressed updates"): fewer loses MoDeST accuracy, more costs bytes
-    topk_fraction: float = 0.3
+    topk_fraction: float = field(
+        default=0.3, metadata={"help": "topk: share of each difference's values that is sent"}
+    )
     max_references: int = 16
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
-            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+            raise ValueError(f"name must be one of {', '.join(CODECS)}, got {self.name!r}")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
         if self.max_references < 1:

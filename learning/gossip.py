@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
@@ -95,21 +95,37 @@ class Timer(enum.Enum):
 
 @dataclass(frozen=True)
 class GossipConfig:
-    fanout: int | None = None  # asynchronous: peers sent to per cycle; None = every neighbour
-    synchronous: bool = False
-    round_timeout: float = 60.0  # synchronous: most seconds to wait for the neighbours' models
+    """Also the daemon's ``[protocol.gossip]`` settings (``learning.settings``): the defaults are a
+    daemon's. Synchronous rounds exchange with every neighbour, so they set ``fanout`` to None."""
+
+    fanout: int | None = field(  # None: every neighbour (simulations; TOML has no null)
+        default=2, metadata={"help": "peers each model is sent to per round", "flag": True}
+    )
+    synchronous: bool = False  # simulations: synchronous rounds (D-PSGD)
+    round_timeout: float = 30.0  # synchronous: most seconds to wait for the neighbours' models
     join_by_fetch: bool = False
     fetch_timeout: float = 10.0
     fetch_attempts: int = 3  # most neighbours a joiner asks for a model ahead of its own
-    period: float = 0.0  # least seconds from the start of one round's training to the next
-    max_round_jump: int = 100  # most rounds a fetched model's round may put us ahead of our own
-    max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
+    period: float = field(
+        default=1.0,
+        metadata={"help": "least seconds from the start of one round's training to the next", "flag": True},
+    )
+    max_round_jump: int = field(
+        default=100,
+        metadata={
+            "group": 'every peer is a possible adversary (README, "Hostile peers"):',
+            "help": "most rounds a fetched model may move this node's round ahead",
+        },
+    )
+    max_norm_ratio: float = field(  # learning.messages
+        default=10.0, metadata={"help": "models with a layer's L2 norm over this many times ours are refused"}
+    )
 
     def __post_init__(self) -> None:
+        if self.synchronous:
+            object.__setattr__(self, "fanout", None)
         if self.fanout is not None and self.fanout < 1:
             raise ValueError(f"fanout must be at least 1, got {self.fanout}")
-        if self.synchronous and self.fanout is not None:
-            raise ValueError("synchronous rounds (D-PSGD) exchange with every neighbour; leave fanout unset")
         for name in ("round_timeout", "fetch_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"timeouts must be positive: {name} = {getattr(self, name)}")

@@ -17,7 +17,9 @@ node's way back from a poisoning), and each round's start point and step are rec
 from __future__ import annotations
 
 import logging
+import math
 import traceback
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -71,7 +73,7 @@ class Learner:
             state = self.anchor.recover(state, round)
         try:
             self.layout.load(self.model, state)
-            stats = dict(self.task.train(self.model, round) or {})
+            result = self.task.train(self.model, round)
             if ParameterLayout.of(self.model) != self.layout:
                 raise ModelError("training changed the model's parameters (names, shapes or dtypes)")
             # states live on the CPU (the wire and the averaging read them there), whatever trained them
@@ -80,7 +82,10 @@ class Learner:
             return state, self._failed(round, str(exc))
         except Exception:
             return state, self._failed(round, f"training raised:\n{traceback.format_exc().rstrip()}")
-        stats.setdefault("samples", self.samples)
+        stats = dict(result) if isinstance(result, Mapping) else {}
+        samples = stats.get("samples")
+        if not (isinstance(samples, int | float) and 0 <= samples < math.inf):  # what a simulation charges
+            stats["samples"] = self.samples
         return self.trained(state, new, round), stats
 
     def trained(self, start: State, new: State, round: int) -> State:

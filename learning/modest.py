@@ -70,7 +70,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
@@ -101,17 +101,38 @@ from shoal.learning.sampling import Timer as SamplingTimer
 
 @dataclass(frozen=True)
 class ModestConfig:
-    sample_size: int = 10  # s
-    aggregators: int = 1  # a
-    success_fraction: float = 1.0  # sf
+    """Also the daemon's ``[protocol.modest]`` settings (``learning.settings``): the defaults are a
+    daemon's, paced (the scenarios run MoDeST unpaced, as the paper does: ``period`` 0)."""
+
+    sample_size: int = field(  # s
+        default=10, metadata={"help": "trainers per round; keep it at most the swarm's size, or rounds wait"}
+    )
+    aggregators: int = field(default=1, metadata={"help": "aggregators per round"})  # a
+    success_fraction: float = field(  # sf
+        default=1.0, metadata={"help": "share of the sample's models an aggregator waits for ..."}
+    )
     ping_timeout: float = 5.0
     ping_interval: float = 1.0
-    aggregation_timeout: float = 5.0
+    aggregation_timeout: float = field(default=5.0, metadata={"help": "... or at most this many seconds"})
     watch_timeout: float = 20.0  # most seconds a hand-over may come to nothing (see Modest._watch)
-    period: float = 0.0  # least seconds between the starts of two of our trainings (0: as fast as it goes)
-    max_round_jump: int = 100  # window: most rounds a peer's message may lie beyond our own round
-    role_slack: int = 2  # candidates beyond a (or s) still plausible in a role (module docstring)
-    max_norm_ratio: float = 10.0  # most a received layer's L2 norm may exceed ours (learning.messages)
+    period: float = field(
+        default=1.0,
+        metadata={"help": "least seconds between the starts of two of this node's trainings", "flag": True},
+    )
+    max_round_jump: int = field(  # window: most rounds a peer's message may lie beyond our own round
+        default=100,
+        metadata={
+            "group": 'every peer is a possible adversary (README, "Hostile peers"):',
+            "help": "most rounds a peer's message may move this node's round ahead",
+        },
+    )
+    role_slack: int = field(  # candidates beyond a (or s) still plausible in a role (module docstring)
+        default=2,
+        metadata={"help": "how far past the first a (or s) candidates a sender may rank in its role"},
+    )
+    max_norm_ratio: float = field(  # learning.messages
+        default=10.0, metadata={"help": "models with a layer's L2 norm over this many times ours are refused"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("sample_size", "aggregators", "max_round_jump"):

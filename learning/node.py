@@ -130,16 +130,15 @@ def build_protocol(
     if integrator is None:
         integrator = build_integrator(settings, anchor, rng)
     if settings.protocol == "modest":
-        config = settings.modest()
         return Modest(
             me,
             list(peers),
             model,
             samples,
             integrator,
-            config,
+            settings.modest,
             joining=joining or round > 0,
             anchor=anchor,
         )
-    config = settings.gossip(join_by_fetch=joining and round == 0)
+    config = replace(settings.gossip, join_by_fetch=joining and round == 0)
     return Gossip(model, samples, integrator, config, rng, labels=labels, round=round, anchor=anchor)

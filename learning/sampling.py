@@ -114,7 +114,7 @@ class Sampler:
         probed; ``then()`` runs once they all answered or timed out (at once when there are none)."""
         new = [
             p
-            for p in peers
+            for p in sorted(peers)  # a set's order is the process's string hashing: not a seed's
             if p != self.me
             and p not in self._heard
             and p not in self._probing
@@ -162,7 +162,7 @@ class Sampler:
             return []
         actions: list[Action] = []
         silent = [peer for peer, since in sel.pending.items() if now - since >= self.ping_timeout]
-        for peer in sel.pending.keys() - set(silent):
+        for peer in [p for p in sel.pending if p not in silent]:
             actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
         for peer in silent:
             self._mute(peer, now)

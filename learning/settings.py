@@ -8,9 +8,9 @@ extends it), so the daemon and the simulations build their nodes the same way: `
 A field whose metadata has a ``help`` is a setting: ``node.config`` writes it into the commented template
 (after the ``group`` line, if any) and reads it from the file, from ``SHOAL_<KEY>`` and, with ``flag``,
 from ``shoal run --<key>`` (``metavar`` names the flag's value). Fields without ``help`` are knobs for
-tests and simulations. Each rule is checked once, by the dataclass that owns the field: the settings
-check their own fields, and build a :class:`GossipConfig`, :class:`ModestConfig` and
-:class:`CodecConfig` in ``__post_init__`` so that those check theirs (a ``ValueError`` naming the key).
+tests and simulations. A setting whose type is a dataclass is a sub-table: :class:`ProtocolSettings`
+nests the protocols' and the codec's own configurations, whose fields carry their metadata, so each
+rule is written and checked once, by the dataclass that owns the field (a ``ValueError`` naming it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from shoal.learning import integrators
-from shoal.learning.compression import CODECS, CodecConfig
+from shoal.learning.compression import CodecConfig
 from shoal.learning.datasets import BUILTIN
 from shoal.learning.gossip import GossipConfig
 from shoal.learning.models import MODELS
@@ -122,8 +122,9 @@ class TaskSettings:
 
 @dataclass(frozen=True)
 class ProtocolSettings:
-    """How a node learns with its peers: the protocol, how it folds models in, how models travel, and
-    the bounds on peers' input. Defaults are the daemon's; simulations override some."""
+    """How a node learns with its peers: the protocol, how it folds models in, and the protocols' and
+    the codec's own configurations, nested (``[protocol.gossip]`` ...). Defaults are the daemon's;
+    simulations override some."""
 
     protocol: str = field(default="gossip", metadata={"help": _choices(PROTOCOLS), "flag": True})
     integrator: str = field(
@@ -135,63 +136,25 @@ class ProtocolSettings:
             "flag": True,
         },
     )
-    period: float = field(
-        default=1.0,
+    gossip: GossipConfig = field(
+        default_factory=GossipConfig,
         metadata={
-            "help": "least seconds between the starts of two rounds (gossip) or of two trainings (modest)",
-            "flag": True,
+            "help": "protocol gossip: each round a node trains, sends its model to a few peers and "
+            "folds in theirs"
         },
     )
-    fanout: int | None = field(  # None (simulations): every neighbour
-        default=2,
-        metadata={"group": "gossip:", "help": "peers each model is sent to per round", "flag": True},
-    )
-    synchronous: bool = False  # simulations: synchronous rounds (D-PSGD) with every neighbour, no fanout
-    round_timeout: float = 30.0  # synchronous: most seconds a round waits for the neighbours' models
-    sample_size: int = field(
-        default=ModestConfig.sample_size,
+    modest: ModestConfig = field(
+        default_factory=ModestConfig,
         metadata={
-            "group": "modest (each round a sample of trainers sends its models to a few aggregators):",
-            "help": "trainers per round; keep it at most the swarm's size, or rounds wait",
+            "help": "protocol modest: each round a sample of trainers sends its models to a few aggregators"
         },
     )
-    aggregators: int = field(default=ModestConfig.aggregators, metadata={"help": "aggregators per round"})
-    success_fraction: float = field(
-        default=ModestConfig.success_fraction,
-        metadata={"help": "share of the sample's models an aggregator waits for ..."},
-    )
-    aggregation_timeout: float = field(
-        default=ModestConfig.aggregation_timeout, metadata={"help": "... or at most this many seconds"}
-    )
-    ping_timeout: float = ModestConfig.ping_timeout  # modest, simulations (e.g. a crash experiment's)
-    watch_timeout: float = ModestConfig.watch_timeout
-    max_round_jump: int = field(
-        default=ModestConfig.max_round_jump,
-        metadata={
-            "group": 'every peer is a possible adversary (README, "Hostile peers"):',
-            "help": "most rounds a peer's message may move this node's round ahead",
-        },
-    )
-    max_norm_ratio: float = field(
-        default=ModestConfig.max_norm_ratio,
-        metadata={"help": "models with a layer's L2 norm over this many times ours are refused"},
-    )
-    role_slack: int = field(
-        default=ModestConfig.role_slack,
-        metadata={"help": "modest: how far past the first a (or s) candidates a sender may rank in its role"},
-    )
-    codec: str = field(
-        default="fp32",
+    codec: CodecConfig = field(
+        default_factory=CodecConfig,
         metadata={
             "help": "How models travel (part of the task: peers with another codec are another swarm; "
-            f'README "Compressed updates"): {_choices(CODECS)} (differences to the last model sent to that '
-            "peer, top topk_fraction of them by magnitude, whole int8 models when a peer has none)",
-            "flag": True,
+            'README "Compressed updates")'
         },
-    )
-    topk_fraction: float = field(
-        default=CodecConfig.topk_fraction,
-        metadata={"help": "topk: share of each difference's values that is sent"},
     )
 
     def __post_init__(self) -> None:
@@ -199,35 +162,3 @@ class ProtocolSettings:
             raise ValueError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.integrator not in INTEGRATORS:
             raise ValueError(f"integrator: {self.integrator!r} is not one of {', '.join(INTEGRATORS)}")
-        self.gossip()
-        self.modest()
-        self.codec_config()
-
-    def gossip(self, join_by_fetch: bool = False) -> GossipConfig:
-        return GossipConfig(
-            fanout=None if self.synchronous else self.fanout,
-            synchronous=self.synchronous,
-            round_timeout=self.round_timeout,
-            join_by_fetch=join_by_fetch,
-            period=self.period,
-            max_round_jump=self.max_round_jump,
-            max_norm_ratio=self.max_norm_ratio,
-        )
-
-    def modest(self) -> ModestConfig:
-        """Also what a peer must assume of its victims (``simulations.hostile``)."""
-        return ModestConfig(
-            sample_size=self.sample_size,
-            aggregators=self.aggregators,
-            success_fraction=self.success_fraction,
-            ping_timeout=self.ping_timeout,
-            aggregation_timeout=self.aggregation_timeout,
-            watch_timeout=self.watch_timeout,
-            period=self.period,
-            max_round_jump=self.max_round_jump,
-            role_slack=self.role_slack,
-            max_norm_ratio=self.max_norm_ratio,
-        )
-
-    def codec_config(self) -> CodecConfig:
-        return CodecConfig(self.codec, self.topk_fraction)

@@ -8,9 +8,12 @@ three sources into them, key by key (each later source overrides the earlier one
 daemon with one line naming the key and what is expected, before anything starts.
 
 The sections' field metadata is the one place a setting is written: a field with a ``help`` is a key of
-its section (``SHOAL_<KEY>`` too; keys are unique across sections), ``group`` is a comment line before
-it in the template, ``flag`` makes it a ``shoal run --<key>`` flag too, ``metavar`` names the flag's
-value. The commented template ``shoal init`` writes and the flags are generated from it.
+its section, or a sub-table of it when its type is a dataclass (``[protocol.gossip]``: the protocol's
+own configuration, nested rather than copied). ``group`` is a comment line before it in the template,
+``flag`` makes it a ``shoal run`` flag too, ``metavar`` names the flag's value. A key's name is its path
+from its section joined by ``_`` (``fanout`` of ``[protocol.gossip]`` is ``gossip_fanout``), unique across
+sections: ``SHOAL_GOSSIP_FANOUT``, ``--gossip-fanout``, ``shoal.Node(..., gossip_fanout=3)``. The
+commented template ``shoal init`` writes and the flags are generated from the metadata.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import os
 import textwrap
 import tomllib
 from collections.abc import Callable
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from shoal.learning.settings import ProtocolSettings, TaskSettings
 from shoal.overlay.config import P2PConfig
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -70,20 +75,82 @@ class Config:
 
 
 SECTIONS: dict[str, type] = get_type_hints(Config)
-SETTINGS: dict[str, dict[str, Field]] = {  # section -> key -> field
-    section: {f.name: f for f in fields(kind) if "help" in f.metadata} for section, kind in SECTIONS.items()
-}
-KEYS: dict[str, str] = {key: section for section, keys in SETTINGS.items() for key in keys}  # key -> section
-TYPES: dict[str, Any] = {key: get_type_hints(SECTIONS[section])[key] for key, section in KEYS.items()}
-FLAGS: tuple[str, ...] = tuple(
-    key for key, section in KEYS.items() if SETTINGS[section][key].metadata.get("flag")
-)
+
+
+def settings(kind: type) -> dict[str, tuple[Field, Any]]:
+    """The fields of dataclass ``kind`` that have a ``help``, with their types: its keys, and its
+    sub-tables (those whose type is a dataclass)."""
+    hints = get_type_hints(kind)
+    return {f.name: (f, hints[f.name]) for f in fields(kind) if "help" in f.metadata}
+
+
+@dataclass(frozen=True)
+class Key:
+    """A setting, at ``path`` from its section through sub-tables (``("gossip", "fanout")``)."""
+
+    section: str
+    path: tuple[str, ...]
+    field: Field
+    kind: Any  # its type
+
+    @property
+    def name(self) -> str:
+        """The path joined by ``_`` (``gossip_fanout``): unique across sections, it is the key's
+        ``SHOAL_<NAME>``, ``shoal run --<name>`` and ``shoal.Node`` keyword."""
+        return "_".join(self.path)
+
+    @property
+    def table(self) -> str:
+        """Its table as ``config.toml`` heads it (``protocol.gossip``)."""
+        return ".".join((self.section, *self.path[:-1]))
+
+
+def keys(kind: type, section: str = "", path: tuple[str, ...] = ()) -> dict[str, Key]:
+    """Every setting of dataclass ``kind`` and of its sub-tables, by name."""
+    found: dict[str, Key] = {}
+    for name, (f, hint) in settings(kind).items():
+        if is_dataclass(hint):
+            found |= keys(hint, section, (*path, name))
+        else:
+            key = Key(section, (*path, name), f, hint)
+            found[key.name] = key
+    return found
+
+
+def updated(value: T, names: dict[str, Any], table: str = "") -> T:
+    """``value`` with the fields ``names`` gives, a sub-table's named as its keys are (``gossip_fanout``
+    is ``value.gossip.fanout``), settings or not: how flags, ``shoal.Node``'s and ``shoal.simulate``'s
+    keywords and the scenarios' overrides reach a nested field. A sub-table's ``ValueError`` becomes a
+    :class:`ConfigError` naming it after ``table``, what ``value`` is called (``protocol.gossip: ...``)."""
+    tables = [name for name, (_, hint) in settings(type(value)).items() if is_dataclass(hint)]
+    own: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, given in names.items():
+        sub = next((t for t in tables if name.startswith(f"{t}_")), None)
+        if sub is None or name in {f.name for f in fields(value)}:
+            own[name] = given
+        else:
+            nested.setdefault(sub, {})[name.removeprefix(f"{sub}_")] = given
+    for sub, given in nested.items():
+        where = f"{table}.{sub}" if table else sub
+        try:
+            own[sub] = updated(getattr(value, sub), given, where)
+        except ConfigError:  # named by a deeper table
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return replace(value, **own)
+
+
+KEYS: dict[str, Key] = {name: key for s, kind in SECTIONS.items() for name, key in keys(kind, s).items()}
+FLAGS: tuple[str, ...] = tuple(name for name, key in KEYS.items() if key.field.metadata.get("flag"))
 
 RELATIVE_TO_FILE = {"allowlist"}  # paths that, given in config.toml, are taken from its directory
 
 HEADER = """\
 # Shoal node configuration. Flags of `shoal run` and SHOAL_<KEY> environment variables
-# (e.g. SHOAL_BOOTSTRAP, SHOAL_LR) override these values.
+# (e.g. SHOAL_BOOTSTRAP, SHOAL_LR) override these values; a sub-table's keys are prefixed by its
+# name (fanout of [protocol.gossip]: SHOAL_GOSSIP_FANOUT, --gossip-fanout).
 """
 WIDTH, COLUMN = 110, 26  # a help that fits after its key = value (at COLUMN) is written on its line
 
@@ -130,19 +197,47 @@ KINDS: dict[Any, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
-def _coerce(key: str, value: Any, where: str) -> Any:
-    name, parse = KINDS[TYPES[key]]
+def _coerce(key: Key, value: Any, where: str) -> Any:
+    """``where``: the source, and the key as the user wrote it there."""
+    name, parse = KINDS[key.kind]
     try:
         return parse(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {key} must be {name}, got {value!r}") from None
+        raise ConfigError(f"{where} must be {name}, got {value!r}") from None
+
+
+def _read(
+    table: dict[str, Any],
+    kind: type,
+    section: str,
+    here: tuple[str, ...],
+    path: Path,
+    values: dict[str, Any],
+    extra: list[str],
+) -> None:
+    """The settings of the file's ``table``, at ``here`` in ``section`` and holding ``kind``'s, into
+    ``values`` by name; the keys it does not know into ``extra``."""
+    known = settings(kind)
+    for name, value in table.items():
+        dotted = ".".join((*here, name))  # within its section: TOML takes it so there too
+        if name not in known:
+            extra.append(f"{section}.{dotted}")
+        elif is_dataclass(hint := known[name][1]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {dotted} must be a table ([{section}.{dotted}]), got {value!r}")
+            _read(value, hint, section, (*here, name), path, values, extra)
+        else:
+            key = KEYS["_".join((*here, name))]
+            values[key.name] = _coerce(key, value, f"{path}: {dotted}")
+            if key.name in RELATIVE_TO_FILE and values[key.name]:  # the file's, not the cwd's
+                values[key.name] = str(path.parent / values[key.name])
 
 
 def load(path: Path | None, env: dict[str, str] | None = None, **flags: Any) -> Config:
     """The configuration from ``path`` (if it exists), then ``env`` (default: the process environment),
-    then ``flags``: any keys, None = unset."""
+    then ``flags``: any keys by name, None = unset."""
     env = os.environ if env is None else env
-    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    values: dict[str, Any] = {}
     extra: list[str] = []
     if path is not None and path.exists():
         try:
@@ -152,25 +247,24 @@ def load(path: Path | None, env: dict[str, str] | None = None, **flags: Any) -> 
         for section, table in document.items():
             if section not in SECTIONS or not isinstance(table, dict):
                 extra.append(f"[{section}]")
-                continue
-            for key, value in table.items():
-                if key in SETTINGS[section]:
-                    values[section][key] = _coerce(key, value, str(path))
-                    if key in RELATIVE_TO_FILE and values[section][key]:  # the file's, not the cwd's
-                        values[section][key] = str(path.parent / values[section][key])
-                else:
-                    extra.append(f"{section}.{key}")
+            else:
+                _read(table, SECTIONS[section], section, (), path, values, extra)
     if extra:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(extra))}")
-    for key, section in KEYS.items():
-        if (variable := f"SHOAL_{key.upper()}") in env:
-            values[section][key] = _coerce(key, env[variable], variable)
-    for key, value in flags.items():
+    for name, key in KEYS.items():
+        if (variable := f"SHOAL_{name.upper()}") in env:
+            values[name] = _coerce(key, env[variable], f"{variable}: {name}")
+    for name, value in flags.items():
         if value is not None:
-            values[KEYS[key]][key] = _coerce(key, value, f"--{key.replace('_', '-')}")
+            values[name] = _coerce(KEYS[name], value, f"--{name.replace('_', '-')}: {name}")
     defaults = Config()
     try:
-        return Config(**{s: replace(getattr(defaults, s), **values[s]) for s in SECTIONS})
+        return Config(
+            **{
+                s: updated(getattr(defaults, s), {n: v for n, v in values.items() if KEYS[n].section == s}, s)
+                for s in SECTIONS
+            }
+        )
     except ValueError as e:  # the section's own check, which names the key
         raise ConfigError(str(e)) from None
 
@@ -187,38 +281,55 @@ def _comment(text: str) -> list[str]:
     return textwrap.wrap(text, WIDTH - 2, initial_indent="# ", subsequent_indent="# ")
 
 
+def _table(name: str, value: Any) -> list[str]:
+    """The lines of table ``name`` holding ``value``'s settings: its keys, then its sub-tables."""
+    lines, tables = [f"[{name}]"], []
+    for key, (f, hint) in settings(type(value)).items():
+        if is_dataclass(hint):
+            tables += [*_comment(f.metadata["help"]), *_table(f"{name}.{key}", getattr(value, key))]
+            continue
+        if "group" in f.metadata:
+            lines += _comment(f.metadata["group"])
+        entry, help = f"{key} = {_toml(getattr(value, key))}", f.metadata["help"]
+        if len(entry) < COLUMN and COLUMN + 2 + len(help) <= WIDTH:
+            lines.append(f"{entry:<{COLUMN}}# {help}")
+        else:
+            lines += [*_comment(help), entry]
+    return [*lines, "", *tables]
+
+
 def template() -> str:
     """The commented ``config.toml`` of ``shoal init``: every key with its default and help."""
     defaults = Config()
-    lines = [HEADER]
-    for section, settings in SETTINGS.items():
-        lines.append(f"[{section}]")
-        for key, f in settings.items():
-            if "group" in f.metadata:
-                lines += _comment(f.metadata["group"])
-            entry, help = f"{key} = {_toml(getattr(getattr(defaults, section), key))}", f.metadata["help"]
-            if len(entry) < COLUMN and COLUMN + 2 + len(help) <= WIDTH:
-                lines.append(f"{entry:<{COLUMN}}# {help}")
-            else:
-                lines += [*_comment(help), entry]
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join([HEADER, *(line for s in SECTIONS for line in _table(s, getattr(defaults, s)))])
+
+
+def document(**values: Any) -> str:
+    """A ``config.toml`` holding just ``values`` (keys by name), each in its table (``node.demo``)."""
+    if unknown := set(values) - set(KEYS):
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    tables: dict[str, list[str]] = {}
+    for name, key in KEYS.items():  # in the sections' order, so a table's lines stay together
+        if name in values:
+            tables.setdefault(key.table, []).append(f"{key.path[-1]} = {_toml(values[name])}")
+    return "".join(f"[{table}]\n" + "".join(f"{line}\n" for line in lines) for table, lines in tables.items())
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The ``shoal run`` flags: every key marked ``flag``, grouped by section, None when not given."""
-    for section, settings in SETTINGS.items():
-        group = parser.add_argument_group(f"[{section}] settings")
-        for key, f in settings.items():
-            if key not in FLAGS:
-                continue
-            options: dict[str, Any] = {"metavar": f.metadata.get("metavar")}
-            kind = TYPES[key]
-            if kind == tuple[str, ...]:
-                options["nargs"] = "+"
-            elif kind is bool:
-                options = {"action": "store_const", "const": True}
-            elif kind in (int, int | None, float):
-                options["type"] = float if kind is float else int
-            help = f.metadata["help"].replace("%", "%%")
-            group.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, help=help, **options)
+    """The ``shoal run`` flags: every key marked ``flag``, grouped by table, None when not given."""
+    groups: dict[str, Any] = {}  # table -> its argument group
+    for name in FLAGS:
+        key = KEYS[name]
+        if key.table not in groups:
+            groups[key.table] = parser.add_argument_group(f"[{key.table}] settings")
+        options: dict[str, Any] = {"metavar": key.field.metadata.get("metavar")}
+        if key.kind == tuple[str, ...]:
+            options["nargs"] = "+"
+        elif key.kind is bool:
+            options = {"action": "store_const", "const": True}
+        elif key.kind in (int, int | None, float):
+            options["type"] = float if key.kind is float else int
+        help = key.field.metadata["help"].replace("%", "%%")
+        groups[key.table].add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, help=help, **options
+        )

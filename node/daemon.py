@@ -93,7 +93,7 @@ def task_id(config: Config, spec: dict[str, Any], layout: ParameterLayout) -> st
         **spec,
         "tensors": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)],
         "protocol": config.protocol.protocol,
-        "codec": config.protocol.codec,  # not topk_fraction: receivers decode any number of kept values
+        "codec": config.protocol.codec.name,  # not topk_fraction: receivers decode any number of kept values
         # the encodings: releases that cannot read each other's messages are in different tasks, rather
         # than in one where each refuses the other's messages as malformed
         "encoding": [framing.VERSION, wire.VERSION, messages.VERSION, codecs.FORMAT],
@@ -232,7 +232,7 @@ class Daemon:
             self.compute,
             send_timeout=overlay.config.send_timeout,  # also the overlay's own bound on a send
             on_round=self._rounds[0].send_nowait,
-            codec=self.config.protocol.codec_config(),
+            codec=self.config.protocol.codec,
         )
         nursery.start_soon(self.driver.run)
         nursery.start_soon(self._after_rounds)
@@ -318,7 +318,7 @@ class Daemon:
             "relays": [str(r) for r in overlay.relaying.relays] if overlay else [],
             "protocol": self.config.protocol.protocol,
             "integrator": self.config.protocol.integrator,
-            "codec": self.config.protocol.codec,
+            "codec": self.config.protocol.codec.name,
             "learning": self.protocol is not None,  # false until its first task peer (alone: discovery done)
             "round": self.protocol.round if self.protocol else self.start_round,
             "metrics": self.metrics,  # what the task's evaluate returned for the newest round evaluated

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from shoal.node.config import document
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
@@ -32,9 +33,10 @@ START_TIMEOUT = 120.0
 STOP_PER_NODE = 1.0
 
 
-# What every demo and testbed daemon learns with; the testbed's simulator prediction reads the same.
+# What every demo and testbed daemon learns with (keys by name, node.config); the testbed's simulator
+# prediction reads the same.
 TASK = {"dataset": "digits", "lr": 0.1, "local_steps": 20}
-PROTOCOL = {"protocol": "gossip", "integrator": "clipped", "period": 0.5}
+PROTOCOL = {"protocol": "gossip", "integrator": "clipped", "gossip_period": 0.5}
 
 
 def node_config(
@@ -49,19 +51,10 @@ def node_config(
     """``config.toml`` of node ``i`` of ``nodes`` (shard ``i``). On 127.0.0.1 (the default) its ports are
     left to the kernel: any port chosen here and released could be taken before the daemon binds it
     (measured, by another daemon's outgoing connection)."""
-    network = {"listen": [listen], "bootstrap": list(bootstrap)}
+    network = {"listen": (listen,), "bootstrap": tuple(bootstrap)}
     if relay_service:
         network["relay_service"] = True
-    sections = {
-        "network": network,
-        "task": {**TASK, "shard": i, "shards": nodes},
-        "protocol": PROTOCOL,
-        "node": {"api": api},
-    }
-    lines = []
-    for name, values in sections.items():
-        lines += [f"[{name}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
-    return "\n".join(lines) + "\n"
+    return document(**network, **TASK, shard=i, shards=nodes, **PROTOCOL, api=api)
 
 
 def accuracy(status: dict) -> float | None:

@@ -103,8 +103,9 @@ class Node:
     ``home``: its directory (identity key, checkpoint, optional ``config.toml``, created if absent).
     ``bootstrap``: addresses of nodes of the swarm (none: this node starts one). ``listen``: where
     peers reach it (default: a free port on 127.0.0.1). ``every``: for a task without ``train``, the
-    user's loop steps per round. ``settings``: any key of ``config.toml`` (``protocol``,
-    ``integrator``, ``codec``, ``fanout``, ``period``, ...; README, "Configuration"), over the file's.
+    user's loop steps per round. ``settings``: any key of ``config.toml`` by the name its flag has
+    (``protocol``, ``integrator``, ``codec_name``, ``gossip_fanout``, ``gossip_period``, ...;
+    ``node.config``), over the file's.
     """
 
     def __init__(

@@ -12,13 +12,14 @@ Two tasks:
   class, the small local test set Bristle scores peers on.
 
 Protocols: ``gossip`` (asynchronous, one-second cycles on a complete graph: one round of local training,
-then send to every peer, or ``--fanout`` random ones, and integrate what arrived) or ``modest`` (sample
-``--sample`` nodes per round, one aggregator, messages to whoever is sampled). Attackers (a fraction of
-the nodes, chosen at random) run the same protocol but send forged models (``--attacks``, any of
-label-flip, noise, sign-flip, alie, stale: learning/attacks.py): in MoDeST both the models they
-aggregate and the ones they train. The sweep runs every attack x setting x fraction x integrator,
-``--jobs`` at a time, and reports the final mean test accuracy of the honest nodes (MoDeST: of the
-honest nodes at the newest round). Writes rounds.csv, summary.json and one PNG per attack and setting.
+then send to every peer, or ``--gossip-fanout`` random ones, and integrate what arrived) or ``modest``
+(unpaced: sample ``--modest-sample-size`` nodes per round, one aggregator, messages to whoever is
+sampled). Attackers (a fraction of the nodes, chosen at random) run the same protocol but send forged
+models (``--attacks``, any of label-flip, noise, sign-flip, alie, stale: learning/attacks.py): in MoDeST
+both the models they aggregate and the ones they train. The sweep runs every attack x setting x fraction
+x integrator, ``--jobs`` at a time, and reports the final mean test accuracy of the honest nodes
+(MoDeST: of the honest nodes at the newest round). Writes rounds.csv, summary.json and one PNG per
+attack and setting.
 
     python -m shoal.simulations.byzantine --attacks sign-flip,alie --protocol modest
 """
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         nodes=20,
         duration=60.0,
         eval_every=10.0,
-        fanout=None,
+        gossip_fanout=None,
+        modest_period=0.0,  # unpaced, as simulations/modest.py
         lr=0.05,
         batch_size=32,
         local_steps=20,
@@ -166,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("byzantine")
     g.add_argument("--task", default="mlp", choices=TASKS, help="(default %(default)s)")
     g.add_argument("--protocol", default="gossip", choices=("gossip", "modest"), help="(default %(default)s)")
-    g.add_argument("--sample", type=int, default=10, help="modest: trainers per round (default %(default)s)")
     g.add_argument(
         "--attacks",
         default="sign-flip",
@@ -201,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= f < 1 for f in fractions):
         p.error("--fractions must be in [0, 1)")
     report.prepare(args)
-    base = report.config_from(args)
-    if args.protocol == "modest":
-        base = replace(base, protocol="modest", sample_size=args.sample, dial_any=True, period=0.0)
+    base = report.config_from(args, dial_any=args.protocol == "modest")  # MoDeST dials whoever it samples
     if args.task == "head":
         data, how = transfer_data(args.seed, args.features, args.out)
         print(

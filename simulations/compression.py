@@ -2,9 +2,9 @@
 
 Every run has the same data split, initial model, hyperparameters and seed; only the codec differs
 (``learning.compression``: fp32, fp16, bf16, int8, and top-k differences with error feedback and int8
-keyframes). Gossip runs asynchronously on a random 4-regular graph; MoDeST samples --sample trainers
-and one aggregator per round from all nodes. Bytes are everything the nodes sent (models and
-MoDeST's pings), as the simulated network counts them.
+keyframes). Gossip runs asynchronously on a random 4-regular graph; MoDeST, unpaced, samples
+--modest-sample-size trainers and one aggregator per round from all nodes. Bytes are everything the
+nodes sent (models and MoDeST's pings), as the simulated network counts them.
 
 Writes rounds.csv, summary.json (per protocol and codec: bytes_to_target, rounds_to_target,
 final_accuracy_mean, and bytes_to_target as a fraction of fp32's) and accuracy_by_bytes_<protocol>.png
@@ -28,10 +28,18 @@ from shoal.simulations.topologies import build_graph
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = report.parser("compression", __doc__, nodes=12, duration=200.0, eval_every=5.0, integrator="weighted")
+    p = report.parser(
+        "compression",
+        __doc__,
+        nodes=12,
+        duration=200.0,
+        eval_every=5.0,
+        integrator="weighted",
+        modest_sample_size=4,
+        modest_period=0.0,  # unpaced, as simulations/modest.py
+    )
     g = p.add_argument_group("compression")
     g.add_argument("--codecs", default=",".join(CODECS), help="comma-separated (default %(default)s)")
-    g.add_argument("--sample", type=int, default=4, help="MoDeST: trainers per round (default 4)")
     g.add_argument(
         "--target", type=float, default=0.9, help="accuracy for the to-target figures (default 0.9)"
     )
@@ -41,26 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown codec(s) {', '.join(unknown)}; choose from {', '.join(CODECS)}")
     if "fp32" not in codecs:
         codecs.insert(0, "fp32")  # the reference every ratio is taken against
-    if not 1 <= args.sample <= args.nodes:
-        p.error("--sample must be between 1 and --nodes")
+    if not 1 <= args.modest_sample_size <= args.nodes:
+        p.error("--modest-sample-size must be between 1 and --nodes")
     report.prepare(args)
     progress = None if args.quiet else print
     protocols = {
         "gossip": lambda codec: Simulation(
-            report.config_from(args, codec=codec),
+            report.config_from(args, codec_name=codec),
             build_graph("regular", args.nodes, args.seed),
             label=f"gossip {codec}",
             progress=progress,
         ),
         "modest": lambda codec: Simulation(
-            report.config_from(
-                args,
-                codec=codec,
-                dial_any=True,
-                protocol="modest",
-                sample_size=args.sample,
-                period=0.0,  # unpaced, as simulations/modest.py
-            ),
+            report.config_from(args, codec_name=codec, dial_any=True, protocol="modest"),
             nx.empty_graph(args.nodes),
             label=f"modest {codec}",
             evaluate="freshest",
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_summary(
         args.out,
         report.config_from(args),
-        {"name": "compression", "codecs": codecs, "sample": args.sample, "target": args.target},
+        {"name": "compression", "codecs": codecs, "sample": args.modest_sample_size, "target": args.target},
         results,
     )
     for name, by_codec in runs.items():

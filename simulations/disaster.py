@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         nodes=100,
         duration=100.0,
         eval_every=2.0,
-        synchronous=True,
+        gossip_synchronous=True,
         integrator="mean",
-        round_timeout=10.0,
+        gossip_round_timeout=10.0,
         local_epochs=3.0,
     )
     g = p.add_argument_group("disaster")

@@ -40,7 +40,8 @@ from shoal.overlay.sim import SimNetwork, run_virtual
 
 @dataclass(frozen=True)
 class SimConfig(ProtocolSettings):
-    """One simulated swarm: the protocol every node runs (the daemon's settings, checked there) and the
+    """One simulated swarm: the protocol every node runs (the daemon's settings, checked there, with the
+    protocols' own configurations nested: ``SimConfig(gossip=GossipConfig(fanout=None))``) and the
     swarm's data, learning, network and time. Times are virtual seconds; bandwidth in Mbit/s; speed in
     samples/s."""
 
@@ -305,7 +306,7 @@ class Simulation:
             node.learner,
             VirtualCompute(self.speeds[i]),
             on_round=self._count_round,
-            codec=c.codec_config(),
+            codec=c.codec,
         )
         self.drivers[i] = driver
         scope = trio.CancelScope()

@@ -1,12 +1,13 @@
 """MoDeST vs D-PSGD vs a FedAvg reference, and MoDeST through the crash of 80% of its nodes.
 
 Same data split, initial model, hyperparameters and seed for every method:
-- ``modest``: MoDeST (learning/modest.py) with sample size --sample, --aggregators (default 1), sf 1.0;
+- ``modest``: MoDeST (learning/modest.py) with sample size --modest-sample-size,
+  --modest-aggregators (default 1), sf 1.0, unpaced (--modest-period 0, as the paper runs it);
 - ``d-psgd``: synchronous gossip rounds on a ring (the authors' decentralized baseline), every node
   trains each round and averages with its two neighbours;
-- ``fedavg``: an idealised server, computed in this script for comparison only: each round --sample
-  nodes drawn at random train from the global model and the server averages them (no network; bytes
-  counted as one download and one upload per sampled node);
+- ``fedavg``: an idealised server, computed in this script for comparison only: each round
+  --modest-sample-size nodes drawn at random train from the global model and the server averages them
+  (no network; bytes counted as one download and one upload per sampled node);
 - ``modest-crash``: MoDeST with sf 0.9 and ping timeout 2 s (the authors' crash experiment; their
   inactivity threshold of 20 rounds is, here, the time a crashed member's record takes to expire) while
   80% of the nodes crash in 16 batches over the middle of the run.
@@ -102,10 +103,11 @@ def plot_bytes_per_node(out: Path, per_node: dict[str, list[float]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = report.parser("modest", __doc__, nodes=60, duration=100.0, eval_every=1.0, integrator="mean")
+    # unpaced, as the paper runs MoDeST (a daemon's trainings are ``period`` apart)
+    p = report.parser(
+        "modest", __doc__, nodes=60, duration=100.0, eval_every=1.0, integrator="mean", modest_period=0.0
+    )
     g = p.add_argument_group("MoDeST")
-    g.add_argument("--sample", type=int, default=10, help="sample size s (default 10)")
-    g.add_argument("--aggregators", type=int, default=1, help="aggregators a (default 1)")
     g.add_argument(
         "--rounds",
         type=int,
@@ -116,25 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         "--target", type=float, default=0.85, help="accuracy for the to-target figures (default 0.85)"
     )
     args = p.parse_args(argv)
-    if not 1 <= args.sample <= args.nodes:
-        p.error("--sample must be between 1 and --nodes")
+    if not 1 <= args.modest_sample_size <= args.nodes:
+        p.error("--modest-sample-size must be between 1 and --nodes")
     base = report.config_from(args, dial_any=True)
     report.prepare(args)
     progress = None if args.quiet else print
     no_links = nx.empty_graph(base.nodes)  # MoDeST dials whoever it samples; nobody is a standing neighbour
-    # --aggregators names a field: config_from took it
-    # unpaced, as the paper runs MoDeST (a daemon's trainings are ``period`` apart)
-    normal = replace(base, protocol="modest", sample_size=args.sample, period=0.0)
+    normal = replace(base, protocol="modest")
     modest = Simulation(normal, no_links, label="modest", evaluate="freshest", progress=progress).run()
-    dpsgd_config = report.config_from(args, synchronous=True, duration=float(args.rounds), period=1.0)
+    dpsgd_config = report.config_from(
+        args, gossip_synchronous=True, duration=float(args.rounds), gossip_period=1.0
+    )
     dpsgd = Simulation(dpsgd_config, nx.cycle_graph(base.nodes), label="d-psgd", progress=progress).run()
-    reference = fedavg(base, args.sample, args.rounds)
+    reference = fedavg(base, base.modest.sample_size, args.rounds)
     crash_config = replace(
         normal,
-        success_fraction=0.9,
-        ping_timeout=2.0,
-        aggregation_timeout=2.0,
-        watch_timeout=6.0,
+        modest=replace(
+            normal.modest, success_fraction=0.9, ping_timeout=2.0, aggregation_timeout=2.0, watch_timeout=6.0
+        ),
     )
     crashed = Simulation(
         crash_config,
@@ -165,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     report.write_summary(
         args.out,
         base,
-        {"name": "modest", "sample": args.sample, "aggregators": args.aggregators, "target": args.target},
+        {
+            "name": "modest",
+            "sample": base.modest.sample_size,
+            "aggregators": base.modest.aggregators,
+            "target": args.target,
+        },
         results,
     )
     plot_xy(args.out, "accuracy_by_round.png", by_round, "round", "round", "Accuracy per round")

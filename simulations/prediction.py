@@ -42,6 +42,7 @@ import networkx as nx
 from shoal.learning.node import LearningNode
 from shoal.learning.protocol import LearningProtocol
 from shoal.learning.settings import TaskSettings
+from shoal.node.config import updated
 from shoal.node.daemon import EVAL_SAMPLES
 from shoal.node.demo import PROTOCOL, TASK
 from shoal.simulations import report
@@ -82,7 +83,7 @@ def starts(measured: Measurement) -> dict[int, list[Start]]:
     launch whose round moved by at most the rounds it can train alone within a poll started from its
     own initialisation: its fetches found only peers no further than itself. A resumed launch counts
     as fetched: the simulated joiner's fetch stands in for its checkpoint."""
-    alone = math.ceil(EVAL_EVERY / PROTOCOL["period"]) + 1
+    alone = math.ceil(EVAL_EVERY / PROTOCOL["gossip_period"]) + 1
     out: dict[int, list[Start]] = {}
     for m in measured.members:
         rows = [r for r in measured.rows if r["node"] == m.site.index]
@@ -137,7 +138,6 @@ def scenario(measured: Measurement) -> Scenario:
     typical = statistics.median(seconds.values())
     speeds = [samples / seconds.get(i, typical) for i in range(plan.nodes)]
     config = SimConfig(
-        **PROTOCOL,
         nodes=plan.nodes,
         seed=task.seed,
         dataset=TASK["dataset"],
@@ -155,6 +155,7 @@ def scenario(measured: Measurement) -> Scenario:
         loss=plan.loss,
         speed=samples / typical,
     )
+    config = updated(config, PROTOCOL)  # the daemons' keys, by name
     degree = min(neighbours(measured), plan.nodes - 1)
     if degree * plan.nodes % 2:
         degree -= 1

@@ -16,99 +16,109 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, fields
+from functools import reduce
 from pathlib import Path
 
 import torch
 
-from shoal.learning.compression import CODECS
 from shoal.learning.integrators import INTEGRATORS as RULES
+from shoal.node.config import keys, updated
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations.engine import Row, RunResult, SimConfig
 
+# the protocols' and the codec's own settings (SimConfig.gossip, .modest, .codec): flags by their names,
+# prefixed by their sub-table's (--gossip-fanout), as the daemon's
+NESTED = {name: key for name, key in keys(SimConfig).items() if len(key.path) > 1}
+PREFIXES = tuple(sorted({f"{key.path[0]}_" for key in NESTED.values()}))
+
 
 def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentParser:
-    """A parser with the flags every scenario takes, each named as its SimConfig field (``config_from``);
-    ``defaults`` override SimConfig's per scenario."""
-    base = {**asdict(SimConfig()), **defaults}
+    """A parser with the flags every scenario takes, each named as its SimConfig field, or a field of its
+    sub-tables by that field's name (``gossip_fanout``; ``config_from``); ``defaults``, named so too,
+    override SimConfig's per scenario."""
+    try:
+        base = updated(SimConfig(), defaults)
+    except (TypeError, ValueError) as exc:  # a scenario's own defaults
+        raise SystemExit(f"error: {exc}") from None
     p = argparse.ArgumentParser(
         prog=f"python -m shoal.simulations.{prog}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("swarm")
-    g.add_argument("--nodes", type=int, default=base["nodes"], help="number of nodes (default %(default)s)")
+    g.add_argument("--nodes", type=int, default=base.nodes, help="number of nodes (default %(default)s)")
     g.add_argument(
-        "--seed", type=int, default=base["seed"], help="seed of everything random (default %(default)s)"
+        "--seed", type=int, default=base.seed, help="seed of everything random (default %(default)s)"
     )
     g.add_argument("--out", type=Path, default=Path("out") / prog, help="output folder (default %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g = p.add_argument_group("learning")
-    g.add_argument("--dataset", default=base["dataset"], help="digits, mnist1d, fashion-mnist or a .npz path")
-    g.add_argument("--model", default=base["model"], help="mlp, cnn, frozen-cnn or module:factory")
-    g.add_argument("--partition", default=base["partition"], help="iid, dirichlet:ALPHA or shards:K")
+    g.add_argument("--dataset", default=base.dataset, help="digits, mnist1d, fashion-mnist or a .npz path")
+    g.add_argument("--model", default=base.model, help="mlp, cnn, frozen-cnn or module:factory")
+    g.add_argument("--partition", default=base.partition, help="iid, dirichlet:ALPHA or shards:K")
     g.add_argument(
         "--integrator",
-        default=base["integrator"],
+        default=base.integrator,
         choices=("clipped", *RULES),
         help="(default %(default)s)",
     )
-    g.add_argument("--lr", type=float, default=base["lr"])
-    g.add_argument("--batch-size", type=int, default=base["batch_size"])
-    g.add_argument("--local-epochs", type=float, default=base["local_epochs"], help="local epochs per round")
+    g.add_argument("--lr", type=float, default=base.lr)
+    g.add_argument("--batch-size", type=int, default=base.batch_size)
+    g.add_argument("--local-epochs", type=float, default=base.local_epochs, help="local epochs per round")
     g.add_argument(
-        "--local-steps", type=int, default=base["local_steps"], help="local SGD steps per round, instead"
+        "--local-steps", type=int, default=base.local_steps, help="local SGD steps per round, instead"
     )
     g.add_argument(
         "--independent-init",
         dest="same_init",
         action="store_false",
-        default=base["same_init"],
+        default=base.same_init,
         help="each node starts from its own random model instead of a shared one",
     )
-    g = p.add_argument_group("protocol")
+    g = p.add_argument_group("protocol (the daemon's [protocol.gossip], [protocol.modest], [protocol.codec])")
     g.add_argument(
-        "--sync",
-        dest="synchronous",
+        "--gossip-synchronous",
         action="store_true",
-        default=base["synchronous"],
+        default=base.gossip.synchronous,
         help="synchronous rounds (D-PSGD)",
     )
-    g.add_argument("--fanout", type=int, default=base["fanout"], help="asynchronous: peers sent to per cycle")
     g.add_argument(
-        "--period", type=float, default=base["period"], help="least seconds per round (default %(default)s)"
-    )
-    g.add_argument("--round-timeout", type=float, default=base["round_timeout"], help="synchronous: seconds")
-    g.add_argument(
-        "--codec", default=base["codec"], choices=CODECS, help="how models travel (default %(default)s)"
-    )
-    g.add_argument(
-        "--topk-fraction",
+        "--gossip-round-timeout",
         type=float,
-        default=base["topk_fraction"],
-        help="topk: share of each difference sent",
+        default=base.gossip.round_timeout,
+        help="synchronous: most seconds a round waits (default %(default)s)",
     )
+    for name, key in NESTED.items():
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float if key.kind is float else int if key.kind in (int, int | None) else str,
+            default=reduce(getattr, key.path, base),
+            help=key.field.metadata["help"].replace("%", "%%") + " (default %(default)s)",
+        )
     g = p.add_argument_group("network and time (virtual seconds)")
     g.add_argument(
-        "--duration", type=float, default=base["duration"], help="simulated seconds (default %(default)s)"
+        "--duration", type=float, default=base.duration, help="simulated seconds (default %(default)s)"
     )
-    g.add_argument("--eval-every", type=float, default=base["eval_every"], help="seconds between evaluations")
-    g.add_argument("--latency", type=float, default=base["latency"], help="per-link latency in seconds")
-    g.add_argument("--bandwidth", type=float, default=base["bandwidth"], help="per-node up/down Mbit/s")
-    g.add_argument("--loss", type=float, default=base["loss"], help="probability a message is lost")
-    g.add_argument("--speed", type=float, default=base["speed"], help="training samples per second per node")
+    g.add_argument("--eval-every", type=float, default=base.eval_every, help="seconds between evaluations")
+    g.add_argument("--latency", type=float, default=base.latency, help="per-link latency in seconds")
+    g.add_argument("--bandwidth", type=float, default=base.bandwidth, help="per-node up/down Mbit/s")
+    g.add_argument("--loss", type=float, default=base.loss, help="probability a message is lost")
+    g.add_argument("--speed", type=float, default=base.speed, help="training samples per second per node")
     g.add_argument(
-        "--speed-spread", type=float, default=base["speed_spread"], help="speeds vary by up to this factor"
+        "--speed-spread", type=float, default=base.speed_spread, help="speeds vary by up to this factor"
     )
     return p
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
-    """The SimConfig of the parsed flags (every flag named as a field is one), then ``overrides``."""
-    given = {f.name: getattr(args, f.name) for f in fields(SimConfig) if hasattr(args, f.name)}
+    """The SimConfig of the parsed flags (every flag named as a field, or as a sub-table's field, is
+    one), then ``overrides``, named so too (``gossip_period=1.0``)."""
+    own = {f.name for f in fields(SimConfig)}
+    given = {n: v for n, v in vars(args).items() if n in own or n.startswith(PREFIXES)}
     if given.get("local_steps") is not None:  # steps replace epochs
         given["local_epochs"] = None
     try:
-        return SimConfig(**{**given, **overrides})
+        return updated(SimConfig(), {**given, **overrides})
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 
 from shoal.learning.task import TaskFactory
+from shoal.node.config import updated
 from shoal.simulations.churn import random_schedule
 from shoal.simulations.engine import RunResult, SimConfig, Simulation
 from shoal.simulations.report import write_rounds
@@ -43,14 +44,15 @@ def simulate(
     ``complete``, or a graph on 0..nodes-1. ``churn``: every ``churn_every`` seconds, each live node
     crashes with this probability, and each crashed one comes back (model lost: it fetches the
     swarm's) with probability 1/2. ``out``: a directory to write ``rounds.csv`` to. ``settings``: the
-    protocol's and the simulated network's (``protocol``, ``integrator``, ``fanout``, ``period``,
-    ``codec``, ``seed``, ``eval_every``, ``latency`` s, ``bandwidth`` Mbit/s, ``speed`` samples/s,
-    ``speed_spread``, ``loss``; README, "Python API")."""
+    protocol's, named as ``shoal.Node`` takes them (``protocol``, ``integrator``, ``gossip_fanout``,
+    ``gossip_period``, ``codec_name``, ...), and the simulated network's (``seed``, ``eval_every``,
+    ``latency`` s, ``bandwidth`` Mbit/s, ``speed`` samples/s, ``speed_spread``, ``loss``; README,
+    "Python API")."""
     settings.setdefault("integrator", "clipped")  # the daemon's default, not the scenarios' reference
     if not 0 <= churn < 1:
         raise ValueError(f"churn must be in [0, 1), got {churn}")
     try:
-        config = SimConfig(nodes=nodes, duration=duration, **settings)
+        config = updated(SimConfig(nodes=nodes, duration=duration), settings)
     except TypeError as exc:
         raise ValueError(f"unknown setting: {exc}") from None
     if isinstance(topology, str):

@@ -76,14 +76,19 @@ class Attacker:
             [mode],
             self.rng,
             period=0.2,
-            config=self.config.protocol.modest(),
+            config=self.config.protocol.modest,
         )
-        codec = self.config.protocol.codec_config()  # the swarm's, as its members
+        codec = self.config.protocol.codec  # the swarm's, as its members
         await Driver(hostile, self.overlay, self.learner, ThreadCompute(), codec=codec).run()
 
     async def forging(self, attack: str) -> None:
         """The swarm's protocol, honest but for the models it sends (``learning.attacks.Forging``)."""
-        settings = replace(self.config.protocol, period=0.5, fanout=None)
+        swarm = self.config.protocol
+        settings = replace(
+            swarm,
+            gossip=replace(swarm.gossip, period=0.5, fanout=None),
+            modest=replace(swarm.modest, period=0.5),
+        )
         inner = build_protocol(
             settings,
             self.overlay.peer_id,
@@ -95,7 +100,7 @@ class Attacker:
             joining=True,
         )
         attacker = Forging(inner, forge(attack, self.rng))
-        codec = self.config.protocol.codec_config()
+        codec = self.config.protocol.codec
         try:
             await Driver(attacker, self.overlay, self.learner, ThreadCompute(), codec=codec).run()
         finally:

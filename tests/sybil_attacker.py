@@ -59,7 +59,7 @@ async def main(args: argparse.Namespace) -> None:
         say({"started": len(sybils), "at": time.time()})
         async with trio.open_nursery() as nursery:
             for sybil in sybils:
-                nursery.start_soon(attack, sybil, Compression(task.config.protocol.codec_config(), stale))
+                nursery.start_soon(attack, sybil, Compression(task.config.protocol.codec, stale))
             with trio.move_on_after(args.seconds):
                 while True:
                     say({"peers": sum(victim in s.peers() for s in sybils), "at": time.time()})

@@ -121,8 +121,8 @@ def test_a_node_whose_training_raises_goes_on_and_says_so_in_status(tmp_path):
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     good = shoal.classification(torch.nn.Linear(4, 3), x, y, test=(x, y))
     with (
-        shoal.Node(good, home=tmp_path / "good", period=0.2) as a,
-        shoal.Node(failing("raises"), home=tmp_path / "bad", bootstrap=a.addresses, period=0.2) as b,
+        shoal.Node(good, home=tmp_path / "good", gossip_period=0.2) as a,
+        shoal.Node(failing("raises"), home=tmp_path / "bad", bootstrap=a.addresses, gossip_period=0.2) as b,
     ):
         assert b.wait(round=5, timeout=60) and a.wait(round=5, timeout=60)
         status = b.status()

@@ -19,7 +19,7 @@ def model(v):
 
 
 def test_forging_replaces_every_sent_model_and_nothing_else():
-    inner = Gossip(model(1), 5, Mean(), GossipConfig(fanout=2), random.Random(0))
+    inner = Gossip(model(1), 5, Mean(), GossipConfig(fanout=2, period=0.0), random.Random(0))
     attacker = Forging(inner, forge("sign-flip", random.Random(0)))
     for p in ("a", "b"):
         attacker.handle(PeerUp(p), 0.0)

@@ -175,7 +175,7 @@ def test_a_joiner_refuses_a_fetched_model_far_worse_than_its_own_and_asks_anothe
         state,
         10,
         clipped(anchor),
-        GossipConfig(join_by_fetch=True, fetch_attempts=2),
+        GossipConfig(fanout=None, join_by_fetch=True, fetch_attempts=2, period=0.0),
         random.Random(0),
         anchor=anchor,
     )

@@ -122,7 +122,7 @@ def test_malformed_topk_headers_are_codec_errors(z, reason):
 
 
 def test_bad_codec_settings_say_what_is_wrong():
-    with pytest.raises(ValueError, match="codec must be one of"):
+    with pytest.raises(ValueError, match="name must be one of"):
         CodecConfig("zip")
     with pytest.raises(ValueError, match="topk_fraction"):
         CodecConfig("topk", topk_fraction=0)

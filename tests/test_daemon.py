@@ -245,9 +245,9 @@ def test_a_daemon_starved_of_cpu_for_10_s_is_suspected_not_dropped_and_rejoins_t
 @pytest.mark.parametrize(
     ("env", "target"),
     [
-        ({"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn", "SHOAL_CODEC": "int8"}, 0.75),
+        ({"SHOAL_INTEGRATOR": "bristle", "SHOAL_MODEL": "frozen-cnn", "SHOAL_CODEC_NAME": "int8"}, 0.75),
         # a sample the swarm can fill; top-k differences with error feedback over real libp2p streams
-        ({"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_CODEC": "topk"}, ACCURACY),
+        ({"SHOAL_PROTOCOL": "modest", "SHOAL_MODEST_SAMPLE_SIZE": "2", "SHOAL_CODEC_NAME": "topk"}, ACCURACY),
     ],
     ids=["bristle", "modest"],
 )
@@ -260,7 +260,7 @@ def test_three_daemons_learn_with_the_other_protocol_and_rules(tmp_path, env, ta
         for shown in (n.status() for n in nodes):
             assert shown["integrator"] == env.get("SHOAL_INTEGRATOR", "clipped")
             assert shown["protocol"] == env.get("SHOAL_PROTOCOL", "gossip")
-            assert shown["codec"] == env["SHOAL_CODEC"]
+            assert shown["codec"] == env["SHOAL_CODEC_NAME"]
             assert len(shown["peers"]) == 2 and shown["rejected"] == 0
         sigterm_all(nodes)
     finally:

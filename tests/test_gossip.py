@@ -29,10 +29,16 @@ def model(value: float) -> dict:
     return {"w": torch.full((2, 3), value), "b": torch.full((3,), value)}
 
 
+def unpaced(**given) -> GossipConfig:
+    """The state machine's tests run unpaced, with every neighbour unless they say otherwise (the
+    defaults are a daemon's)."""
+    return GossipConfig(**{"fanout": None, "period": 0.0, "round_timeout": 60.0, **given})
+
+
 def node(config=None, peers=("p1", "p2", "p3"), samples=10, integrator=None) -> Gossip:
     """A node holding model(0.0); the toy models here are far apart in scale, so the norm bound (tested
     on its own below) is opened wide."""
-    config = replace(config or GossipConfig(), max_norm_ratio=1e9)
+    config = replace(config or unpaced(), max_norm_ratio=1e9)
     g = Gossip(model(0.0), samples, integrator or Mean(), config, random.Random(0))
     for p in peers:
         g.handle(PeerUp(p), 0.0)
@@ -48,7 +54,7 @@ def model_msg(peer, value, rnd=0, samples=10, **extra):
 
 
 def test_async_cycle_trains_sends_integrates_and_trains_again():
-    g = node(GossipConfig(fanout=2))
+    g = node(unpaced(fanout=2))
     assert g.handle(Started(), 0.0) == [Train(0, g.model)]
     assert g.handle(model_msg("p1", 3.0), 0.1) == []  # buffered until the next cycle
     actions = g.handle(Trained(0, model(1.0)), 0.5)
@@ -61,8 +67,8 @@ def test_async_cycle_trains_sends_integrates_and_trains_again():
 
 
 def test_the_fanout_goes_to_neighbours_whose_models_we_took_and_a_lone_node_sends_nothing():
-    g = node(GossipConfig(fanout=1), peers=("good", "sybil1", "sybil2", "sybil3"))
-    lone = node(GossipConfig(fanout=2), peers=())
+    g = node(unpaced(fanout=1), peers=("good", "sybil1", "sybil2", "sybil3"))
+    lone = node(unpaced(fanout=2), peers=())
     lone.handle(Started(), 0.0)
     assert kinds(lone.handle(Trained(0, model(1.0)), 0.5)) == ["RoundDone", "Train"]
     g.handle(Started(), 0.0)
@@ -85,7 +91,7 @@ def test_answers_one_fetch_per_peer_per_interval():
 
 
 def test_async_keeps_only_the_newest_model_per_peer():
-    g = node(GossipConfig(fanout=1))
+    g = node(unpaced(fanout=1))
     g.handle(Started(), 0.0)
     g.handle(model_msg("p1", 10.0), 0.1)
     g.handle(model_msg("p1", 4.0, rnd=1), 0.2)
@@ -94,7 +100,7 @@ def test_async_keeps_only_the_newest_model_per_peer():
 
 
 def test_async_period_rests_between_cycles():
-    g = node(GossipConfig(fanout=1, period=5.0))
+    g = node(unpaced(fanout=1, period=5.0))
     g.handle(Started(), 0.0)
     actions = g.handle(Trained(0, model(1.0)), 1.0)
     assert actions[-1] == StartTimer(Timer.CYCLE, 4.0)
@@ -103,7 +109,7 @@ def test_async_period_rests_between_cycles():
 
 
 def test_sync_round_waits_for_every_neighbour():
-    g = node(GossipConfig(synchronous=True))
+    g = node(unpaced(synchronous=True))
     g.handle(Started(), 0.0)
     actions = g.handle(Trained(0, model(3.0)), 1.0)
     assert kinds(actions) == ["Send", "Send", "Send", "StartTimer"]
@@ -124,7 +130,7 @@ def test_sync_round_waits_for_every_neighbour():
 
 
 def test_sync_round_does_not_wait_for_crashed_or_unreachable_peers():
-    g = node(GossipConfig(synchronous=True))
+    g = node(unpaced(synchronous=True))
     g.handle(Started(), 0.0)
     g.handle(Trained(0, model(1.0)), 1.0)
     g.handle(model_msg("p1", 1.0), 1.1)
@@ -134,7 +140,7 @@ def test_sync_round_does_not_wait_for_crashed_or_unreachable_peers():
 
 
 def test_sync_round_times_out_when_fewer_models_arrive():
-    g = node(GossipConfig(synchronous=True, round_timeout=5.0))
+    g = node(unpaced(synchronous=True, round_timeout=5.0))
     g.handle(Started(), 0.0)
     g.handle(Trained(0, model(2.0)), 1.0)
     g.handle(model_msg("p1", 4.0), 2.0)
@@ -145,7 +151,7 @@ def test_sync_round_times_out_when_fewer_models_arrive():
 
 
 def test_isolated_sync_node_keeps_training_alone():
-    g = node(GossipConfig(synchronous=True), peers=())
+    g = node(unpaced(synchronous=True), peers=())
     g.handle(Started(), 0.0)
     assert kinds(g.handle(Trained(0, model(1.0)), 1.0)) == ["RoundDone", "Train"]  # no one to wait for
 
@@ -188,7 +194,7 @@ def test_answers_fetch_with_its_current_model():
 
 
 def test_joining_node_adopts_a_neighbours_model_and_round():
-    g = node(GossipConfig(join_by_fetch=True, fetch_timeout=3.0))
+    g = node(unpaced(join_by_fetch=True, fetch_timeout=3.0))
     send, timer = g.handle(Started(), 0.0)
     assert send.kind == "fetch" and timer == StartTimer(Timer.FETCH, 3.0)
     assert g.handle(model_msg("nobody-asked", 9.0, rnd=40, reply=True), 0.1) == []  # not the one we asked
@@ -198,7 +204,7 @@ def test_joining_node_adopts_a_neighbours_model_and_round():
 
 
 def test_a_joiner_passes_over_replies_no_further_than_itself():
-    g = node(GossipConfig(join_by_fetch=True), peers=("p1", "p2", "p3"))
+    g = node(unpaced(join_by_fetch=True), peers=("p1", "p2", "p3"))
     first, _ = g.handle(Started(), 0.0)
     second, timer = g.handle(model_msg(first.peer, 3.0, rnd=0, reply=True), 0.1)  # joined with us
     assert second.kind == "fetch" and second.peer != first.peer and timer.key is Timer.FETCH
@@ -208,7 +214,7 @@ def test_a_joiner_passes_over_replies_no_further_than_itself():
 
 
 def test_a_joiner_asks_at_most_fetch_attempts_neighbours():
-    g = node(GossipConfig(join_by_fetch=True, fetch_attempts=2), peers=("p1", "p2", "p3"))
+    g = node(unpaced(join_by_fetch=True, fetch_attempts=2), peers=("p1", "p2", "p3"))
     ask, _ = g.handle(Started(), 0.0)
     ask, _ = g.handle(model_msg(ask.peer, 3.0, rnd=0, reply=True), 0.1)
     actions = g.handle(model_msg(ask.peer, 3.0, rnd=0, reply=True), 0.2)
@@ -219,7 +225,7 @@ def test_a_joiner_asks_at_most_fetch_attempts_neighbours():
 
 
 def test_joining_node_asks_again_when_its_peer_dies_then_gives_up_on_timeout():
-    g = node(GossipConfig(join_by_fetch=True), peers=("p1", "p2"))
+    g = node(unpaced(join_by_fetch=True), peers=("p1", "p2"))
     first, _ = g.handle(Started(), 0.0)
     second, timer = g.handle(PeerDown(first.peer), 0.5)
     assert second.kind == "fetch" and second.peer != first.peer
@@ -240,8 +246,7 @@ def test_weighted_integration_and_nodes_without_data():
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="every neighbour"):
-        GossipConfig(synchronous=True, fanout=2)
+    assert GossipConfig(synchronous=True, fanout=2).fanout is None  # synchronous: every neighbour
     with pytest.raises(ValueError, match="fanout"):
         GossipConfig(fanout=0)
     with pytest.raises(ValueError, match="timeouts"):
@@ -249,14 +254,14 @@ def test_config_is_checked():
 
 
 def test_round_done_is_reported_each_round():
-    g = node(GossipConfig(fanout=1))
+    g = node(unpaced(fanout=1))
     g.handle(Started(), 0.0)
     for r in range(3):
         assert RoundDone(r + 1) in g.handle(Trained(r, model(1.0)), float(r))
 
 
 def test_label_sets_ride_along_and_are_checked():
-    g = Gossip(model(0.0), 10, Mean(), GossipConfig(fanout=1), random.Random(0), labels=[3, 1, 3])
+    g = Gossip(model(0.0), 10, Mean(), unpaced(fanout=1), random.Random(0), labels=[3, 1, 3])
     g.handle(PeerUp("p1"), 0.0)
     g.handle(Started(), 0.0)
     (send, *_) = g.handle(Trained(0, model(1.0)), 1.0)
@@ -267,14 +272,14 @@ def test_label_sets_ride_along_and_are_checked():
 
 
 def test_a_fetched_round_is_limited_to_the_window():
-    g = node(GossipConfig(join_by_fetch=True, max_round_jump=50))
+    g = node(unpaced(join_by_fetch=True, max_round_jump=50))
     send, _ = g.handle(Started(), 0.0)
     actions = g.handle(model_msg(send.peer, 1.0, rnd=2**53 - 1, reply=True), 0.1)
     assert actions == [CancelTimer(Timer.FETCH), Train(50, g.model)]
 
 
 def test_huge_models_are_refused_on_receipt_for_every_integrator():
-    g = Gossip(model(0.5), 10, Mean(), GossipConfig(fanout=1), random.Random(0))
+    g = Gossip(model(0.5), 10, Mean(), unpaced(fanout=1), random.Random(0))
     g.handle(PeerUp("p1"), 0.0)
     g.handle(Started(), 0.0)
     (action,) = g.handle(model_msg("p1", 1e30), 0.1)
@@ -291,7 +296,7 @@ class Refusing(Mean):
 
 @pytest.mark.parametrize("synchronous", [False, True])
 def test_a_model_the_integrator_refuses_is_dropped_and_reported_once(synchronous):
-    config = GossipConfig(synchronous=synchronous) if synchronous else GossipConfig(fanout=1)
+    config = unpaced(synchronous=synchronous) if synchronous else unpaced(fanout=1)
     g = node(config, peers=("p1", "p2"), integrator=Refusing())
     g.handle(Started(), 0.0)
     g.handle(model_msg("p1", 3.0), 0.1)

@@ -37,9 +37,12 @@ PHASES = {
 }
 # MoDeST: a sample of 2 of the 3 or 4 members, so that the attacker is sampled, and aggregates, often
 SETTINGS = {
-    "gossip": {"SHOAL_TASK": "cnn_adamw:make_task", "PYTHONPATH": str(Path(__file__).parents[1] / "examples")},
+    "gossip": {
+        "SHOAL_TASK": "cnn_adamw:make_task",
+        "PYTHONPATH": str(Path(__file__).parents[1] / "examples"),
+    },
     # top-k: the attacker's models, and its garbage, go through the codec as its victims' do
-    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_SAMPLE_SIZE": "2", "SHOAL_CODEC": "topk"},
+    "modest": {"SHOAL_PROTOCOL": "modest", "SHOAL_MODEST_SAMPLE_SIZE": "2", "SHOAL_CODEC_NAME": "topk"},
 }
 
 

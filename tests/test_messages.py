@@ -151,7 +151,7 @@ def test_training_to_non_finite_weights_is_rolled_back(caplog):
 # --- MoDeST: window and roles ----------------------------------------------------------------
 
 PEERS = [f"p{i:02d}" for i in range(12)]
-CONFIG = ModestConfig(sample_size=4, aggregators=1, role_slack=1, max_round_jump=100)
+CONFIG = ModestConfig(sample_size=4, aggregators=1, role_slack=1, max_round_jump=100, period=0.0)
 
 
 def modest(me="p00", joining=False, config=CONFIG):

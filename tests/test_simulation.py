@@ -17,6 +17,7 @@ from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Mean
 from shoal.learning.learner import Learner
 from shoal.learning.models import build_model
+from shoal.learning.modest import ModestConfig
 from shoal.learning.task import classification
 from shoal.node.driver import Driver, ThreadCompute, VirtualCompute
 from shoal.overlay.sim import SimNetwork
@@ -42,7 +43,11 @@ def test_survivors_keep_learning_after_a_third_crash_mid_round():
 
 def test_synchronous_rounds_survive_crashes_and_loss():
     config = SimConfig(
-        nodes=12, duration=60.0, eval_every=10.0, synchronous=True, loss=0.05, round_timeout=5.0
+        nodes=12,
+        duration=60.0,
+        eval_every=10.0,
+        gossip=GossipConfig(synchronous=True, round_timeout=5.0),
+        loss=0.05,
     )
     graph = nx.random_regular_graph(3, 12, seed=1)
     sim = Simulation(config, graph, schedule=[ScheduledEvent(20.5, "crash", (0, 1, 2, 3))], progress=None)
@@ -74,7 +79,7 @@ async def test_the_driver_rejects_a_bad_model_and_keeps_going(nursery, autojump_
         learner.initial_state(),
         learner.samples,
         Mean(),
-        GossipConfig(period=1.0),
+        GossipConfig(fanout=None, period=1.0),
         __import__("random").Random(0),
     )
     attacker = net.add_node("evil")
@@ -169,7 +174,7 @@ def test_bad_scenario_arguments_exit_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="nodes must be at least 2"):
         churn.main(["--nodes", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="fanout must be at least 1"):
-        topologies.main(["--fanout", "0", "--out", str(tmp_path)])
+        topologies.main(["--gossip-fanout", "0", "--out", str(tmp_path)])
     (tmp_path / "s.csv").write_text("10,crash,0 1\n20,explode,2\n")
     with pytest.raises(SystemExit, match=r"s\.csv:2"):
         churn.main(["--schedule", str(tmp_path / "s.csv"), "--out", str(tmp_path), "--quiet"])
@@ -196,7 +201,9 @@ async def test_thread_compute_trains_off_the_event_loop(nursery):
                 build_model("mlp", (4,), 3, seed=0), torch.randn(40, 4), torch.randint(0, 3, (40,)), steps=3
             )
         )
-        protocol = Gossip(learner.initial_state(), 40, Mean(), GossipConfig(period=0.05), random.Random(0))
+        protocol = Gossip(
+            learner.initial_state(), 40, Mean(), GossipConfig(fanout=None, period=0.05), random.Random(0)
+        )
         drivers.append(Driver(protocol, net.add_node(name, neighbours=peers), learner, ThreadCompute()))
         nursery.start_soon(drivers[-1].run)
     with trio.fail_after(30):
@@ -227,7 +234,7 @@ def test_modest_scenario_compares_methods_and_survives_the_crash(tmp_path):
         "24",
         "--rounds",
         "20",
-        "--sample",
+        "--modest-sample-size",
         "5",
         "--quiet",
         "--out",
@@ -248,7 +255,18 @@ def test_modest_scenario_compares_methods_and_survives_the_crash(tmp_path):
 
 def test_compression_scenario_reports_bytes_to_target_per_protocol_and_codec(tmp_path):
     out = tmp_path / "z"
-    tiny = ["--nodes", "6", "--duration", "30", "--eval-every", "5", "--sample", "3", "--target", "0.5"]
+    tiny = [
+        "--nodes",
+        "6",
+        "--duration",
+        "30",
+        "--eval-every",
+        "5",
+        "--modest-sample-size",
+        "3",
+        "--target",
+        "0.5",
+    ]
     assert compression.main([*tiny, "--codecs", "int8,topk", "--quiet", "--out", str(out)]) == 0
     results = json.loads((out / "summary.json").read_text())["results"]
     assert set(results) == {"gossip", "modest"}
@@ -286,7 +304,7 @@ def test_the_robust_default_holds_where_the_mean_falls(tmp_path, protocol):
         *args,
         "--protocol",
         protocol,
-        "--sample",
+        "--modest-sample-size",
         "5",
         "--integrators",
         "clipped,vca",
@@ -326,14 +344,16 @@ def hostile_swarm(protocol: str, hostile: set[int]):
             local_steps=4,
             local_epochs=None,
             protocol="modest",
-            sample_size=4,
-            ping_timeout=2.0,
-            aggregation_timeout=2.0,
-            watch_timeout=6.0,
-            role_slack=4,
-            period=0.0,  # unpaced, as the scenarios run MoDeST
+            modest=ModestConfig(
+                sample_size=4,
+                ping_timeout=2.0,
+                aggregation_timeout=2.0,
+                watch_timeout=6.0,
+                role_slack=4,
+                period=0.0,  # unpaced, as the scenarios run MoDeST
+            ),
         )
-        graph, modest_config = nx.empty_graph(nodes), config.modest()
+        graph, modest_config = nx.empty_graph(nodes), config.modest
         attacks, evaluate = list(ATTACKS), "freshest"
     honest = [i for i in range(nodes) if i not in hostile]
     sim = Simulation(
