@@ -23,7 +23,8 @@ import networkx as nx
 import torch
 
 from shoal.learning.datasets import load_dataset
-from shoal.simulations.engine import SimConfig, Simulation
+from shoal.simulations.config import SimConfig
+from shoal.simulations.engine import Simulation
 
 
 def rss_mb() -> float:

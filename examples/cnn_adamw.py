@@ -57,8 +57,8 @@ def make_task(node: int, nodes: int) -> shoal.Task:
     (x, y), (x_test, y_test) = load(node, nodes)
     torch.manual_seed(0)  # every node starts from the same model (a joiner takes the swarm's anyway)
     model = CNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=300, eta_min=3e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=300, eta_min=1e-3)
     shuffle = torch.Generator().manual_seed(node)
 
     def train(model: nn.Module, round: int) -> shoal.Metrics:

@@ -2,7 +2,7 @@
 
 :class:`TaskSettings` is what a node learns and from which data; :class:`ProtocolSettings` how it learns
 with its peers. They are the ``[task]`` and ``[protocol]`` sections of a daemon's ``config.toml``, and
-:class:`ProtocolSettings` is also what every simulated node runs (``simulations.engine.SimConfig``
+:class:`ProtocolSettings` is also what every simulated node runs (``simulations.config.SimConfig``
 extends it), so the daemon and the simulations build their nodes the same way: ``learning.node``.
 
 A field whose metadata has a ``help`` is a setting: ``node.config`` writes it into the commented template

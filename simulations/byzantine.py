@@ -46,7 +46,8 @@ from shoal.learning.protocol import LearningProtocol
 from shoal.learning.task import retrained
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations import report
-from shoal.simulations.engine import RunResult, SimConfig, Simulation, node_name
+from shoal.simulations.config import SimConfig
+from shoal.simulations.engine import RunResult, Simulation, node_name
 
 TASKS = ("mlp", "head")
 INTEGRATORS = {"mlp": ("clipped", "vca", "median", "trimmed", "krum"), "head": ("bristle", "clipped", "mean")}

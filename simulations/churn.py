@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from shoal.simulations import report
-from shoal.simulations.engine import ScheduledEvent, Simulation
+from shoal.simulations.config import ScheduledEvent
+from shoal.simulations.engine import Simulation
 from shoal.simulations.topologies import build_graph
 
 

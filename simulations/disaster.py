@@ -28,7 +28,8 @@ import networkx as nx
 import numpy as np
 
 from shoal.simulations import report
-from shoal.simulations.engine import ScheduledEvent, Simulation, node_name
+from shoal.simulations.config import ScheduledEvent
+from shoal.simulations.engine import Simulation, node_name
 
 STRATEGIES = ("none", "data", "relay", "hubs")
 

@@ -38,7 +38,8 @@ from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.partition import partition
 from shoal.overlay.wire import Message, encoded_size
 from shoal.simulations import report
-from shoal.simulations.engine import Row, RunResult, ScheduledEvent, SimConfig, Simulation
+from shoal.simulations.config import ScheduledEvent, SimConfig
+from shoal.simulations.engine import Row, RunResult, Simulation
 
 
 def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:

@@ -46,7 +46,8 @@ from shoal.node.config import updated
 from shoal.node.daemon import EVAL_SAMPLES
 from shoal.node.demo import PROTOCOL, TASK
 from shoal.simulations import report
-from shoal.simulations.engine import RunResult, ScheduledEvent, SimConfig, Simulation, configured_protocol
+from shoal.simulations.config import ScheduledEvent, SimConfig
+from shoal.simulations.engine import RunResult, Simulation, configured_protocol
 from shoal.simulations.testbed_record import Measurement, cumulative
 
 EVAL_EVERY = 2.0  # virtual seconds between evaluations: the testbed's poll interval

@@ -24,7 +24,8 @@ import torch
 from shoal.learning.integrators import INTEGRATORS as RULES
 from shoal.node.config import keys, updated
 from shoal.overlay.atomic import write_atomic
-from shoal.simulations.engine import Row, RunResult, SimConfig
+from shoal.simulations.config import SimConfig
+from shoal.simulations.engine import Row, RunResult
 
 # the protocols' and the codec's own settings (SimConfig.gossip, .modest, .codec): flags by their names,
 # prefixed by their sub-table's (--gossip-fanout), as the daemon's

@@ -18,7 +18,8 @@ import torch
 from shoal.learning.task import TaskFactory
 from shoal.node.config import updated
 from shoal.simulations.churn import random_schedule
-from shoal.simulations.engine import RunResult, SimConfig, Simulation
+from shoal.simulations.config import SimConfig
+from shoal.simulations.engine import RunResult, Simulation
 from shoal.simulations.report import write_rounds
 from shoal.simulations.topologies import TOPOLOGIES, build_graph
 

@@ -41,7 +41,7 @@ from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
 from shoal.simulations import prediction
-from shoal.simulations.engine import ScheduledEvent
+from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.netlab import built, connect, has_netem, unavailable_reason
 from shoal.simulations.testbed_network import API_PORT, P2P_PORT, Plan, Testbed, churn_schedule
 from shoal.simulations.testbed_record import Measurement, Member, summarize, write_rounds

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from shoal.simulations.engine import ScheduledEvent
+from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.netlab import Namespaces, home_router_rules, new_prefix
 
 P2P_PORT, API_PORT = 4001, 5001  # the same in every namespace: each has its own ports

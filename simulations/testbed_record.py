@@ -14,7 +14,7 @@ from pathlib import Path
 
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
-from shoal.simulations.engine import ScheduledEvent
+from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.testbed_network import P2P_PORT, Plan, Site
 
 

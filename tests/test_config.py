@@ -31,7 +31,7 @@ from shoal.node.config import (
     template,
     updated,
 )
-from shoal.simulations.engine import SimConfig
+from shoal.simulations.config import SimConfig
 
 # The keys and flags of config.toml before it was generated from metadata: files written then must load,
 # but for [protocol], whose protocols' and codec's keys moved to its sub-tables (NESTED).

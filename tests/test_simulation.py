@@ -23,7 +23,8 @@ from shoal.node.driver import Driver, ThreadCompute, VirtualCompute
 from shoal.overlay.sim import SimNetwork
 from shoal.overlay.wire import Message
 from shoal.simulations import byzantine, churn, compression, disaster, modest, topologies
-from shoal.simulations.engine import ScheduledEvent, SimConfig, Simulation, configured_protocol, node_name
+from shoal.simulations.config import ScheduledEvent, SimConfig
+from shoal.simulations.engine import Simulation, configured_protocol, node_name
 
 
 def test_survivors_keep_learning_after_a_third_crash_mid_round():
