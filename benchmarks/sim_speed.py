@@ -18,12 +18,13 @@ import os
 import platform
 import resource
 import time
+from dataclasses import replace
 
 import networkx as nx
 import torch
 
 from shoal.learning.datasets import load_dataset
-from shoal.simulations.config import SimConfig
+from shoal.simulations.config import TASK, SimConfig
 from shoal.simulations.engine import Simulation
 
 
@@ -42,18 +43,17 @@ def main() -> None:
     versions = f"torch {torch.__version__}, python {platform.python_version()}"
     print(f"{platform.machine()}, {os.cpu_count()} cores, {versions}")
     data = load_dataset("mnist1d", seed=1, samples=args.samples)
-    warm_up = SimConfig(nodes=10, dataset="mnist1d", duration=2.0, eval_every=1.0)
+    task = replace(TASK, dataset="mnist1d")
+    warm_up = SimConfig(nodes=10, task=task, duration=2.0, eval_every=1.0)
     Simulation(warm_up, nx.cycle_graph(10), data=data, progress=None).run()  # one-off allocations
     for n in args.nodes:
         rounds = float(args.rounds)
         config = SimConfig(
             nodes=n,
-            dataset="mnist1d",
+            task=replace(task, local_steps=2, local_epochs=None),
             duration=rounds,
             eval_every=rounds,
             eval_samples=500,
-            local_steps=2,
-            local_epochs=None,
         )
         before = rss_mb()
         sim = Simulation(config, nx.random_regular_graph(4, n, seed=1), data=data, progress=None)

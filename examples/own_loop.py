@@ -62,6 +62,8 @@ def main() -> None:
             loops.append(threading.Thread(target=your_loop, args=(node, model, x, y, stop)))
             loops[-1].start()
         until_accurate(nodes, args.target, args.timeout)
+        received = [n.status()["bytes_in"].get("msg:model", 0) for n in nodes]
+        print(f"model bytes each node received from the other: {received}")
     finally:
         stop.set()
         for loop in loops:

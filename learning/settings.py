@@ -2,15 +2,17 @@
 
 :class:`TaskSettings` is what a node learns and from which data; :class:`ProtocolSettings` how it learns
 with its peers. They are the ``[task]`` and ``[protocol]`` sections of a daemon's ``config.toml``, and
-:class:`ProtocolSettings` is also what every simulated node runs (``simulations.config.SimConfig``
-extends it), so the daemon and the simulations build their nodes the same way: ``learning.node``.
+what every simulated node learns and runs too (``simulations.config.SimConfig`` nests the one and
+extends the other), so the daemon and the simulations build their nodes the same way: ``learning.node``.
 
 A field whose metadata has a ``help`` is a setting: ``node.config`` writes it into the commented template
 (after the ``group`` line, if any) and reads it from the file, from ``SHOAL_<KEY>`` and, with ``flag``,
-from ``shoal run --<key>`` (``metavar`` names the flag's value). Fields without ``help`` are knobs for
-tests and simulations. A setting whose type is a dataclass is a sub-table: :class:`ProtocolSettings`
-nests the protocols' and the codec's own configurations, whose fields carry their metadata, so each
-rule is written and checked once, by the dataclass that owns the field (a ``ValueError`` naming it).
+from ``shoal run --<key>`` (``metavar`` names the flag's value); ``instead`` names the setting it is
+an alternative to, which giving it unsets (``node.config.updated``: TOML has no null). Fields without
+``help`` are knobs for tests and simulations. A setting whose type is a dataclass is a sub-table:
+:class:`ProtocolSettings` nests the protocols' and the codec's own configurations, whose fields carry
+their metadata, so each rule is written and checked once, by the dataclass that owns the field (a
+``ValueError`` naming it).
 """
 
 from __future__ import annotations
@@ -92,21 +94,48 @@ class TaskSettings:
     )
     batch_size: int = field(default=32, metadata={"help": "samples per SGD step"})
     lr: float = field(default=0.05, metadata={"help": "learning rate", "flag": True})
-    local_steps: int = field(default=20, metadata={"help": "SGD steps per round", "flag": True})
+    local_steps: int | None = field(
+        default=20, metadata={"help": "SGD steps per round", "flag": True, "instead": "local_epochs"}
+    )
+    local_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "passes over this node's samples per round, instead of local_steps",
+            "flag": True,
+            "instead": "local_steps",
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.shards:
             raise ValueError(f"shard must be in 0..shards-1 (shards = {self.shards}), got {self.shard}")
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError(
+                f"set exactly one of local_steps and local_epochs, got {self.local_steps} and "
+                f"{self.local_epochs}"
+            )
         for name in ("batch_size", "local_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name in ("lr", "local_epochs"):
+            if (value := getattr(self, name)) is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
     def builtin(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, test: Labelled, classes: int
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        test: Labelled,
+        classes: int,
+        *,
+        seed: int,
+        node: int,
     ) -> Task:
-        """The built-in task on this node's samples ``(x, y)``, evaluated on ``test``."""
+        """Node ``node``'s built-in task on its samples ``(x, y)``, evaluated on ``test``, training with
+        its seed in a run seeded ``seed``: a daemon's are its own ``seed`` and ``shard``, a simulated
+        node's the run's seed and its index (``simulations.config.SimConfig`` leaves those fields
+        unset)."""
         return classification(
             model,
             x,
@@ -116,7 +145,8 @@ class TaskSettings:
             batch_size=self.batch_size,
             lr=self.lr,
             steps=self.local_steps,
-            seed=learner_seed(self.seed, self.shard),
+            epochs=self.local_epochs,
+            seed=learner_seed(seed, node),
         )
 
 

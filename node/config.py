@@ -100,6 +100,12 @@ class Key:
         return "_".join(self.path)
 
     @property
+    def instead(self) -> str | None:
+        """The name of the key this one is an alternative to (``local_epochs``: ``local_steps``), if any."""
+        other = self.field.metadata.get("instead")
+        return other and "_".join((*self.path[:-1], other))
+
+    @property
     def table(self) -> str:
         """Its table as ``config.toml`` heads it (``protocol.gossip``)."""
         return ".".join((self.section, *self.path[:-1]))
@@ -120,17 +126,23 @@ def keys(kind: type, section: str = "", path: tuple[str, ...] = ()) -> dict[str,
 def updated(value: T, names: dict[str, Any], table: str = "") -> T:
     """``value`` with the fields ``names`` gives, a sub-table's named as its keys are (``gossip_fanout``
     is ``value.gossip.fanout``), settings or not: how flags, ``shoal.Node``'s and ``shoal.simulate``'s
-    keywords and the scenarios' overrides reach a nested field. A sub-table's ``ValueError`` becomes a
+    keywords and the scenarios' overrides reach a nested field. A field given a value unsets the one
+    it is ``instead`` of, unless that is given too. A sub-table's ``ValueError`` becomes a
     :class:`ConfigError` naming it after ``table``, what ``value`` is called (``protocol.gossip: ...``)."""
     tables = [name for name, (_, hint) in settings(type(value)).items() if is_dataclass(hint)]
+    own_fields = {f.name: f for f in fields(value)}
     own: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
     for name, given in names.items():
         sub = next((t for t in tables if name.startswith(f"{t}_")), None)
-        if sub is None or name in {f.name for f in fields(value)}:
+        if sub is None or name in own_fields:
             own[name] = given
         else:
             nested.setdefault(sub, {})[name.removeprefix(f"{sub}_")] = given
+    for name, given in list(own.items()):
+        other = own_fields[name].metadata.get("instead") if name in own_fields else None
+        if other and given is not None and other not in own:
+            own[other] = None
     for sub, given in nested.items():
         where = f"{table}.{sub}" if table else sub
         try:
@@ -191,10 +203,15 @@ KINDS: dict[Any, tuple[str, Callable[[Any], Any]]] = {
     tuple[str, ...]: ("a list of strings", _strings),
     bool: ("bool", _bool),
     int: ("int", _number(int)),
-    int | None: ("int", _number(int)),  # None (every neighbour) is for simulations: TOML has no null
+    # TOML has no null: None is a default (local_epochs: unset) or for simulations (every neighbour)
+    int | None: ("int", _number(int)),
     float: ("float", _number(float)),
+    float | None: ("float", _number(float)),
     str: ("str", _string),
 }
+
+
+NUMBERS: dict[Any, type] = {int: int, int | None: int, float: float, float | None: float}  # a flag's type
 
 
 def _coerce(key: Key, value: Any, where: str) -> Any:
@@ -251,12 +268,14 @@ def load(path: Path | None, env: dict[str, str] | None = None, **flags: Any) -> 
                 _read(table, SECTIONS[section], section, (), path, values, extra)
     if extra:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(extra))}")
-    for name, key in KEYS.items():
-        if (variable := f"SHOAL_{name.upper()}") in env:
-            values[name] = _coerce(key, env[variable], f"{variable}: {name}")
-    for name, value in flags.items():
-        if value is not None:
-            values[name] = _coerce(KEYS[name], value, f"--{name.replace('_', '-')}: {name}")
+    later = (
+        {n: _coerce(k, env[v], f"{v}: {n}") for n, k in KEYS.items() if (v := f"SHOAL_{n.upper()}") in env},
+        {n: _coerce(KEYS[n], v, f"--{n.replace('_', '-')}: {n}") for n, v in flags.items() if v is not None},
+    )
+    for source in later:  # overrides the earlier ones, a key the one it is ``instead`` of too
+        for name in source:
+            values.pop(KEYS[name].instead, None)
+        values |= source
     defaults = Config()
     try:
         return Config(
@@ -290,7 +309,8 @@ def _table(name: str, value: Any) -> list[str]:
             continue
         if "group" in f.metadata:
             lines += _comment(f.metadata["group"])
-        entry, help = f"{key} = {_toml(getattr(value, key))}", f.metadata["help"]
+        default, help = getattr(value, key), f.metadata["help"]
+        entry = f"# {key} =" if default is None else f"{key} = {_toml(default)}"  # TOML has no null
         if len(entry) < COLUMN and COLUMN + 2 + len(help) <= WIDTH:
             lines.append(f"{entry:<{COLUMN}}# {help}")
         else:
@@ -299,7 +319,8 @@ def _table(name: str, value: Any) -> list[str]:
 
 
 def template() -> str:
-    """The commented ``config.toml`` of ``shoal init``: every key with its default and help."""
+    """The commented ``config.toml`` of ``shoal init``: every key with its default and help (a key
+    unset by default commented out)."""
     defaults = Config()
     return "\n".join([HEADER, *(line for s in SECTIONS for line in _table(s, getattr(defaults, s)))])
 
@@ -327,8 +348,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             options["nargs"] = "+"
         elif key.kind is bool:
             options = {"action": "store_const", "const": True}
-        elif key.kind in (int, int | None, float):
-            options["type"] = float if key.kind is float else int
+        elif key.kind in NUMBERS:
+            options["type"] = NUMBERS[key.kind]
         help = key.field.metadata["help"].replace("%", "%%")
         groups[key.table].add_argument(
             f"--{name.replace('_', '-')}", dest=name, default=None, help=help, **options

@@ -81,7 +81,8 @@ def builtin_task(config: Config) -> tuple[Task, dict[str, Any]]:
     t = config.task
     model = build_model(t.model, data.input_shape, data.num_classes, seed=t.seed)
     n = min(EVAL_SAMPLES, len(data.y_test))
-    task = t.builtin(model, x, y, (data.x_test[:n], data.y_test[:n]), data.num_classes)
+    test = (data.x_test[:n], data.y_test[:n])
+    task = t.builtin(model, x, y, test, data.num_classes, seed=t.seed, node=t.shard)
     return task, {"model": t.model, "input": list(data.input_shape), "classes": data.num_classes}
 
 

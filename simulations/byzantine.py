@@ -44,6 +44,7 @@ from shoal.learning.node import LearningNode, build_integrator, build_protocol
 from shoal.learning.pretrain import extract, extractor_bytes, load_extractor, pretrain_extractor
 from shoal.learning.protocol import LearningProtocol
 from shoal.learning.task import retrained
+from shoal.node.config import updated
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations import report
 from shoal.simulations.config import SimConfig
@@ -112,7 +113,7 @@ def protocol_factory(integrator: str, attackers: set[int], attack: str, num_clas
             learner.task = retrained(learner.task, bristle.x_train, bristle.y_train)
             learner.only_rows = bristle.only_rows
             return build(bristle.integrator, labels=bristle.labels)
-        if sim.config.model == "head":  # every honest node keeps the same share back as Bristle's
+        if sim.config.task.model == "head":  # every honest node keeps the same share back as Bristle's
             x, y, _, _ = hold_out(x, y)
             learner.task = retrained(learner.task, x, y)
         config = replace(sim.config, integrator=integrator)
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=10.0,
         gossip_fanout=None,
         modest_period=0.0,  # unpaced, as simulations/modest.py
-        lr=0.05,
-        batch_size=32,
-        local_steps=20,
+        task_lr=0.05,
+        task_batch_size=32,
+        task_local_steps=20,
     )
     g = p.add_argument_group("byzantine")
     g.add_argument("--task", default="mlp", choices=TASKS, help="(default %(default)s)")
@@ -188,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "--features", type=Path, help="head: frozen extractor (safetensors); pre-trained and saved if absent"
     )
     if p.parse_known_args(argv)[0].task == "head":  # the set-up of Bristle's sweeps
-        p.set_defaults(nodes=30, lr=0.2, batch_size=16, local_steps=None)
+        p.set_defaults(
+            nodes=30, task_lr=0.2, task_batch_size=16, task_local_epochs=1.0, task_local_steps=None
+        )
     args = p.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
     attacks = args.attacks.split(",")
@@ -209,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"frozen extractor {how}; {len(data.y_train)} target samples over {args.nodes} nodes", flush=True
         )
-        base = replace(base, dataset="digits-features", model="head")
+        base = updated(base, {"task_dataset": "digits-features", "task_model": "head"})
     else:
-        data = load_dataset(base.dataset, seed=args.seed, samples=base.dataset_samples)
+        data = load_dataset(base.task.dataset, seed=args.seed, samples=base.dataset_samples)
     jobs = []
     for attack in attacks:
         for setting in settings:
-            config: SimConfig = replace(base, partition=setting)
+            config: SimConfig = updated(base, {"task_partition": setting})
             for fraction in fractions:
                 attackers = frozenset(
                     random.Random(args.seed).sample(range(args.nodes), round(fraction * args.nodes))
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for (config, _, attackers, name, attack, _), result in zip(jobs, results):
         fraction = round(len(attackers) / args.nodes, 2)
-        by_setting = cells.setdefault(attack, {}).setdefault(config.partition, {})
+        by_setting = cells.setdefault(attack, {}).setdefault(config.task.partition, {})
         by_setting.setdefault(name, {})[str(fraction)] = round(result.final.acc_mean, 4)
     fractions = [round(round(f * args.nodes) / args.nodes, 2) for f in fractions]
     for attack, by_setting in cells.items():

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         gossip_synchronous=True,
         integrator="mean",
         gossip_round_timeout=10.0,
-        local_epochs=3.0,
+        task_local_epochs=3.0,
     )
     g = p.add_argument_group("disaster")
     g.add_argument("--m", type=int, default=2, help="Barabási–Albert edges per new node (default 2)")

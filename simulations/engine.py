@@ -136,7 +136,7 @@ class Simulation:
         self.label = label
         self.make_task = make_task
         if make_task is None:
-            data = data or load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
+            data = data or load_dataset(config.task.dataset, seed=config.seed, samples=config.dataset_samples)
         self.data = data  # the built-in task's (None: the user's tasks hold their own)
         self.schedule = sorted(schedule, key=lambda e: e.time)
         self.offline = set(offline)
@@ -150,7 +150,7 @@ class Simulation:
         self.shards = {i: np.empty(0, dtype=np.int64) for i in range(config.nodes)}
         if data is not None:
             holders = list(range(config.nodes)) if data_nodes is None else sorted(data_nodes)
-            shards = partition(data.y_train.numpy(), len(holders), config.partition, config.seed)
+            shards = partition(data.y_train.numpy(), len(holders), config.task.partition, config.seed)
             self.shards.update(zip(holders, shards))
         self.rows: list[Row] = []
         self.node_rounds = 0
@@ -188,7 +188,7 @@ class Simulation:
         if self.make_task:
             return self.modules[i]
         c, data = self.config, self.data
-        return build_model(c.model, data.input_shape, data.num_classes, seed=c.seed * 100_003 + i)
+        return build_model(c.task.model, data.input_shape, data.num_classes, seed=c.seed * 100_003 + i)
 
     def _builtin(self) -> dict[int, Task]:
         """The built-in task of every node: the config's model (one module computes for all) on the
@@ -196,11 +196,11 @@ class Simulation:
         c, data = self.config, self.data
         pick = torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(c.seed))
         test = (data.x_test[pick[: c.eval_samples]], data.y_test[pick[: c.eval_samples]])
-        model = build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)
-        shards = self.shards
+        model = build_model(c.task.model, data.input_shape, data.num_classes, seed=c.seed)
+        x, y = data.x_train, data.y_train
         return {
-            i: c.builtin(model, data.x_train[shards[i]], data.y_train[shards[i]], test, data.num_classes, i)
-            for i in range(c.nodes)
+            i: c.task.builtin(model, x[s], y[s], test, data.num_classes, seed=c.seed, node=i)
+            for i, s in self.shards.items()
         }
 
     def rng(self, i: int) -> random.Random:

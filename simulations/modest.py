@@ -44,12 +44,14 @@ from shoal.simulations.engine import Row, RunResult, Simulation
 
 def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
     """The reference: a server that samples ``sample`` nodes per round and averages their models."""
-    data = load_dataset(config.dataset, seed=config.seed, samples=config.dataset_samples)
-    shards = partition(data.y_train.numpy(), config.nodes, config.partition, config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    task, seed = config.task, config.seed
+    data = load_dataset(task.dataset, seed=seed, samples=config.dataset_samples)
+    shards = partition(data.y_train.numpy(), config.nodes, task.partition, seed)
+    model = build_model(task.model, data.input_shape, data.num_classes, seed=seed)
     test = (data.x_test, data.y_test)
+    x, y = data.x_train, data.y_train
     learners = [
-        Learner(config.builtin(model, data.x_train[s], data.y_train[s], test, data.num_classes, i))
+        Learner(task.builtin(model, x[s], y[s], test, data.num_classes, seed=seed, node=i))
         for i, s in enumerate(shards)
     ]
     integrator = make_integrator(config.integrator)

@@ -131,7 +131,7 @@ class Scenario:
 
 def scenario(measured: Measurement) -> Scenario:
     """The measured run's :class:`Scenario`: every term from the measurement (module docstring)."""
-    plan, task = measured.plan, TaskSettings()
+    plan, task = measured.plan, updated(TaskSettings(), TASK)  # the daemons' keys, by name
     launches = starts(measured)
     origin = measured.members[0].learning[0]
     samples = task.batch_size * TASK["local_steps"]
@@ -139,15 +139,9 @@ def scenario(measured: Measurement) -> Scenario:
     typical = statistics.median(seconds.values())
     speeds = [samples / seconds.get(i, typical) for i in range(plan.nodes)]
     config = SimConfig(
+        task=task,
         nodes=plan.nodes,
         seed=task.seed,
-        dataset=TASK["dataset"],
-        model=task.model,
-        partition=task.partition,
-        batch_size=task.batch_size,
-        lr=TASK["lr"],
-        local_steps=TASK["local_steps"],
-        local_epochs=None,
         duration=math.ceil((measured.end - origin) / EVAL_EVERY) * EVAL_EVERY,
         eval_every=EVAL_EVERY,
         eval_samples=EVAL_SAMPLES,

@@ -22,21 +22,39 @@ from pathlib import Path
 import torch
 
 from shoal.learning.integrators import INTEGRATORS as RULES
-from shoal.node.config import keys, updated
+from shoal.node.config import NUMBERS, keys, updated
 from shoal.overlay.atomic import write_atomic
-from shoal.simulations.config import SimConfig
+from shoal.simulations.config import DAEMON_ONLY, SimConfig
 from shoal.simulations.engine import Row, RunResult
 
-# the protocols' and the codec's own settings (SimConfig.gossip, .modest, .codec): flags by their names,
-# prefixed by their sub-table's (--gossip-fanout), as the daemon's
-NESTED = {name: key for name, key in keys(SimConfig).items() if len(key.path) > 1}
-PREFIXES = tuple(sorted({f"{key.path[0]}_" for key in NESTED.values()}))
+# the built-in task's, the protocols' and the codec's own settings (SimConfig.task, .gossip, .modest,
+# .codec): flags by their names, prefixed by their sub-table's (--task-lr, --gossip-fanout), as the
+# daemon's protocol sub-tables are; not the [task] settings a simulation has its own of
+NESTED = {
+    name: key
+    for name, key in keys(SimConfig).items()
+    if len(key.path) > 1 and not (key.path[0] == "task" and key.path[1] in DAEMON_ONLY)
+}
+TABLES = {key.path[0] for key in NESTED.values()}  # no flags themselves (byzantine's --task is its own)
+PREFIXES = tuple(sorted(f"{table}_" for table in TABLES))
+
+
+class Instead(argparse.Action):
+    """A flag that unsets the setting it is an alternative to (``--task-local-steps``: epochs)."""
+
+    def __init__(self, *args: object, instead: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.instead, None)
 
 
 def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentParser:
     """A parser with the flags every scenario takes, each named as its SimConfig field, or a field of its
-    sub-tables by that field's name (``gossip_fanout``; ``config_from``); ``defaults``, named so too,
-    override SimConfig's per scenario."""
+    sub-tables by that field's name prefixed by the sub-table's (``task_lr``, ``gossip_fanout``;
+    ``config_from``); ``defaults``, named so too, override SimConfig's per scenario."""
     try:
         base = updated(SimConfig(), defaults)
     except (TypeError, ValueError) as exc:  # a scenario's own defaults
@@ -53,21 +71,12 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
     )
     g.add_argument("--out", type=Path, default=Path("out") / prog, help="output folder (default %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
-    g = p.add_argument_group("learning")
-    g.add_argument("--dataset", default=base.dataset, help="digits, mnist1d, fashion-mnist or a .npz path")
-    g.add_argument("--model", default=base.model, help="mlp, cnn, frozen-cnn or module:factory")
-    g.add_argument("--partition", default=base.partition, help="iid, dirichlet:ALPHA or shards:K")
+    learning = g = p.add_argument_group("learning (--task-*: the daemon's [task] settings)")
     g.add_argument(
         "--integrator",
         default=base.integrator,
         choices=("clipped", *RULES),
         help="(default %(default)s)",
-    )
-    g.add_argument("--lr", type=float, default=base.lr)
-    g.add_argument("--batch-size", type=int, default=base.batch_size)
-    g.add_argument("--local-epochs", type=float, default=base.local_epochs, help="local epochs per round")
-    g.add_argument(
-        "--local-steps", type=int, default=base.local_steps, help="local SGD steps per round, instead"
     )
     g.add_argument(
         "--independent-init",
@@ -76,7 +85,9 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
         default=base.same_init,
         help="each node starts from its own random model instead of a shared one",
     )
-    g = p.add_argument_group("protocol (the daemon's [protocol.gossip], [protocol.modest], [protocol.codec])")
+    protocol = g = p.add_argument_group(
+        "protocol (the daemon's [protocol.gossip], [protocol.modest], [protocol.codec])"
+    )
     g.add_argument(
         "--gossip-synchronous",
         action="store_true",
@@ -90,11 +101,13 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
         help="synchronous: most seconds a round waits (default %(default)s)",
     )
     for name, key in NESTED.items():
-        g.add_argument(
+        options = {"action": Instead, "instead": key.instead} if key.instead else {}
+        (learning if key.path[0] == "task" else protocol).add_argument(
             f"--{name.replace('_', '-')}",
-            type=float if key.kind is float else int if key.kind in (int, int | None) else str,
+            type=NUMBERS.get(key.kind, str),
             default=reduce(getattr, key.path, base),
             help=key.field.metadata["help"].replace("%", "%%") + " (default %(default)s)",
+            **options,
         )
     g = p.add_argument_group("network and time (virtual seconds)")
     g.add_argument(
@@ -113,11 +126,9 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
 
 def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
     """The SimConfig of the parsed flags (every flag named as a field, or as a sub-table's field, is
-    one), then ``overrides``, named so too (``gossip_period=1.0``)."""
-    own = {f.name for f in fields(SimConfig)}
+    one), then ``overrides``, named so too (``gossip_period=1.0``, ``task_lr=0.05``)."""
+    own = {f.name for f in fields(SimConfig)} - TABLES
     given = {n: v for n, v in vars(args).items() if n in own or n.startswith(PREFIXES)}
-    if given.get("local_steps") is not None:  # steps replace epochs
-        given["local_epochs"] = None
     try:
         return updated(SimConfig(), {**given, **overrides})
     except (TypeError, ValueError) as exc:

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=1.0,
         gossip_synchronous=True,
         same_init=False,
-        local_epochs=2.0,
-        batch_size=16,
-        lr=0.1,
+        task_local_epochs=2.0,
+        task_batch_size=16,
+        task_lr=0.1,
     )
     p.add_argument("--degree", type=int, default=3, help="neighbours per node (default 3)")
     p.add_argument("--target", type=float, default=0.9, help="mean test accuracy to reach (default 0.9)")
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     report.prepare(args)
     graph = nx.random_regular_graph(args.degree, args.nodes, seed=args.seed)
     configs = {name: report.config_from(args, integrator=name) for name in ("mean", "vca")}
-    c = configs["mean"]
+    c, task = configs["mean"], configs["mean"].task
     print(
-        f"{c.nodes} nodes on a random {args.degree}-regular graph, {c.dataset}, model {c.model}, "
-        f"{'independent' if not c.same_init else 'shared'} initialisation, {c.local_epochs:g} local epochs "
-        f"per round; target {args.target:.0%} mean test accuracy",
+        f"{c.nodes} nodes on a random {args.degree}-regular graph, {task.dataset}, model {task.model}, "
+        f"{'independent' if not c.same_init else 'shared'} initialisation, "
+        f"{task.local_epochs:g} local epochs per round; target {args.target:.0%} mean test accuracy",
         flush=True,
     )
     results = [

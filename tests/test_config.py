@@ -132,11 +132,13 @@ def test_every_setting_is_in_the_template_with_its_help_and_a_flag_where_marked(
     document = tomllib.loads(text)
     defaults = Config()
     for name, key in KEYS.items():
-        assert key.path[-1] in reduce(dict.get, key.table.split("."), document)
-        assert f"\n{key.path[-1]} = " in text and words(key.field.metadata["help"]) in words(text)
+        default = value(defaults, name)
+        unset = default is None  # TOML has no null: written commented out
+        assert (key.path[-1] in reduce(dict.get, key.table.split("."), document)) is not unset
+        assert f"\n{'# ' * unset}{key.path[-1]} =" in text
+        assert words(key.field.metadata["help"]) in words(text)
         if key.field.metadata.get("flag"):
-            default = value(defaults, name)
-            sample = True if isinstance(default, bool) else default if default != () else ADDRESS
+            sample = True if isinstance(default, bool) else {(): ADDRESS, None: 1}.get(default, default)
             args = build_parser().parse_args(["run", *run_flags(name, sample)])
             assert getattr(args, name) is not None, name
     for table in ("gossip", "modest", "codec"):  # a sub-table, headed by what it is

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -23,7 +24,7 @@ from shoal.node.driver import Driver, ThreadCompute, VirtualCompute
 from shoal.overlay.sim import SimNetwork
 from shoal.overlay.wire import Message
 from shoal.simulations import byzantine, churn, compression, disaster, modest, topologies
-from shoal.simulations.config import ScheduledEvent, SimConfig
+from shoal.simulations.config import TASK, ScheduledEvent, SimConfig
 from shoal.simulations.engine import Simulation, configured_protocol, node_name
 
 
@@ -342,8 +343,7 @@ def hostile_swarm(protocol: str, hostile: set[int]):
             **common,
             dial_any=True,
             integrator="mean",
-            local_steps=4,
-            local_epochs=None,
+            task=replace(TASK, local_steps=4, local_epochs=None),
             protocol="modest",
             modest=ModestConfig(
                 sample_size=4,
