@@ -216,7 +216,10 @@ class Anchor:
             was_training = self.module.training
             self.module.eval()
             try:
-                return self.probe(self.module)
+                return Score(*(float(v) for v in self.probe(self.module)))
+            except Exception:  # the user's probe: its bug must not end the node nor blame a peer
+                log.warning("the probe raised (model judged by distance only):", exc_info=True)
+                return Score(0.0, 0.0)
             finally:
                 self.module.train(was_training)
 

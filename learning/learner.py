@@ -27,7 +27,7 @@ from torch import nn
 from shoal.learning.anchor import Anchor
 from shoal.learning.models import ModelError, ParameterLayout
 from shoal.learning.protocol import State
-from shoal.learning.task import Metrics, Task
+from shoal.learning.task import Metrics, Task, shown
 
 log = logging.getLogger("shoal.learner")
 
@@ -79,9 +79,9 @@ class Learner:
             # states live on the CPU (the wire and the averaging read them there), whatever trained them
             new = {name: t.cpu() for name, t in self.layout.state(self.model).items()}
         except ModelError as exc:
-            return state, self._failed(round, str(exc))
+            return state, self.failed(round, str(exc))
         except Exception:
-            return state, self._failed(round, f"training raised:\n{traceback.format_exc().rstrip()}")
+            return state, self.failed(round, f"training raised:\n{traceback.format_exc().rstrip()}")
         stats = dict(result) if isinstance(result, Mapping) else {}
         samples = stats.get("samples")
         if not (isinstance(samples, int | float) and 0 <= samples < math.inf):  # what a simulation charges
@@ -98,27 +98,29 @@ class Learner:
             new[name][others] = start[name][others]
         bad = [n for n, t in new.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            self._failed(round, f"training made {bad[:3]} non-finite")
+            self.failed(round, f"training made {bad[:3]} non-finite")
             return start
         self.error = None
         if self.anchor is not None:
             self.anchor.stepped(start, new)
         return new
 
-    def _failed(self, round: int, why: str) -> dict[str, float]:
+    def failed(self, round: int, why: str) -> dict[str, float]:
+        """Record why round ``round``'s training was dropped (``/status``), and log it."""
         self.error = f"round {round}: {why}"
         log.warning("%s: kept the model from before", self.error)
         return {"samples": 0}
 
-    def evaluate(self, state: State) -> Metrics:
-        """The task's metrics of ``state`` (none without an ``evaluate``)."""
+    def evaluate(self, state: State) -> dict[str, float | None]:
+        """The task's metrics of ``state`` as ``/status`` shows them (none without an ``evaluate``, or
+        when it raises: logged)."""
         if self.task.evaluate is None:
             return {}
         self.layout.load(self.model, state)
         self.model.eval()
         try:
             with torch.no_grad():
-                return self.task.evaluate(self.model)
+                return shown(self.task.evaluate(self.model))
         except Exception:
             log.warning("evaluation raised (metrics left out):\n%s", traceback.format_exc().rstrip())
             return {}

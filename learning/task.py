@@ -179,8 +179,9 @@ def load_task(spec: str, node: int, nodes: int) -> Task:
 def shown(metrics: Metrics | None) -> dict[str, float | None]:
     """A user's metrics as ``/status`` (JSON) shows them: numbers only, NaN and infinities as None."""
     out: dict[str, float | None] = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, int | float | torch.Tensor) and not isinstance(value, bool):
-            value = float(value)
-            out[str(name)] = value if math.isfinite(value) else None
+    for name, value in (metrics.items() if isinstance(metrics, Mapping) else ()):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[str(name)] = float(value) if math.isfinite(value) else None
     return out

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -35,7 +36,7 @@ from shoal.learning.models import ModelError, ParameterLayout, build_model
 from shoal.learning.node import build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol, State
-from shoal.learning.task import Task, load_task, shown
+from shoal.learning.task import Task, load_task
 from shoal.node import api, checkpoint
 from shoal.node.api import describe
 from shoal.node.config import Config, ConfigError
@@ -105,7 +106,7 @@ def task_id(config: Config, spec: dict[str, Any], layout: ParameterLayout) -> st
 def configured_task(config: Config, task: Task | None = None) -> tuple[Task, nn.Module, str]:
     """The task a node of ``config`` learns (``task`` if given, else the user's ``--task``, else the
     built-in one), the module it computes in, and its task id. A user's task is one swarm with every
-    node whose model is of the same class with the same tensors."""
+    node whose model is of a class of the same name with the same tensors."""
     if task is None and config.task.task:
         task = load_task(config.task.task, config.task.shard, config.task.shards)
     if task is None:
@@ -113,7 +114,7 @@ def configured_task(config: Config, task: Task | None = None) -> tuple[Task, nn.
         module = task.module()
     else:
         module = task.module()
-        spec = {"model": f"{type(module).__module__}.{type(module).__qualname__}"}
+        spec = {"model": type(module).__qualname__}  # not its module: __main__ when run as a script
     return task, module, task_id(config, spec, ParameterLayout.of(module))
 
 
@@ -132,11 +133,24 @@ class Daemon:
         ``config`` names: a user's ``--task`` or the built-in one. ``compute``: who trains (default:
         the task's ``train`` in a worker thread; ``shoal.Node``: the user's loop)."""
         self.compute = compute or ThreadCompute()
+        self.config = config
+        task, module, self.task = configured_task(config, task)  # a bad --task writes nothing
         self.home = Home(home)
         self._home_lock = self.home.claim()
+        try:
+            self._load(task, module)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the home (``shoal.Node`` may open it again in this process)."""
+        os.close(self._home_lock)
+
+    def _load(self, task: Task, module: nn.Module) -> None:
+        """Identity, checkpoint and the node's learning, from the claimed home."""
+        config = self.config
         self.home.api.unlink(missing_ok=True)  # left by a daemon that was killed: its ports are not ours
-        self.config = config
-        task, module, self.task = configured_task(config, task)
         self.key_pair, created = load_or_create_identity(self.home.identity)
         if created:
             log.info("new identity created in %s", self.home.identity)
@@ -182,7 +196,15 @@ class Daemon:
 
     async def run(self, stop: trio.Event | None = None) -> None:
         """Run until SIGINT or SIGTERM, or until ``stop`` is set when given (``shoal.Node`` runs the
-        daemon in a thread of its own, where signals cannot be received); then leave gracefully."""
+        daemon in a thread of its own, where signals cannot be received); then leave gracefully and
+        let go of the home."""
+        try:
+            await self._live(stop)
+        finally:
+            self.home.api.unlink(missing_ok=True)
+            self.release()
+
+    async def _live(self, stop: trio.Event | None) -> None:
         p2p = replace(self.config.network, limits=Limits(max_message=message_limit(self.node.initial)))
         with trio.CancelScope() as closing:
             async with (
@@ -210,7 +232,6 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         if closing.cancelled_caught:
             log.info("libp2p did not close within %g s: exiting without waiting for it", CLOSE_TIMEOUT)
-        self.home.api.unlink(missing_ok=True)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         """Everything after joining: the API, the protocol from the first task peer, discovery beside it."""
@@ -277,7 +298,7 @@ class Daemon:
                 except trio.WouldBlock:
                     break
             state = self.protocol.model
-            self.metrics = shown(await offloop.run_sync(self.evaluator.evaluate, state))
+            self.metrics = await offloop.run_sync(self.evaluator.evaluate, state)
             log.info("round %d done: %s, %d peers", rnd, describe(self.metrics), len(self.overlay.peers()))
             if trio.current_time() - last_record >= RECORD_INTERVAL:
                 last_record = trio.current_time()

@@ -28,6 +28,7 @@ import torch
 import trio
 
 from shoal.learning.learner import Learner
+from shoal.learning.models import ParameterLayout
 from shoal.learning.protocol import State
 from shoal.learning.task import Task
 from shoal.node import config as node_config
@@ -62,7 +63,9 @@ class UserLoop:
             self._start, self._trained = start, None
             self._round = (trio.lowlevel.current_trio_token(), done)
         await done.wait()
-        assert self._trained is not None
+        if self._trained is None:  # the loop changed its model's tensors: nothing of it reaches peers
+            learner.failed(round, "the loop changed the model's parameters (names, shapes or dtypes)")
+            return start
         kept = learner.trained(start, self._trained, round)
         if kept is start:  # refused (not finite): the next round's start replaces the user's model
             with self._lock:
@@ -79,10 +82,14 @@ class UserLoop:
                 self._steps += 1
             if self._steps < self.every or self._round is None:
                 return
-            self._trained = self._handed = learner.layout.state(model)
+            if ParameterLayout.of(model) == learner.layout:  # on the CPU, as the wire reads it
+                self._trained = {name: t.cpu() for name, t in learner.layout.state(model).items()}
+            else:
+                self._trained = None
+            self._handed = self._trained
             (token, done), self._round, self._steps = self._round, None, -1
         with contextlib.suppress(trio.RunFinishedError):  # the node stopped meanwhile
-            trio.from_thread.run_sync(done.set, trio_token=token)
+            token.run_sync_soon(done.set)  # not waiting for the node's thread to be free
 
     def _take(self, learner: Learner, start: State) -> None:
         """Fold the round's start into the user's model: add what the integration changed since the
@@ -187,6 +194,12 @@ class Node:
         self._stop, self._token = trio.Event(), trio.lowlevel.current_trio_token()
         await self.daemon.run(self._stop)
 
+    def _running(self) -> None:
+        """Raise what stopped the node's thread, or RuntimeError if it is not running."""
+        if self._thread is None or self._token is None or not self._thread.is_alive():
+            self._raise_failure()
+            raise RuntimeError("the node is not running (start it, or use it as a context manager)")
+
     def _raise_failure(self) -> None:
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -200,6 +213,7 @@ class Node:
         models changed. Cheap otherwise: a counter."""
         if self._loop is None:
             raise RuntimeError("this task has a train function: the node trains it; step() is for your loop")
+        self._running()
         self._loop.step(self.daemon.learner)
 
     # --- what the node knows ----------------------------------------------------------------------
@@ -227,8 +241,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         """What ``/status`` shows (round, metrics, peers, traffic, penalties), read on the node's thread."""
-        if self._token is None:
-            raise RuntimeError("the node is not running")
+        self._running()
         return trio.from_thread.run_sync(self.daemon.status, trio_token=self._token)
 
     def wait(self, round: int, timeout: float) -> bool:

@@ -32,7 +32,7 @@ from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.node import LearningNode, build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol
-from shoal.learning.task import Task, TaskFactory, shown
+from shoal.learning.task import Task, TaskFactory
 from shoal.node.driver import Driver, VirtualCompute
 from shoal.overlay.sim import SimNetwork, run_virtual
 from shoal.simulations.config import ScheduledEvent, SimConfig
@@ -172,9 +172,7 @@ class Simulation:
         )
         self.drivers: dict[int, Driver] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
-        self.tasks = (
-            {i: self.make_task(i, c.nodes) for i in range(c.nodes)} if self.make_task else self._builtin()
-        )
+        self.tasks = {i: self._user_task(i) for i in range(c.nodes)} if self.make_task else self._builtin()
         self.modules = {i: task.module() for i, task in self.tasks.items()}
         layout = ParameterLayout.of(self.modules[0])
         if not c.same_init:
@@ -182,6 +180,12 @@ class Simulation:
         else:
             shared = layout.state(self.modules[0])  # protocols never change a model in place: one serves all
             self.initial = dict.fromkeys(range(c.nodes), shared)
+
+    def _user_task(self, i: int) -> Task:
+        task = self.make_task(i, self.config.nodes)
+        if not isinstance(task, Task) or task.train is None:
+            raise ValueError(f"make_task({i}, {self.config.nodes}) must return a shoal.Task with a train")
+        return task
 
     def _own_model(self, i: int) -> torch.nn.Module:
         """Node ``i``'s own initial model: from the user's factory, or the built-in one's seeded by ``i``."""
@@ -341,7 +345,7 @@ class Simulation:
         if not live:
             return Row(self.label, now, math.nan, alive, math.nan, self._bytes())
         states = {i: self.drivers[i].protocol.model for i in live}
-        evaluated = {i: shown(self.drivers[i].learner.evaluate(s)) for i, s in states.items()}
+        evaluated = {i: self.drivers[i].learner.evaluate(s) for i, s in states.items()}
         self._final_accuracy = {
             node_name(i): m["accuracy"] for i, m in evaluated.items() if m.get("accuracy") is not None
         }

@@ -59,7 +59,10 @@ def simulate(
     if isinstance(topology, str):
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {topology!r}: use {', '.join(TOPOLOGIES)} or a graph")
-        topology = build_graph(topology, nodes, config.seed)
+        try:
+            topology = build_graph(topology, nodes, config.seed)
+        except SystemExit as exc:  # the scenarios' command-line error: a ValueError here
+            raise ValueError(str(exc).removeprefix("error: ")) from None
     schedule, _ = random_schedule(nodes, duration, churn_every, churn, 0.0, REJOIN, 0.0, config.seed)
     simulation = Simulation(
         config, topology, schedule=schedule if churn else (), make_task=make_task, progress=progress

@@ -11,6 +11,7 @@ import torch
 import trio
 
 import shoal
+from shoal.learning.anchor import Anchor
 from shoal.learning.learner import Learner
 from shoal.node.library import UserLoop
 
@@ -130,6 +131,30 @@ def test_a_node_whose_training_raises_goes_on_and_says_so_in_status(tmp_path):
         status = b.status()
         assert "a bug in the user's loop" in status["training_error"]
         assert status["round"] >= 5 and a.status()["penalties"] == {}
+    with shoal.Node(good, home=tmp_path / "good") as again:  # the home is free again, and resumes
+        assert again.round >= 5
+
+
+def test_a_probe_that_raises_leaves_models_judged_by_distance(caplog):
+    class Broken:
+        chance = shoal.Score(1.0, float("inf"))
+
+        def __call__(self, module: torch.nn.Module) -> shoal.Score:
+            raise RuntimeError("a bug in the user's probe")
+
+    anchor = Anchor(torch.nn.Linear(4, 3), Broken())
+    state = {k: v.detach().clone() for k, v in torch.nn.Linear(4, 3).named_parameters()}
+    assert anchor.score(state) == (0.0, 0.0)
+    assert "a bug in the user's probe" in caplog.text
+
+
+def test_an_evaluate_returning_what_is_not_a_number_shows_only_the_numbers():
+    def evaluate(model: torch.nn.Module) -> dict:
+        return {"a": torch.ones(3), "b": torch.tensor(0.5), "c": "text", "d": float("nan"), "e": 2}
+
+    for how, expected in ((evaluate, {"b": 0.5, "d": None, "e": 2.0}), (lambda model: [1, 2], {})):
+        learner = Learner(shoal.Task(torch.nn.Linear(4, 3), evaluate=how))
+        assert learner.evaluate(learner.initial_state()) == expected
 
 
 # --- the user's own loop ---------------------------------------------------------------------
