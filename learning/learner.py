@@ -69,15 +69,11 @@ class Learner:
         the model it started from when training failed (logged as a warning)."""
         if self.task.train is None:
             raise RuntimeError("this task has no train function: its own loop trains (shoal.Node.step)")
-        if self.anchor is not None:
-            state = self.anchor.recover(state, round)
+        state = self.start(state, round)
         try:
             self.layout.load(self.model, state)
             result = self.task.train(self.model, round)
-            if ParameterLayout.of(self.model) != self.layout:
-                raise ModelError("training changed the model's parameters (names, shapes or dtypes)")
-            # states live on the CPU (the wire and the averaging read them there), whatever trained them
-            new = {name: t.cpu() for name, t in self.layout.state(self.model).items()}
+            new = self.snapshot()
         except ModelError as exc:
             return state, self.failed(round, str(exc))
         except Exception:
@@ -87,6 +83,18 @@ class Learner:
         if not (isinstance(samples, int | float) and 0 <= samples < math.inf):  # what a simulation charges
             stats["samples"] = self.samples
         return self.trained(state, new, round), stats
+
+    def start(self, state: State, round: int) -> State:
+        """What round ``round`` trains from: ``state``, or the anchor's known-good model if ``state`` is
+        far worse (``Anchor.recover``)."""
+        return self.anchor.recover(state, round) if self.anchor is not None else state
+
+    def snapshot(self) -> State:
+        """The module's shared tensors as trained, on the CPU (the wire and the averaging read them
+        there, whatever trained them); ModelError if training changed their names, shapes or dtypes."""
+        if ParameterLayout.of(self.model) != self.layout:
+            raise ModelError("training changed the model's parameters (names, shapes or dtypes)")
+        return {name: t.cpu() for name, t in self.layout.state(self.model).items()}
 
     def trained(self, start: State, new: State, round: int) -> State:
         """``new``, trained from ``start``, as the node keeps it: ``only_rows`` applied, refused (``start``

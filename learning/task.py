@@ -83,6 +83,14 @@ class SupervisedTraining:
     weight_decay: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        if self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size} and {self.lr}")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} inputs but {len(self.y)} labels")
+
     def __call__(self, model: nn.Module, round: int) -> Metrics:
         stats = train_local(
             model,
@@ -131,17 +139,11 @@ def classification(
     built-in task, and the shortest way to run a model of one's own on labelled tensors. Each round is
     ``steps`` mini-batches (or ``epochs`` passes); peers' models are probed on 128 of the node's own
     samples. The only kind of task Bristle can integrate (it scores peers per class)."""
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps and epochs")
-    if batch_size < 1 or not lr > 0:
-        raise ValueError(f"batch_size must be >= 1 and lr > 0, got {batch_size} and {lr}")
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+    training = SupervisedTraining(x, y, batch_size, lr, steps, epochs, momentum, weight_decay, seed)
     labels = torch.cat([y, *(test[1:] if test else ())])
     if num_classes is None and not len(labels):
         raise ValueError("no labels to count the classes from: give num_classes")
     classes = num_classes or int(labels.max()) + 1
-    training = SupervisedTraining(x, y, batch_size, lr, steps, epochs, momentum, weight_decay, seed)
     return Task(
         model,
         training,
@@ -163,16 +165,22 @@ TaskFactory = Callable[[int, int], Task]
 
 
 def load_task(spec: str, node: int, nodes: int) -> Task:
-    """The task ``package.module:function`` returns for node ``node`` of ``nodes`` (the daemon's shard
-    of shards, or a simulated node's index): the one way a user's code is named from a command line.
-    A ModelError in one line when it cannot be imported, raises, or returns something else."""
+    """The task ``package.module:function`` returns for node ``node`` of ``nodes``: the one way a
+    user's code is named from a command line."""
     factory = import_callable(spec, "task", "use 'package.module:function' returning a shoal.Task")
+    return make(factory, node, nodes, repr(spec))
+
+
+def make(factory: TaskFactory, node: int, nodes: int, name: str) -> Task:
+    """Node ``node``'s task of ``nodes`` (the daemon's shard of shards, or a simulated node's index),
+    from the user's ``factory`` (called ``name`` in errors); a ModelError in one line when it raises
+    or returns something else."""
     try:
         task = factory(node, nodes)
     except Exception as exc:
-        raise ModelError(f"task {spec!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"task {name}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(task, Task):
-        raise ModelError(f"task {spec!r} returned {type(task).__name__}, not a shoal.Task")
+        raise ModelError(f"task {name} returned {type(task).__name__}, not a shoal.Task")
     return task
 
 

@@ -109,12 +109,11 @@ def configured_task(config: Config, task: Task | None = None) -> tuple[Task, nn.
     node whose model is of a class of the same name with the same tensors."""
     if task is None and config.task.task:
         task = load_task(config.task.task, config.task.shard, config.task.shards)
+    spec = None
     if task is None:
         task, spec = builtin_task(config)
-        module = task.module()
-    else:
-        module = task.module()
-        spec = {"model": type(module).__qualname__}  # not its module: __main__ when run as a script
+    module = task.module()
+    spec = spec or {"model": type(module).__qualname__}  # not its module: __main__ when run as a script
     return task, module, task_id(config, spec, ParameterLayout.of(module))
 
 

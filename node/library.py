@@ -28,7 +28,7 @@ import torch
 import trio
 
 from shoal.learning.learner import Learner
-from shoal.learning.models import ParameterLayout
+from shoal.learning.models import ModelError
 from shoal.learning.protocol import State
 from shoal.learning.task import Task
 from shoal.node import config as node_config
@@ -55,16 +55,17 @@ class UserLoop:
         self._steps = -1  # steps since the round's start was taken; -1: no round is waiting
         self._round: tuple[trio.lowlevel.TrioToken, trio.Event] | None = None
         self._trained: State | None = None
+        self._refused = ""  # why the loop's model was not handed over
 
     async def train(self, learner: Learner, state: State, round: int) -> State:
-        start = learner.anchor.recover(state, round) if learner.anchor else state
+        start = learner.start(state, round)
         done = trio.Event()
         with self._lock:
             self._start, self._trained = start, None
             self._round = (trio.lowlevel.current_trio_token(), done)
         await done.wait()
         if self._trained is None:  # the loop changed its model's tensors: nothing of it reaches peers
-            learner.failed(round, "the loop changed the model's parameters (names, shapes or dtypes)")
+            learner.failed(round, self._refused)
             return start
         kept = learner.trained(start, self._trained, round)
         if kept is start:  # refused (not finite): the next round's start replaces the user's model
@@ -73,7 +74,6 @@ class UserLoop:
         return kept
 
     def step(self, learner: Learner) -> None:
-        model = learner.model
         with self._lock:
             if self._start is not None:
                 self._take(learner, self._start)
@@ -82,10 +82,10 @@ class UserLoop:
                 self._steps += 1
             if self._steps < self.every or self._round is None:
                 return
-            if ParameterLayout.of(model) == learner.layout:  # on the CPU, as the wire reads it
-                self._trained = {name: t.cpu() for name, t in learner.layout.state(model).items()}
-            else:
-                self._trained = None
+            try:
+                self._trained = learner.snapshot()
+            except ModelError as exc:
+                self._trained, self._refused = None, str(exc)
             self._handed = self._trained
             (token, done), self._round, self._steps = self._round, None, -1
         with contextlib.suppress(trio.RunFinishedError):  # the node stopped meanwhile

@@ -32,7 +32,7 @@ from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.node import LearningNode, build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol
-from shoal.learning.task import Task, TaskFactory
+from shoal.learning.task import Task, TaskFactory, make
 from shoal.node.driver import Driver, VirtualCompute
 from shoal.overlay.sim import SimNetwork, run_virtual
 from shoal.simulations.config import ScheduledEvent, SimConfig
@@ -182,9 +182,9 @@ class Simulation:
             self.initial = dict.fromkeys(range(c.nodes), shared)
 
     def _user_task(self, i: int) -> Task:
-        task = self.make_task(i, self.config.nodes)
-        if not isinstance(task, Task) or task.train is None:
-            raise ValueError(f"make_task({i}, {self.config.nodes}) must return a shoal.Task with a train")
+        task = make(self.make_task, i, self.config.nodes, "make_task")
+        if task.train is None:
+            raise ValueError("a simulated node trains with its task's train: make_task gave none")
         return task
 
     def _own_model(self, i: int) -> torch.nn.Module:
