@@ -16,6 +16,7 @@ the attacker trains honestly on flipped labels.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from collections.abc import Callable
@@ -23,11 +24,11 @@ from collections.abc import Callable
 import torch
 
 from shoal.learning.averaging import incompatibility
+from shoal.learning.messages import MODELS
 from shoal.learning.protocol import Action, Event, LearningProtocol, MessageIn, Send, State
 
 Forge = Callable[[State, list[State]], State]
 ATTACKS = ("label-flip", "noise", "sign-flip", "alie", "stale")
-MODEL_KINDS = ("model", "aggregated", "trained")  # gossip's and MoDeST's
 SIGN_FLIP_SCALE = 4.0
 ALIE_Z = 1.0
 MEMORY = 20  # models an attacker remembers
@@ -97,16 +98,17 @@ class Forging:
     def handle(self, event: Event, now: float) -> list[Action]:
         if (
             isinstance(event, MessageIn)
-            and event.kind in MODEL_KINDS
-            and not incompatibility(self.model, event.tensors)
+            and isinstance(event.message, MODELS)
+            and not incompatibility(self.model, event.message.state)
         ):
-            self.seen.append(dict(event.tensors))
+            self.seen.append(dict(event.message.state))
         actions = self.inner.handle(event, now)
-        out = [
-            Send(a.peer, a.kind, a.body, self.forge(dict(a.tensors), list(self.seen)))
-            if isinstance(a, Send) and a.kind in MODEL_KINDS
-            else a
-            for a in actions
-        ]
+        out = [self._forged(a) for a in actions]
         self.forged += sum(1 for a, b in zip(actions, out) if a is not b)
         return out
+
+    def _forged(self, action: Action) -> Action:
+        if not (isinstance(action, Send) and isinstance(action.message, MODELS)):
+            return action
+        forged = self.forge(dict(action.message.state), list(self.seen))
+        return Send(action.peer, dataclasses.replace(action.message, state=forged))

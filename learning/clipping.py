@@ -40,8 +40,8 @@ flattened copy of each model and its distance (O(model) per contribution), plus 
 far model (at most ``max_probes``) or, for MoDeST aggregation, per contribution. What it does not stop:
 attackers that stay within the radius (e.g. "a little is enough") move each node by up to tau times
 their share per round in their chosen direction, against the node's own training, and strongly non-IID
-data (two classes per node) makes honest peers far too, which then count for little: measured in the
-README's Byzantine table.
+data (two classes per node) makes honest peers far too, which then count for little: measured in
+docs/measurements.md, "Byzantine peers".
 
 Each integration leaves a verdict per peer in :attr:`Clipped.verdicts`: 1.0 taken as sent, tau/d when
 clipped, 0.0 refused, for the overlay's peer scores.

@@ -17,7 +17,7 @@ own name. Cost per floating-point element, against 4 B for ``fp32``:
   is 0.125 + 0.3 B per element (9.4x), 1% kept 0.05 B (80x). Lin et al., "Deep Gradient Compression"
   (ICLR 2018) keep what top-k drops in a local residual and add it to the next delta (error feedback),
   so nothing is lost, only delayed; int8 values are lossy the same way, and their error is fed back
-  too. Against float16 values at the same share kept (README "Compressed updates"): 14-30% fewer bytes
+  too. Against float16 values at the same share kept (docs/measurements.md): 14-30% fewer bytes
   to the target accuracy, and no less accurate.
 
 Decoding (:func:`decompress`, :func:`densify`) takes the wire tensors of an untrusted peer and a template

@@ -17,14 +17,14 @@ is part of the task (``node.daemon`` hashes it into the task id): peers with dif
   and not a round's model: gossip has no shared round model, and in MoDeST the receiver of a trained
   model (next round's aggregator) need not hold the model it was trained from.
 
-Each top-k message names the reference it needs (``ref``: the sender's last message to us or ours to
-it, and ``base``, that message's sequence number; 0 for a keyframe) and its own (``seq``, unique among
-the sender's messages, so two keyframes or a late message are never mistaken for each other). A
-receiver that does not hold the base (it restarted, evicted it, a message was lost or overtaken) drops
-the message without blame and answers
-``codec-reset`` (at most one per peer per ``RESET_INTERVAL``, ``node.driver``); the sender's next message
-to it is a keyframe. References are bounded: ``max_references`` peers per direction (least
-recently used evicted), each a copy of the model.
+Each top-k message names the reference it needs (``ref``: the sender's last message to us or ours to it,
+and ``base``, that message's sequence number; 0 for a keyframe) and its own (``seq``, unique among the
+sender's messages, so two keyframes or a late message are never mistaken for each other). A receiver
+that does not hold the base (it restarted, evicted it, a message was lost or overtaken) drops the
+message without blame and answers ``codec-reset`` (``learning.messages.CodecReset``, at most one per
+peer per ``RESET_INTERVAL``, ``node.driver``); the sender's next message to it is a keyframe. References
+are bounded: ``max_references`` peers per direction (least recently used evicted), each a copy of the
+model.
 
 Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
 checks (indices, counts, scales). Each representation of a received model is checked for NaN and Inf
@@ -49,7 +49,6 @@ from shoal.learning.messages import is_count, quote
 
 CODECS = (*codecs.STATELESS, "topk")
 KEY, MINE, YOURS = 0, 1, 2  # a top-k message's reference: none (keyframe), sender's last, receiver's last
-RESET = "codec-reset"  # message kind: "I do not hold the reference you used; send a keyframe"
 # A difference is sent only if what it rebuilds is within this many times an int8 keyframe's squared error
 # of the model; else the keyframe. Measured (simulations.compression, 12 nodes): without it MoDeST, whose
 # references are often many rounds old, needed 56 rounds to 90% instead of 41; with 30, 42. Measured again
@@ -72,7 +71,7 @@ class CodecConfig:
             "flag": True,
         },
     )
-    # the best share measured (README "Compressed updates"): fewer loses MoDeST accuracy, more costs bytes
+    # the best share measured (docs/measurements.md): fewer loses MoDeST accuracy, more costs bytes
     topk_fraction: float = field(
         default=0.3, metadata={"help": "topk: share of each difference's values that is sent"}
     )
@@ -88,7 +87,7 @@ class CodecConfig:
 
 
 class Stale(codecs.CodecError):
-    """A top-k message on a reference we do not hold: nobody's fault, answered with ``codec-reset``."""
+    """A top-k message on a reference we do not hold: nobody's fault, answered with ``CodecReset``."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Datasets that load with no network: what every node trains and evaluates on.
 
-Built in (sources and licences: README, "Datasets"):
+Built in:
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 samples, 10 classes), real data.
 - ``mnist1d``: MNIST-1D (Greydanus 2020), length-40 signals generated procedurally and
   deterministically from built-in templates by the ``mnist1d`` package; any number of samples.

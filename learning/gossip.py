@@ -17,17 +17,19 @@ own round (a neighbour that joined with us) is not taken: the joiner asks anothe
 ``fetch_attempts`` of them. Its first peers are whoever it met first, often other joiners: at 24
 daemons, joiners that took their first reply trained from scratch and reached 90% ~20 s later.
 
-Messages (``learning.messages``): ``model`` {round, samples, reply, labels (optional: the classes the
-sender holds, for integrators such as Bristle)} + tensors; ``fetch`` {} asks a peer for its model.
+Messages (``learning.messages``): :class:`GossipModel` (round, samples, reply, labels: optional, the
+classes the sender holds, for integrators such as Bristle; and the model); :class:`Fetch` asks a peer
+for its model. Another protocol's message is refused, blamed.
 
-Hostile peers (docs/security.md). Every received model is parsed with bounds and checked against the
-node's own (``learning.messages.model_fault``): other names, shapes or dtypes, or NaN/Inf, prove the
-sender wrong; a layer over ``max_norm_ratio`` times ours is only dropped, since a node an attacker has
-moved sees honest models that way too (blaming them once made honest nodes ban each other). What is
-taken goes through the integrator (by default robust clipping, ``learning.clipping``, whose verdicts
-become ``Credited``); a model it cannot take at all is dropped and reported alone
-(``integrate_contained``). A fetched model replaces ours only if our anchor admits it (not far worse on
-our own data than our recent models, ``learning.anchor``); otherwise the joiner asks another neighbour.
+Hostile peers (docs/security.md). Every received model arrives within its bounds (the driver parsed it)
+and is checked against the node's own (``learning.messages.model_fault``): other names, shapes or
+dtypes, or NaN/Inf, prove the sender wrong; a layer over ``max_norm_ratio`` times ours is only dropped,
+since a node an attacker has moved sees honest models that way too (blaming them once made honest nodes
+ban each other). What is taken goes through the integrator (by default robust clipping,
+``learning.clipping``, whose verdicts become ``Credited``); a model it cannot take at all is dropped and
+reported alone (``integrate_contained``). A fetched model replaces ours only if our anchor admits it
+(not far worse on our own data than our recent models, ``learning.anchor``); otherwise the joiner asks
+another neighbour.
 Peers' rounds barely matter here, and that is the defence:
 - asynchronous gossip never reads a peer's round, except that a joiner adopts the round of the model
   it fetched, which is limited to ``max_round_jump`` above its own. The round is a local counter (logs,
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 
 from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
-from shoal.learning.messages import GossipModel, model_fault, quote
+from shoal.learning.messages import Fetch, GossipModel, model_fault
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
@@ -113,7 +115,7 @@ class GossipConfig:
     max_round_jump: int = field(
         default=100,
         metadata={
-            "group": 'every peer is a possible adversary (README, "Hostile peers"):',
+            "group": 'every peer is a possible adversary (docs/security.md):',
             "help": "most rounds a fetched model may move this node's round ahead",
         },
     )
@@ -201,12 +203,12 @@ class Gossip:
                 return self._lost(peer)
             case SendFailed(peer):  # not gone (only PeerDown says so), but not to be waited for now
                 return self._lost(peer)
-            case MessageIn(peer, "fetch"):
+            case MessageIn(peer, Fetch()):
                 return self._on_fetch(peer)
-            case MessageIn(peer, "model", body, tensors):
-                return self._on_model(peer, body, tensors)
-            case MessageIn(peer, kind):
-                return [Rejected(peer, f"unknown message kind {quote(kind)}")]
+            case MessageIn(peer, GossipModel() as msg):
+                return self._on_model(peer, msg)
+            case MessageIn(peer, msg):
+                return [Rejected(peer, f"{msg.KIND} is not a gossip message")]
             case Trained(tag, state) if tag == self._round and self._phase is Phase.TRAINING:
                 return self._on_trained(state)
             case TimerFired(Timer.FETCH) if self._phase is Phase.FETCHING:
@@ -226,8 +228,7 @@ class Gossip:
         self._answered[peer] = self._now
         if len(self._answered) > MAX_ANSWERED:
             del self._answered[next(iter(self._answered))]
-        reply = GossipModel(self._round, self._samples, reply=True)
-        return [Send(peer, "model", reply.body(), self._model)]
+        return [Send(peer, GossipModel(self._round, self._samples, self._model, reply=True))]
 
     def _start(self) -> list[Action]:
         if self._config.join_by_fetch and self._neighbours:
@@ -240,7 +241,7 @@ class Gossip:
         self._phase = Phase.FETCHING
         self._fetching_from = self._rng.choice(self._unasked())
         self._asked.add(self._fetching_from)
-        return [Send(self._fetching_from, "fetch"), StartTimer(Timer.FETCH, self._config.fetch_timeout)]
+        return [Send(self._fetching_from, Fetch()), StartTimer(Timer.FETCH, self._config.fetch_timeout)]
 
     def _unasked(self) -> list[str]:
         return [p for p in self._neighbours if p not in self._asked]
@@ -256,15 +257,12 @@ class Gossip:
             return self._maybe_complete()
         return []
 
-    def _on_model(self, peer: str, body: object, tensors: dict) -> list[Action]:
-        msg = GossipModel.parse(body)
-        if isinstance(msg, str):
-            return [Rejected(peer, msg)]
-        fault = model_fault(self._model, tensors, self._config.max_norm_ratio)
+    def _on_model(self, peer: str, msg: GossipModel) -> list[Action]:
+        fault = model_fault(self._model, msg.state, self._config.max_norm_ratio)
         if fault:
             reason, blame = fault
             return [Rejected(peer, reason, blame=blame)]
-        contribution = Contribution(dict(tensors), msg.samples, peer, msg.labels)
+        contribution = Contribution(msg.state, msg.samples, peer, msg.labels)
         if self._phase is Phase.FETCHING and msg.reply and peer == self._fetching_from:
             return self._on_fetched(peer, msg.round, contribution.state)
         if not self._config.synchronous:
@@ -309,8 +307,8 @@ class Gossip:
     def _on_trained(self, state: State) -> list[Action]:
         self._model = state
         targets = self._targets()
-        body = GossipModel(self._round, self._samples, labels=self._labels).body()
-        sends: list[Action] = [Send(p, "model", body, state) for p in targets]
+        msg = GossipModel(self._round, self._samples, state, labels=self._labels)
+        sends: list[Action] = [Send(p, msg) for p in targets]
         if not self._config.synchronous:
             received, self._latest = list(self._latest.values()), {}
             return sends + self._integrate_and_continue(received)

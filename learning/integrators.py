@@ -5,7 +5,7 @@ default ``learning.clipping``, Bristle and the robust baselines plug in the same
 ``integrate(own, received) -> new model``. Protocols call it through :func:`integrate_contained`, so a
 contribution that cannot be integrated costs only itself. The rules here need nothing but the models;
 ``clipping`` needs its node's anchor and Bristle its node's data, so their nodes build them
-(``learning.settings.build_integrator``, ``learning.bristle.bristle_node``).
+(``learning.node.build_integrator``, ``learning.bristle.bristle_node``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The messages of the learning protocols as typed values with bounds (every peer is a possible adversary).
 
-Each message kind has one frozen dataclass: ``parse(body)`` returns the message or a string saying why it
-was refused, ``body()`` is what a sender puts on the wire. Protocols read a peer's message only through
-these classes and :func:`model_fault`, so every bound that does not depend on the node's state is here
-(the round window does, and lives in each protocol):
+Each message kind has one frozen dataclass, and :data:`MESSAGES` maps each kind on the wire to its class:
+the only place a kind is spelled. :func:`decode` turns what the codec decoded (``node.driver``) into a
+message, or a string saying why it was refused; ``body()`` and ``tensors`` are what a sender puts on the
+wire. Protocols receive and emit these values only and ``match`` on their classes, so every bound that
+does not depend on the node's state is here (the round window does, and lives in each protocol; so does
+:func:`model_fault`, which needs the node's own model):
 
 - rounds, advertisement indices and selection ids are ints (not bools) in [0, ``MAX_ROUND``], with
   ``MAX_ROUND`` = 2**53 - 1. The daemon writes rounds into the pycrdt metadata document, which panics
@@ -13,20 +15,22 @@ these classes and :func:`model_fault`, so every bound that does not depend on th
 - sample counts are at most ``MAX_SAMPLES`` (weights of a weighted average: bounded, they cannot
   overflow it, though a peer may still overstate its count within the bound);
 - label sets hold at most ``MAX_LABELS`` class numbers below ``MAX_LABELS``;
+- a model message carries a model and a control message none;
 - a model must have our model's names, shapes and dtypes and finite values (on libp2p the wire
   refused NaN and Inf already, ``overlay.wire``; the simulated overlay hands tensors over as they are),
   and no layer much larger (L2) than ours (:func:`model_fault`, which says which of these prove the
   sender wrong).
 
-Reasons quote at most a few dozen characters of what they refuse: a peer cannot grow our log lines.
+Unknown keys in a body are ignored. Reasons quote at most a few dozen characters of what they refuse: a
+peer cannot grow our log lines.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self, get_args
 
 import torch
 
@@ -43,7 +47,7 @@ MAX_LABELS = 10_000
 # zero-initialised layer (biases, LoRA-style adapters) would otherwise refuse every trained peer's.
 NORM_FLOOR = 0.1
 
-T = TypeVar("T")
+Tensors = Mapping[str, torch.Tensor]
 
 
 def is_count(x: object, limit: int = MAX_ROUND) -> bool:
@@ -64,52 +68,98 @@ def _count(body: Mapping, key: str, limit: int = MAX_ROUND) -> int:
     return x
 
 
-def _parse(kind: str, body: object, build: Callable[[Mapping], T]) -> T | str:
-    if not isinstance(body, Mapping):
-        return f"{kind} message body must be a map, got {type(body).__name__}"
-    try:
-        return build(body)
-    except ValueError as exc:
-        return f"{kind} message: {exc}"
+class _Message:
+    """What every message class has: its ``KIND`` on the wire and a bounded ``parse``; subclasses say
+    which fields they read (``_fields``) and whether they carry a model (``_check_tensors``)."""
+
+    KIND: ClassVar[str]
+
+    @classmethod
+    def parse(cls, body: object, tensors: Tensors) -> Self | str:
+        """The message a peer sent, or why it is refused."""
+        if not isinstance(body, Mapping):
+            return f"{cls.KIND} message body must be a map, got {type(body).__name__}"
+        try:
+            cls._check_tensors(tensors)
+            return cls(**cls._fields(body, tensors))
+        except ValueError as exc:
+            return f"{cls.KIND} message: {exc}"
+
+    @classmethod
+    def _check_tensors(cls, tensors: Tensors) -> None:
+        if tensors:
+            raise ValueError(f"takes no tensors, got {len(tensors)}")
+
+    @classmethod
+    def _fields(cls, body: Mapping, tensors: Tensors) -> dict[str, Any]:
+        return {}
+
+    @property
+    def tensors(self) -> Tensors:
+        return {}
+
+    def body(self) -> dict:
+        return {}
 
 
-# --- gossip ---------------------------------------------------------------------------------
+# --- models ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class GossipModel:
-    """``model``: a peer's model after ``round`` rounds, trained on ``samples`` samples; ``reply`` if it
-    answers our ``fetch``; ``labels``: the classes the sender holds, if it says (for Bristle)."""
+class _Model(_Message):
+    """A model after ``round`` rounds, trained on ``samples`` samples (its weight in an average)."""
 
     round: int
     samples: int
+    state: dict[str, torch.Tensor] = field(repr=False)
+
+    @classmethod
+    def _check_tensors(cls, tensors: Tensors) -> None:
+        if not tensors:
+            raise ValueError("carries no model")
+
+    @classmethod
+    def _fields(cls, body: Mapping, tensors: Tensors) -> dict[str, Any]:
+        return {
+            "round": _count(body, "round"),
+            "samples": _count(body, "samples", MAX_SAMPLES),
+            "state": dict(tensors),
+        }
+
+    @property
+    def tensors(self) -> Tensors:
+        return self.state
+
+    def body(self) -> dict:
+        return {"round": self.round, "samples": self.samples}
+
+
+@dataclass(frozen=True)
+class GossipModel(_Model):
+    """Gossip's model; ``reply`` if it answers our :class:`Fetch`; ``labels``: the classes the sender
+    holds, if it says (for Bristle)."""
+
+    KIND: ClassVar[str] = "model"
     reply: bool = False
     labels: tuple[int, ...] | None = None
 
     @classmethod
-    def parse(cls, body: object) -> GossipModel | str:
-        def build(b: Mapping) -> GossipModel:
-            labels = b.get("labels")
-            if labels is not None and not (
-                isinstance(labels, list | tuple)
-                and len(labels) <= MAX_LABELS
-                and all(is_count(c, MAX_LABELS - 1) for c in labels)
-            ):
-                raise ValueError(f"labels must be a list of at most {MAX_LABELS} class numbers")
-            reply = b.get("reply", False)
-            if not isinstance(reply, bool):
-                raise ValueError(f"reply must be true or false, got {quote(reply)}")
-            return cls(
-                _count(b, "round"),
-                _count(b, "samples", MAX_SAMPLES),
-                reply,
-                None if labels is None else tuple(labels),
-            )
-
-        return _parse("model", body, build)
+    def _fields(cls, body: Mapping, tensors: Tensors) -> dict[str, Any]:
+        labels = body.get("labels")
+        if labels is not None and not (
+            isinstance(labels, list | tuple)
+            and len(labels) <= MAX_LABELS
+            and all(is_count(c, MAX_LABELS - 1) for c in labels)
+        ):
+            raise ValueError(f"labels must be a list of at most {MAX_LABELS} class numbers")
+        reply = body.get("reply", False)
+        if not isinstance(reply, bool):
+            raise ValueError(f"reply must be true or false, got {quote(reply)}")
+        labels = None if labels is None else tuple(labels)
+        return {**super()._fields(body, tensors), "reply": reply, "labels": labels}
 
     def body(self) -> dict:
-        out: dict = {"round": self.round, "samples": self.samples}
+        out = super().body()
         if self.reply:
             out["reply"] = True
         if self.labels is not None:
@@ -117,48 +167,82 @@ class GossipModel:
         return out
 
 
-# --- MoDeST ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AggregatedModel(_Model):
+    """MoDeST: the model of ``round``, from one of its aggregators to one of its trainers."""
+
+    KIND: ClassVar[str] = "aggregated"
 
 
 @dataclass(frozen=True)
-class Ping:
-    """``ping``: is the receiver available for selection ``sel`` of ``round``?"""
+class TrainedModel(_Model):
+    """MoDeST: a trainer's model, tagged ``round`` (the next), to one of that round's aggregators."""
 
-    KIND: ClassVar[str] = "ping"
+    KIND: ClassVar[str] = "trained"
+
+
+# --- control --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetch(_Message):
+    """Gossip: send me your current model (a joiner's first message)."""
+
+    KIND: ClassVar[str] = "fetch"
+
+
+@dataclass(frozen=True)
+class _Probe(_Message):
+    """What a ping and its pong carry: a selection id and a round."""
+
     sel: int
-    round: int  # the round being selected for
+    round: int
 
     @classmethod
-    def parse(cls, body: object) -> Ping | str:
-        return _parse(cls.KIND, body, lambda b: cls(_count(b, "sel"), _count(b, "round")))
+    def _fields(cls, body: Mapping, tensors: Tensors) -> dict[str, Any]:
+        return {"sel": _count(body, "sel"), "round": _count(body, "round")}
 
     def body(self) -> dict:
         return {"sel": self.sel, "round": self.round}
 
 
 @dataclass(frozen=True)
-class Pong(Ping):
-    """``pong``: the answer to a ping, with the responder's round estimate."""
+class Ping(_Probe):
+    """MoDeST: is the receiver available for selection ``sel`` of ``round`` (the round being selected
+    for)?"""
+
+    KIND: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
+class Pong(_Probe):
+    """MoDeST: the answer to a ping, with the responder's round estimate."""
 
     KIND: ClassVar[str] = "pong"
 
 
 @dataclass(frozen=True)
-class ModestModel:
-    """``aggregated`` (the model of ``round``) or ``trained`` (a trainer's model, tagged ``round``)."""
+class CodecReset(_Message):
+    """The codec's own: "I do not hold the reference you used; send a keyframe" (``learning.compression``).
+    The driver sends and reads it; no protocol ever sees it."""
 
-    round: int
-    samples: int
-
-    @classmethod
-    def parse(cls, body: object, kind: str) -> ModestModel | str:
-        return _parse(kind, body, lambda b: cls(_count(b, "round"), _count(b, "samples", MAX_SAMPLES)))
-
-    def body(self) -> dict:
-        return {"round": self.round, "samples": self.samples}
+    KIND: ClassVar[str] = "codec-reset"
 
 
-# --- models ---------------------------------------------------------------------------------
+PeerMessage = GossipModel | AggregatedModel | TrainedModel | Fetch | Ping | Pong | CodecReset
+MODELS = (GossipModel, AggregatedModel, TrainedModel)  # the messages that carry a model
+MESSAGES: dict[str, type[PeerMessage]] = {cls.KIND: cls for cls in get_args(PeerMessage)}  # the registry
+
+
+def decode(kind: str, body: object, tensors: Tensors) -> PeerMessage | str:
+    """The message of this wire kind, or why it is refused (an unknown kind included)."""
+    cls = MESSAGES.get(kind)
+    if cls is None:
+        return f"unknown message kind {quote(kind)}"
+    return cls.parse(body, tensors)
+
+
+# --- a model next to ours ------------------------------------------------------------------
 
 
 def model_fault(

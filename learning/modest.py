@@ -1,66 +1,46 @@
 """MoDeST: decentralized sampling of trainers and aggregators, round by round, with no server.
 
 de Vos et al., "MoDeST: Mostly-Consistent Decentralized Sampling Training" (arXiv 2302.13837 v1), as the
-authors' code runs it (README, "MoDeST"). Round k: the aggregators of round k (the first ``a`` available
+authors' code runs it (docs/protocols.md). Round k: the aggregators of round k (the first ``a`` available
 candidates of round k, ``learning.sampling``) send the round-k model to its trainers (the first ``s``
 available); each trainer trains one local pass and sends the result, tagged k+1, to the aggregators of
 round k+1; an aggregator aggregates once ``ceil(sf·s)`` models of its round arrived (or
 ``aggregation_timeout`` after the first, our default where the authors' code leaves the timeout unused)
 and sends the result on. The members of the round-1 sample start by themselves.
 
-Messages (``learning.messages``): ``ping``/``pong`` {sel, round}; ``aggregated`` and ``trained``
-{round, samples} + model.
+The round state machine (sans-IO, ``learning.protocol``): a node's trainer and aggregator roles and the
+round state they share. In: events, with :class:`Ping`/:class:`Pong` (sel, round),
+:class:`AggregatedModel` and :class:`TrainedModel` (round, samples, model) of ``learning.messages``
+(another protocol's message is refused, blamed); out: actions. Settings: ``learning.modest_config``.
+Departures from the paper, each for a hostile or failing peer (docs/security.md); members, not
+views, and roles checked against a sample we compute ourselves are ``learning.modest_view``'s:
 
-Departures from the paper, each for a hostile or failing peer (README, "Hostile peers"):
-
-- **Members, not views.** The candidates are the members the overlay vouches for (:class:`Members`: on
-  libp2p the peers whose own signed metadata record is current), not a view piggy-backed on models.
-  The paper's views are hearsay: any peer could add entries, mark others as gone or shift who ranks
-  first (measured: crafted views froze every node's round). A member that appears is sampled only after
-  our next model send (the paper's JOIN rule); one that disappears (it left, or its record expired)
-  drops out at once. The paper's inactivity threshold is the records' expiry. A member is sampled
-  only once it has answered a ping of ours (``learning.sampling``): identities cost nothing, and a
-  stream of members that never answer otherwise kept rounds waiting on ``ping_timeout``.
 - **A window on rounds.** Our *own round* is the newest we trained or aggregated (a joiner's: the first
   above 0 it hears). Rounds a peer merely reports (ping, pong) are clamped to our own round +
   ``max_round_jump``; a model's round must lie within that window or the model is refused (taking it
   would move our round), without blame: a node that fell behind sees honest rounds as far ahead. Choose
   the window well above the rounds a node may go unsampled, about n/s. Residual risk: a liar that
   speaks first to a joiner places its window anywhere up to 2**53 - 1.
-- **Roles checked against a sample we compute ourselves.** An ``aggregated`` model of round k is taken
-  only from one of the first ``aggregators + role_slack`` candidates of round k by our members (members
-  we know to be down skipped, as the sender's availability filter skipped them) and only if we are among
-  its first ``sample_size + role_slack``; a ``trained`` model tagged k+1 only from one of the first
-  ``sample_size + role_slack`` of round k, and only if we are among the first ``aggregators +
-  role_slack`` of round k+1. The slack covers members still spreading and hand-overs to later
-  candidates (below). A model refused by this check costs its sender nothing (it may know members we do
-  not yet).
-- **Models judged, not just counted.** An ``aggregated`` model replaces ours only if our anchor admits
-  it (``learning.anchor``: not far worse on our own data than our recent start points, and not far
-  from our model unless clearly better); one it refuses is credited 0 to its sender, and we train our
-  own model for its round instead, so the round goes on without it at its usual pace. Only within
-  the rounds a trainer goes unsampled (twice members / sample size): further ahead, a refused model
-  moves nothing of ours, or a plausible aggregator of a far round could lead us away from the swarm.
-  Residual risk: within that gap it moves our round, and our next model makes the aggregators we
-  hand it to leave the round they were collecting. An aggregator that trained none of the round's
-  models itself judges its aggregate the same way, and sends nothing rather than one it would refuse
-  (all the round's models were poison).
-  Aggregation is the node's integrator: by default clipping around the round's medoid
+- **Models judged, not just counted.** An aggregated model replaces ours only if our anchor admits it
+  (``learning.anchor``: not far worse on our own data than our recent start points, and not far from our
+  model unless clearly better); one it refuses is credited 0 to its sender, and we train our own model
+  for its round instead, so the round goes on without it at its usual pace. Only within the rounds a
+  trainer goes unsampled (twice members / sample size): further ahead, a refused model moves nothing of
+  ours, or a plausible aggregator of a far round could lead us away from the swarm. Residual risk:
+  within that gap it moves our round, and our next model makes the aggregators we hand it to leave the
+  round they were collecting. An aggregator that trained none of the round's models itself judges its
+  aggregate the same way, and sends nothing rather than one it would refuse (all the round's models were
+  poison). Aggregation is the node's integrator: by default clipping around the round's medoid
   (``learning.clipping``).
 - **Rounds that go on.** A trainer whose hand-over has led to no newer model within ten of the swarm's
   rounds (as the models it took measured them; at least an honest aggregator's time-outs, at most
   ``watch_timeout``) hands its model to one more available candidate aggregator each time, up to
-  ``role_slack`` more: an aggregator that crashed holding the round's models (with one aggregator,
-  that once stopped training for good), refuses to aggregate or sends nothing costs the swarm at most
-  that long per round it aggregates, and once per trainer: one whose round came to nothing, or whose
-  model we refused, gets one more aggregator beside it in our later hand-overs. With ``aggregators``
-  = 2 no round waits at all, at the cost of each trained model sent twice. Only a model counts as a
-  sign the round went on: a round a peer merely reports could be a lie that keeps us waiting.
-
-One module, over 400 lines, for one state machine: the trainer's and the aggregator's roles share the
-round state (own round, window, members, suspects) that each of them reads and moves; the pieces that
-stand alone are apart already (sampling in ``learning.sampling``, messages in ``learning.messages``,
-judging models in ``learning.anchor`` and ``learning.clipping``).
+  ``role_slack`` more: an aggregator that crashed holding the round's models, refuses to aggregate or
+  sends nothing costs the swarm at most that long per round it aggregates, and once per trainer: one
+  whose round came to nothing, or whose model we refused, gets one more aggregator beside it in our
+  later hand-overs. With ``aggregators`` = 2 no round waits at all, at the cost of each trained model
+  sent twice. Only a model counts as a sign the round went on: a round a peer merely reports could be a
+  lie that keeps us waiting.
 """
 
 from __future__ import annotations
@@ -69,12 +49,21 @@ import enum
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
-from shoal.learning.messages import MAX_ROUND, ModestModel, Ping, Pong, model_fault, quote
+from shoal.learning.messages import (
+    MAX_ROUND,
+    AggregatedModel,
+    PeerMessage,
+    Ping,
+    Pong,
+    TrainedModel,
+    model_fault,
+)
+from shoal.learning.modest_config import ModestConfig
+from shoal.learning.modest_view import View
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
@@ -95,63 +84,8 @@ from shoal.learning.protocol import (
     Train,
     Trained,
 )
-from shoal.learning.sampling import Sampler, order
 from shoal.learning.sampling import Timer as SamplingTimer
-
-
-@dataclass(frozen=True)
-class ModestConfig:
-    """Also the daemon's ``[protocol.modest]`` settings (``learning.settings``): the defaults are a
-    daemon's, paced (the scenarios run MoDeST unpaced, as the paper does: ``period`` 0)."""
-
-    sample_size: int = field(  # s
-        default=10, metadata={"help": "trainers per round; keep it at most the swarm's size, or rounds wait"}
-    )
-    aggregators: int = field(default=1, metadata={"help": "aggregators per round"})  # a
-    success_fraction: float = field(  # sf
-        default=1.0, metadata={"help": "share of the sample's models an aggregator waits for ..."}
-    )
-    ping_timeout: float = 5.0
-    ping_interval: float = 1.0
-    aggregation_timeout: float = field(default=5.0, metadata={"help": "... or at most this many seconds"})
-    watch_timeout: float = 20.0  # most seconds a hand-over may come to nothing (see Modest._watch)
-    period: float = field(
-        default=1.0,
-        metadata={"help": "least seconds between the starts of two of this node's trainings", "flag": True},
-    )
-    max_round_jump: int = field(  # window: most rounds a peer's message may lie beyond our own round
-        default=100,
-        metadata={
-            "group": 'every peer is a possible adversary (README, "Hostile peers"):',
-            "help": "most rounds a peer's message may move this node's round ahead",
-        },
-    )
-    role_slack: int = field(  # candidates beyond a (or s) still plausible in a role (module docstring)
-        default=2,
-        metadata={"help": "how far past the first a (or s) candidates a sender may rank in its role"},
-    )
-    max_norm_ratio: float = field(  # learning.messages
-        default=10.0, metadata={"help": "models with a layer's L2 norm over this many times ours are refused"}
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("sample_size", "aggregators", "max_round_jump"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.success_fraction <= 1:
-            raise ValueError(f"success_fraction must be in (0, 1], got {self.success_fraction}")
-        for name in ("ping_timeout", "ping_interval", "aggregation_timeout", "watch_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"timeouts and intervals must be positive: {name} = {getattr(self, name)}")
-        if self.role_slack < 0 or not self.period >= 0:
-            raise ValueError(f"role_slack and period must not be negative: {self.role_slack}, {self.period}")
-        if not self.max_norm_ratio >= 1:
-            raise ValueError(f"max_norm_ratio must be at least 1, got {self.max_norm_ratio}")
-
-    @property
-    def quorum(self) -> int:
-        return max(1, math.ceil(self.sample_size * self.success_fraction - 1e-9))
-
+from shoal.learning.sampling import order
 
 WATCH_ROUNDS = 10  # a hand-over may come to nothing for this many of the swarm's rounds
 
@@ -190,10 +124,7 @@ class Modest:
         """``peers``: the members known at the start (``Members`` events before ``Started`` replace
         them). ``anchor`` judges aggregated models before they replace ours; without one, all are taken."""
         self.me = me
-        self.members: set[str] = {me, *peers}  # whom we sample from
-        self._appeared: set[str] = set()  # new members, sampled from after our next model send
-        self._down: set[str] = set()  # members we know to be down, until we hear from them again
-        self._suspects: set[str] = set()  # members whose aggregation came to nothing or was refused
+        self.view = View(me, peers, config)  # whom we sample from, and whom we take models from
         self._took: tuple[int, float] | None = None  # the round and time of the last aggregate we took
         self._pace: deque[float] = deque(maxlen=10)  # seconds per round between the aggregates we took
         self._model = model
@@ -215,7 +146,6 @@ class Modest:
         self._handed_to: set[str] = set()  # aggregators that have our latest trained model
         self._extra = (0, 0)  # (round, aggregators added to our hand-over of it by watch timeouts)
         self._aggregation = Aggregation.COLLECTING  # of _agg_round
-        self._sampler = Sampler(me, config.ping_interval, config.ping_timeout)
         self._trained_at = -math.inf  # when our last training began (``period``)
 
     @property
@@ -252,21 +182,21 @@ class Modest:
         match event:
             case Started():
                 return self._start()
+            case Members(peers) if not self._started:
+                self.view.found(peers)
             case Members(peers):
-                return self._on_members(peers)
+                return self.view.on_members(peers, self.estimate(), now)
             case PeerUp(peer):
-                self._down.discard(peer)
+                self.view.down.discard(peer)
             case PeerDown(peer) | SendFailed(peer):
-                if peer in self.members or peer in self._appeared:  # only members: ids cost nothing
-                    self._down.add(peer)
-                return self._sampler.unavailable(peer, now)
-            case MessageIn(peer, kind, body, tensors):
-                self._down.discard(peer)
-                return self._on_message(peer, kind, body, tensors)
+                return self.view.unavailable(peer, now)
+            case MessageIn(peer, msg):
+                self.view.down.discard(peer)
+                return self._on_message(peer, msg)
             case Trained(tag, state) if tag == self._train_round and self._trainer is Trainer.TRAINING:
                 return self._on_trained(state)
             case TimerFired((SamplingTimer.PING, sel_id)):
-                return self._sampler.on_timer(sel_id, now)
+                return self.view.sampler.on_timer(sel_id, now)
             # a hand-over's selection may end, and start its watch, after a newer model reached us: the
             # round in the key tells that watch from the current one
             case TimerFired((Timer.WATCH, rnd)) if rnd == self._train_round + 1 and self._stalled():
@@ -277,113 +207,53 @@ class Modest:
                 return self._train()
         return []
 
-    # --- membership -------------------------------------------------------------------------
-
     def _start(self) -> list[Action]:
         self._started = True
         if self._joining:  # sampled once the members' next model sends take us in
-            return self._sampler.probe(0, self.members, self._now)
-        return self._sampler.probe(0, self.members, self._now, then=self._first_round)
+            return self.view.sampler.probe(0, self.view.members, self._now)
+        return self.view.sampler.probe(0, self.view.members, self._now, then=self._first_round)
 
     def _first_round(self) -> list[Action]:
         """Once the members answered or timed out: train round 1 if we are in its sample (and no
         round reached us meanwhile)."""
         if self._train_round or self._agg_round:
             return []
-        if self.me in order(self.candidates(), 1)[: self._config.sample_size]:
+        if self.me in order(self.view.candidates(), 1)[: self._config.sample_size]:
             return self._begin_training(1, self._model)
         return []
 
-    def _on_members(self, peers: frozenset[str]) -> list[Action]:
-        if not self._started:  # the swarm as we find it: all of it sampled from at once
-            self.members = {self.me, *peers}
-            return []
-        gone = self.members - peers - {self.me}
-        self._appeared = set(peers) - self.members
-        self.members -= gone
-        self._down &= self.members | self._appeared
-        self._suspects &= self.members
-        self._sampler.keep(self.members | self._appeared)
-        actions = self._sampler.probe(self.estimate(), self._appeared, self._now)
-        for peer in gone:
-            actions += self._sampler.unavailable(peer, self._now)
-        return actions
-
-    def candidates(self) -> set[str]:
-        """Whom we sample from: members not known to be down that answered our pings
-        (``learning.sampling``: a member that never answers costs no round anything)."""
-        return self._available(self.members)
-
-    def _available(self, peers: set[str]) -> set[str]:
-        """Those of ``peers`` not known to be down that answered our pings, and us."""
-        return {p for p in peers - self._down if self._sampler.usable(p)} | {self.me}
-
     # --- messages ---------------------------------------------------------------------------
 
-    def _on_message(self, peer: str, kind: str, body: object, tensors: Mapping) -> list[Action]:
-        match kind:
-            case "ping":
-                ping = Ping.parse(body)
-                if isinstance(ping, str):
-                    return [Rejected(peer, ping)]
-                self._hear(ping.round)
-                return [Send(peer, "pong", Pong(ping.sel, self.estimate()).body())]
-            case "pong":
-                pong = Pong.parse(body)
-                if isinstance(pong, str):
-                    return [Rejected(peer, pong)]
-                self._hear(pong.round)
-                return self._sampler.on_pong(peer, pong.sel, self._now)
-            case "aggregated" | "trained":
-                return self._on_model(peer, kind, body, tensors)
-        return [Rejected(peer, f"unknown message kind {quote(kind)}")]
+    def _on_message(self, peer: str, msg: PeerMessage) -> list[Action]:
+        match msg:
+            case Ping():
+                self._hear(msg.round)
+                return [Send(peer, Pong(msg.sel, self.estimate()))]
+            case Pong():
+                self._hear(msg.round)
+                return self.view.sampler.on_pong(peer, msg.sel, self._now)
+            case AggregatedModel() | TrainedModel():
+                return self._on_model(peer, msg)
+        return [Rejected(peer, f"{msg.KIND} is not a MoDeST message")]
 
-    def _on_model(self, peer: str, kind: str, body: object, tensors: Mapping) -> list[Action]:
-        msg = ModestModel.parse(body, kind)
-        if isinstance(msg, str):
-            return [Rejected(peer, msg)]
-        fault = model_fault(self._model, tensors, self._config.max_norm_ratio)
+    def _on_model(self, peer: str, msg: AggregatedModel | TrainedModel) -> list[Action]:
+        fault = model_fault(self._model, msg.state, self._config.max_norm_ratio)
         if fault:
             reason, blame = fault
             return [Rejected(peer, reason, blame=blame)]
         if msg.round > self._limit():
             reason = (
-                f"{kind} model of round {msg.round} is more than {self._config.max_round_jump} rounds "
+                f"{msg.KIND} model of round {msg.round} is more than {self._config.max_round_jump} rounds "
                 f"ahead of our round {self._own_round()}"
             )
             return [Rejected(peer, reason, blame=False)]  # or we fell behind: not proof of a lie
-        implausible = self._implausible_role(peer, kind, msg.round)
+        implausible = self.view.implausible_role(peer, msg)
         if implausible:
             return [Rejected(peer, implausible, blame=False)]  # or it knows members we do not yet
         self._hear(msg.round)
-        if kind == "aggregated":
-            return self._on_aggregated(peer, msg.round, dict(tensors))
-        return self._on_trained_model(peer, msg.round, Contribution(dict(tensors), msg.samples, peer))
-
-    def _implausible_role(self, peer: str, kind: str, k: int) -> str | None:
-        """Why ``peer`` cannot be sending us this model, by the sample of round k that we compute from
-        our own members (those appearing included, those we know to be down or never heard from
-        skipped, as the sender's own pings skipped them)."""
-        members = self.members | self._appeared
-        known = self._available(members)
-        if peer in members:
-            known.add(peer)  # it is evidently up
-        c = self._config
-
-        def plausible(who: str, rnd: int, wanted: int) -> bool:
-            return who in order(known, rnd)[: wanted + c.role_slack]
-
-        if kind == "aggregated":
-            if not plausible(peer, k, c.aggregators):
-                return f"aggregated model of round {k} from a peer that is no plausible aggregator of it"
-            if not plausible(self.me, k, c.sample_size):
-                return f"aggregated model of round {k} sent to us, no plausible trainer of it"
-        else:
-            if not plausible(peer, k - 1, c.sample_size):
-                return f"trained model tagged {k} from a peer that is no plausible trainer of round {k - 1}"
-            if not plausible(self.me, k, c.aggregators):
-                return f"trained model tagged {k} sent to us, no plausible aggregator of round {k}"
-        return None
+        if isinstance(msg, AggregatedModel):
+            return self._on_aggregated(peer, msg.round, msg.state)
+        return self._on_trained_model(peer, msg.round, Contribution(msg.state, msg.samples, peer))
 
     # --- trainer ----------------------------------------------------------------------------
 
@@ -397,14 +267,14 @@ class Modest:
             or self._anchor is None
             or self._anchor.admits(state, self._model, rnd - self._model_round)
         ):
-            self._suspects.discard(peer)
+            self.view.suspects.discard(peer)
             if peer == self.me:
                 return self._begin_training(rnd, state)
             if self._took is not None and rnd > self._took[0]:
                 self._pace.append((self._now - self._took[1]) / (rnd - self._took[0]))
             self._took = (rnd, self._now)
             return [Credited(peer, 1.0), *self._begin_training(rnd, state)]
-        self._suspects.add(peer)
+        self.view.suspects.add(peer)
         reason = f"aggregated model of round {rnd} not admitted by our anchor (learning.anchor)"
         refused: list[Action] = [Rejected(peer, reason, blame=False), Credited(peer, 0.0)]
         if rnd - self._train_round > self._gap():
@@ -413,12 +283,11 @@ class Modest:
 
     def _gap(self) -> int:
         """The most rounds a trainer goes unsampled, about twice members / sample size."""
-        return max(2, math.ceil(2 * len(self.members) / self._config.sample_size))
+        return max(2, math.ceil(2 * len(self.view.members) / self._config.sample_size))
 
     def _begin_training(self, rnd: int, state: State) -> list[Action]:
         """Train ``state`` for round ``rnd``, once ``period`` has passed since our last training began:
-        unpaced, three daemons ran 33 rounds a second of a small model, most of the CPU and 60
-        messages a second between two of them, for little more learning."""
+        unpaced, daemons spend their CPU and links on many more rounds for little more learning."""
         self._model, self._model_round = state, rnd
         self._train_round = rnd
         self._trainer = Trainer.TRAINING
@@ -446,21 +315,21 @@ class Modest:
             extra = self._added(nxt)
             if not new and escalate and extra < self._config.role_slack:
                 # alive, holding our model, and nothing came of it
-                self._suspects.update(p for p in aggregators if p != self.me)
+                self.view.suspects.update(p for p in aggregators if p != self.me)
                 self._extra = (nxt, extra + 1)
                 return self._hand_over(nxt)
             self._handed_to.update(new)
             watch = StartTimer((Timer.WATCH, nxt), self._watch())
-            return [*self._send_model("trained", new, nxt, self._model), watch]
+            return [*self._send_model(TrainedModel(nxt, self._samples, self._model), new), watch]
 
-        return self._select(nxt, self._config.aggregators + self._added(nxt), send)
+        return self.view.select(nxt, self._config.aggregators + self._added(nxt), send, self._now)
 
     def _watch(self) -> float:
         """How long a hand-over may come to nothing: WATCH_ROUNDS of the swarm's rounds as the models
-        we took measured them (a fixed 20 s let each silent aggregator stall a simulated swarm of 0.3 s
-        rounds for 60 rounds), at most ``watch_timeout``, and at least what an honest aggregator may
-        take: its aggregation timeout and a ping time-out while it picks the trainers (shorter, the
-        watch fired on honest rounds and sent models twice: 18% more bytes to the target, 60 nodes)."""
+        we took measured them (a fixed time lets each silent aggregator stall a swarm of short rounds
+        for many rounds), at most ``watch_timeout``, and at least what an honest aggregator may take:
+        its aggregation timeout and a ping time-out while it picks the trainers (shorter, the watch
+        fires on honest rounds and sends models twice)."""
         c = self._config
         honest = c.aggregation_timeout + c.ping_timeout
         rounds = WATCH_ROUNDS * statistics.median(self._pace) if self._pace else c.watch_timeout
@@ -471,8 +340,8 @@ class Modest:
         added, and at least one for each suspect among the round's first candidates (an aggregator
         that let a round of ours come to nothing, or sent us a model we refused), so that a hostile
         aggregator stalls a round of ours at most once."""
-        first = order(self.candidates(), nxt)[: self._config.aggregators]
-        suspected = sum(1 for p in first if p in self._suspects)
+        first = order(self.view.candidates(), nxt)[: self._config.aggregators]
+        suspected = sum(1 for p in first if p in self.view.suspects)
         added = self._extra[1] if self._extra[0] == nxt else 0
         return min(max(added, suspected), self._config.role_slack)
 
@@ -512,25 +381,18 @@ class Modest:
         ):
             return judged  # the round's models were poison: nothing goes out
         self._model, self._model_round = model, rnd
-        sends = self._select(
-            rnd, self._config.sample_size, lambda to: self._send_model("aggregated", to, rnd, model)
+        msg = AggregatedModel(rnd, self._samples, model)
+        sends = self.view.select(
+            rnd, self._config.sample_size, lambda to: self._send_model(msg, to), self._now
         )
         return [*judged, RoundDone(rnd), *sends]
 
-    def _send_model(self, kind: str, peers: list[str], rnd: int, state: State) -> list[Action]:
-        body = ModestModel(rnd, self._samples).body()
-        actions: list[Action] = [Send(p, kind, body, state) for p in peers if p != self.me]
-        self.members |= self._appeared  # the JOIN rule: newcomers count from our next send on
-        self._appeared = set()
+    def _send_model(self, msg: AggregatedModel | TrainedModel, peers: list[str]) -> list[Action]:
+        actions: list[Action] = [Send(p, msg) for p in peers if p != self.me]
+        self.view.join()  # newcomers count from our next send on
         if self.me in peers:  # we picked ourselves: hand it over locally
-            if kind == "aggregated":
-                actions += self._on_aggregated(self.me, rnd, state)
+            if isinstance(msg, AggregatedModel):
+                actions += self._on_aggregated(self.me, msg.round, msg.state)
             else:
-                actions += self._on_trained_model(self.me, rnd, Contribution(state, self._samples))
+                actions += self._on_trained_model(self.me, msg.round, Contribution(msg.state, self._samples))
         return actions
-
-    def _select(self, rnd: int, wanted: int, then: Callable[[list[str]], list[Action]]) -> list[Action]:
-        # members whose mute has passed are heard from again in the background, not in this selection
-        probes = self._sampler.probe(rnd, self.members - self._down, self._now)
-        candidates = order(self.candidates(), rnd)
-        return [*probes, *self._sampler.select(rnd, wanted, candidates, then, self._now)]

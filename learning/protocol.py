@@ -3,7 +3,8 @@
 A protocol (gossip, MoDeST) is a plain object with ``handle(event, now) -> list[Action]``. It never
 sleeps, opens sockets or reads clocks (``now`` is given), as h11 and aioquic do; a driver
 (``node/driver.py``) turns its actions into I/O on a real or simulated overlay and feeds back what
-happens. Models travel as named tensors (:data:`State`).
+happens. Models travel as named tensors (:data:`State`); peers' messages as the typed values of
+``learning.messages``, in ``MessageIn`` and ``Send``.
 
 The driver translates the overlay's own events (a peer connected or disconnected, the members changed)
 into this module's: ``learning`` imports nothing of ``overlay`` nor ``overlay`` of ``learning``.
@@ -17,11 +18,13 @@ delay had already run out, so a protocol needs no generation counter to tell a s
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from shoal.learning.messages import PeerMessage
 
 State = dict[str, torch.Tensor]
 TimerKey = Hashable
@@ -64,25 +67,24 @@ class Members:
 
 @dataclass(frozen=True)
 class MessageIn:
-    """A peer's message as a protocol reads it.
+    """A peer's message as a protocol reads it: typed and within its bounds (``learning.messages``).
 
     Not the overlay's ``Delivered(peer, Message)`` passed on: a wire ``Message`` holds *wire tensors*
     (a codec's quantised or sparse form, with the codec's fields in its body) that only the driver's
-    :class:`~learning.compression.Compression` can read. ``tensors`` here is the whole model they
-    decode to, in our own names, shapes and dtypes, and ``body`` is without the codec's fields. Two
-    types keep undecoded tensors from ever reaching a protocol.
+    :class:`~learning.compression.Compression` can read. The driver decodes them into the whole model,
+    in our own names, shapes and dtypes, then the body into its message class, once; what fails either
+    costs its sender a penalty there and never reaches a protocol. So a protocol matches on classes and
+    never sees undecoded tensors or an unchecked body.
     """
 
     peer: str
-    kind: str
-    body: Mapping[str, Any]
-    tensors: Mapping[str, torch.Tensor]
+    message: PeerMessage
 
 
 @dataclass(frozen=True)
 class SendFailed:
     peer: str
-    kind: str
+    message: PeerMessage
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,10 @@ Event = Started | Stopping | PeerUp | PeerDown | Members | MessageIn | SendFaile
 
 @dataclass(frozen=True)
 class Send:
+    """Send ``message`` to ``peer``; the driver encodes its model with the node's codec."""
+
     peer: str
-    kind: str
-    body: Mapping[str, Any] = field(default_factory=dict)
-    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    message: PeerMessage
 
 
 @dataclass(frozen=True)

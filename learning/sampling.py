@@ -163,7 +163,7 @@ class Sampler:
         actions: list[Action] = []
         silent = [peer for peer, since in sel.pending.items() if now - since >= self.ping_timeout]
         for peer in [p for p in sel.pending if p not in silent]:
-            actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
+            actions.append(Send(peer, Ping(sel.id, sel.round)))
         for peer in silent:
             self._mute(peer, now)
             actions += self.unavailable(peer, now)  # every selection waiting for it moves on
@@ -201,7 +201,7 @@ class Sampler:
                 continue
             else:
                 sel.pending[peer] = now
-                actions.append(Send(peer, "ping", Ping(sel.id, sel.round).body()))
+                actions.append(Send(peer, Ping(sel.id, sel.round)))
         if not sel.pending and not sel.done:
             sel.done = True
             del self._selections[sel.id]

@@ -72,7 +72,7 @@ class TaskSettings:
     data: str = field(
         default="",
         metadata={
-            "help": "this node's own data (.npz: x_train, y_train, optional x_test, y_test)",
+            "help": "this node's own data (.npz: arrays x, y, optional x_test, y_test)",
             "flag": True,
             "metavar": "FILE.npz",
         },
@@ -183,7 +183,7 @@ class ProtocolSettings:
         default_factory=CodecConfig,
         metadata={
             "help": "How models travel (part of the task: peers with another codec are another swarm; "
-            'README "Compressed updates")'
+            "docs/protocols.md)"
         },
     )
 

@@ -187,7 +187,7 @@ def make(factory: TaskFactory, node: int, nodes: int, name: str) -> Task:
 def shown(metrics: Metrics | None) -> dict[str, float | None]:
     """A user's metrics as ``/status`` (JSON) shows them: numbers only, NaN and infinities as None."""
     out: dict[str, float | None] = {}
-    for name, value in (metrics.items() if isinstance(metrics, Mapping) else ()):
+    for name, value in metrics.items() if isinstance(metrics, Mapping) else ():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, int | float) and not isinstance(value, bool):

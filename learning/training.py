@@ -101,7 +101,7 @@ def _sgd_step(
 
     Written out because constructing ``torch.optim.SGD`` imports ``torch._dynamo`` and with it sympy:
     1.45 s of CPU and 72 MB of memory per process (torch 2.13), paid in a daemon's first round. At 24
-    daemons on 2 cores that first round took 50-120 s (the testbed, README).
+    daemons on 2 cores that first round took 50-120 s (the testbed, docs/measurements.md).
     """
     for i, p in enumerate(params):
         if p.grad is None:

@@ -1,8 +1,6 @@
 """The ``shoal`` command line: init, run, id, peers, status, allowlist, demo, version.
 
-Exit codes: 0 done; 1 unexpected failure (a bug: the traceback is printed); 2 bad usage or
-configuration; 3 could not join the swarm; 4 unusable files (identity, data, checkpoint, home in use);
-5 no daemon answering at the API address; 6 the demo did not reach its target in time.
+Its exit codes are :data:`EXIT_CODES`, which ``shoal --help`` and the README's CLI reference show.
 """
 
 from __future__ import annotations
@@ -21,6 +19,15 @@ from typing import Any
 from shoal.node import __version__
 
 EXIT_CONFIG, EXIT_JOIN, EXIT_FILES, EXIT_NO_DAEMON, EXIT_NOT_REACHED = 2, 3, 4, 5, 6
+EXIT_CODES: dict[int, str] = {  # scripts tell failures apart by these: the one list of them
+    0: "done",
+    1: "unexpected failure (a bug: the traceback is printed)",
+    EXIT_CONFIG: "bad usage or configuration",
+    EXIT_JOIN: "could not join the swarm",
+    EXIT_FILES: "unusable files (identity, data, checkpoint, home in use)",
+    EXIT_NO_DAEMON: "no daemon answering at the API address",
+    EXIT_NOT_REACHED: "the demo did not reach its target in time",
+}
 
 DEFAULT_HOME = Path(os.environ.get("SHOAL_HOME", Path.home() / ".shoal"))
 
@@ -31,7 +38,9 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shoal",
         description="Shoal: a peer-to-peer node daemon for decentralized machine learning.",
-        epilog="Run 'shoal COMMAND --help' for a command's options. " + __doc__.split("\n\n", 1)[1].strip(),
+        epilog="Run 'shoal COMMAND --help' for a command's options. Exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+        + ".",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -42,7 +51,8 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
                 "--home",
                 type=Path,
                 default=DEFAULT_HOME,
-                help=f"the node's directory (default: $SHOAL_HOME or {DEFAULT_HOME})",
+                # the same on every machine, as the README's CLI reference is generated from it
+                help="the node's directory (default: $SHOAL_HOME, else ~/.shoal)",
             )
         return sub
 
@@ -90,11 +100,19 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
         "its own shard of the offline digits data; show their progress; stop when their mean "
         "test accuracy reaches --target or after --timeout seconds; print a summary.",
     )
-    demo.add_argument("--nodes", type=int, default=4, help="daemons to start (default 4)")
-    demo.add_argument("--target", type=float, default=0.9, help="mean test accuracy to reach (default 0.9)")
-    demo.add_argument("--timeout", type=float, default=300, help="seconds before giving up (default 300)")
+    demo.add_argument("--nodes", type=int, default=4, metavar="N", help="daemons to start (default 4)")
+    demo.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        metavar="ACCURACY",
+        help="mean test accuracy to reach (default 0.9)",
+    )
+    demo.add_argument(
+        "--timeout", type=float, default=300, metavar="SECONDS", help="seconds before giving up (default 300)"
+    )
     demo.add_argument("--keep", type=Path, metavar="DIR", help="keep the nodes' homes in DIR (default: temp)")
-    commands.add_parser("version", help="print the version of Shoal and of its main components")
+    command("version", "print the version of Shoal and of its main components")
     return parser
 
 
@@ -268,7 +286,7 @@ def offline_id(args: argparse.Namespace) -> int:
 
 
 def human_status(s: dict[str, Any]) -> str:
-    from shoal.node.api import describe
+    from shoal.node.http import describe
 
     traffic = (
         f"{sum(s['bytes_in'].values()) / 1e6:.1f} MB in, {sum(s['bytes_out'].values()) / 1e6:.1f} MB out"

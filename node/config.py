@@ -106,6 +106,14 @@ class Key:
         return other and "_".join((*self.path[:-1], other))
 
     @property
+    def default(self) -> Any:
+        """Its value when no source sets it: the daemon's (``listen``), not always its field's."""
+        value = getattr(Config(), self.section)
+        for name in self.path:
+            value = getattr(value, name)
+        return value
+
+    @property
     def table(self) -> str:
         """Its table as ``config.toml`` heads it (``protocol.gossip``)."""
         return ".".join((self.section, *self.path[:-1]))
@@ -288,7 +296,8 @@ def load(path: Path | None, env: dict[str, str] | None = None, **flags: Any) -> 
         raise ConfigError(str(e)) from None
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as ``config.toml`` writes it (None has no TOML form: the key is left out)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -310,7 +319,7 @@ def _table(name: str, value: Any) -> list[str]:
         if "group" in f.metadata:
             lines += _comment(f.metadata["group"])
         default, help = getattr(value, key), f.metadata["help"]
-        entry = f"# {key} =" if default is None else f"{key} = {_toml(default)}"  # TOML has no null
+        entry = f"# {key} =" if default is None else f"{key} = {toml_value(default)}"  # TOML has no null
         if len(entry) < COLUMN and COLUMN + 2 + len(help) <= WIDTH:
             lines.append(f"{entry:<{COLUMN}}# {help}")
         else:
@@ -332,7 +341,7 @@ def document(**values: Any) -> str:
     tables: dict[str, list[str]] = {}
     for name, key in KEYS.items():  # in the sections' order, so a table's lines stay together
         if name in values:
-            tables.setdefault(key.table, []).append(f"{key.path[-1]} = {_toml(values[name])}")
+            tables.setdefault(key.table, []).append(f"{key.path[-1]} = {toml_value(values[name])}")
     return "".join(f"[{table}]\n" + "".join(f"{line}\n" for line in lines) for table, lines in tables.items())
 
 

@@ -37,8 +37,7 @@ from shoal.learning.node import build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol, State
 from shoal.learning.task import Task, load_task
-from shoal.node import api, checkpoint
-from shoal.node.api import describe
+from shoal.node import checkpoint, http
 from shoal.node.config import Config, ConfigError
 from shoal.node.driver import Compute, Driver, ThreadCompute
 from shoal.node.home import Home
@@ -119,9 +118,9 @@ def configured_task(config: Config, task: Task | None = None) -> tuple[Task, nn.
 
 def message_limit(state: State) -> int:
     """The largest message a peer of this task may send us: one model of the task plus the largest
-    header (a MoDeST view rides along). Anything bigger is refused at its frame prefix, so a peer cannot
-    make us buffer more than a model's worth per message."""
-    return encoded_size(Message("model", {}, state)) + DEFAULT_LIMITS.max_header + 4096
+    header (a Bristle node's labels included). Anything bigger is refused at its frame prefix, so a
+    peer cannot make us buffer more than a model's worth per message."""
+    return encoded_size(Message(messages.GossipModel.KIND, {}, state)) + DEFAULT_LIMITS.max_header + 4096
 
 
 class Daemon:
@@ -240,7 +239,7 @@ class Daemon:
         )
         for addr in overlay.addresses():
             log.info("others can join with: shoal run --bootstrap %s", addr)
-        port = await nursery.start(api.serve, self.config.node.api, self.status)
+        port = await nursery.start(http.serve, self.config.node.api, self.status)
         host = self.config.node.api.rpartition(":")[0]
         write_atomic(self.home.api, json.dumps({"api": f"{host}:{port}", "addresses": overlay.addresses()}))
         log.info("status API on http://%s:%d/status", host, port)
@@ -298,7 +297,8 @@ class Daemon:
                     break
             state = self.protocol.model
             self.metrics = await offloop.run_sync(self.evaluator.evaluate, state)
-            log.info("round %d done: %s, %d peers", rnd, describe(self.metrics), len(self.overlay.peers()))
+            peers = len(self.overlay.peers())
+            log.info("round %d done: %s, %d peers", rnd, http.describe(self.metrics), peers)
             if trio.current_time() - last_record >= RECORD_INTERVAL:
                 last_record = trio.current_time()
                 self.overlay.metadata.record_model(rnd, *await offloop.run_sync(self._version, state))
@@ -309,7 +309,7 @@ class Daemon:
     @staticmethod
     def _version(state: State) -> tuple[str, int]:
         """The model's version for the metadata registry: the hash and size of its tensors' encoding."""
-        parts, hasher = encode_parts(Message("model", {}, state)), blake3()
+        parts, hasher = encode_parts(Message(messages.GossipModel.KIND, {}, state)), blake3()
         for part in parts:
             hasher.update(part)
         return hasher.hexdigest(), sum(len(p) for p in parts)

@@ -212,10 +212,11 @@ def summary(
         s = seen.get(i, {})
         shown = accuracy(s)
         counts = peer_counts.get(i)
+        peers = f"{statistics.median(counts):g}" if counts else "-"  # 3 or 3.5, never 3.0
         lines.append(
             f"{i:>4}  {'…' + pid[-12:]:<14} {s.get('round', '-'):>5} "
             f"{'-' if shown is None else f'{shown:.3f}':>8} "
-            f"{statistics.median(counts) if counts else '-':>5} {s.get('liveness', {}).get('down', '-'):>4} "
+            f"{peers:>5} {s.get('liveness', {}).get('down', '-'):>4} "
             f"{sum(s.get('bytes_out', {}).values()) / 1e6:>7.1f} {codes[i]:>4}"
         )
     return "\n".join(lines)

@@ -12,12 +12,15 @@ StartTimer of the same key or a CancelTimer cancels. An expiry goes through the 
 everything else and is handed on only if its timer is still the pending one for its key, so a timer
 replaced or cancelled after its delay ran out (its expiry already queued) does not fire either.
 
-Models pass through the node's :class:`~learning.compression.Compression` on the way out and in, so
-protocols always see whole models whatever the codec.
+Messages are typed between driver and protocols (``learning.messages``): on the way in, the node's
+:class:`~learning.compression.Compression` decodes the model and :func:`~learning.messages.decode` the
+body into its message class, once, so protocols always see whole models whatever the codec and bodies
+within their bounds; on the way out, a message's kind, body and model (encoded by the codec) make the
+wire ``Message``. ``codec-reset`` is the codec's own and never reaches a protocol.
 
 Input from peers is contained to that input (every peer is a possible adversary: docs/security.md): a
-protocol's ``Rejected`` becomes ``overlay.penalize``, and so does a ValueError a protocol raises on a
-peer's message or a model the codec refuses.
+body or model that cannot be decoded, a protocol's ``Rejected`` and a ValueError a protocol raises on a
+peer's message all become ``overlay.penalize``.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from typing import Protocol, TypeVar
 import trio
 
 from shoal.learning.codecs import CodecError
-from shoal.learning.compression import RESET, CodecConfig, Compression, Stale
+from shoal.learning.compression import CodecConfig, Compression, Stale
 from shoal.learning.learner import Learner
+from shoal.learning.messages import CodecReset, decode
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
@@ -176,8 +180,6 @@ class Driver:
     async def _pump_overlay(self) -> None:
         async for event in self.overlay.events:
             match event:
-                case Delivered(peer, message) if message.kind == RESET:
-                    self.compression.forget(peer)
                 case Delivered(peer, message):
                     await self._deliver(peer, message)
                 case PeerConnected(peer):
@@ -201,7 +203,13 @@ class Driver:
         except CodecError as exc:
             self.overlay.penalize(peer, f"{message.kind} message could not be decoded: {exc}")
             return
-        self._inbox.send_nowait(MessageIn(peer, message.kind, body, model))
+        match decode(message.kind, body, model):
+            case str(reason):
+                self.overlay.penalize(peer, reason)
+            case CodecReset():
+                self.compression.forget(peer)
+            case typed:
+                self._inbox.send_nowait(MessageIn(peer, typed))
 
     def _ask_for_keyframe(self, peer: str) -> None:
         """``codec-reset`` to ``peer``, at most once per RESET_INTERVAL: a burst of stale differences (or a
@@ -212,11 +220,11 @@ class Driver:
         if len(self._resets) >= MAX_RESET_PEERS:
             self._resets = {p: t for p, t in self._resets.items() if now - t < RESET_INTERVAL}
         self._resets[peer] = now
-        self._act(Send(peer, RESET), self._nursery)
+        self._act(Send(peer, CodecReset()), self._nursery)
 
     def _handle(self, event: Event) -> None:
         """Feed one event to the protocol. A ValueError raised on a peer's message is that message's fault
-        (the protocols parse bounds into reasons; this catches what slipped through): the sender is
+        (its bounds were checked when it was decoded; this catches what slipped through): the sender is
         penalised and the node goes on. Any other exception is a bug of ours and ends the node loudly."""
         assert self._nursery is not None
         try:
@@ -224,7 +232,7 @@ class Driver:
         except ValueError as exc:
             if not isinstance(event, MessageIn):
                 raise
-            self.overlay.penalize(event.peer, f"{event.kind} message could not be handled: {exc}")
+            self.overlay.penalize(event.peer, f"{event.message.KIND} message could not be handled: {exc}")
             return
         for action in actions:
             self._act(action, self._nursery)
@@ -252,31 +260,35 @@ class Driver:
                 log.debug("dropped input from %s: %s", peer, reason)
 
     async def _encode(self, send: Send) -> Message:
-        """The message with its model in the codec, big models in a worker thread. One at a time, in the
+        """The wire message, its model in the codec, big models in a worker thread. One at a time, in the
         order the sends were started: a top-k difference names the previous message to that peer, and
         the codec's references are not shared between threads."""
+        msg = send.message
+        if not msg.tensors:
+            return Message(msg.KIND, msg.body())
         async with self._encoding:
             body, wire = await _codec_call(
-                self.compression, self.compression.encode, send.peer, send.body, send.tensors
+                self.compression, self.compression.encode, send.peer, msg.body(), msg.tensors
             )
-        return Message(send.kind, body, wire)
+        return Message(msg.KIND, body, wire)
 
     async def _send(self, send: Send) -> None:
+        kind = send.message.KIND
         try:
-            message = await self._encode(send) if send.tensors else Message(send.kind, send.body)
+            message = await self._encode(send)
         except ValueError as exc:  # our own model cannot be encoded (non-finite): our bug, not the peer's
-            log.error("not sending %s to %s: %s", send.kind, send.peer, exc)
-            self._inbox.send_nowait(SendFailed(send.peer, send.kind))
+            log.error("not sending %s to %s: %s", kind, send.peer, exc)
+            self._inbox.send_nowait(SendFailed(send.peer, send.message))
             return
         try:
             with trio.fail_after(self.send_timeout):
                 await self.overlay.send(send.peer, message)
         except (PeerUnreachable, trio.TooSlowError) as exc:
-            log.debug("send of %s to %s failed: %s", send.kind, send.peer, str(exc) or "timeout")
-            if send.tensors:
+            log.debug("send of %s to %s failed: %s", kind, send.peer, str(exc) or "timeout")
+            if send.message.tensors:
                 self.compression.forget(send.peer)
-            if send.kind != RESET:  # the codec's own message: the protocol never sent it
-                self._inbox.send_nowait(SendFailed(send.peer, send.kind))
+            if not isinstance(send.message, CodecReset):  # the codec's own: the protocol never sent it
+                self._inbox.send_nowait(SendFailed(send.peer, send.message))
 
     async def _train(self, train: Train) -> None:
         async with self._training:

@@ -63,7 +63,7 @@ class P2PConfig:
     ping_interval: float = field(
         default=2.0,
         metadata={
-            "group": 'Failure detection (phi accrual, README "Failure detection"): a peer\'s silence is '
+            "group": 'Failure detection (phi accrual, docs/measurements.md): a peer\'s silence is '
             "judged against the gaps between its earlier answers; any traffic from it counts too.",
             "help": "seconds between pings to each peer",
         },

@@ -14,7 +14,7 @@ the prefix said (a desynchronised stream) are refused. No hash: Noise authentica
 the connection (a flipped or missing byte fails its tag, and the connection with it), so a payload
 hash caught nothing, and cost a pass over every payload at both ends (BLAKE3, 0.2 ms per MB here).
 
-Why it costs little (README "Model transfer speed", each step measured): the payload is written from
+Why it costs little (each step measured, docs/measurements.md): the payload is written from
 memoryviews of the tensors (no joined copy, no per-piece copy; small parts and the prefix and trailer
 are joined into one write), received into one buffer of the announced length, and
 ``overlay.wire.decode`` then reads tensors out of that buffer without copying them. Pieces of

@@ -7,7 +7,7 @@ anything over its mmap threshold afresh, so every message faulted its memory in 
 zero-filled, on both ends: ~740 minor page faults for the buffers of one 1 MB message, 0 with the
 thresholds below (tests/test_malloc.py). Keeping up to :data:`TRIM_THRESHOLD` freed bytes, and
 serving buffers up to :data:`MMAP_THRESHOLD` from the heap, halved the time of a 1 MB model and
-doubled a bare libp2p stream's speed for it (README "Model transfer speed"). Larger buffers are still
+doubled a bare libp2p stream's speed for it (docs/measurements.md). Larger buffers are still
 mapped afresh and returned when freed, and the heap keeps at most 64 MiB free at its top.
 """
 

@@ -1,6 +1,6 @@
 """Protocol messages (models included) on ``/shoal/<task>/msg`` streams, and their traffic counters.
 
-One frame per message (``overlay.framing``: length + hash trailer), on streams reused per peer
+One frame per message (``overlay.framing``: length-prefixed, Noise-authenticated), on streams reused per peer
 (``overlay.streams``). Each send is under ``send_timeout``; each frame received is read under the
 guard's bounds (``overlay.guard``) and counts against the sender's message rate; messages over
 ``OFF_LOOP_BYTES`` are decoded in a worker thread, into tensors that are views of the received frame.

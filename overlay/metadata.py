@@ -1,76 +1,63 @@
 """One task's replicated swarm metadata: a pycrdt (Yjs) document of signed records, and the sans-IO half
 of its sync.
 
-``overlay.metasync`` does the I/O: it publishes :meth:`Metadata.take_outgoing` over gossipsub, feeds
-what it receives to :meth:`Metadata.apply`, and repairs gaps with anti-entropy (send
-:meth:`Metadata.state_vector`, answer with :meth:`Metadata.diff`, apply the answer). Nothing here reads a
-clock, sleeps or touches a socket; ``now`` is always passed in.
+What: :class:`Metadata` is this peer's replica for task ``task``: a single root map ``peers``, one key per
+peer, holding one atomic (JSON) value that only that peer writes, signed with its libp2p identity key
+(``overlay.records``: the record, its bounds, its signature bound to the task, the peer id and a counter
+that only grows). Readers see the verified records through ``overlay.roster``.
 
-Layout: a single root map ``peers``, one key per peer, holding one atomic (JSON) value that only that
-peer writes, signed with its libp2p identity key (``overlay.records`` has the record, its bounds and its
-signature, bound to the task, the peer id and a counter that only grows).
+Inputs: local writes (:meth:`Metadata.heartbeat`, :meth:`Metadata.record_model`,
+:meth:`Metadata.set_reputation`), remote updates (:meth:`Metadata.apply`, judged whole by
+``overlay.admission`` before yrs applies any of it) and ``now``: nothing here reads a clock, sleeps or
+touches a socket. ``overlay.metasync`` does the I/O: it publishes :meth:`Metadata.take_outgoing` over
+gossipsub, feeds what it receives to :meth:`Metadata.apply`, and repairs gaps with anti-entropy (send
+:meth:`Metadata.state_vector`, answer with :meth:`Metadata.diff`, apply the answer).
 
-Why one key per peer rather than separate maps: every overwrite or delete leaves a
-tombstone, and Yjs merges tombstones only when they are consecutive items of one client in one key's
-chain. A peer that always overwrites the same key stays flat; measured with 20 peers writing a heartbeat
-and a model record each round for 1,000 rounds: write-once model keys grew the state to 1.69 MB, this
-layout stays at ~22 kB plus ~100 B per departed peer (tests/test_metadata.py). The cost is that each
-write re-sends the whole entry (~940 B with one address, 5 model records and 5 scores).
+Outputs: :meth:`Metadata.members`, :meth:`Metadata.models` and :meth:`Metadata.reputation` (one
+``scores`` row per observer, averaged): every peer's last valid record, kept when its doc copy is deleted
+or replayed, until it expires (:meth:`Metadata.expire`, which returns who is gone).
 
-Merge semantics: a map key resolves concurrent sets last-writer-wins (by Yjs client id); each honest
-peer writes only its own key, atomic values, never nested containers (two peers creating one at a key
-lose one whole). A delete removes only the items it has seen, so a heartbeat concurrent with another
-peer's expiry of it survives. Reputation is one row per observer (``scores``), averaged by readers.
-Liveness uses the wall-clock ``seen`` the peer signed: expiry assumes clock skew well under ``expiry``,
-and an entry more than ``expiry`` ahead is treated like a stale one.
+Errors: a local write peers could not read (malformed, over ``max_entry_bytes``) is a ValueError and
+changes nothing; local writes are never refused for size. :meth:`Metadata.apply` changes nothing when it
+raises: :class:`MetadataError` for junk (keys that are not peer ids, values not signed by their key for
+this task, other roots and types, gossip writing another peer's key; ``hostile``, blamed on its sender),
+:class:`MetadataPending` for an update that builds on what we have not seen (yrs would hold it in memory
+until its dependencies arrive, from a hostile sender never), :class:`MetadataFull` over ``max_state`` or
+the sender's ``junk_quota`` of signed records readers refuse per epoch; these two, and updates whose
+verdict hangs on this replica's history, are :class:`MetadataRefused`, not blamed.
 
-Epochs: tombstones never leave a Yjs document, and junk is cheap to write, so no document lives long.
-Time is cut into epochs of ``epoch_length`` seconds of wall-clock time (like the signed ``seen``);
-:meth:`Metadata.roll` starts a fresh, empty document at each boundary and writes our record into it,
-and every other member does the same within its clock skew (its heartbeats rewrite it every few seconds
-anyway). Sync frames and gossip carry the epoch, and updates of another epoch are not applied. Readers
-keep their verified records across the boundary, so no member flaps: the document only carries records;
-what readers see is ``overlay.roster``. Tombstones, and whatever a hostile peer got into a document, last
-at most one epoch.
+Semantics, and why:
 
-Trust model (readers see ``overlay.roster``; an update is judged by ``overlay.admission`` first):
+- One key per peer, overwritten whole: Yjs merges tombstones only when they are consecutive items of one
+  client in one key's chain, so an owner that always overwrites its key stays flat (write-once keys grow
+  the state without bound); each write re-sends the whole entry (~1 kB).
+- A key resolves concurrent sets last-writer-wins (by Yjs client id); honest peers write only their own
+  key, atomic values, never nested containers. A delete removes only the items it has seen, so a
+  heartbeat concurrent with another peer's expiry of it survives.
+- Liveness uses the wall-clock ``seen`` the peer signed: expiry assumes clock skew well under
+  ``expiry``; an entry more than ``expiry`` ahead counts as stale.
+- Epochs of ``epoch_length`` wall-clock seconds: :meth:`Metadata.roll` starts a fresh document holding
+  only our record; sync frames and gossip carry the epoch, updates of another epoch are not applied,
+  readers keep their verified records across the boundary. Why: tombstones never leave a Yjs document
+  and junk is cheap to write, so they, and whatever a hostile peer got in, last at most one epoch.
+- Trust: nobody else can forge A's record, move it to another key or task, replay an older one or mark
+  A "left"; deleting or replaying A's doc copy hides nothing from readers. Validly signed records are
+  never blamed, whatever readers make of them: an honest peer may relay them. Sybils share the member
+  cap by who delivered them; our own record and our direct peers' always have a place.
+- Bounds: ``max_entries`` slots of ``slot_bytes`` (``overlay.roster``); ``max_entry_bytes`` per record
+  (signed payload plus signature); ``max_state`` of encoded state, beyond which an update that brings a
+  new key or a record readers refuse is refused (members' heartbeats, deletions and local writes never
+  are: a full document must not silence its members). ``max_state`` is below ``max_update`` by a margin
+  those cannot use up in an epoch, since a diff is at most the whole state: honest replicas never
+  refuse each other's diffs as oversized.
+- Bounded under churn: one entry per live peer, ``keep_rounds`` model records, expiry, one epoch of
+  tombstones; each document gets a fresh random client id (reusing one without its state corrupts Yjs
+  clocks).
+- pycrdt: numbers are written as floats (small ints come back as floats, and the signature covers them);
+  nothing writes inside an observe callback; the Doc is not thread-safe, so touch a ``Metadata`` from
+  one thread (the trio thread).
 
-- Every update is parsed in Python and judged before yrs applies any of it: junk (keys that are not
-  peer ids, values that are not records signed by their key for this task, other roots and types,
-  gossip writing another peer's key) is refused whole and blamed on its sender (:class:`MetadataError`,
-  ``hostile``); no honest replica holds such items, since every honest node refuses them. Updates that
-  build on what we have not seen are refused without blame (:class:`MetadataPending`): yrs would hold
-  them in memory until their dependencies arrive, from a hostile sender never.
-- Validly signed records are never blamed, whatever readers make of them (stale, replayed, over the
-  cap): an honest peer may relay them. Each sender may bring at most ``junk_quota`` such records (or
-  keys holding only a tombstone) per epoch; beyond it, its updates that bring more are refused
-  (:class:`MetadataFull`, not blamed), its others still taken.
-- Another peer cannot forge A's record, move it to another key or task, replay an older one or mark A
-  "left"; it can delete or replay A's doc copy, and readers keep A's last valid record until it
-  expires (:meth:`Metadata.expire` deletes what readers ignore; A's next write restores its copy).
-- Sybil identities each sign their own records: the member cap is shared by who delivered them
-  (``overlay.roster``); our own record and our direct peers' always have a place.
-
-Bounds, so that no input exhausts a node and honest diffs always fit in a peer's update limit:
-
-- ``max_entries`` slots of ``slot_bytes`` for the records readers keep (``overlay.roster``);
-- ``max_entry_bytes`` (4 KiB) per record, counted as its signed payload plus signature; larger ones
-  are junk, and refused locally with ValueError;
-- ``max_state`` (3 MiB) of encoded state: an update that would grow the document beyond it is refused
-  with :class:`MetadataFull` and changes nothing if it brings a new key or a record readers refuse.
-  Updates that bring only records readers take (members' heartbeats) and deletions are never refused
-  for size, nor are local writes: a full document must not silence the members it holds. It is below
-  ``max_update`` (4 MiB), the limit on one received update, by a margin those cannot use up in an
-  epoch (an owner's overwrites of its key merge their tombstones), since a diff is at most the whole
-  state: honest replicas never refuse each other's diffs as oversized (~6,000 fake records once made
-  honest nodes ban each other that way).
-
-Bounded under churn: one entry per live peer, ``keep_rounds`` model records per entry, expiry, and
-tombstones of one epoch (each document gets a fresh random client id, as it must: reusing a client id
-without its state corrupts Yjs clocks).
-
-pycrdt pitfalls this respects (measured): small ints come back as floats; nothing writes inside an
-observe callback; the Doc is not thread-safe, so touch a ``Metadata`` from one thread (the trio thread).
+Measurements behind these choices: docs/measurements.md, "Overlay internals".
 """
 
 from __future__ import annotations
@@ -166,8 +153,8 @@ class Metadata:
         self._applying = False
         self._outgoing: list[bytes] = []
         self._doc.observe(self._on_transaction)
-        # pycrdt's own Map.observe converts every old and new value of an event to Python (3/4 of the
-        # time of a write, measured); the raw observer yields the changed keys only
+        # pycrdt's own Map.observe converts every old and new value of an event to Python (most of a
+        # write's time); the raw observer yields the changed keys only
         self._subscription = self._peers.integrated.observe(self._on_change)
 
     def _on_transaction(self, event: TransactionEvent) -> None:
@@ -181,7 +168,7 @@ class Metadata:
     def _on_change(self, event: Any) -> None:
         try:
             self._changed.update(event.keys)
-        except BaseException as exc:  # yrs can panic listing a hostile update's keys (seen in CI)
+        except BaseException as exc:  # yrs can panic listing a hostile update's keys
             if not is_panic(exc):
                 raise
             self._changed.update(self._peers.keys())  # so re-judge every key

@@ -2,7 +2,7 @@
 
 A device busy training looked dead to its peers: with 24 daemons on 2 cores, each loop waited for the
 CPU behind every process's training, pings went unanswered for tens of seconds and the failure
-detectors cut off live peers (README "Failure detection"). So worker threads run at ``NICE`` steps
+detectors cut off live peers (docs/measurements.md). So worker threads run at ``NICE`` steps
 below the loop (Linux gives each thread its own nice value): whenever a loop has a ping, a message or
 a metadata update to handle, it runs first, and training takes the rest. On an idle machine nothing
 changes. Elsewhere than Linux, ``nice`` would lower the whole process, so there it is left alone.

@@ -2,10 +2,9 @@
 passed in (``now``, any monotonic clock), so tests drive it without a loop (as ``overlay.penalties``).
 
 Identities cost nothing, so the number of peers that *want* a slot says nothing; what an attacker cannot
-fake cheaply is time, IP addresses, and whether its models were any use. Measured before these rules,
-against real daemons: ~35 fresh identities joining one victim held up to 70 of its connection slots and
-left it 0-1 honest peers, because the peer set trimmed only peers older than a 60 s grace, newest first,
-so a wave of newcomers left the settled honest peers as the only candidates. The rules:
+fake cheaply is time, IP addresses, and whether its models were any use: trimming only by age let a wave
+of fresh identities push out nearly all of a victim's honest peers (docs/measurements.md,
+"Overlay internals"). The rules:
 
 - **Outbound slots** (gossipsub v1.1's ``D_out``): up to ``outbound`` of the peers this node dialled
   itself are never evicted; ``overlay.membership`` dials more when it holds fewer, even above its low
@@ -31,9 +30,8 @@ so a wave of newcomers left the settled honest peers as the only candidates. The
   ``max_scores`` peers, connected or not. The score orders who goes when the set is full (a sybil
   whose models were refused goes before a neutral newcomer), protects the ``useful`` best, and orders
   whom to dial (below :data:`FLOOR`: last). It never takes a protection away nor drops a peer by
-  itself: measured against real daemons under attack, the robust integrator refused honest peers'
-  models too (credits of honest peers for each other fell from 1.0 to 0.0 in the attacked swarm, not
-  in the clean one), and peers dropped for it turned a learner's confusion into lost honest links.
+  itself: under attack the robust integrator refuses honest peers' models too, so dropping peers for
+  it would turn a learner's confusion into lost honest links.
 
 Protections are granted in that order (outbound, useful, long-lived) and never to more than ``high``
 peers together, so a newcomer can always be weighed against someone.

@@ -4,51 +4,32 @@ Run it under ``trio.testing.MockClock(autojump_threshold=0)`` (see :func:`run_vi
 every task waits, the clock jumps to the next deadline, so an hour of swarm time costs only the
 compute done in it, and a run is reproducible from its seed.
 
-The model of a link, per message of ``size`` bytes from ``a`` to ``b`` sent at ``t``:
-- ``a``'s uplink sends one message at a time: the message starts at ``s = max(t, a's uplink free)``
-  and leaves it at ``s + size/up(a)``; ``send()`` returns then (a sender feels its own bandwidth);
-- it arrives after the link's latency, and ``b``'s downlink receives one message at a time, so it is
-  delivered at ``max(s + size/up(a) + latency, max(s + latency, b's downlink free) + size/down(b))``:
-  the slower end of the path sets the pace, as with one TCP flow (10 MB over 10 Mbit/s takes 8 s);
-- it is lost with probability ``loss`` (decided at send, from the network's seeded generator);
-- it is dropped if, at delivery, either end has crashed or left since it was sent (in flight = lost);
-- messages to one node are delivered in the order they were sent, as over TCP.
-
-Connectivity is a graph: ``peers()`` are the node's live graph neighbours not cut off from it.
-With ``dial_any`` a node may also send to any live peer it is not cut off from (as libp2p can dial any
-known address); without, only to neighbours (a disaster scenario's radio graph). A crash is noticed by
-the neighbours ``detection_delay`` seconds later (a failure detector's timeout); a graceful leave after
-one latency.
+:class:`SimNetwork` is the link model of ``overlay.simlinks`` (latency, bandwidth, loss, partitions,
+traffic) plus the nodes' lifecycle: :meth:`SimNetwork.add_node` returns a node's
+:class:`SimOverlay` (an :class:`overlay.interface.Overlay`), :meth:`SimNetwork.crash` and
+:meth:`SimNetwork.leave` stop it. A crash is noticed by the neighbours ``detection_delay`` seconds
+later (a failure detector's timeout), a graceful leave after one latency; either way the node's events
+channel closes and messages in flight to or from it are lost. ``peers()`` are the node's live graph
+neighbours it can reach. Membership is the metadata document with instant, perfect spread: every live
+node gets one ``MembersChanged`` per moment in which the members changed.
 
 Refused input goes through the same policy as on libp2p (``overlay.penalties``, in virtual time): a
 banned peer's messages and announcements are dropped at delivery, it leaves the banning node's
 ``peers()`` (PeerDisconnected) until the ban ends (PeerConnected, if the link is still usable), and
-sends to it fail.
-
-Bytes are counted per node and per message kind, sent when a message enters the uplink and received
-when it is delivered. Announcements model gossipsub: they reach every live subscriber that is not
-partitioned from the publisher after two latencies, and count their bytes once per recipient.
-
-Size: the network model and the per-node overlay share the link state, so they stay together.
-
-Over 400 lines in one module: the link model above and the simulated overlay share the per-node
-queues and crash state it is computed on; split them behind one small interface before they grow.
+sends to it fail with ``PeerUnreachable``.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
 import trio.testing
 
 from shoal.overlay.interface import (
-    Announced,
     Delivered,
     MembersChanged,
     OverlayEvent,
@@ -57,10 +38,10 @@ from shoal.overlay.interface import (
     PeerUnreachable,
 )
 from shoal.overlay.penalties import Penalties
-from shoal.overlay.wire import Message, encoded_size
+from shoal.overlay.simlinks import NodeState, SimLinks
+from shoal.overlay.wire import Message
 
 T = TypeVar("T")
-ANNOUNCEMENT_OVERHEAD = 64  # bytes of pubsub framing counted per announcement
 
 
 def run_virtual(main: Callable[[], Awaitable[T]], seed: int) -> T:
@@ -84,42 +65,12 @@ def run_virtual(main: Callable[[], Awaitable[T]], seed: int) -> T:
         trio_run._r.setstate(saved[1])
 
 
-@dataclass
-class NodeState:
-    overlay: SimOverlay
-    up: float
-    down: float
-    alive: bool = True
-    incarnation: int = 0
-    up_free: float = 0.0
-    down_free: float = 0.0
-    topics: set[str] = field(default_factory=set)
-    member_until: float = 0.0  # once down: when its membership statement stops counting
+class SimNetwork(SimLinks):
+    """The links of :class:`SimLinks` and the nodes on them; start :meth:`run` in a nursery before sending.
 
-
-@dataclass
-class Traffic:
-    """Bytes and messages per node and per message kind."""
-
-    sent: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    received: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    messages: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    lost: int = 0
-
-    def total_sent(self, peer: str | None = None) -> int:
-        rows = [self.sent[peer]] if peer is not None else self.sent.values()
-        return sum(sum(kinds.values()) for kinds in rows)
-
-    def by_kind(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for kinds in self.sent.values():
-            for kind, n in kinds.items():
-                out[kind] += n
-        return dict(out)
-
-
-class SimNetwork:
-    """The shared medium of all simulated nodes; start :meth:`run` in a nursery before sending."""
+    ``max_penalty`` and ``ban_duration`` configure every node's ``Penalties``; :meth:`add_node` raises
+    ``ValueError`` for a node that is already up.
+    """
 
     def __init__(
         self,
@@ -133,35 +84,17 @@ class SimNetwork:
         max_penalty: int = 5,
         ban_duration: float = 600.0,
     ):
-        if not 0.0 <= loss < 1.0:
-            raise ValueError(f"loss must be in [0, 1), got {loss}")
-        self._latency = latency if callable(latency) else (lambda a, b, v=float(latency): v)
-        self.bandwidth = bandwidth
-        self.loss = loss
-        self.dial_any = dial_any
-        self.detection_delay = detection_delay
+        super().__init__(
+            seed=seed,
+            latency=latency,
+            bandwidth=bandwidth,
+            loss=loss,
+            dial_any=dial_any,
+            detection_delay=detection_delay,
+        )
         self.max_penalty, self.ban_duration = max_penalty, ban_duration
-        self.rng = random.Random(seed)
-        self.nodes: dict[str, NodeState] = {}
-        self.graph: dict[str, dict[str, None]] = {}  # ordered adjacency sets
-        self.group: dict[str, int] = {}  # partition group per node; absent = group 0
-        self.cut_links: set[tuple[str, str]] = set()
         self.providers: dict[str, dict[str, None]] = defaultdict(dict)
-        self.traffic = Traffic()
-        self._nursery: trio.Nursery | None = None
-        # Per destination, messages in delivery order. Delivery times to one node never decrease (its
-        # downlink is a queue), so one task per busy destination delivers them in order (TCP keeps order).
-        self._queues: dict[str, deque[tuple[float, str, tuple[int, int], Message, int]]] = {}
         self._member_notices: set[float] = set()  # moments a members notice is due
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the tasks that carry messages; runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
-
-    # --- membership -------------------------------------------------------------------------
 
     def add_node(
         self, peer: str, *, neighbours: Iterable[str] = (), up: float | None = None, down: float | None = None
@@ -183,16 +116,6 @@ class SimNetwork:
             self.link(peer, other)  # a node that comes back finds its old links again
         self._members_change(trio.current_time())
         return overlay
-
-    def link(self, a: str, b: str) -> None:
-        """Add a graph edge; both ends hear of it if the link is usable now."""
-        if a == b:
-            return
-        self.graph.setdefault(a, {})[b] = None
-        self.graph.setdefault(b, {})[a] = None
-        if self.usable(a, b):
-            self._notify(a, PeerConnected(b))
-            self._notify(b, PeerConnected(a))
 
     def crash(self, peer: str) -> None:
         """Stop a node without warning: in-flight messages are lost; neighbours notice after a delay."""
@@ -238,138 +161,6 @@ class SimNetwork:
         for state in self.nodes.values():
             if state.alive:
                 state.overlay._push(MembersChanged(members), state.incarnation)
-
-    def is_alive(self, peer: str) -> bool:
-        return peer in self.nodes and self.nodes[peer].alive
-
-    # --- partitions -------------------------------------------------------------------------
-
-    def cut(self, a: str, b: str) -> None:
-        self._reshape(lambda: self.cut_links.add(_key(a, b)))
-
-    def partition(self, groups: Iterable[Iterable[str]]) -> None:
-        """Split the network: nodes in different groups cannot reach each other (unlisted: group 0)."""
-
-        def apply() -> None:
-            self.group = {p: i + 1 for i, members in enumerate(groups) for p in members}
-
-        self._reshape(apply)
-
-    def heal(self) -> None:
-        """Remove all cuts and partitions."""
-
-        def apply() -> None:
-            self.cut_links.clear()
-            self.group.clear()
-
-        self._reshape(apply)
-
-    def _reshape(self, change: Callable[[], None]) -> None:
-        edges = [(a, b) for a in self.graph for b in self.graph[a] if a < b]
-        before = {e: self.usable(*e) for e in edges}
-        change()
-        for (a, b), was in before.items():
-            now = self.usable(a, b)
-            if was and not now:
-                self._notify(a, PeerDisconnected(b), self.detection_delay)
-                self._notify(b, PeerDisconnected(a), self.detection_delay)
-            elif now and not was:
-                self._notify(a, PeerConnected(b))
-                self._notify(b, PeerConnected(a))
-
-    def reachable(self, a: str, b: str) -> bool:
-        """Both up, in the same partition group, and the pair not cut."""
-        return (
-            self.is_alive(a)
-            and self.is_alive(b)
-            and self.group.get(a, 0) == self.group.get(b, 0)
-            and _key(a, b) not in self.cut_links
-        )
-
-    def usable(self, a: str, b: str) -> bool:
-        """A graph edge that can carry traffic now."""
-        return b in self.graph.get(a, ()) and self.reachable(a, b)
-
-    def latency(self, a: str, b: str) -> float:
-        return self._latency(a, b)
-
-    # --- carrying -------------------------------------------------------------------------
-
-    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        if self._nursery is None:
-            raise RuntimeError("SimNetwork.run() must be started in a nursery before nodes talk")
-        self._nursery.start_soon(fn, *args)
-
-    def _notify(self, peer: str, event: OverlayEvent, delay: float = 0.0) -> None:
-        state = self.nodes.get(peer)
-        if state is None or not state.alive:
-            return
-        if delay <= 0:
-            state.overlay._push(event, state.incarnation)
-        else:
-            self._spawn(self._notify_later, peer, state.incarnation, event, trio.current_time() + delay)
-
-    async def _notify_later(self, peer: str, incarnation: int, event: OverlayEvent, at: float) -> None:
-        await trio.sleep_until(at)
-        state = self.nodes[peer]
-        stale = isinstance(event, PeerDisconnected) and self.usable(peer, event.peer)  # healed meanwhile
-        if state.alive and state.incarnation == incarnation and not stale:
-            state.overlay._push(event, incarnation)
-
-    async def transmit(self, src: str, dst: str, message: Message) -> None:
-        sender = self.nodes[src]
-        if not sender.alive:
-            raise PeerUnreachable(f"{src} is down")
-        can_dial = dst in self.graph.get(src, ()) or (self.dial_any and dst in self.nodes)
-        if not (can_dial and self.reachable(src, dst)):
-            await trio.sleep(2 * self.latency(src, dst))  # the time a failed dial takes
-            raise PeerUnreachable(f"{dst} is not reachable from {src}")
-        receiver = self.nodes[dst]
-        size = encoded_size(message)
-        now = trio.current_time()
-        start = max(now, sender.up_free)
-        sender.up_free = left = start + size / sender.up
-        latency = self.latency(src, dst)
-        delivered = max(left + latency, max(start + latency, receiver.down_free) + size / receiver.down)
-        receiver.down_free = delivered
-        self.traffic.sent[src][message.kind] += size
-        self.traffic.messages[message.kind] += 1
-        if self.loss and self.rng.random() < self.loss:
-            self.traffic.lost += 1
-        else:
-            queue = self._queues.get(dst)
-            if queue is None:
-                queue = self._queues[dst] = deque()
-                self._spawn(self._deliver, dst, queue)
-            queue.append((delivered, src, (sender.incarnation, receiver.incarnation), message, size))
-        await trio.sleep_until(left)
-
-    async def _deliver(
-        self, dst: str, queue: deque[tuple[float, str, tuple[int, int], Message, int]]
-    ) -> None:
-        while queue:
-            at, src, ends, message, size = queue[0]
-            await trio.sleep_until(at)
-            queue.popleft()
-            s, d = self.nodes[src], self.nodes[dst]
-            if s.alive and d.alive and (s.incarnation, d.incarnation) == ends and self.reachable(src, dst):
-                self.traffic.received[dst][message.kind] += size
-                d.overlay._push(Delivered(src, message), d.incarnation)
-            else:
-                self.traffic.lost += 1
-        del self._queues[dst]
-
-    async def announce(self, src: str, topic: str, data: bytes) -> None:
-        size = len(data) + ANNOUNCEMENT_OVERHEAD
-        for peer, state in self.nodes.items():
-            if peer != src and topic in state.topics and self.reachable(src, peer):
-                self.traffic.sent[src]["announce"] += size
-                self.traffic.received[peer]["announce"] += size
-                self._notify(peer, Announced(src, topic, data), 2 * self.latency(src, peer))
-
-
-def _key(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a < b else (b, a)
 
 
 class SimOverlay:

@@ -3,7 +3,7 @@
 A new libp2p stream costs a Yamux SYN and a multistream-select negotiation (a round trip), and starts
 with Yamux's 256 KiB send window: py-libp2p 0.8.1's writer polls every 10 ms for more credit once that
 is spent, so every message over 256 KiB on a fresh stream waited at least 10 ms. Measured with
-``benchmarks/transfer_speed.py`` (README "Model transfer speed"), a reused stream, whose receiver has
+``benchmarks/transfer_speed.py`` (docs/measurements.md), a reused stream, whose receiver has
 already granted a large window (``overlay.yamuxio.grow_receive_window``), took a 1 MB model and its
 acknowledgement from ~35 ms to ~17 ms.
 

@@ -135,10 +135,11 @@ async def _write_frame(self: yamux.Yamux, data: bytes) -> None:
     (advancing its nonce) before it awaits the socket, and splits a big frame into several messages: a
     cancellation in between (any timeout around a send, a ping or a ``new_stream``) loses a message the
     peer's nonce still counts, and the peer can decrypt nothing after it. Both ends then hold a
-    connection that carries no stream until a failure detector cuts it. Measured (tests/test_p2p.py):
-    unpatched, 60 ``new_stream`` calls cancelled 0-4 ms in broke the connection in each of 3 runs;
-    patched, in none. A frame that cannot be written within :data:`FRAME_WRITE_TIMEOUT` (a peer that
-    stopped reading) closes the connection, which the cut frame would have broken anyway.
+    connection that carries no stream until a failure detector cuts it. Measured
+    (tests/test_yamux_patches.py): unpatched, 60 ``new_stream`` calls cancelled 0-4 ms in broke the
+    connection in each of 3 runs; patched, in none. A frame that cannot be written within
+    :data:`FRAME_WRITE_TIMEOUT` (a peer that stopped reading) closes the connection, which the cut frame
+    would have broken anyway.
     """
     reader = trio.lowlevel.current_task() is getattr(self, "_shoal_reader", None)
     if reader and self._nursery is not None and len(self._shoal_queued) < MAX_QUEUED:

@@ -34,9 +34,8 @@ Format (lib0 v1, as yrs ``Update::decode``/``ItemContent::decode``/``IdSet::deco
     delete_set = uint(#clients) { uint(client) uint(#ranges) { uint(clock) uint(len) } }
     state_vector = uint(#clients) { uint(client) uint(clock) }
 
-Cost, measured (CPython 3.11, this dev machine): ~32 ms for a 1.0 MB honest update of 1,100 signed
-metadata records when only checking, i.e. ~32 ms per MB, against ~6 ms for yrs to apply the same update;
-decoding the values too costs about as much again. Strings dominate (each is UTF-8-validated).
+Cost: about 30 ms per MB when only checking, some five times what yrs takes to apply the update, and
+about twice that when decoding the values too (docs/measurements.md, "Overlay internals").
 """
 
 from __future__ import annotations

@@ -30,10 +30,21 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from shoal.learning.messages import MAX_LABELS, MAX_ROUND, is_count
+from shoal.learning.messages import (
+    MAX_LABELS,
+    MAX_ROUND,
+    MODELS,
+    AggregatedModel,
+    GossipModel,
+    PeerMessage,
+    Ping,
+    Pong,
+    TrainedModel,
+)
 from shoal.learning.modest import ModestConfig
 from shoal.learning.node import LearningNode
 from shoal.learning.protocol import (
@@ -59,6 +70,22 @@ FAR_AHEAD = 10**6
 
 Body = dict
 Variant = tuple[str, Body, State]  # kind, body, tensors
+MODEL, PING, PONG = GossipModel.KIND, Ping.KIND, Pong.KIND
+AGGREGATED, TRAINED = AggregatedModel.KIND, TrainedModel.KIND
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A variant as it goes on the wire, written past the bounds of ``learning.messages`` on purpose (the
+    receiver's driver applies them). Not a message class: ``Send`` carries it all the same, since the
+    driver reads only a message's ``KIND``, ``body()`` and ``tensors``."""
+
+    KIND: str
+    raw: Body
+    tensors: State
+
+    def body(self) -> Body:
+        return self.raw
 
 
 class Timer(enum.Enum):
@@ -119,19 +146,18 @@ class Hostile:
                 self._neighbours[peer] = None
             case PeerDown(peer):
                 self._neighbours.pop(peer, None)
-            case MessageIn(_, kind, body, tensors):
-                self._observe(kind, body, tensors)
+            case MessageIn(_, msg):
+                self._observe(msg)
             case TimerFired(Timer.ATTACK):
                 return [*self._attack(), StartTimer(Timer.ATTACK, self._period)]
         return []
 
-    def _observe(self, kind: str, body: object, tensors: State) -> None:
-        if kind == ("model" if self._protocol == "gossip" else "ping") and isinstance(body, dict):
-            rnd = body.get("round")
-            if is_count(rnd) and rnd <= self._estimate + self._config.max_round_jump:
-                self._estimate = max(self._estimate, rnd)
-        if kind in ("model", "aggregated", "trained") and list(tensors) == list(self._template):
-            self._payload = dict(tensors)
+    def _observe(self, msg: PeerMessage) -> None:
+        honest = GossipModel if self._protocol == "gossip" else Ping  # its round: the swarm's
+        if isinstance(msg, honest) and msg.round <= self._estimate + self._config.max_round_jump:
+            self._estimate = max(self._estimate, msg.round)
+        if isinstance(msg, MODELS) and list(msg.state) == list(self._template):
+            self._payload = msg.state
 
     def _attack(self) -> list[Action]:
         peers = list(self._neighbours)
@@ -140,7 +166,7 @@ class Hostile:
         variants = [v for mode in self._attacks for v in self._variants(mode)]
         sends = []
         for kind, body, tensors in variants:
-            sends.append(Send(peers[self._next_peer % len(peers)], kind, body, tensors))
+            sends.append(Send(peers[self._next_peer % len(peers)], Raw(kind, body, tensors)))
             self._next_peer += 1
         return sends
 
@@ -155,7 +181,7 @@ class Hostile:
         }[mode]()
 
     def _model_kinds(self) -> tuple[str, ...]:
-        return ("model",) if self._protocol == "gossip" else ("aggregated", "trained")
+        return (MODEL,) if self._protocol == "gossip" else (AGGREGATED, TRAINED)
 
     def _body(self, rnd: int, **extra: object) -> Body:
         return {"round": rnd, "samples": 10, **extra}
@@ -172,19 +198,19 @@ class Hostile:
         for rnd in rounds:
             if self._protocol == "gossip":
                 out += [
-                    ("model", self._body(rnd), self._payload),
-                    ("model", self._body(rnd, reply=True), self._payload),
+                    (MODEL, self._body(rnd), self._payload),
+                    (MODEL, self._body(rnd, reply=True), self._payload),
                 ]
                 continue
             # a view that names the sender active and everyone else gone, as an earlier release read it
             view = {p: [rnd, 1, p == self.me] for p in self._everyone}
             out += [
-                ("ping", {"sel": 0, "round": rnd}, {}),
-                ("pong", {"sel": 0, "round": rnd}, {}),
+                (PING, {"sel": 0, "round": rnd}, {}),
+                (PONG, {"sel": 0, "round": rnd}, {}),
                 ("advert", {"round": rnd, "index": 1, "joined": True}, {}),
-                ("aggregated", self._body(rnd, view=view), self._payload),
-                ("trained", self._body(rnd, view=view), self._payload),
-                ("aggregated", self._body(self._estimate + 1, view=view), self._payload),  # the view lies
+                (AGGREGATED, self._body(rnd, view=view), self._payload),
+                (TRAINED, self._body(rnd, view=view), self._payload),
+                (AGGREGATED, self._body(self._estimate + 1, view=view), self._payload),  # the view lies
             ]
         return out
 
@@ -199,16 +225,16 @@ class Hostile:
         }
         far = self._estimate + 10 * window
         out: list[Variant] = [
-            ("aggregated", self._body(far), random_model),
-            ("trained", self._body(far), random_model),
+            (AGGREGATED, self._body(far), random_model),
+            (TRAINED, self._body(far), random_model),
         ]
         for rnd in range(self._estimate + 1, self._estimate + window + 1):
             if self.me not in order(self._everyone, rnd)[: c.aggregators + c.role_slack]:
-                out.append(("aggregated", self._body(rnd), random_model))
+                out.append((AGGREGATED, self._body(rnd), random_model))
                 break
         for rnd in range(self._estimate + 1, self._estimate + window + 1):
             if self.me not in order(self._everyone, rnd - 1)[: c.sample_size + c.role_slack]:
-                out.append(("trained", self._body(rnd), random_model))
+                out.append((TRAINED, self._body(rnd), random_model))
                 break
         return out
 
@@ -241,16 +267,16 @@ class Hostile:
         out.append(("vote", {"round": rnd}, {}))
         if self._protocol == "gossip":
             out += [
-                ("model", self._body(rnd, labels="x"), t),
-                ("model", self._body(rnd, labels=[-1, 2]), t),
-                ("model", self._body(rnd, labels=list(range(MAX_LABELS + 1))), t),
-                ("model", self._body(rnd, reply="yes"), t),
+                (MODEL, self._body(rnd, labels="x"), t),
+                (MODEL, self._body(rnd, labels=[-1, 2]), t),
+                (MODEL, self._body(rnd, labels=list(range(MAX_LABELS + 1))), t),
+                (MODEL, self._body(rnd, reply="yes"), t),
             ]
             return out
         out += [
-            ("ping", {"sel": "x", "round": rnd}, {}),
-            ("ping", {"sel": -1, "round": rnd}, {}),
-            ("pong", {"sel": MAX_ROUND + 1, "round": rnd}, {}),
+            (PING, {"sel": "x", "round": rnd}, {}),
+            (PING, {"sel": -1, "round": rnd}, {}),
+            (PONG, {"sel": MAX_ROUND + 1, "round": rnd}, {}),
             ("advert", {"round": rnd, "index": -5, "joined": "yes"}, {}),
         ]
         return out

@@ -34,6 +34,7 @@ import numpy as np
 from shoal.learning.datasets import load_dataset
 from shoal.learning.integrators import Contribution, make_integrator
 from shoal.learning.learner import Learner
+from shoal.learning.messages import GossipModel
 from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.partition import partition
 from shoal.overlay.wire import Message, encoded_size
@@ -56,7 +57,7 @@ def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:
     ]
     integrator = make_integrator(config.integrator)
     state = ParameterLayout.of(model).state(model)
-    model_bytes = encoded_size(Message("model", {"round": 0, "samples": 0}, state))
+    model_bytes = encoded_size(Message(GossipModel.KIND, {"round": 0, "samples": 0}, state))
     rng = random.Random(config.seed)
     rows, sent = [], 0
     for rnd in range(rounds + 1):

@@ -15,7 +15,7 @@ What the prediction takes from the testbed, term by term (nothing is fitted to t
   initialisation. Both are measured, not simulated: at 24 daemons the fetch waits 2-20 s on peers
   whose loops are busy with 23 joiners at once, and finds a model ahead of its own or not depending on
   which peers a joiner met first (19-22 of 23 joiners began from scratch in the runs measured for
-  the README), where the simulator's fetch is one message on an idle link to a neighbour fixed in
+  docs/measurements.md), where the simulator's fetch is one message on an idle link to a neighbour fixed in
   advance;
 - per-node speed: each daemon's measured rounds per second, as samples per second of a round's
   training (``local_steps * batch_size``); this folds in the CPU contention of many daemons on few

@@ -57,14 +57,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(description=description)
     out.add_argument("--config", required=True, help="an honest node's config.toml (for the task)")
     out.add_argument("--bootstrap", nargs="+", required=True)
+    out.add_argument(
+        "--wait-for-go",
+        action="store_true",
+        help="read a line from stdin before anything else (the test starts us early, so that our imports "
+        "overlap its own waiting, and tells us when to begin); end if stdin closes without one",
+    )
     return out
 
 
 def run(main: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.ArgumentParser) -> None:
     quiet_libp2p_logs(False)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    parsed = args.parse_args()
+    if parsed.wait_for_go and not sys.stdin.readline():
+        sys.exit("stdin closed before the go")
     try:
-        trio.run(main, args.parse_args())
+        trio.run(main, parsed)
     except KeyboardInterrupt:
         sys.exit(0)
 

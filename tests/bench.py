@@ -1,8 +1,9 @@
 """An in-memory internet for sans-IO protocol tests: a discrete-event loop, no trio, no sockets.
 
-Messages take ``latency``; training takes ``train_time`` and adds 1 to every tensor; messages to a
-crashed node vanish (its pings simply go unanswered). Timers are keyed as the driver's are: a timer
-replaced or cancelled before its time never fires. Everything is recorded for assertions.
+Messages (the typed values a driver would decode) take ``latency``; training takes ``train_time`` and
+adds 1 to every tensor; messages to a crashed node vanish (its pings simply go unanswered). Timers are
+keyed as the driver's are: a timer replaced or cancelled before its time never fires. Everything is
+recorded for assertions.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ class Bench:
 
     def _act(self, node: str, action) -> None:
         match action:
-            case Send(peer, kind, body, tensors):
+            case Send(peer, message):
                 self.sent.append((self.now, node, action))
-                self.at(self.now + self.latency, peer, MessageIn(node, kind, body, tensors))
+                self.at(self.now + self.latency, peer, MessageIn(node, message))
             case Train(tag, state):
                 self.at(self.now + self.train_time, node, Trained(tag, self.train(state)))
             case StartTimer(key, delay):
@@ -81,9 +82,6 @@ class Bench:
                 self.rounds_done.append((self.now, node, rnd))
             case Rejected():
                 self.rejected.append((node, action))
-
-    def kinds_sent(self, kind: str) -> list[tuple[str, str]]:
-        return [(src, send.peer) for _, src, send in self.sent if send.kind == kind]
 
 
 def value_of(state) -> float:

@@ -39,6 +39,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from shoal.learning.attacks import Forging, forge
 from shoal.learning.integrators import Mean
 from shoal.learning.learner import Learner
+from shoal.learning.messages import Fetch, GossipModel, PeerMessage, Ping, Pong
 from shoal.learning.node import build_protocol
 from shoal.node.config import Config
 from shoal.node.daemon import message_limit
@@ -110,9 +111,10 @@ class Attacker:
         """Eight senders per victim, each as fast as the victim takes them: gossip fetches (each asks
         the victim to send its whole model back) and copies of a plausible model, or MoDeST pings."""
         if self.config.protocol.protocol == "gossip":
-            messages = [Message("fetch", {}), Message("model", {"round": 0, "samples": 1}, self.template)]
+            typed: list[PeerMessage] = [Fetch(), GossipModel(0, 1, self.template)]
         else:
-            messages = [Message("ping", {"sel": 1, "round": 0}), Message("pong", {"sel": 1, "round": 0})]
+            typed = [Ping(1, 0), Pong(1, 0)]
+        messages = [Message(m.KIND, m.body(), m.tensors) for m in typed]
 
         async def spam(peer: str) -> None:
             while True:

@@ -26,6 +26,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from shoal.learning.compression import Compression
 from shoal.learning.learner import Learner
+from shoal.learning.messages import GossipModel
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
@@ -46,7 +47,7 @@ async def main(args: argparse.Namespace) -> None:
             claim = {"round": max(rounds, default=0), "samples": samples}
             body, tensors = compression.encode(victim, claim, stale)
             with contextlib.suppress(Exception), trio.move_on_after(5):  # refused: dial again next time
-                await sybil.send(victim, Message("model", dict(body), tensors))
+                await sybil.send(victim, Message(GossipModel.KIND, dict(body), tensors))
                 sent += 1
             await trio.sleep(args.period)
 

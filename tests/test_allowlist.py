@@ -15,7 +15,7 @@ from shoal.overlay.identity import peer_id
 from shoal.overlay.interface import Delivered
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
-from tests.test_p2p import FAST, TASK, until
+from tests.local_swarm import FAST, TASK, until
 
 
 def write(path: Path, value: object) -> Path:

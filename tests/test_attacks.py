@@ -9,6 +9,7 @@ from shoal.learning.attacks import Forging, flip_labels, forge
 from shoal.learning.datasets import load_dataset
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Mean
+from shoal.learning.messages import Fetch, GossipModel
 from shoal.learning.pretrain import extract, extractor_bytes, load_extractor, pretrain_extractor
 from shoal.learning.protocol import MessageIn, PeerUp, Send, Started, Trained
 from shoal.overlay.atomic import write_atomic
@@ -24,13 +25,13 @@ def test_forging_replaces_every_sent_model_and_nothing_else():
     for p in ("a", "b"):
         attacker.handle(PeerUp(p), 0.0)
     attacker.handle(Started(), 0.0)
-    attacker.handle(MessageIn("a", "model", {"round": 0, "samples": 1}, model(3)), 0.1)
+    attacker.handle(MessageIn("a", GossipModel(0, 1, model(3))), 0.1)
     actions = attacker.handle(Trained(0, model(2)), 1.0)
     sends = [a for a in actions if isinstance(a, Send)]
-    assert len(sends) == 2 and all(torch.equal(s.tensors["w"], model(-8)["w"]) for s in sends)
+    assert len(sends) == 2 and all(torch.equal(s.message.state["w"], model(-8)["w"]) for s in sends)
     assert torch.equal(attacker.model["w"], model(2.5)["w"])  # it still integrates honestly for itself
-    (fetch_reply,) = attacker.handle(MessageIn("b", "fetch", {}, {}), 1.1)
-    assert torch.equal(fetch_reply.tensors["w"], -4 * attacker.model["w"])
+    (fetch_reply,) = attacker.handle(MessageIn("b", Fetch()), 1.1)
+    assert fetch_reply.message.reply and torch.equal(fetch_reply.message.state["w"], -4 * attacker.model["w"])
 
 
 def test_alie_sits_a_little_below_the_honest_mean_and_noise_is_random():

@@ -11,6 +11,7 @@ from shoal.learning.clipping import Clipped, ClippingConfig
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Contribution, integrate_contained
 from shoal.learning.learner import Learner
+from shoal.learning.messages import Fetch, GossipModel
 from shoal.learning.models import build_model
 from shoal.learning.protocol import Credited, MessageIn, PeerUp, Rejected, Send, Started, Train
 from shoal.learning.task import classification
@@ -183,12 +184,12 @@ def test_a_joiner_refuses_a_fetched_model_far_worse_than_its_own_and_asks_anothe
     node.handle(PeerUp("honest"), 0.0)
     (fetch, _) = node.handle(Started(), 0.0)
     first = fetch.peer
-    reply = MessageIn(first, "model", {"round": 9, "samples": 10, "reply": True}, scaled(state, -4.0))
+    reply = MessageIn(first, GossipModel(9, 10, scaled(state, -4.0), reply=True))
     actions = node.handle(reply, 1.0)
     assert isinstance(actions[0], Rejected) and not actions[0].blame and "not admitted" in actions[0].reason
     (again,) = [a for a in actions if isinstance(a, Send)]
-    assert again.kind == "fetch" and again.peer != first
-    good = MessageIn(again.peer, "model", {"round": 9, "samples": 10, "reply": True}, state)
+    assert again.message == Fetch() and again.peer != first
+    good = MessageIn(again.peer, GossipModel(9, 10, state, reply=True))
     assert any(isinstance(a, Train) for a in node.handle(good, 2.0)) and node.round == 9
 
 

@@ -1,114 +1,30 @@
-"""Real `shoal run` daemons as subprocesses on 127.0.0.1: learning, status, kills, restarts, bad input."""
+"""Real `shoal run` daemons in swarms on 127.0.0.1 (tests/daemons.py): learning, status, kills, restarts,
+starvation, the other protocol and rules, and clean exits."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from shoal.learning.settings import INTEGRATORS
 from shoal.node import checkpoint
-from shoal.node.config import load
-from shoal.node.demo import accuracy, node_config, status
-from shoal.node.home import Home
-from shoal.overlay.identity import load_or_create_identity, peer_id
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-ACCURACY = 0.85  # stated test accuracy on the digits data
-
-
-class Node:
-    """A daemon process with its own home, ports and log."""
-
-    def __init__(
-        self, home: Path, i: int, nodes: int, bootstrap: str | None, extra: str = "", env: dict | None = None
-    ) -> None:
-        self.home = Home(home)
-        self.env = {**ENV, **(env or {})}
-        self.peer = peer_id(load_or_create_identity(self.home.identity)[0])
-        self.home.config.write_text(node_config(i, nodes, [bootstrap] if bootstrap else []) + extra)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        """Its libp2p address, once it serves (its port is the kernel's choice)."""
-        wait_for(lambda: self.home.running() is not None, 60, "the daemon to serve", [self])
-        return self.home.running()["addresses"][0]
-
-    @property
-    def api(self) -> str:
-        return self.home.running()["api"]
-
-    def start(self) -> "Node":
-        with open(self.home.path / "daemon.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal.node.cli", "run", "--home", str(self.home.path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        return self
-
-    def status(self) -> dict | None:
-        return status(self.home)
-
-    def full_log(self) -> str:
-        return (self.home.path / "daemon.log").read_text(errors="replace")
-
-    def log(self) -> str:
-        return self.full_log()[-3000:]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-
-def wait_for(predicate, timeout: float, what: str, nodes: list[Node]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        for node in nodes:
-            assert node.proc.poll() is None, f"daemon exited with {node.proc.returncode}:\n{node.log()}"
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last log:\n{nodes[-1].log()}")
-
-
-def swarm(tmp_path: Path, n: int, extra: str = "", env: dict | None = None) -> list[Node]:
-    first = Node(tmp_path / "node0", 0, n, None, extra, env).start()
-    boot = first.address
-    others = [Node(tmp_path / f"node{i}", i, n, boot, extra, env) for i in range(1, n)]
-    return [first] + [node.start() for node in others]
-
-
-def stop_all(nodes: list[Node]) -> None:
-    for node in nodes:
-        if node.proc and node.proc.poll() is None:
-            node.proc.kill()
-            node.proc.wait()
-
-
-def sigterm_all(nodes: list[Node]) -> None:
-    """SIGTERM every daemon at once (each leaves while the others still send to it): all exit 0 with a
-    final checkpoint and no traceback."""
-    for node in nodes:
-        node.proc.send_signal(signal.SIGTERM)
-    codes = [node.proc.wait(timeout=30) for node in nodes]
-    assert codes == [0] * len(nodes), [n.log() for n in nodes]
-    for node in nodes:
-        assert "Traceback" not in node.full_log(), node.log()
-        assert "checkpoint written" in node.log()
-
-
-def accuracies(nodes: list[Node]) -> list[float]:
-    return [(s and accuracy(s)) or 0.0 for s in (n.status() for n in nodes)]
+from shoal.node.demo import accuracy
+from tests.daemons import (
+    ACCURACY,
+    ENV,
+    Node,
+    Run,
+    accuracies,
+    at_once,
+    peers_of,
+    sigterm_all,
+    stop_all,
+    swarm,
+    wait_for,
+)
 
 
 @pytest.mark.slow
@@ -163,7 +79,7 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
         saved = checkpoint.load(victim.home.checkpoint, task)
         assert saved is not None and saved.round >= 2
         # a killed daemon's connections close: its peers mark it down at once, well within the bound for
-        # a hung one (README "Failure detection": ~37 s of silence with the defaults, plus a ping round)
+        # a hung one (docs/measurements.md: ~37 s of silence with the defaults, plus a ping round)
         wait_for(
             lambda: all(victim.peer not in {p["peer"] for p in o.status()["peers"]} for o in others),
             15,
@@ -192,10 +108,6 @@ def test_a_killed_daemon_is_marked_down_and_resumes_from_its_checkpoint(tmp_path
         wait_for(lambda: (accuracy(victim.status()) or 0) >= ACCURACY, 120, "it to catch up", nodes)
     finally:
         stop_all(nodes)
-
-
-def peers_of(node: Node) -> set[str]:
-    return {p["peer"] for p in (node.status() or {}).get("peers", [])}
 
 
 @pytest.mark.slow
@@ -251,10 +163,22 @@ def test_a_daemon_starved_of_cpu_for_10_s_is_suspected_not_dropped_and_rejoins_t
     ],
     ids=["bristle", "modest"],
 )
-def test_three_daemons_learn_with_the_other_protocol_and_rules(tmp_path, env, target):
+def test_three_daemons_learn_with_the_other_protocol_and_rules(other_rules, request, env, target):
     """Over libp2p: Bristle's labels travel with the models and nobody is refused; MoDeST's rounds fill;
-    both with compressed models."""
+    both with compressed models. Both swarms run at once (their rounds are paced, CPU is left over)."""
+    other_rules[request.node.callspec.id].result()
+
+
+@pytest.fixture(scope="module")
+def other_rules(request, tmp_path_factory):
+    yield from at_once(
+        request, tmp_path_factory, "test_three_daemons_learn_with_the_other_protocol_and_rules", learn
+    )
+
+
+def learn(run: Run, tmp_path, env: dict, target: float) -> None:
     nodes = swarm(tmp_path, 3, env=env)
+    run.nodes += nodes
     try:
         wait_for(lambda: min(accuracies(nodes)) >= target, 180, f"every node at {target:.0%}", nodes)
         for shown in (n.status() for n in nodes):
@@ -290,119 +214,19 @@ def test_repeated_sigkills_of_a_checkpointing_daemon_leave_a_loadable_checkpoint
         stop_all([node])
 
 
-def run_cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shoal.node.cli", *args, "--home", str(home)],
+@pytest.mark.slow
+def test_the_demo_prints_progress_reaches_its_target_and_its_daemons_exit_cleanly(tmp_path):
+    """The README's main job, `shoal demo` (3 daemons here, 4 there): progress lines, the target, a table."""
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.node.cli", "demo", "--nodes", "3", "--keep", tmp_path],
         capture_output=True,
         text=True,
-        timeout=120,
-        env={**ENV, **(env or {})},
+        timeout=400,  # past the demo's own --timeout (300 s)
+        env=ENV,
     )
-
-
-def assert_one_clear_line(done: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    assert done.returncode == code, done.stderr
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("shoal: error:")]
-    assert len(errors) == 1, done.stderr
-    for word in words:
-        assert word in done.stderr, done.stderr
-
-
-def test_bad_config_data_and_addresses_fail_with_one_clear_line(tmp_path):
-    home = tmp_path / "home"
-    assert run_cli("init", home=home).returncode == 0
-    assert_one_clear_line(run_cli("init", home=home), 4, "already holds")
-    config = home / "config.toml"
-    text = config.read_text()
-    config.write_text(text.replace("lr = 0.05", 'lr = "fast"'))
-    assert_one_clear_line(run_cli("run", home=home), 2, "lr must be float")
-    config.write_text(text + "\n[nonsense]\nx = 1\n")
-    assert_one_clear_line(run_cli("run", home=home), 2, "unknown setting", "[nonsense]")
-    config.write_text(text)
-    assert_one_clear_line(
-        run_cli("run", "--bootstrap", "/ip4/127.0.0.1/tcp/4001", home=home), 2, "no peer id"
-    )
-    uncovered = {"SHOAL_PARTITION": "shards:2", "SHOAL_SHARDS": "3"}  # 6 of the 10 classes
-    assert_one_clear_line(run_cli("run", home=home, env=uncovered), 2, "partition", "covers only 6")
-    assert_one_clear_line(
-        run_cli("run", "--data", str(tmp_path / "missing.npz"), home=home), 4, "missing.npz"
-    )
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    assert_one_clear_line(run_cli("run", "--data", str(tmp_path / "bad.npz"), home=home), 4, "bad.npz")
-
-
-@pytest.mark.slow
-def test_unreachable_bootstrap_says_which_address_and_why(tmp_path):
-    home = tmp_path / "home"
-    run_cli("init", home=home)
-    stranger = peer_id(load_or_create_identity(tmp_path / "other.key")[0])
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        address = f"/ip4/127.0.0.1/tcp/{sock.getsockname()[1]}/p2p/{stranger}"
-    done = run_cli(
-        "run", "--bootstrap", address, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", home=home
-    )
-    assert_one_clear_line(done, 3, address, "refused")
-
-
-@pytest.mark.parametrize("name", INTEGRATORS)
-def test_every_integrator_the_config_offers_folds_models_in_a_daemon(tmp_path, name):
-    from shoal.learning.integrators import Contribution
-    from shoal.node.daemon import Daemon
-
-    daemon = Daemon(tmp_path, load(None, env={}, integrator=name, model="frozen-cnn", shards=3))
-    own = daemon.learner.initial_state()
-    other = {k: v + 0.01 for k, v in own.items()}
-    merged = daemon.node.integrator.integrate(Contribution(own, 10), [Contribution(other, 10, "p", (0, 1))])
-    daemon.layout.check(merged)
-    assert (daemon.node.labels is not None) == (name == "bristle")
-
-
-def test_bristle_on_a_model_that_shares_more_than_a_head_is_a_config_error(tmp_path):
-    home = tmp_path / "home"
-    run_cli("init", home=home)
-    done = run_cli("run", home=home, env={"SHOAL_INTEGRATOR": "bristle"})
-    assert_one_clear_line(done, 2, "bristle", "frozen-cnn or head")
-
-
-def test_status_without_a_daemon_and_offline_id(tmp_path):
-    home = tmp_path / "home"
-    run_cli("init", home=home)
-    assert_one_clear_line(run_cli("status", home=home), 5, "no daemon running")
-    out = run_cli("id", "--json", home=home)
-    assert out.returncode == 0
-    assert json.loads(out.stdout)["peer"] == peer_id(load_or_create_identity(home / "identity.key")[0])
-
-
-def test_a_models_version_names_its_encoded_bytes():
-    """The metadata registry's model version: the same tensors give the same name, any change another."""
-    import torch
-
-    from shoal.node.daemon import Daemon
-
-    name, size = Daemon._version({"w": torch.ones(300)})
-    assert len(name) == 64 and size > 1200
-    assert Daemon._version({"w": torch.ones(300)}) == (name, size)
-    assert Daemon._version({"w": torch.ones(300).index_fill_(0, torch.tensor([7]), 2.0)})[0] != name
-
-
-def test_releases_that_cannot_read_each_others_messages_are_in_different_tasks(tmp_path, monkeypatch):
-    """A peer on another frame, message or model encoding never joins our task, so neither end takes
-    the other's messages for malformed ones (and bans it)."""
-    from shoal.learning import codecs
-    from shoal.learning.models import ParameterLayout
-    from shoal.node.daemon import builtin_task, task_id
-    from shoal.overlay import framing, wire
-
-    path = tmp_path / "config.toml"
-    path.write_text(node_config(0, 2))
-    config = load(path)
-    task, spec = builtin_task(config)
-    layout = ParameterLayout.of(task.module())
-    ours = task_id(config, spec, layout)
-    assert task_id(config, spec, layout) == ours
-    for module, name in ((framing, "VERSION"), (wire, "VERSION"), (codecs, "FORMAT")):
-        with monkeypatch.context() as patched:
-            patched.setattr(module, name, getattr(module, name) + 1)
-            assert task_id(config, spec, layout) != ours, f"{module.__name__}.{name}"
+    assert done.returncode == 0, done.stdout + done.stderr
+    progress = [line for line in done.stdout.splitlines() if "accuracy mean" in line]
+    assert progress and "3/3 nodes" in progress[-1], done.stdout
+    assert "reached 90% mean test accuracy" in done.stdout, done.stdout
+    assert "3/3 daemons exited 0" in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr

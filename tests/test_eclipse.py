@@ -18,7 +18,7 @@ from shoal.overlay.config import P2PConfig
 from shoal.overlay.interface import Delivered
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import Message
-from tests.test_p2p import FAST, TASK, stranger, swarm, until
+from tests.local_swarm import FAST, TASK, stranger, swarm, until
 
 SYBILS = 24
 HIGH = 8

@@ -9,6 +9,11 @@ swarm's growth, their logs must stay short, and their rounds must not have been 
 Then all six daemons get SIGTERM at once, under traffic, and must exit 0 without a traceback; with
 the ten daemons of tests/test_daemon.py stopped the same way that makes 22 such exits per run.
 
+The two protocols' runs overlap (a module fixture starts both, each in a thread; each test waits for
+its own run and raises what failed in it): the MoDeST swarms start once the gossip attacker is in its
+last phases (CUE), so that their start-up and first rounds overlap the gossip run's end, and their
+attack phases, which MoDeST's accuracy margin is sensitive to, do not overlap the gossip run's.
+
 The gossip swarms run a user's task (examples/cnn_adamw.py: its own CNN, AdamW, data and evaluation,
 through `shoal run --task`), whose models go through the same containment as the built-in task's; the
 MoDeST swarms run the built-in task.
@@ -23,7 +28,19 @@ from pathlib import Path
 import pytest
 
 from shoal.overlay.config import P2PConfig
-from tests.test_daemon import ACCURACY, ENV, Node, accuracies, sigterm_all, stop_all, swarm, wait_for
+from tests.daemons import (
+    ACCURACY,
+    ENV,
+    Node,
+    Run,
+    accuracies,
+    at_once,
+    go,
+    sigterm_all,
+    stop_all,
+    swarms,
+    wait_for,
+)
 
 PHASE_SECONDS = 5.0
 ACCURACY_MARGIN = 0.02  # the attacked swarm's mean accuracy ends within 2 points of the clean one's
@@ -35,6 +52,9 @@ PHASES = {
     "gossip": ["forge:sign-flip=10", "huge", "far-rounds", "garbage", "flood", "trickle", "metadata"],
     "modest": ["forge:noise=15", "far-rounds", "hijack", "huge", "garbage", "flood"],
 }
+# the gossip attacker's phase from which its run has ~25 s left: about what the MoDeST swarms need to
+# start and finish 3 rounds, so the MoDeST run starts then (it waits for the run before it only)
+CUE = {"gossip": "garbage"}
 # MoDeST: a sample of 2 of the 3 or 4 members, so that the attacker is sampled, and aggregates, often
 SETTINGS = {
     "gossip": {
@@ -68,26 +88,40 @@ def check_honest_links(nodes: list[Node]) -> None:
         assert not blamed, f"{node.peer} holds penalties against honest peers {blamed}"
 
 
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    yield from at_once(request, tmp_path_factory, "test_honest_daemons_outlast_a_hostile_peer", outlast)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["gossip", "modest"])
-def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
+def test_honest_daemons_outlast_a_hostile_peer(runs, request, protocol):
+    runs[request.node.callspec.id].result()
+
+
+def outlast(run: Run, tmp_path: Path, protocol: str) -> None:
+    if run.previous is not None:
+        run.previous.cue.wait(600)
     env = SETTINGS[protocol]
-    clean = swarm(tmp_path / "clean", 3, env=env)
-    attacked = swarm(tmp_path / "attacked", 3, env=env)
+    clean, attacked = swarms([tmp_path / "clean", tmp_path / "attacked"], 3, env=env)
     everyone = clean + attacked
+    run.nodes += everyone
     attacker = None
     try:
-        wait_for(lambda: min(rounds(everyone)) >= 3, 180, "both swarms training", everyone)
-        memory = {id(n): rss(n) for n in everyone}
         out = (tmp_path / "attacker.jsonl").open("w")
-        attacker = subprocess.Popen(
+        attacker = subprocess.Popen(  # it imports while the swarms start training, then waits for the go
             [sys.executable, str(Path(__file__).with_name("hostile_peer.py")), "--config",
              str(attacked[0].home.config), "--bootstrap", attacked[0].address, "--phases",
-             *PHASES[protocol], "--seconds", str(PHASE_SECONDS)],
+             *PHASES[protocol], "--seconds", str(PHASE_SECONDS), "--wait-for-go"],
+            stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**ENV, **env},  # the same task as the attacked swarm's
         )  # fmt: skip
+        run.procs.append(attacker)
+        wait_for(lambda: min(rounds(everyone)) >= 3, 180, "both swarms training", everyone)
+        memory = {id(n): rss(n) for n in everyone}
+        go(attacker)
         reached: dict[str, list[int]] = {}  # phase -> rounds of the attacked daemons when it began
         deadline = time.monotonic() + 120 + len(PHASES[protocol]) * (PHASE_SECONDS + 10)
 
@@ -98,6 +132,8 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
                 if "start" in event and event["phase"] not in reached:
                     assert len(event["peers"]) == 3, f"the attacker did not join: {event}"
                     reached[event["phase"]] = rounds(attacked)
+                    if event["phase"] == CUE.get(protocol):
+                        run.cue.set()
                 elif "end" in event and "ended " + event["phase"] not in reached:
                     if event["phase"].startswith("forge:"):  # it took part: sampled, it sent models
                         assert event["sent"] > 0, event
@@ -125,9 +161,10 @@ def test_honest_daemons_outlast_a_hostile_peer(tmp_path, protocol):
         final_clean, final_attacked = accuracies(clean), accuracies(attacked)
         mean = sum(final_clean) / 3
         growth = [rss(n) - memory[id(n)] for n in everyone]
-        print(json.dumps({"protocol": protocol, "rounds": reached, "accuracy": [final_clean, final_attacked],
-                          "rss_growth_mb": [round(g / 2**20) for g in growth],
-                          "log_lines": [len(n.full_log().splitlines()) for n in attacked]}))  # fmt: skip
+        report = {"protocol": protocol, "rounds": reached, "accuracy": [final_clean, final_attacked],
+                  "rss_growth_mb": [round(g / 2**20) for g in growth],
+                  "log_lines": [len(n.full_log().splitlines()) for n in attacked]}  # fmt: skip
+        run.report.append(json.dumps(report))
         assert min(final_clean) >= ACCURACY, final_clean
         assert sum(final_attacked) / 3 >= mean - ACCURACY_MARGIN, (final_clean, final_attacked)
         check_honest_links(clean)  # a clean swarm at full speed never blames its own

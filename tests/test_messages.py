@@ -1,7 +1,8 @@
-"""Bounds on every field the protocols read, containment of what slips through, and MoDeST's window and
-roles: each rejection with its reason."""
+"""The message registry and the bounds on every field the protocols read, containment of what slips
+through, and MoDeST's window and roles: each rejection with its reason."""
 
 import logging
+from typing import get_args
 
 import pytest
 import torch
@@ -13,10 +14,16 @@ from shoal.learning.messages import (
     MAX_LABELS,
     MAX_ROUND,
     MAX_SAMPLES,
+    MESSAGES,
+    AggregatedModel,
+    CodecReset,
+    Fetch,
     GossipModel,
-    ModestModel,
+    PeerMessage,
     Ping,
     Pong,
+    TrainedModel,
+    decode,
     model_fault,
 )
 from shoal.learning.models import build_model
@@ -47,14 +54,14 @@ from shoal.learning.task import classification
     ],
 )
 def test_gossip_model_bounds(body, reason):
-    msg = GossipModel.parse(body)
+    msg = GossipModel.parse(body, layers(0.5))
     assert isinstance(msg, str) and reason in msg and len(msg) < 200  # reasons quote input briefly
 
 
 def test_gossip_model_round_trip_and_the_largest_values():
-    msg = GossipModel(MAX_ROUND, MAX_SAMPLES, reply=True, labels=(1, 3))
-    assert GossipModel.parse(msg.body()) == msg
-    assert GossipModel(0, 5).body() == {"round": 0, "samples": 5}
+    msg = GossipModel(MAX_ROUND, MAX_SAMPLES, layers(0.5), reply=True, labels=(1, 3))
+    assert GossipModel.parse(msg.body(), msg.tensors) == msg
+    assert GossipModel(0, 5, layers(0.5)).body() == {"round": 0, "samples": 5}
 
 
 @pytest.mark.parametrize(
@@ -67,15 +74,45 @@ def test_gossip_model_round_trip_and_the_largest_values():
     ],
 )
 def test_modest_small_message_bounds(cls, body, reason):
-    msg = cls.parse(body)
+    msg = cls.parse(body, {})
     assert isinstance(msg, str) and reason in msg
 
 
-def test_modest_model_round_trip():
-    msg = ModestModel(MAX_ROUND, MAX_SAMPLES)
-    assert ModestModel.parse(msg.body(), "aggregated") == msg
-    assert msg.body() == {"round": MAX_ROUND, "samples": MAX_SAMPLES}
-    refused = ModestModel.parse({"round": 1}, "trained")
+def every_message() -> list[PeerMessage]:
+    """One of each class, with the largest values its fields take."""
+    state = layers(0.5)
+    return [
+        GossipModel(MAX_ROUND, MAX_SAMPLES, state, reply=True, labels=(1, 3)),
+        AggregatedModel(MAX_ROUND, MAX_SAMPLES, state),
+        TrainedModel(0, 0, state),
+        Fetch(),
+        Ping(MAX_ROUND, 0),
+        Pong(1, MAX_ROUND),
+        CodecReset(),
+    ]
+
+
+def test_the_registry_holds_every_message_and_each_round_trips():
+    messages = every_message()
+    assert set(MESSAGES.values()) == {type(m) for m in messages} == set(get_args(PeerMessage))
+    assert all(MESSAGES[m.KIND] is type(m) for m in messages) and len(MESSAGES) == len(messages)
+    for m in messages:
+        assert decode(m.KIND, m.body(), m.tensors) == m
+    assert AggregatedModel(1, 2, layers(0.5)).body() == {"round": 1, "samples": 2}
+
+
+def test_a_model_message_needs_a_model_and_a_control_message_takes_none():
+    assert decode(Ping.KIND, {"sel": 0, "round": 0}, layers(0.5)) == "ping message: takes no tensors, got 3"
+    for cls in (Fetch, CodecReset):
+        assert "takes no tensors" in cls.parse({}, layers(0.5))
+    refused = decode(TrainedModel.KIND, {"round": 1, "samples": 1}, {})
+    assert refused == "trained message: carries no model"
+
+
+def test_unknown_kinds_and_bad_fields_are_refused_quoting_little():
+    assert decode("advert", {"round": 1}, {}) == "unknown message kind 'advert'"  # views are gone
+    assert len(decode("x" * 10_000, {}, {})) < 80
+    refused = decode(TrainedModel.KIND, {"round": 1}, layers(0.5))
     assert isinstance(refused, str) and refused.startswith("trained message") and "samples" in refused
 
 
@@ -157,7 +194,7 @@ CONFIG = ModestConfig(sample_size=4, aggregators=1, role_slack=1, max_round_jump
 def modest(me="p00", joining=False, config=CONFIG):
     """A node that knows every peer as a member that answered its pings (``learning.sampling``)."""
     node = Modest(me, [p for p in PEERS if p != me], layers(0.5), 10, Mean(), config, joining=joining)
-    node._sampler._heard.update(PEERS)
+    node.view.sampler._heard.update(PEERS)
     return node
 
 
@@ -177,14 +214,14 @@ def find_round(me: str, want_trainer: bool, lo: int = 2) -> tuple[int, str]:
 
 
 def aggregated(peer: str, rnd: int) -> MessageIn:
-    return MessageIn(peer, "aggregated", {"round": rnd, "samples": 1}, layers(0.6))
+    return MessageIn(peer, AggregatedModel(rnd, 1, layers(0.6)))
 
 
 def test_hearsay_is_clamped_to_the_window_and_cannot_walk_it_up():
     node = modest()
     for step in range(1, 6):  # a liar pings with ever larger rounds: each is clamped to our round + 100
-        (pong,) = node.handle(MessageIn("p01", "ping", {"sel": 0, "round": step * 90}, {}), 1.0)
-        assert pong.kind == "pong" and pong.body["round"] <= 100
+        (pong,) = node.handle(MessageIn("p01", Ping(0, step * 90)), 1.0)
+        assert isinstance(pong.message, Pong) and pong.message.round <= 100
     assert node.estimate() == 100 and node.round == 0
 
 
@@ -227,14 +264,14 @@ def test_a_trained_model_only_from_a_plausible_trainer_to_a_plausible_aggregator
     limit = CONFIG.aggregators + CONFIG.role_slack
     rnd = next(r for r in range(2, 500) if role(r, 0) not in order(PEERS, r - 1)[: CONFIG.sample_size])
     me, trainer, stranger = role(rnd, 0), role(rnd - 1, 0), role(rnd - 1, 8)
-    body = {"round": rnd, "samples": 1}
-    (action,) = modest(me).handle(MessageIn(stranger, "trained", body, layers(0.6)), 1.0)
+    trained = TrainedModel(rnd, 1, layers(0.6))
+    (action,) = modest(me).handle(MessageIn(stranger, trained), 1.0)
     assert isinstance(action, Rejected) and "no plausible trainer" in action.reason
-    (deadline,) = modest(me).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)
+    (deadline,) = modest(me).handle(MessageIn(trainer, trained), 1.0)
     assert deadline == StartTimer(Timer.AGGREGATE, CONFIG.aggregation_timeout)
     bystander = order(PEERS, rnd)[limit + 1]
     if bystander != trainer:
-        (action,) = modest(bystander).handle(MessageIn(trainer, "trained", body, layers(0.6)), 1.0)
+        (action,) = modest(bystander).handle(MessageIn(trainer, trained), 1.0)
         assert isinstance(action, Rejected) and "no plausible aggregator" in action.reason
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from shoal.overlay.nat import MAX_DIALBACKS
-from tests.test_daemon import ACCURACY, ENV, accuracies, sigterm_all, stop_all, swarm, wait_for
+from tests.daemons import ACCURACY, ENV, accuracies, go, sigterm_all, stop_all, swarms, wait_for
 
 PHASES = ["junk-keys", "flood", "sybils", "dialback"]
 WRONG = {"junk-keys", "flood", "dialback"}  # phases whose every identity sends wrong input
@@ -49,23 +49,24 @@ def status(node) -> dict:
 
 @pytest.mark.slow
 def test_honest_daemons_keep_their_metadata_against_a_hostile_peer(tmp_path):
-    clean = swarm(tmp_path / "clean", 3, env=EPOCH)
-    attacked = swarm(tmp_path / "attacked", 3, env=EPOCH)
+    clean, attacked = swarms([tmp_path / "clean", tmp_path / "attacked"], 3, env=EPOCH)
     everyone = clean + attacked
     honest = {n.peer for n in attacked}
     attacker = None
     try:
-        wait_for(lambda: min(rounds(everyone)) >= 2, 180, "both swarms training", everyone)
-        memory = {id(n): rss(n) for n in everyone}
         out = (tmp_path / "attacker.jsonl").open("w")
-        attacker = subprocess.Popen(
+        attacker = subprocess.Popen(  # it imports while the swarms start training, then waits for the go
             [sys.executable, str(Path(__file__).with_name("metadata_attacker.py")), "--config",
              str(attacked[0].home.config), "--bootstrap", attacked[0].address, "--phases", *PHASES,
-             "--seconds", str(PHASE_SECONDS)],
+             "--seconds", str(PHASE_SECONDS), "--wait-for-go"],
+            stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**ENV, **EPOCH},
         )  # fmt: skip
+        wait_for(lambda: min(rounds(everyone)) >= 2, 180, "both swarms training", everyone)
+        memory = {id(n): rss(n) for n in everyone}
+        go(attacker)
         events: dict[str, dict] = {}
         reached: dict[str, list[int]] = {}
         deadline = time.monotonic() + 60 + len(PHASES) * (PHASE_SECONDS + 30)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shoal.learning.settings import ProtocolSettings
-from tests.test_daemon import ENV, Node, accuracies, peers_of, sigterm_all, stop_all, swarm, wait_for
+from tests.daemons import ENV, Node, accuracies, go, peers_of, sigterm_all, stop_all, swarms, wait_for
 from tests.test_hostile import ACCURACY_MARGIN, RSS_MARGIN, rounds, rss
 
 IDENTITIES = 35
@@ -43,12 +43,21 @@ def penalised(node: Node, peers: set[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_a_victim_flooded_by_sybils_keeps_its_honest_peers_and_its_swarm_keeps_learning(tmp_path):
-    clean = swarm(tmp_path / "clean", 3, env=SETTINGS)
-    attacked = swarm(tmp_path / "attacked", 3, env=SETTINGS)
+    clean, attacked = swarms([tmp_path / "clean", tmp_path / "attacked"], 3, env=SETTINGS)
     everyone = clean + attacked
     victim, honest = attacked[0], {n.peer for n in attacked[1:]}
     attacker = None
     try:
+        out = tmp_path / "attacker.jsonl"
+        attacker = subprocess.Popen(  # it imports while the swarms start training, then waits for the go
+            [sys.executable, str(Path(__file__).with_name("sybil_attacker.py")), "--config",
+             str(victim.home.config), "--bootstrap", victim.address, "--victim", victim.peer,
+             "--identities", str(IDENTITIES), "--seconds", str(ATTACK_SECONDS), "--wait-for-go"],
+            stdin=subprocess.PIPE,
+            stdout=out.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**ENV, **SETTINGS},
+        )  # fmt: skip
         wait_for(
             lambda: min(rounds(everyone)) >= 3 and honest <= peers_of(victim),
             180,
@@ -57,15 +66,7 @@ def test_a_victim_flooded_by_sybils_keeps_its_honest_peers_and_its_swarm_keeps_l
         )
         memory = {id(n): rss(n) for n in everyone}
         peak = dict(memory)
-        out = tmp_path / "attacker.jsonl"
-        attacker = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("sybil_attacker.py")), "--config",
-             str(victim.home.config), "--bootstrap", victim.address, "--victim", victim.peer,
-             "--identities", str(IDENTITIES), "--seconds", str(ATTACK_SECONDS)],
-            stdout=out.open("w"),
-            stderr=subprocess.STDOUT,
-            env={**ENV, **SETTINGS},
-        )  # fmt: skip
+        go(attacker)
         wait_for(lambda: '"started"' in out.read_text(), 90, "the sybils to join", everyone)
         before = rounds(attacked)
         lost, most, low, series, start = [], 0, {"clean": 1.0, "attacked": 1.0}, [], time.monotonic()

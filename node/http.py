@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-log = logging.getLogger("shoal.api")
+log = logging.getLogger("shoal.http")
 
 MAX_REQUEST = 16 * 1024
 REQUEST_TIMEOUT = 10.0

@@ -1,0 +1,49 @@
+"""Models and wire tensors for the codec tests: a model of every dtype the wire carries, bit-level
+comparison, and top-k's position forms."""
+
+import numpy as np
+import torch
+
+
+def model(seed=0):
+    """Floats of every width the wire carries, a multi-block tensor, an empty one, and non-floats."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(3, 1500, generator=g),  # 4500 elements: two full blocks and a short one
+        "b": torch.randn(7, generator=g),
+        "h": torch.randn(5, generator=g).to(torch.float16),
+        "bf": torch.randn(4, generator=g).to(torch.bfloat16),
+        "d": torch.randn(6, generator=g, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "steps": torch.tensor([3, -1], dtype=torch.int64),
+        "mask": torch.tensor([[0, 255], [7, 1]], dtype=torch.uint8),
+    }
+
+
+def bits(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def assert_shaped_like(out, template):
+    assert list(out) == list(template)
+    for name, ref in template.items():
+        assert out[name].dtype == ref.dtype and out[name].shape == ref.shape, name
+        if ref.is_floating_point():
+            assert torch.isfinite(out[name]).all(), name
+
+
+def pack(mask):
+    """A bitmap as the codec must make it (numpy's, little bit order): element i, bit i % 8 of byte i // 8."""
+    return torch.from_numpy(np.packbits(np.asarray(mask, dtype=bool), bitorder="little"))
+
+
+def kept_positions(wire, name, n):
+    """Where ``wire`` keeps ``name``'s values: from its bitmap or its indices, whichever it holds."""
+    if f"{name}#m" in wire:
+        bits = np.unpackbits(wire[f"{name}#m"].numpy(), bitorder="little")
+        return torch.from_numpy(np.flatnonzero(bits[:n]))
+    return wire[f"{name}#i"].long()

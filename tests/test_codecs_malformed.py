@@ -1,0 +1,229 @@
+"""Malformed wire tensors, dense and sparse: each refused with a CodecError that says why, quoting
+little."""
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.learning.codecs import (
+    MAX_SCALE,
+    CodecError,
+    compress,
+    decompress,
+    densify,
+    sparsify,
+)
+from tests.codec_tensors import kept_positions, pack
+
+TEMPLATE = {
+    "w": torch.randn(3, 700, generator=torch.Generator().manual_seed(4)),
+    "steps": torch.tensor([1, 2]),
+}
+HALF = {"x": torch.ones(3, dtype=torch.float16)}
+
+
+def changed(wire, **changes):
+    wire = {n: t.clone() for n, t in wire.items()}
+    for name, value in changes.items():
+        if value is None:
+            del wire[name]
+        elif callable(value):
+            value(wire[name])
+        else:
+            wire[name] = value
+    return wire
+
+
+def poke(position, value):
+    def set_(t):
+        t.view(-1)[position] = value
+
+    return set_
+
+
+INT8 = compress("int8", TEMPLATE)
+FP16 = compress("fp16", TEMPLATE)
+
+
+@pytest.mark.parametrize(
+    ("codec", "wire", "template", "reason"),
+    [
+        ("zstd", INT8, TEMPLATE, "unknown codec 'zstd'"),
+        ("int8", changed(INT8, **{"w#s": None}), TEMPLATE, "missing wire tensor 'w#s'"),
+        ("int8", changed(INT8, steps=None), TEMPLATE, "missing wire tensor 'steps'"),
+        ("int8", changed(INT8, junk=torch.zeros(1)), TEMPLATE, "1 unexpected wire tensor.*'junk'"),
+        ("int8", changed(INT8, **{"w": TEMPLATE["w"]}), TEMPLATE, "unexpected wire tensor.*'w'"),
+        ("fp16", INT8, TEMPLATE, "missing wire tensor 'w'"),
+        (
+            "int8",
+            changed(INT8, **{"w#q": INT8["w#q"].to(torch.uint8)}),
+            TEMPLATE,
+            "'w#q' has dtype torch.uint8",
+        ),
+        (
+            "int8",
+            changed(INT8, **{"w#q": INT8["w#q"].reshape(3, 700)}),
+            TEMPLATE,
+            "'w#q' has shape \\(3, 700\\)",
+        ),
+        ("int8", changed(INT8, **{"w#q": [1, 2]}), TEMPLATE, "'w#q' is not a tensor but 'list'"),
+        ("int8", changed(INT8, **{"w#q": poke(5, -128)}), TEMPLATE, "-128"),
+        ("int8", changed(INT8, **{"w#s": poke(1, float("nan"))}), TEMPLATE, "NaN or infinite scales"),
+        ("int8", changed(INT8, **{"w#s": poke(0, float("inf"))}), TEMPLATE, "NaN or infinite scales"),
+        ("int8", changed(INT8, **{"w#s": poke(1, -0.5)}), TEMPLATE, "negative scale -0.5"),
+        ("int8", changed(INT8, **{"w#s": poke(0, 1e37)}), TEMPLATE, "scale 1e\\+37, over"),
+        (
+            "int8",
+            changed(INT8, **{"w#s": INT8["w#s"][:1]}),
+            TEMPLATE,
+            "'w#s' has shape \\(1,\\), expected \\(2,\\)",
+        ),
+        ("int8", changed(INT8, **{"w#s": INT8["w#s"].double()}), TEMPLATE, "'w#s' has dtype torch.float64"),
+        ("int8", changed(INT8, steps=torch.tensor([1, 2], dtype=torch.int32)), TEMPLATE, "'steps' has dtype"),
+        ("int8", changed(INT8, steps=torch.tensor([1, 2, 3])), TEMPLATE, "'steps' has shape"),
+        (
+            "int8",
+            changed(INT8, steps=torch.tensor([1, 2], device="meta")),
+            TEMPLATE,
+            "not a dense CPU tensor",
+        ),
+        (
+            "int8",
+            {"x#q": torch.tensor([127, 1, 0], dtype=torch.int8), "x#s": torch.tensor([1e3])},
+            HALF,
+            "overflows",
+        ),
+        ("fp16", changed(FP16, w=poke(7, float("inf"))), TEMPLATE, "'w' contains NaN or infinite"),
+        ("fp16", changed(FP16, w=poke(7, float("nan"))), TEMPLATE, "'w' contains NaN or infinite"),
+        (
+            "fp16",
+            changed(FP16, w=TEMPLATE["w"]),
+            TEMPLATE,
+            "'w' has dtype torch.float32, expected torch.float16",
+        ),
+        ("bf16", FP16, TEMPLATE, "'w' has dtype torch.float16, expected torch.bfloat16"),
+        ("fp32", {"x": torch.tensor([1.0, 1e5, 2.0])}, HALF, "'x' overflows torch.float16"),
+        ("fp32", [("x", torch.ones(3))], HALF, "must be a map"),
+    ],
+)
+def test_malformed_wire_tensors_are_refused_with_a_reason(codec, wire, template, reason):
+    with pytest.raises(CodecError, match=reason):
+        decompress(codec, wire, template)
+
+
+def test_reasons_quote_little_of_what_a_peer_sent():
+    with pytest.raises(CodecError) as info:
+        decompress("fp32", {**compress("fp32", TEMPLATE), "x" * 10_000: torch.zeros(1)}, TEMPLATE)
+    assert len(str(info.value)) < 100
+    with pytest.raises(CodecError) as info:
+        decompress("x" * 10_000, {}, TEMPLATE)
+    assert len(str(info.value)) < 120
+    wire = changed(INT8, **{"w#s": torch.zeros([1] * 8)})
+    with pytest.raises(CodecError, match="has shape") as info:
+        decompress("int8", wire, TEMPLATE)
+    assert len(str(info.value)) < 100
+
+
+SMALL = {"w": torch.randn(4, 5, generator=torch.Generator().manual_seed(5)), "steps": torch.tensor([9])}
+TOPK = sparsify(SMALL, 0.3)  # 6 of 20: a 3-byte bitmap beats 24 bytes of indices
+assert set(TOPK) == {"w#m", "w#q", "w#s", "steps"}
+TOPK_I = {**{k: v for k, v in TOPK.items() if k != "w#m"}, "w#i": kept_positions(TOPK, "w", 20).int()}
+
+
+def indices(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def codes(n, fill=1):
+    return torch.full((n,), fill, dtype=torch.int8)
+
+
+def bitmap(*set_bits, n=20):
+    mask = np.zeros(-(-n // 8) * 8, dtype=bool)
+    mask[list(set_bits)] = True
+    return pack(mask)
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        # positions as int32 indices
+        (changed(TOPK_I, **{"w#i": indices(1, 1, 2, 3, 4, 5)}), "not strictly increasing"),
+        (changed(TOPK_I, **{"w#i": indices(1, 3, 2, 4, 5, 6)}), "not strictly increasing"),
+        (changed(TOPK_I, **{"w#i": indices(-1, 0, 2, 3, 4, 5)}), "index -1, outside \\[0, 20\\)"),
+        (changed(TOPK_I, **{"w#i": indices(0, 1, 2, 3, 4, 20)}), "index 20, outside \\[0, 20\\)"),
+        (changed(TOPK_I, **{"w#i": indices(*range(21)), "w#q": codes(21)}), "21 indices, more than the 20"),
+        (
+            changed(TOPK_I, **{"w#i": TOPK_I["w#i"].long()}),
+            "'w#i' has dtype torch.int64, expected torch.int32",
+        ),
+        (
+            changed(TOPK_I, **{"w#i": TOPK_I["w#i"].reshape(2, 3)}),
+            "'w#i' has shape \\(2, 3\\), expected a 1-D",
+        ),
+        (changed(TOPK_I, **{"w#i": indices(3).reshape(())}), "'w#i' has shape \\(\\), expected a 1-D"),
+        (changed(TOPK_I, **{"w#q": codes(5)}), "'w#q' has shape \\(5,\\), expected \\(6,\\)"),
+        (changed(TOPK_I, **{"w#m": TOPK["w#m"]}), "unexpected wire tensor.*'w#i'"),  # both forms
+        # positions as a bitmap: exactly ceil(20 / 8) bytes, no bit past element 19, one bit per value
+        (
+            changed(TOPK, **{"w#m": TOPK["w#m"].to(torch.int8)}),
+            "'w#m' has dtype torch.int8, expected torch.uint8",
+        ),
+        (changed(TOPK, **{"w#m": TOPK["w#m"][:2]}), "'w#m' has shape \\(2,\\), expected \\(3,\\)"),
+        (
+            changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 5, n=32)}),
+            "'w#m' has shape \\(4,\\), expected \\(3,\\)",
+        ),
+        (
+            changed(TOPK, **{"w#m": TOPK["w#m"].reshape(3, 1)}),
+            "'w#m' has shape \\(3, 1\\), expected \\(3,\\)",
+        ),
+        (changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 20)}), "'w#m' has bits set past the 20 elements"),
+        (changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 23)}), "'w#m' has bits set past the 20 elements"),
+        (
+            changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4, 5, 6)}),
+            "'w#q' has shape \\(6,\\), expected \\(7,\\)",
+        ),
+        (changed(TOPK, **{"w#m": bitmap(0, 1, 2, 3, 4)}), "'w#q' has shape \\(6,\\), expected \\(5,\\)"),
+        (changed(TOPK, **{"w#m": None}), "missing wire tensor 'w#i'"),
+        # values: int8 codes and their scales, as the int8 codec's
+        (changed(TOPK, **{"w#q": poke(2, -128)}), "-128, outside the symmetric code"),
+        (changed(TOPK, **{"w#q": TOPK["w#q"].half()}), "'w#q' has dtype torch.float16, expected torch.int8"),
+        (changed(TOPK, **{"w#s": poke(0, float("nan"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(TOPK, **{"w#s": poke(0, float("-inf"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(TOPK, **{"w#s": poke(0, -1.0)}), "negative scale -1"),
+        (changed(TOPK, **{"w#s": poke(0, MAX_SCALE * 1.01)}), "over .*: values would overflow"),
+        (changed(TOPK, **{"w#s": torch.ones(2)}), "'w#s' has shape \\(2,\\), expected \\(1,\\)"),
+        (changed(TOPK, **{"w#s": TOPK["w#s"].double()}), "'w#s' has dtype torch.float64"),
+        (changed(TOPK, **{"w#q": None}), "missing wire tensor 'w#q'"),
+        (changed(TOPK, **{"w#s": None}), "missing wire tensor 'w#s'"),
+        (changed(TOPK, **{"w#v": torch.ones(6, dtype=torch.float16)}), "unexpected wire tensor.*'w#v'"),
+        (changed(TOPK, extra=torch.zeros(1)), "unexpected wire tensor.*'extra'"),
+        (changed(TOPK, steps=torch.tensor([9.0])), "'steps' has dtype torch.float32"),
+        (compress("fp32", SMALL), "missing wire tensor 'w#i'"),
+        (compress("int8", SMALL), "missing wire tensor 'w#i'"),
+    ],
+)
+def test_malformed_sparse_wire_tensors_are_refused_with_a_reason(wire, reason):
+    with pytest.raises(CodecError, match=reason):
+        densify(wire, SMALL)
+
+
+def test_sparse_values_that_overflow_a_narrow_model_are_refused():
+    wire = {"x#m": bitmap(0, n=3), "x#q": codes(1, 127), "x#s": torch.tensor([1e3])}
+    with pytest.raises(CodecError, match="'x' overflows"):
+        densify(wire, HALF)
+
+
+def test_densify_accepts_any_valid_position_set_in_either_form():
+    ends = {"w#q": torch.tensor([-1, 1], dtype=torch.int8), "w#s": torch.tensor([2.0])}
+    for where in ({"w#i": indices(0, 19)}, {"w#m": bitmap(0, 19)}):  # indices where a bitmap is smaller, too
+        out = densify(changed(TOPK_I if "w#i" in where else TOPK, **where, **ends), SMALL)["w"].reshape(-1)
+        assert out[0] == -2.0 and out[19] == 2.0 and not out[1:19].any()
+    none = {"w#q": codes(0), "w#s": torch.zeros(0)}
+    assert not densify(changed(TOPK_I, **{"w#i": indices()}, **none), SMALL)["w"].any()
+    assert not densify(changed(TOPK, **{"w#m": bitmap()}, **none), SMALL)["w"].any()
+    every = densify(
+        changed(TOPK, **{"w#m": bitmap(*range(20)), "w#q": codes(20, -3), "w#s": ends["w#s"]}), SMALL
+    )
+    assert torch.equal(every["w"], torch.full((4, 5), -6.0))
