@@ -115,7 +115,8 @@ class Probe(Protocol):
 
 class ClassificationProbe:
     """Error and cross-entropy of a classifier on ``samples`` of the node's ``(x, y)`` drawn with
-    ``seed``; chance is a guess among the model's outputs."""
+    ``seed``; chance is a guess among the model's outputs. A sequence model (outputs (N, T, classes),
+    labels (N, T), e.g. next-token prediction) is scored over every position."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, samples: int = PROBE_SAMPLES, seed: int = 0):
         if samples < 1:
@@ -132,8 +133,9 @@ class ClassificationProbe:
         self.chance = Score(1.0 - 1.0 / outputs.shape[-1], math.log(outputs.shape[-1]))
         if not torch.isfinite(outputs).all():
             return Score(math.inf, math.inf)
-        error = float((outputs.argmax(-1) != self.y).double().mean())
-        return Score(error, F.cross_entropy(outputs, self.y).item())
+        outputs, y = outputs.reshape(-1, outputs.shape[-1]), self.y.reshape(-1)  # a sequence: each position
+        error = float((outputs.argmax(-1) != y).double().mean())
+        return Score(error, F.cross_entropy(outputs, y).item())
 
 
 class Anchor:

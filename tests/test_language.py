@@ -1,0 +1,47 @@
+"""The language-model workload (learning/language.py): the corpus split, a node's training lowering
+held-out bits per byte, and a simulated swarm of them learning together."""
+
+import functools
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+import shoal
+from shoal.learning.language import BLOCK, corpus, make_task, shard
+
+
+def test_every_split_deals_the_training_text_once_and_keeps_the_held_out_text_apart():
+    held, files = corpus(max_bytes=300_000)
+    text = b"".join(files)
+    assert held and held not in text
+    by_file = [shard(files, i, 4, "files") for i in range(4)]
+    assert b"".join(by_file) == text and all(by_file)  # whole files, in order, every node some
+    iid = [shard(files, i, 4, "iid", seed=3) for i in range(4)]
+    assert Counter(b"".join(iid)) == Counter(text) and all(len(part) >= BLOCK for part in iid)
+    assert shard(files, 1, 4, "iid", seed=3) == iid[1] != shard(files, 1, 4, "iid", seed=4)
+    with pytest.raises(ValueError, match="split must be one of"):
+        shard(files, 0, 2, "by-topic")
+
+
+def test_a_node_training_its_share_lowers_held_out_bits_per_byte():
+    task = make_task(0, 2, max_bytes=300_000, width=32)
+    first = task.evaluate(task.model)["bits_per_byte"]
+    assert 7.5 < first < 9  # a guess among 256 bytes is 8 bits
+    for r in range(5):
+        metrics = task.train(task.model, r)
+    assert metrics["samples"] == 20 * 16 * 64 and math.isfinite(metrics["loss"])
+    assert task.evaluate(task.model)["bits_per_byte"] < 5.5
+    score = task.probe(task.model)  # next-byte predictions on its own text, every position
+    assert task.probe.chance.loss == pytest.approx(math.log(256)) and score.loss < task.probe.chance.loss
+
+
+@pytest.mark.slow
+def test_a_simulated_swarm_of_language_models_learns_together():
+    torch.set_num_threads(1)
+    make = functools.partial(make_task, max_bytes=300_000, width=32, split="files")
+    result = shoal.simulate(make, nodes=6, duration=40, progress=None, seed=1)
+    first, final = result.rows[0].metrics, result.final.metrics
+    assert first["bits_per_byte_mean"] > 7.5
+    assert final["bits_per_byte_max"] < 5.0, final
