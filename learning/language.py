@@ -22,10 +22,12 @@ scale it up to models only a GPU trains quickly.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import random
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,7 +43,8 @@ EVAL_WINDOWS = 64  # held-out windows bits per byte is measured on
 SPLITS = ("iid", "files")
 
 
-def corpus(max_bytes: int = 2_000_000, root: Path | None = None) -> tuple[bytes, list[bytes]]:
+@functools.cache  # every simulated node of a run reads the same files
+def corpus(max_bytes: int = 2_000_000, root: Path | None = None) -> tuple[bytes, tuple[bytes, ...]]:
     """The held-out text and the training files (bytes each), in path order, at most ``max_bytes`` in all."""
     root = root or Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib"}
@@ -59,10 +62,10 @@ def corpus(max_bytes: int = 2_000_000, root: Path | None = None) -> tuple[bytes,
         held.append(text[cut:])
     if not train or not held:
         raise ValueError(f"no Python source under {root} to train and evaluate on")
-    return b"".join(held), train
+    return b"".join(held), tuple(train)
 
 
-def shard(files: list[bytes], node: int, nodes: int, split: str = "iid", seed: int = 0) -> bytes:
+def shard(files: Sequence[bytes], node: int, nodes: int, split: str = "iid", seed: int = 0) -> bytes:
     """Node ``node``'s share (of ``nodes``) of the training text."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

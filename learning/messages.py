@@ -107,7 +107,9 @@ class _Message:
 
 @dataclass(frozen=True)
 class _Model(_Message):
-    """A model after ``round`` rounds, trained on ``samples`` samples (its weight in an average)."""
+    """A model after ``round`` rounds, trained on ``samples`` samples (its weight in an average).
+    Equality compares ``state`` too, which torch allows only for the same tensor objects: compare two
+    received models by their fields and tensors, not with ``==``."""
 
     round: int
     samples: int

@@ -5,11 +5,13 @@ last checkpoint if there is one; then the libp2p overlay joins the swarm, the no
 task in the DHT and connects to the task's providers while the learning protocol runs on the driver
 (training in a worker thread). Each finished round is evaluated (also off the loop), logged, and
 checkpointed every ``checkpoint_every`` rounds. SIGINT/SIGTERM: announce departure, give the
-protocol its goodbyes within a bound, write a final checkpoint, exit 0.
+protocol its goodbyes within a bound (a second signal cuts them short), write a final checkpoint,
+exit 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -20,6 +22,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -211,19 +214,26 @@ class Daemon:
             ):
                 self.overlay = overlay
                 nursery.start_soon(self._serve, nursery)
-                if stop is not None:
-                    await stop.wait()
-                    log.info("stopped: leaving the swarm")
-                else:
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                with contextlib.ExitStack() as held:
+                    signals = None
+                    if stop is not None:
+                        await stop.wait()
+                        log.info("stopped: leaving the swarm")
+                    else:  # held until the checkpoint is written: a second signal must not lose it
+                        signals = held.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
                         async for signum in signals:
                             log.info("%s: leaving the swarm", signal.Signals(signum).name)
                             break
-                with trio.move_on_after(LEAVE_TIMEOUT):
-                    if self.driver is not None:
-                        await self.driver.leave(LEAVE_TIMEOUT / 2)
-                    await overlay.leave(LEAVE_TIMEOUT / 2)
-                self._checkpoint()
+                    leaving = trio.CancelScope(deadline=trio.current_time() + LEAVE_TIMEOUT)
+                    async with trio.open_nursery() as watching:
+                        if signals is not None:
+                            watching.start_soon(_hurry, signals, leaving)
+                        with leaving:
+                            if self.driver is not None:
+                                await self.driver.leave(LEAVE_TIMEOUT / 2)
+                            await overlay.leave(LEAVE_TIMEOUT / 2)
+                        watching.cancel_scope.cancel()
+                    self._checkpoint()
                 # all that matters is on disk; closing libp2p (every connection, its services) took
                 # over 40 s at 24 daemons on 2 cores, so it gets a bound
                 closing.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -363,3 +373,12 @@ class Daemon:
             "liveness": overlay.liveness() if overlay else {"suspected": [], "down": 0, "flaps": 0},
             "uptime": round(time.time() - self.started, 1),
         }
+
+
+async def _hurry(signals: AsyncIterator[int], leaving: trio.CancelScope) -> None:
+    """A second SIGINT/SIGTERM while leaving (Ctrl-C pressed again) cuts the goodbyes short; the final
+    checkpoint is still written."""
+    async for signum in signals:
+        log.info("%s again: skipping the goodbyes, writing the checkpoint", signal.Signals(signum).name)
+        leaving.cancel()
+        return

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -114,6 +115,7 @@ def build_host(
     """A host on TCP + Noise + Yamux. ``announce`` replaces the advertised addresses when given
     (a node behind a port forward)."""
     fixed = [parse_multiaddr(a) for a in announce]
+    refuse_taken_ports(listen)
     patch_yamux()
     patch_noise()
     keep_freed_memory()
@@ -133,6 +135,21 @@ def build_host(
     host.get_addrs = _for_a_while(host.get_addrs)  # type: ignore[method-assign]
     _without_auto_dialing(host)
     return host
+
+
+def refuse_taken_ports(listen: Sequence[str]) -> None:
+    """Raise OSError (address in use) for a listen address whose TCP port something already listens on.
+    py-libp2p listens with SO_REUSEPORT (for hole punching), so a second daemon on a taken port would
+    start and share it silently, the kernel handing each incoming connection to either. A probe without
+    SO_REUSEPORT cannot bind beside a listener (SO_REUSEADDR only passes over closed connections)."""
+    for text in listen:
+        parts = text.split("/")
+        if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or parts[4] == "0":
+            continue
+        family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((parts[2], int(parts[4])))
 
 
 def _without_auto_dialing(host: IHost) -> None:

@@ -62,7 +62,8 @@ def simulate(
         try:
             topology = build_graph(topology, nodes, config.seed)
         except SystemExit as exc:  # the scenarios' command-line error: a ValueError here
-            raise ValueError(str(exc).removeprefix("error: ")) from None
+            hint = "; for a few nodes use topology='complete'"
+            raise ValueError(str(exc).removeprefix("error: ") + hint) from None
     schedule, _ = random_schedule(nodes, duration, churn_every, churn, 0.0, REJOIN, 0.0, config.seed)
     simulation = Simulation(
         config, topology, schedule=schedule if churn else (), make_task=make_task, progress=progress

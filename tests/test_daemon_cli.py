@@ -2,6 +2,7 @@
 status and id offline; every integrator the config offers; model versions; task ids across releases."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -100,6 +101,21 @@ def test_unreachable_bootstrap_says_which_address_and_why(tmp_path, in_process):
     assert "attempt 5/5 failed" in done.stderr, done.stderr  # every retry made, then the one line
 
 
+def test_a_port_another_daemon_listens_on_is_refused_not_shared(tmp_path, in_process):
+    """py-libp2p listens with SO_REUSEPORT: without the check a second daemon would share the port."""
+    home = tmp_path / "home"
+    assert in_process("init", home=home).returncode == 0
+    with socket.socket() as taken:  # as libp2p's listener is
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for listen in (f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/0.0.0.0/tcp/{port}"):
+            done = run_cli("run", "--listen", listen, "--api", "127.0.0.1:0", home=home)
+            assert_one_clear_line(done, 2, "Address already in use", "--listen")
+            assert "joined as" not in done.stderr
+
+
 @pytest.mark.parametrize("name", INTEGRATORS)
 def test_every_integrator_the_config_offers_folds_models_in_a_daemon(tmp_path, name):
     from shoal.learning.integrators import Contribution
@@ -160,3 +176,16 @@ def test_releases_that_cannot_read_each_others_messages_are_in_different_tasks(t
         with monkeypatch.context() as patched:
             patched.setattr(module, name, getattr(module, name) + 1)
             assert task_id(config, spec, layout) != ours, f"{module.__name__}.{name}"
+
+
+async def test_a_second_signal_while_leaving_cuts_the_goodbyes_short_not_the_checkpoint():
+    """The daemon holds its signal receiver until the final checkpoint is written (a second Ctrl-C once
+    ended the process before it); what a second signal does meanwhile is to cancel the goodbyes."""
+    from shoal.node.daemon import _hurry
+
+    async def again():
+        yield signal.SIGINT
+
+    leaving = trio.CancelScope()
+    await _hurry(again(), leaving)
+    assert leaving.cancel_called
