@@ -253,7 +253,7 @@ def _read(
             _read(value, hint, section, (*here, name), path, values, extra)
         else:
             key = KEYS["_".join((*here, name))]
-            values[key.name] = _coerce(key, value, f"{path}: {dotted}")
+            values[key.name] = _coerce(key, value, f"{path}: {section}.{dotted}")
             if key.name in RELATIVE_TO_FILE and values[key.name]:  # the file's, not the cwd's
                 values[key.name] = str(path.parent / values[key.name])
 

@@ -78,7 +78,8 @@ def config_reference() -> str:
         "Each key is read from `config.toml` (`shoal init` writes them all, commented), then from its "
         "`SHOAL_<KEY>` environment variable, then from its `shoal run` flag if it has one. There, and as a "
         "`shoal.Node` keyword, a sub-table's keys are prefixed by its name (`fanout` of `[protocol.gossip]`: "
-        "`SHOAL_GOSSIP_FANOUT`, `--gossip-fanout`, `gossip_fanout=3`).",
+        "`SHOAL_GOSSIP_FANOUT`, `--gossip-fanout`, `gossip_fanout=3`). A list's items go into a variable "
+        "separated by spaces or commas.",
         "",
         "| table | key | default | variable, flag | meaning |",
         "|---|---|---|---|---|",

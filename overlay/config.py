@@ -154,14 +154,13 @@ class P2PConfig:
     def __post_init__(self) -> None:
         if not self.listen:
             raise ValueError("listen: give at least one address, e.g. /ip4/0.0.0.0/tcp/4001")
-        for name in ("listen", "announce"):
+        parsers = {"listen": parse_multiaddr, "announce": parse_multiaddr, "bootstrap": parse_bootstrap}
+        for name, parse in parsers.items():
             for addr in getattr(self, name):
                 try:
-                    parse_multiaddr(addr)
+                    parse(addr)  # its message names the address and the fix, before anything starts
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
-        for addr in self.bootstrap:
-            parse_bootstrap(addr)  # its message names the address and the fix, before anything starts
         for name in (
             "ping_interval",
             "ping_timeout",

@@ -192,7 +192,7 @@ def test_a_sub_table_is_a_table_of_its_own_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown setting\(s\): protocol.fanout$"):
         load(path, env={})
     path.write_text('[protocol.gossip]\nfanout = "two"\n')
-    with pytest.raises(ConfigError, match=r"config.toml: gossip.fanout must be int, got 'two'$"):
+    with pytest.raises(ConfigError, match=r"config.toml: protocol.gossip.fanout must be int, got 'two'$"):
         load(path, env={})
     with pytest.raises(ConfigError, match=r"^SHOAL_GOSSIP_FANOUT: gossip_fanout must be int, got 'two'$"):
         load(None, env={"SHOAL_GOSSIP_FANOUT": "two"})
@@ -243,7 +243,7 @@ def test_a_bad_value_in_any_section_is_one_line_naming_the_key(tmp_path, section
 
 @pytest.mark.parametrize(
     ("source", "expected"),
-    [("file", "config.toml: lr must be float"), ("env", "SHOAL_LR: lr must be float")],
+    [("file", "config.toml: task.lr must be float"), ("env", "SHOAL_LR: lr must be float")],
 )
 def test_a_value_of_the_wrong_type_says_where_it_came_from(tmp_path, source, expected):
     path = tmp_path / "config.toml"
