@@ -11,7 +11,6 @@ exit 0.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -214,32 +213,35 @@ class Daemon:
             ):
                 self.overlay = overlay
                 nursery.start_soon(self._serve, nursery)
-                with contextlib.ExitStack() as held:
-                    signals = None
-                    if stop is not None:
-                        await stop.wait()
-                        log.info("stopped: leaving the swarm")
-                    else:  # held until the checkpoint is written: a second signal must not lose it
-                        signals = held.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
+                if stop is not None:
+                    await stop.wait()
+                    log.info("stopped: leaving the swarm")
+                    await self._leave(overlay, None)
+                else:  # held until the checkpoint is written: a second signal must not lose it
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for signum in signals:
                             log.info("%s: leaving the swarm", signal.Signals(signum).name)
                             break
-                    leaving = trio.CancelScope(deadline=trio.current_time() + LEAVE_TIMEOUT)
-                    async with trio.open_nursery() as watching:
-                        if signals is not None:
-                            watching.start_soon(_hurry, signals, leaving)
-                        with leaving:
-                            if self.driver is not None:
-                                await self.driver.leave(LEAVE_TIMEOUT / 2)
-                            await overlay.leave(LEAVE_TIMEOUT / 2)
-                        watching.cancel_scope.cancel()
-                    self._checkpoint()
+                        await self._leave(overlay, signals)
                 # all that matters is on disk; closing libp2p (every connection, its services) took
                 # over 40 s at 24 daemons on 2 cores, so it gets a bound
                 closing.deadline = trio.current_time() + CLOSE_TIMEOUT
                 nursery.cancel_scope.cancel()
         if closing.cancelled_caught:
             log.info("libp2p did not close within %g s: exiting without waiting for it", CLOSE_TIMEOUT)
+
+    async def _leave(self, overlay: Libp2pOverlay, signals: AsyncIterator[int] | None) -> None:
+        """Goodbyes within LEAVE_TIMEOUT (cut short by another of ``signals``), then the final checkpoint."""
+        leaving = trio.CancelScope(deadline=trio.current_time() + LEAVE_TIMEOUT)
+        async with trio.open_nursery() as watching:
+            if signals is not None:
+                watching.start_soon(_hurry, signals, leaving)
+            with leaving:
+                if self.driver is not None:
+                    await self.driver.leave(LEAVE_TIMEOUT / 2)
+                await overlay.leave(LEAVE_TIMEOUT / 2)
+            watching.cancel_scope.cancel()
+        self._checkpoint()
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         """Everything after joining: the API, the protocol from the first task peer, discovery beside it."""

@@ -115,7 +115,8 @@ def build_host(
     """A host on TCP + Noise + Yamux. ``announce`` replaces the advertised addresses when given
     (a node behind a port forward)."""
     fixed = [parse_multiaddr(a) for a in announce]
-    refuse_taken_ports(listen)
+    listening = [parse_multiaddr(a) for a in listen]
+    refuse_taken_ports(listening)
     patch_yamux()
     patch_noise()
     keep_freed_memory()
@@ -125,7 +126,7 @@ def build_host(
 
     host = new_host(
         key_pair=key_pair,
-        listen_addrs=[parse_multiaddr(a) for a in listen],
+        listen_addrs=listening,
         muxer_preference="YAMUX",
         enable_quic=False,
         enable_upnp=upnp,
@@ -137,19 +138,20 @@ def build_host(
     return host
 
 
-def refuse_taken_ports(listen: Sequence[str]) -> None:
+def refuse_taken_ports(listen: Sequence[multiaddr.Multiaddr]) -> None:
     """Raise OSError (address in use) for a listen address whose TCP port something already listens on.
     py-libp2p listens with SO_REUSEPORT (for hole punching), so a second daemon on a taken port would
     start and share it silently, the kernel handing each incoming connection to either. A probe without
     SO_REUSEPORT cannot bind beside a listener (SO_REUSEADDR only passes over closed connections)."""
-    for text in listen:
-        parts = text.split("/")
-        if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or parts[4] == "0":
+    families = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}
+    for addr in listen:
+        names = [p.name for p in addr.protocols()]
+        if names[:2] not in (["ip4", "tcp"], ["ip6", "tcp"]) or int(addr.value_for_protocol("tcp")) == 0:
             continue
-        family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        ip = addr.protocols()[0]
+        with socket.socket(families[ip.name], socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((parts[2], int(parts[4])))
+            probe.bind((addr.value_for_protocol(ip.code), int(addr.value_for_protocol("tcp"))))
 
 
 def _without_auto_dialing(host: IHost) -> None:
