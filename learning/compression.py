@@ -6,12 +6,13 @@ is part of the task (``node.daemon`` hashes it into the task id): peers with dif
 
 - ``fp32``, ``fp16``, ``bf16``, ``int8``: each model on its own (``learning.codecs``), nothing kept.
 - ``topk``: the difference to a *reference* both ends hold, sparsified to the top ``topk_fraction`` by
-  magnitude (Deep Gradient Compression). A pair holds two references: what the receiver reconstructed
-  from the sender's last message to it, and the other way round; the sender computes both (decoding is
-  bit-identical) and uses the one closer to the model it sends. So what top-k drops stays in the next
-  difference (error feedback, as in CHOCO-gossip's estimates of its neighbours) instead of in a separate
-  residual. Using the other direction's message matters for MoDeST: an aggregator's model is close to
-  what this round's trainers just sent it, while its own last message to them may be many rounds old.
+  magnitude (Deep Gradient Compression), its values in ``topk_bits`` (8, 4 or 2) bits each. A pair holds
+  two references: what the receiver reconstructed from the sender's last message to it, and the other
+  way round; the sender computes both (decoding is bit-identical) and uses the one closer to the model it
+  sends. So what top-k drops or its values round off stays in the next difference (error feedback, as in
+  CHOCO-gossip's estimates of its neighbours) instead of in a separate residual. Using the other
+  direction's message matters for MoDeST: an aggregator's model is close to what this round's trainers
+  just sent it, while its own last message to them may be many rounds old.
   A first message, one after a reference was lost, or one whose difference would rebuild the model
   worse than ``MAX_LAG`` times an int8 copy would, is a *keyframe*: the whole model in int8. Why pairs
   and not a round's model: gossip has no shared round model, and in MoDeST the receiver of a trained
@@ -22,9 +23,11 @@ and ``base``, that message's sequence number; 0 for a keyframe) and its own (``s
 sender's messages, so two keyframes or a late message are never mistaken for each other). A receiver
 that does not hold the base (it restarted, evicted it, a message was lost or overtaken) drops the
 message without blame and answers ``codec-reset`` (``learning.messages.CodecReset``, at most one per
-peer per ``RESET_INTERVAL``, ``node.driver``); the sender's next message to it is a keyframe. References
-are bounded: ``max_references`` peers per direction (least recently used evicted), each a copy of the
-model.
+peer per ``RESET_INTERVAL``, ``node.driver``); the sender's next message to it is a keyframe. A sender
+keeps its last ``SENT_KEPT`` messages to each peer: two peers that send to each other at once (gossip's
+synchronous rounds do, every round) each name the other's last message, which the other has already
+followed with a newer one. References are bounded: ``max_references`` peers per direction (least
+recently used evicted), each ``SENT_KEPT`` copies of the model (one for what we hold of a peer's).
 
 Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
 checks (indices, counts, scales). Each representation of a received model is checked for NaN and Inf
@@ -55,6 +58,7 @@ KEY, MINE, YOURS = 0, 1, 2  # a top-k message's reference: none (keyframe), send
 # at 30% kept with int8 values, seed 1: 10 and 100 cost MoDeST 23% and 27% more bytes to 90% than 30.
 MAX_LAG = 30.0
 KEYFRAME = "int8"
+SENT_KEPT = 2  # our last messages to a peer that its messages may name (crossing sends: one more)
 
 State = Mapping[str, torch.Tensor]
 
@@ -75,6 +79,13 @@ class CodecConfig:
     topk_fraction: float = field(
         default=0.3, metadata={"help": "topk: share of each difference's values that is sent"}
     )
+    topk_bits: int = field(
+        default=8,
+        metadata={
+            "help": "topk: bits per kept value: 8 (int8), 4 or 2 (SparseLoCo-style; error feedback carries "
+            "what they round off)"
+        },
+    )
     max_references: int = 16
 
     def __post_init__(self) -> None:
@@ -82,8 +93,16 @@ class CodecConfig:
             raise ValueError(f"name must be one of {', '.join(CODECS)}, got {self.name!r}")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
+        if not isinstance(self.topk_bits, int) or self.topk_bits not in codecs.VALUE_BITS:
+            raise ValueError(f"topk_bits must be one of {codecs.VALUE_BITS}, got {self.topk_bits!r}")
         if self.max_references < 1:
             raise ValueError("max_references must be at least 1")
+
+    @property
+    def task_name(self) -> str:
+        """The codec as part of the task id: its name, and top-k's bits unless 8, so that releases that
+        refuse 2- and 4-bit values (``#v`` wire tensors) are another swarm; 8-bit ids are as before."""
+        return self.name if self.name != "topk" or self.topk_bits == 8 else f"{self.name}:{self.topk_bits}bit"
 
 
 class Stale(codecs.CodecError):
@@ -104,7 +123,7 @@ class Compression:
         self.config = config
         # shapes and dtypes only, but a copy: the protocol's model changes; fp32 needs none
         self.template = {} if config.name == "fp32" else {k: v.detach().clone() for k, v in template.items()}
-        self._out: OrderedDict[str, _Reference] = OrderedDict()  # what each peer holds of ours
+        self._out: OrderedDict[str, tuple[_Reference, ...]] = OrderedDict()  # our last to each, newest last
         self._seq = 0  # our last message's sequence number, to any peer
         self._fresh: set[str] = set()  # peers whose next message from us must be a keyframe
         self._in: OrderedDict[str, _Reference] = OrderedDict()  # what we hold of each peer's
@@ -119,14 +138,15 @@ class Compression:
         if name != "topk":
             return body, codecs.compress(name, model)
         # the closer of the two models both ends hold: our last message to the peer, or its last to us
-        refs = [(r, kind) for r, kind in ((self._out.get(peer), MINE), (self._in.get(peer), YOURS)) if r]
+        sent = self._out.get(peer)
+        refs = [(r, kind) for r, kind in ((sent and sent[-1], MINE), (self._in.get(peer), YOURS)) if r]
         key_wire = codecs.compress(KEYFRAME, model)
         key_held = codecs.decompress(KEYFRAME, key_wire, self.template)
         wire, held, base, kind = key_wire, key_held, 0, KEY
         if peer not in self._fresh and refs:
             ref, kind = min(refs, key=lambda rk: _distance(model, rk[0].model))
             delta = {k: v - ref.model[k] if v.is_floating_point() else v for k, v in model.items()}
-            wire = codecs.sparsify(delta, self.config.topk_fraction)
+            wire = codecs.sparsify(delta, self.config.topk_fraction, bits=self.config.topk_bits)
             dense = codecs.densify(wire, self.template)
             held = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
             base = ref.seq
@@ -134,7 +154,8 @@ class Compression:
                 wire, held, base, kind = key_wire, key_held, 0, KEY
         self._fresh.discard(peer)
         self._seq += 1
-        self._keep(self._out, peer, _Reference(self._seq, held))
+        kept = (*(sent or ()), _Reference(self._seq, held))[-SENT_KEPT:]
+        self._keep(self._out, peer, kept)
         return {**body, "z": {"seq": self._seq, "base": base, "ref": kind}}, wire
 
     def decode(self, peer: str, body: Mapping[str, Any], wire: State) -> tuple[Mapping[str, Any], State]:
@@ -157,10 +178,15 @@ class Compression:
         if kind == KEY:
             model = codecs.decompress(KEYFRAME, wire, self.template)
         else:
-            # the sender's MINE is the last message it sent us (our _in); its YOURS our last to it (_out)
-            ref = (self._in if kind == MINE else self._out).get(peer)
-            if ref is None or ref.seq != base:  # ours stays: an overtaken message may still need it
-                raise Stale(f"top-k message on reference {base}, we hold {ref.seq if ref else 'none'}")
+            # the sender's MINE is the last message it sent us (our _in); its YOURS one of ours to it (_out)
+            if kind == MINE:
+                held = (self._in[peer],) if peer in self._in else ()
+            else:
+                held = self._out.get(peer, ())
+            ref = next((r for r in held if r.seq == base), None)
+            if ref is None:  # ours stays: an overtaken message may still need it
+                have = ", ".join(str(r.seq) for r in held) or "none"
+                raise Stale(f"top-k message on reference {base}, we hold {have}")
             dense = codecs.densify(wire, self.template)
             # finite for float32 models (float16 values cannot carry a finite reference past float32's
             # max); in a float16 model it may overflow, and the protocol's norm bound refuses it
@@ -176,7 +202,7 @@ class Compression:
         if len(self._fresh) > self.config.max_references:  # bounded like the references themselves
             self._fresh.pop()
 
-    def _keep(self, table: OrderedDict[str, _Reference], peer: str, ref: _Reference) -> None:
+    def _keep(self, table: OrderedDict[str, Any], peer: str, ref: object) -> None:
         table[peer] = ref
         table.move_to_end(peer)
         while len(table) > self.config.max_references:

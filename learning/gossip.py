@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
 from shoal.learning.messages import Fetch, GossipModel, model_fault
+from shoal.learning.outer import Outer, OuterConfig
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
@@ -153,10 +154,15 @@ class Gossip:
         labels: Sequence[int] | None = None,
         round: int = 0,
         anchor: Anchor | None = None,
+        outer: Outer | None = None,
     ):
         """``anchor``: what the node knows of its own training (``learning.anchor``), to judge a fetched
-        model that would replace ours; without one, any model ahead of ours is taken."""
+        model that would replace ours; without one, any model ahead of ours is taken. ``outer``: the
+        step from where a round's training began towards the integrated model (``learning.outer``;
+        default: take the integrated model)."""
         self._model = model
+        self._origin = model  # where the current round's training began: the outer step's origin
+        self._outer = Outer(OuterConfig()) if outer is None else outer
         self._anchor = anchor
         self._samples = samples
         self._integrator = integrator
@@ -335,7 +341,8 @@ class Gossip:
 
     def _integrate_and_continue(self, received: list[Contribution]) -> list[Action]:
         own = Contribution(self._model, self._samples)
-        self._model, judged = integrate_contained(self._integrator, own, received)
+        integrated, judged = integrate_contained(self._integrator, own, received)
+        self._model = self._outer.step(self._origin, integrated)
         taken = {c.peer: 1.0 for c in received}  # a plain integrator takes all it keeps
         for action in judged:
             match action:
@@ -355,4 +362,5 @@ class Gossip:
     def _train(self) -> list[Action]:
         self._phase = Phase.TRAINING
         self._cycle_started = self._now
+        self._origin = self._model
         return [Train(self._round, self._model)]

@@ -23,6 +23,7 @@ from shoal.learning.gossip import Gossip
 from shoal.learning.integrators import Integrator, make_integrator
 from shoal.learning.learner import Learner
 from shoal.learning.modest import Modest
+from shoal.learning.outer import Outer
 from shoal.learning.protocol import LearningProtocol, State
 from shoal.learning.settings import ProtocolSettings
 from shoal.learning.task import SupervisedTraining, Task, retrained
@@ -37,6 +38,7 @@ class LearningNode:
     labels: list[int] | None  # the classes announced with our models (Bristle's only)
     initial: State
     rng: random.Random
+    outer: Outer  # gossip's outer optimizer; its momentum is checkpointed with the model
 
     def protocol(
         self, me: str, peers: Sequence[str], *, joining: bool = False, round: int = 0
@@ -54,6 +56,7 @@ class LearningNode:
             labels=self.labels,
             joining=joining,
             round=round,
+            outer=self.outer,
         )
 
 
@@ -65,8 +68,10 @@ def build_node(
     module: nn.Module | None = None,
     shared: bool = False,
     initial: State | None = None,
+    momentum: State | None = None,
 ) -> LearningNode:
-    """A node learning ``task`` as ``settings`` say, from ``initial`` (default: the model as built).
+    """A node learning ``task`` as ``settings`` say, from ``initial`` (default: the model as built) and
+    the outer optimizer's ``momentum`` (a checkpoint's; default none).
 
     ``module``: the one to compute in (default: the task's). ``shared``: the anchor probes in it too
     (a simulation's nodes run one at a time on one thread); otherwise in a copy of its own, since a
@@ -89,7 +94,8 @@ def build_node(
     initial = learner.initial_state() if initial is None else initial
     anchor.start(initial)
     integrator = bristle.integrator if bristle else build_integrator(settings, anchor, rng)
-    return LearningNode(settings, learner, anchor, integrator, labels, initial, rng)
+    outer = Outer(settings.outer, momentum)
+    return LearningNode(settings, learner, anchor, integrator, labels, initial, rng, outer)
 
 
 def build_integrator(settings: ProtocolSettings, anchor: Anchor | None, rng: random.Random) -> Integrator:
@@ -116,6 +122,7 @@ def build_protocol(
     labels: Sequence[int] | None = None,
     joining: bool = False,
     round: int = 0,
+    outer: Outer | None = None,
 ) -> LearningProtocol:
     """The protocol ``settings`` name for node ``me``, starting from ``model`` at ``round``.
 
@@ -125,7 +132,7 @@ def build_protocol(
     (Bristle, or an attacker's plain mean); ``labels`` are announced with gossip's models. A ``joining``
     node enters a running swarm: gossip fetches a peer's model first unless it resumes from a round of
     its own; MoDeST always joins anew when it joins or resumes, as its checkpoint's round is far behind
-    the swarm's.
+    the swarm's. ``outer``: gossip's outer optimizer (default: a new one as ``settings`` say).
     """
     if integrator is None:
         integrator = build_integrator(settings, anchor, rng)
@@ -141,4 +148,7 @@ def build_protocol(
             anchor=anchor,
         )
     config = replace(settings.gossip, join_by_fetch=joining and round == 0)
-    return Gossip(model, samples, integrator, config, rng, labels=labels, round=round, anchor=anchor)
+    outer = Outer(settings.outer) if outer is None else outer
+    return Gossip(
+        model, samples, integrator, config, rng, labels=labels, round=round, anchor=anchor, outer=outer
+    )

@@ -29,6 +29,7 @@ from shoal.learning.datasets import BUILTIN
 from shoal.learning.gossip import GossipConfig
 from shoal.learning.models import MODELS
 from shoal.learning.modest import ModestConfig
+from shoal.learning.outer import OuterConfig
 from shoal.learning.task import Labelled, Task, classification
 
 PROTOCOLS = ("gossip", "modest")
@@ -179,6 +180,13 @@ class ProtocolSettings:
             "help": "protocol modest: each round a sample of trainers sends its models to a few aggregators"
         },
     )
+    outer: OuterConfig = field(
+        default_factory=OuterConfig,
+        metadata={
+            "help": "DiLoCo over gossip: after a round's local steps, an outer SGD step with Nesterov "
+            "momentum along where the round began minus the integrated model"
+        },
+    )
     codec: CodecConfig = field(
         default_factory=CodecConfig,
         metadata={
@@ -192,3 +200,6 @@ class ProtocolSettings:
             raise ValueError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.integrator not in INTEGRATORS:
             raise ValueError(f"integrator: {self.integrator!r} is not one of {', '.join(INTEGRATORS)}")
+        if self.protocol == "modest" and not self.outer.averaging:
+            # a round's trainers are a new sample: none holds the last round's start and momentum
+            raise ValueError("outer: MoDeST averages (outer lr 1, momentum 0); the outer step is gossip's")

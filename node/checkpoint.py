@@ -1,4 +1,5 @@
-"""Checkpoints: the model and where the protocol stood, in one safetensors file written atomically.
+"""Checkpoints: the model, where the protocol stood and the outer optimizer's momentum
+(``learning.outer``), in one safetensors file written atomically.
 
 safetensors holds only tensors and string metadata, so loading a checkpoint never runs code (unlike
 ``torch.load`` without ``weights_only``). A daemon killed at any moment leaves the previous
@@ -7,7 +8,7 @@ checkpoint or the new one (``overlay.atomic``), and restarts from it with the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -21,15 +22,20 @@ class CheckpointError(Exception):
     """A checkpoint file exists but cannot be used; the message says which file and why."""
 
 
+MOMENTUM = "momentum#"  # the prefix of the momentum's tensors: no model's tensor has a '#' (codecs)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     state: State
     round: int
     task: str
+    momentum: State = field(default_factory=dict)  # by the model's tensor names; empty before a step
 
 
 def save(path: Path, checkpoint: Checkpoint) -> None:
-    tensors = {name: t.detach().cpu().contiguous() for name, t in checkpoint.state.items()}
+    momentum = {MOMENTUM + name: m for name, m in checkpoint.momentum.items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in {**checkpoint.state, **momentum}.items()}
     metadata = {"round": str(checkpoint.round), "task": checkpoint.task}
     write_atomic(path, save_tensors(tensors, metadata=metadata))
 
@@ -41,7 +47,7 @@ def load(path: Path, task: str) -> Checkpoint | None:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
         round_ = int(metadata["round"])
     except (OSError, SafetensorError, KeyError, ValueError) as e:
         raise CheckpointError(
@@ -52,4 +58,6 @@ def load(path: Path, task: str) -> Checkpoint | None:
             f"checkpoint {path} belongs to task {metadata.get('task')}, not this node's task {task} "
             "(the model or dataset changed?); move it away to start afresh"
         )
-    return Checkpoint(state, round_, task)
+    state = {n: t for n, t in tensors.items() if not n.startswith(MOMENTUM)}
+    momentum = {n.removeprefix(MOMENTUM): t for n, t in tensors.items() if n.startswith(MOMENTUM)}
+    return Checkpoint(state, round_, task, momentum)

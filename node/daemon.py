@@ -96,7 +96,7 @@ def task_id(config: Config, spec: dict[str, Any], layout: ParameterLayout) -> st
         **spec,
         "tensors": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)],
         "protocol": config.protocol.protocol,
-        "codec": config.protocol.codec.name,  # not topk_fraction: receivers decode any number of kept values
+        "codec": config.protocol.codec.task_name,  # with topk_bits if not 8; not topk_fraction: any k decodes
         # the encodings: releases that cannot read each other's messages are in different tasks, rather
         # than in one where each refuses the other's messages as malformed
         "encoding": [framing.VERSION, wire.VERSION, messages.VERSION, codecs.FORMAT],
@@ -167,6 +167,7 @@ class Daemon:
                 self.rng,
                 module=module,
                 initial=self._in_model_order(saved.state) if saved else None,
+                momentum=self._in_model_order(saved.momentum, partial=True) if saved else None,
             )
         except ValueError as e:
             raise ConfigError(f"integrator {config.protocol.integrator}: {e}") from None
@@ -181,11 +182,16 @@ class Daemon:
         self._checkpointing = threading.Lock()
         self._checkpointed = -1
 
-    def _in_model_order(self, state: State) -> State:
-        """A checkpoint's tensors in the model's parameter order (safetensors sorts names)."""
+    def _in_model_order(self, state: State, *, partial: bool = False) -> State:
+        """A checkpoint's tensors in the model's parameter order (safetensors sorts names); ``partial``:
+        some may be missing (the momentum has none before the first outer step, nor for counters)."""
+        layout = self.layout
         try:
-            ordered = {name: state[name] for name in self.layout.names}
-            self.layout.check(ordered)
+            if unknown := sorted(set(state) - set(layout.names)):
+                raise ModelError(f"tensors {unknown[:3]} are not the model's")
+            ordered = {name: state[name] for name in layout.names if name in state or not partial}
+            full = {n: ordered.get(n, torch.empty(s)) for n, s in zip(layout.names, layout.shapes)}
+            layout.check(full)
         except (KeyError, ModelError) as e:
             raise checkpoint.CheckpointError(
                 f"checkpoint {self.home.checkpoint} does not fit the model ({e}); move it away to start over"
@@ -330,11 +336,12 @@ class Daemon:
         """Write a checkpoint (from a worker thread or, at exit, the loop: hence the lock)."""
         if self.protocol is None:
             return
-        model, rnd = self.protocol.model, self.protocol.round
+        model, rnd, momentum = self.protocol.model, self.protocol.round, self.node.outer.momentum
         with self._checkpointing:  # the newest wins: a late older write must not replace it
             if rnd < self._checkpointed:
                 return
-            checkpoint.save(self.home.checkpoint, checkpoint.Checkpoint(model, rnd, self.task))
+            saved = checkpoint.Checkpoint(model, rnd, self.task, momentum)
+            checkpoint.save(self.home.checkpoint, saved)
             self._checkpointed = rnd
         log.info("checkpoint written at round %d", rnd)
 

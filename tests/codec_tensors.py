@@ -1,8 +1,10 @@
 """Models and wire tensors for the codec tests: a model of every dtype the wire carries, bit-level
-comparison, and top-k's position forms."""
+comparison, top-k's position forms, and a reference for its 2- and 4-bit values."""
 
 import numpy as np
 import torch
+
+from shoal.learning.codecs import BLOCK
 
 
 def model(seed=0):
@@ -47,3 +49,36 @@ def kept_positions(wire, name, n):
         bits = np.unpackbits(wire[f"{name}#m"].numpy(), bitorder="little")
         return torch.from_numpy(np.flatnonzero(bits[:n]))
     return wire[f"{name}#i"].long()
+
+
+def unpack_codes(packed, bits):
+    """Every ``bits``-bit code of ``packed``, padding too: code i of a byte in its low bits first."""
+    flat = np.unpackbits(packed.numpy(), bitorder="little").reshape(-1, bits)
+    return torch.from_numpy(flat @ (1 << np.arange(bits)))
+
+
+def levels(codes, scales, bits):
+    """What mid-rise ``bits``-bit codes stand for, in float32: (code - 2**(bits - 1) + 0.5) * scale."""
+    half = 2 ** (bits - 1)
+    scale = np.repeat(scales.numpy(), BLOCK)[: len(codes)]
+    return torch.from_numpy((np.asarray(codes, dtype=np.float32) - np.float32(half - 0.5)) * scale)
+
+
+def low_bit_reference(values, bits):
+    """Codes and scales as the codec documents them, block by block: the absmax scale or twice the mean
+    magnitude, whichever rebuilds the block with the lower squared error (absmax on a tie)."""
+    half = 2 ** (bits - 1)
+    x = values.double().numpy()
+    codes, scales = [], []
+    for start in range(0, len(x), BLOCK):
+        block = x[start : start + BLOCK]
+        best = None
+        for scale in (np.abs(block).max() / (half - 0.5), 2 * np.abs(block).mean()):
+            scale = np.float32(scale)
+            c = np.clip(np.floor(block / (scale if scale > 0 else 1)) + half, 0, 2 * half - 1)
+            error = ((levels(c, torch.tensor([scale]), bits).double().numpy() - block) ** 2).sum()
+            if best is None or error < best[0]:
+                best = error, c, scale
+        codes.append(best[1])
+        scales.append(best[2])
+    return torch.from_numpy(np.concatenate(codes or [[]])).to(torch.uint8), torch.tensor(scales)

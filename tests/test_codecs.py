@@ -1,5 +1,5 @@
 """The model codecs (learning/codecs.py): round trips within their error bounds, determinism and memory
-of their own, and which values and positions top-k keeps."""
+of their own, which values and positions top-k keeps, and its 2- and 4-bit values."""
 
 import math
 
@@ -18,8 +18,18 @@ from shoal.learning.codecs import (
     sparsify,
     wire_bytes,
 )
+from shoal.learning.language import ByteGPT
 from shoal.overlay.wire import Message, decode, encode
-from tests.codec_tensors import assert_shaped_like, kept_positions, model, pack, same_bits
+from tests.codec_tensors import (
+    assert_shaped_like,
+    kept_positions,
+    levels,
+    low_bit_reference,
+    model,
+    pack,
+    same_bits,
+    unpack_codes,
+)
 
 # --- round trips ----------------------------------------------------------------------------
 
@@ -142,6 +152,26 @@ def test_compression_ratios_on_a_million_parameters():
     dense = wire_bytes(sparsify(m, 0.3))
     assert dense == (999_000 + 1000) // 8 + (299_700 + 300) + 4 * (147 + 1) + 8
     assert full / dense == pytest.approx(9.4, rel=1e-2)
+    # 2% with 2-bit values, as the module's docstring says: 0.08 + 0.005 B per element and the scales
+    low = wire_bytes(sparsify(m, 0.02, bits=2))
+    assert low == (4 + 2 / 8) * (19_980 + 20) + 4 * (10 + 1) + 8
+    assert full / low == pytest.approx(47, rel=1e-2)
+    for fraction in (0.01, 0.03):
+        for bits in (2, 4):
+            assert wire_bytes(sparsify(m, fraction, bits)) == topk_bytes(m, fraction, bits), (fraction, bits)
+
+
+def topk_bytes(model, fraction, bits):
+    """What top-k should cost: per tensor, the smaller of bitmap and indices, the codes and the scales."""
+    total = 0
+    for t in model.values():
+        if not t.is_floating_point():
+            total += t.nbytes
+            continue
+        n = t.numel()
+        k = min(n, max(1, math.ceil(fraction * n)))
+        total += min(-(-n // 8), 4 * k) + -(-k * bits // 8) + 4 * -(-k // BLOCK)
+    return total
 
 
 # --- determinism and ownership --------------------------------------------------------------
@@ -156,9 +186,11 @@ def decoders():
         )
     yield "topk-bitmap", lambda m: sparsify(m, 0.3), densify
     yield "topk-indices", lambda m: sparsify(m, 0.01), densify
+    yield "topk-2bit", lambda m: sparsify(m, 0.3, bits=2), densify
+    yield "topk-4bit", lambda m: sparsify(m, 0.01, bits=4), densify
 
 
-CODEC_IDS = [*STATELESS, "topk-bitmap", "topk-indices"]
+CODEC_IDS = [*STATELESS, "topk-bitmap", "topk-indices", "topk-2bit", "topk-4bit"]
 
 
 @pytest.mark.parametrize(("codec", "encoder", "decoder"), list(decoders()), ids=CODEC_IDS)
@@ -205,6 +237,7 @@ def test_sparsify_keeps_the_largest_magnitudes_in_index_order(fraction, form):
     # the kept values in index order, coded as the int8 codec codes a tensor
     codes = compress("int8", {"x": flat[index]})
     assert torch.equal(wire["w#q"], codes["x#q"]) and torch.equal(wire["w#s"], codes["x#s"])
+    assert all(same_bits(t, wire[key]) for key, t in sparsify(d, fraction, bits=8).items())  # the default
     got = densify(wire, d)["w"].reshape(-1)
     kept = torch.zeros(2000, dtype=torch.bool)
     kept[index] = True
@@ -261,5 +294,96 @@ def test_our_own_bad_models_are_value_errors():
             assert not isinstance(info.value, CodecError)
     with pytest.raises(ValueError, match="unknown codec"):
         compress("zstd", {"x": torch.zeros(1)})
+    for bits in (0, 1, 3, 16, 2.0):
+        with pytest.raises(ValueError, match="bits must be one of \\(2, 4, 8\\)"):
+            sparsify({"x": torch.ones(4)}, 0.5, bits)
     with pytest.raises(ValueError, match="reserve"):
         decompress("fp32", {}, {"a#q": torch.zeros(1)})
+
+
+# --- top-k with 2- and 4-bit values ---------------------------------------------------------
+
+
+def heavy_tailed(n, seed):
+    """Gaussian values times a log-normal spread: blocks of top-k values with and without outliers."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * torch.randn(n, generator=g).exp()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("fraction", "form"), [(0.1, "#m"), (0.01, "#i")])
+def test_low_bit_values_are_what_the_reference_quantiser_makes(bits, fraction, form):
+    d = {"w": heavy_tailed(300_000, 9).reshape(600, 500), "steps": torch.tensor([5])}
+    wire = sparsify(d, fraction, bits)
+    k = round(fraction * 300_000)  # 30,000 or 3,000 values: 15 or 2 blocks
+    assert set(wire) == {f"w{form}", f"w#v{bits}", "w#s", "steps"}
+    index = kept_positions(wire, "w", 300_000)
+    assert torch.equal(index, kept_positions(sparsify(d, fraction), "w", 300_000))  # int8's positions
+    packed = wire[f"w#v{bits}"]
+    assert packed.dtype == torch.uint8 and packed.shape == (math.ceil(k * bits / 8),)
+    codes, scales = low_bit_reference(d["w"].reshape(-1)[index], bits)
+    assert torch.equal(unpack_codes(packed, bits), codes) and torch.equal(wire["w#s"], scales)
+    got = densify(wire, d)["w"].reshape(-1)
+    kept = torch.zeros(300_000, dtype=torch.bool)
+    kept[index] = True
+    assert torch.equal(got[kept], levels(codes, scales, bits)) and not got[~kept].any()
+
+
+def test_low_bit_codes_go_low_bits_first_with_zero_padding():
+    x = torch.tensor([-3.0, -1.0, 1.0, 3.0, 3.0])  # absmax 3, 2 bits: scale 2, levels -3 -1 1 3
+    wire = sparsify({"x": x}, 1.0, bits=2)
+    assert wire["x#v2"].tolist() == [0b11_10_01_00, 0b00_00_00_11] and wire["x#s"].tolist() == [2.0]
+    assert torch.equal(densify(wire, {"x": x})["x"], x)
+    y = torch.tensor([-7.5, 7.5, 0.5])  # 4 bits: scale 1, levels -7.5 ... 7.5
+    wire = sparsify({"y": y}, 1.0, bits=4)
+    assert wire["y#v4"].tolist() == [0b1111_0000, 0b0000_1000] and wire["y#s"].tolist() == [1.0]
+    assert torch.equal(densify(wire, {"y": y})["y"], y)
+    # an outlier: the mean's scale, 2 * 2, levels -6 -2 2 6 (squared error 16; absmax's, -9 -3 3 9: 28)
+    z = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 9.0])
+    wire = sparsify({"z": z}, 1.0, bits=2)
+    assert wire["z#s"].tolist() == [4.0]
+    assert unpack_codes(wire["z#v2"], 2).tolist() == [2, 1, 2, 1, 2, 1, 2, 3]
+    assert densify(wire, {"z": z})["z"].tolist() == [2.0, -2.0, 2.0, -2.0, 2.0, -2.0, 2.0, 6.0]
+
+
+@pytest.mark.parametrize(("bits", "gaussian", "student"), [(2, 0.02, 0.25), (4, 0.008, 0.12)])
+def test_low_bit_error_is_small_against_the_kept_values(bits, gaussian, student):
+    """Top 2%, relative squared error: Gaussian 0.013-0.014 at 2 bits, 0.004-0.006 at 4 over 12 seeds;
+    Student-t(3), heavy-tailed, 0.09-0.21 and 0.06-0.09 (int8: 1e-5 and 2e-4)."""
+    z = torch.randn(4, 200_000, generator=torch.Generator().manual_seed(10))
+    for x, bound in ((z[0], gaussian), (z[0] / z[1:].square().mean(0).sqrt(), student)):
+        wire = sparsify({"x": x}, 0.02, bits)
+        index = kept_positions(wire, "x", 200_000)
+        error = (densify(wire, {"x": x})["x"][index] - x[index]).double().square().sum()
+        assert error / x[index].double().square().sum() < bound
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 3 * BLOCK + 5),
+    exponents=st.lists(st.integers(-30, 30), min_size=8, max_size=8),
+    bits=st.sampled_from([2, 4]),
+)
+def test_low_bit_values_never_come_back_with_more_error_than_they_had(seed, n, exponents, bits):
+    """Per block, at most sum(x**2) - n * mean(|x|)**2: the mean's scale puts its lowest level there, and
+    the scale chosen has the lower error; so error feedback shrinks what it carries."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x *= torch.tensor([10.0**e for e in exponents], dtype=torch.float64).repeat_interleave(BLOCK // 2)[:n]
+    x = x.float()
+    wire = sparsify({"x": x}, 1.0, bits)
+    out = densify(wire, {"x": x})["x"].double()
+    for start in range(0, n, BLOCK):
+        block, got = x[start : start + BLOCK].double(), out[start : start + BLOCK]
+        energy = block.square().sum()
+        bound = energy - len(block) * block.abs().mean() ** 2
+        assert (got - block).square().sum() <= bound + 1e-6 * energy
+
+
+def test_low_bit_sizes_on_a_137k_parameter_model():
+    m = ByteGPT().state_dict()
+    n = sum(t.numel() for t in m.values())
+    assert n == 137_216 and len(m) == 30
+    for fraction, bits, size in [(0.01, 2, 6000), (0.02, 2, 11_861), (0.03, 2, 17_653), (0.02, 4, 12_540)]:
+        assert wire_bytes(sparsify(m, fraction, bits)) == topk_bytes(m, fraction, bits) == size
+    assert 4 * n / 11_861 == pytest.approx(46.3, rel=1e-3)  # 2%, 2 bits: 0.086 B per element

@@ -31,10 +31,10 @@ FUZZ = {
 }
 SMALL_FUZZ = {k: v for k, v in FUZZ.items() if k != "big"}
 NAMES = [
-    *(f"{n}{suffix}" for n in SMALL_FUZZ for suffix in ("", "#q", "#s", "#i", "#m", "#v")),
+    *(f"{n}{suffix}" for n in SMALL_FUZZ for suffix in ("", "#q", "#s", "#i", "#m", "#v", "#v2", "#v4")),
     *("", "junk", "w#", "#q", "w#q#s"),
 ]
-SHAPES = [(3, 4), (12,), (1,), (2,), (3,), (5,), (0,), (), (6,), (13,), (2, 2)]
+SHAPES = [(3, 4), (12,), (1,), (2,), (3,), (4,), (5,), (0,), (), (6,), (13,), (2, 2)]
 FLOAT_SPECIALS = [0.0, -0.0, 1.0, -1.0, 0.5, 127.0, 65504.0, 65520.0, 1e38, 3.4e38, 1e-45]
 FLOAT_SPECIALS += [float("nan"), float("inf"), float("-inf"), MAX_SCALE, MAX_SCALE * 1.01]
 INT_SPECIALS = [0, 1, 2, -1, -127, -128, 127, 255, 11, 12, 13, 2**31 - 1, -(2**31)]
@@ -89,6 +89,19 @@ def test_fuzzed_wire_dicts_decode_or_fail_with_codec_error(wire):
     outcome(lambda: densify(wire, SMALL_FUZZ), SMALL_FUZZ)
 
 
+TOPK = {"topk": 8, "topk2": 2, "topk4": 4}  # top-k by bits per value
+
+
+def value_specs(name, k, bits):
+    """The wire tensors of ``k`` top-k values of ``bits`` each: codes (int8 or packed) and scales."""
+    codes = (
+        (f"{name}#q", torch.int8, (k,))
+        if bits == 8
+        else (f"{name}#v{bits}", torch.uint8, (-(-k * bits // 8),))
+    )
+    return [codes, (f"{name}#s", torch.float32, (-(-k // BLOCK),))]
+
+
 @st.composite
 def near_valid_wire(draw, codec, template):
     """What ``codec`` makes of ``template``, names mostly right, tensors mostly of the right dtype and shape
@@ -100,20 +113,16 @@ def near_valid_wire(draw, codec, template):
             specs = [(name, ref.dtype, tuple(ref.shape))]
         elif codec == "int8":
             specs = [(f"{name}#q", torch.int8, (n,)), (f"{name}#s", torch.float32, (math.ceil(n / BLOCK),))]
-        elif codec == "topk" and draw(st.booleans()):  # positions as a bitmap
+        elif codec in TOPK and draw(st.booleans()):  # positions as a bitmap
             mask = draw(st.lists(st.booleans(), min_size=-(-n // 8) * 8, max_size=-(-n // 8) * 8))
             if draw(st.integers(0, 3)):  # mostly no padding bits set
                 mask[n:] = [False] * (len(mask) - n)
             k = sum(mask) + draw(st.sampled_from([0, 0, 0, -1, 1]))
             wire[f"{name}#m"] = pack(mask)
-            specs = [(f"{name}#q", torch.int8, (max(k, 0),)), (f"{name}#s", torch.float32, (-(-k // BLOCK),))]
-        elif codec == "topk":
+            specs = value_specs(name, max(k, 0), TOPK[codec])
+        elif codec in TOPK:
             k = draw(st.integers(0, n + 1))
-            specs = [
-                (f"{name}#i", torch.int32, (k,)),
-                (f"{name}#q", torch.int8, (k,)),
-                (f"{name}#s", torch.float32, (-(-k // BLOCK),)),
-            ]
+            specs = [(f"{name}#i", torch.int32, (k,)), *value_specs(name, k, TOPK[codec])]
         else:
             specs = [(name, compress(codec, {"x": ref})["x"].dtype, tuple(ref.shape))]
         for key, dtype, shape in specs:
@@ -133,10 +142,10 @@ def near_valid_wire(draw, codec, template):
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), codec=st.sampled_from([*STATELESS, "topk"]))
+@given(data=st.data(), codec=st.sampled_from([*STATELESS, *TOPK]))
 def test_fuzzed_near_valid_wire_dicts_decode_or_fail_with_codec_error(data, codec):
     wire = data.draw(near_valid_wire(codec, SMALL_FUZZ))
-    if codec == "topk":
+    if codec in TOPK:
         outcome(lambda: densify(wire, SMALL_FUZZ), SMALL_FUZZ)
     else:
         outcome(lambda: decompress(codec, wire, SMALL_FUZZ), SMALL_FUZZ)
@@ -195,18 +204,18 @@ def mutate(wire, op):
 
 @settings(max_examples=200, deadline=None)
 @given(
-    codec=st.sampled_from([*STATELESS, "topk"]),
+    codec=st.sampled_from([*STATELESS, *TOPK]),
     fraction=st.floats(0.001, 1.0),
     ops=st.lists(mutation(), max_size=3),
 )
 def test_mutated_encodings_decode_or_fail_with_codec_error(codec, fraction, ops):
-    wire = sparsify(FUZZ, fraction) if codec == "topk" else compress(codec, FUZZ)
+    wire = sparsify(FUZZ, fraction, TOPK[codec]) if codec in TOPK else compress(codec, FUZZ)
     for op in ops:
         wire = mutate(wire, op)
-    if codec == "topk":
+    if codec in TOPK:
         outcome(lambda: densify(wire, FUZZ), FUZZ)
     else:
         outcome(lambda: decompress(codec, wire, FUZZ), FUZZ)
     if not ops:  # an untouched encoding always decodes
-        out = densify(wire, FUZZ) if codec == "topk" else decompress(codec, wire, FUZZ)
+        out = densify(wire, FUZZ) if codec in TOPK else decompress(codec, wire, FUZZ)
         assert_shaped_like(out, FUZZ)

@@ -227,3 +227,68 @@ def test_densify_accepts_any_valid_position_set_in_either_form():
         changed(TOPK, **{"w#m": bitmap(*range(20)), "w#q": codes(20, -3), "w#s": ends["w#s"]}), SMALL
     )
     assert torch.equal(every["w"], torch.full((4, 5), -6.0))
+
+
+TOPK2 = sparsify(SMALL, 0.3, bits=2)  # 6 codes of 2 bits: 2 bytes, the last 4 bits padding
+TOPK4 = sparsify(SMALL, 0.3, bits=4)  # 3 bytes, no padding
+assert set(TOPK2) == {"w#m", "w#v2", "w#s", "steps"} and set(TOPK4) == {"w#m", "w#v4", "w#s", "steps"}
+
+
+def packed(*values):
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        # one value encoding per tensor
+        (changed(TOPK2, **{"w#q": TOPK["w#q"]}), "unexpected wire tensor.*'w#v2'"),
+        (changed(TOPK2, **{"w#v4": TOPK4["w#v4"]}), "unexpected wire tensor.*'w#v4'"),
+        (changed(TOPK2, **{"w#v2": None}), "missing wire tensor 'w#q'"),
+        (changed(TOPK2, **{"w#v2": None, "w#v8": TOPK["w#q"]}), "missing wire tensor 'w#q'"),
+        (changed(TOPK2, **{"w#v2": None, "w#v3": TOPK2["w#v2"]}), "missing wire tensor 'w#q'"),
+        # packed codes: uint8, exactly ceil(k * bits / 8) bytes for the k the positions keep, no padding set
+        (changed(TOPK2, **{"w#v2": TOPK2["w#v2"].to(torch.int8)}), "'w#v2' has dtype torch.int8, expected"),
+        (changed(TOPK4, **{"w#v4": TOPK4["w#v4"].float()}), "'w#v4' has dtype torch.float32, expected"),
+        (changed(TOPK2, **{"w#v2": TOPK2["w#v2"][:1]}), "'w#v2' has shape \\(1,\\), expected \\(2,\\)"),
+        (changed(TOPK4, **{"w#v4": packed(1, 2, 3, 4)}), "'w#v4' has shape \\(4,\\), expected \\(3,\\)"),
+        (changed(TOPK2, **{"w#v2": packed(1, 2).reshape(1, 2)}), "'w#v2' has shape \\(1, 2\\), expected"),
+        (changed(TOPK2, **{"w#v2": torch.zeros(10**7, dtype=torch.uint8)}), "has shape \\(10000000,\\)"),
+        (changed(TOPK2, **{"w#v2": packed(0, 0b0001_0000)}), "'w#v2' has padding bits set past its 6 codes"),
+        (changed(TOPK2, **{"w#v2": packed(0, 0b1000_0000)}), "'w#v2' has padding bits set past its 6 codes"),
+        (changed(TOPK4, **{"w#m": bitmap(0, 1, 2, 3, 4)}), "'w#v4' has padding bits set past its 5 codes"),
+        (changed(TOPK2, **{"w#m": bitmap(*range(9))}), "'w#v2' has shape \\(2,\\), expected \\(3,\\)"),
+        (changed(TOPK4, **{"w#m": bitmap(*range(7))}), "'w#v4' has shape \\(3,\\), expected \\(4,\\)"),
+        # the positions are checked before the values: a peer's count never sizes what we unpack
+        (changed(TOPK2, **{"w#m": None, "w#i": indices(*range(21))}), "21 indices, more than the 20"),
+        # scales, as int8 values' scales
+        (changed(TOPK2, **{"w#s": poke(0, float("nan"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(TOPK4, **{"w#s": poke(0, float("inf"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(TOPK2, **{"w#s": poke(0, -1.0)}), "negative scale -1"),
+        (changed(TOPK4, **{"w#s": poke(0, MAX_SCALE * 1.01)}), "over .*: values would overflow"),
+        (changed(TOPK2, **{"w#s": torch.ones(2)}), "'w#s' has shape \\(2,\\), expected \\(1,\\)"),
+        (changed(TOPK2, **{"w#s": torch.ones(0)}), "'w#s' has shape \\(0,\\), expected \\(1,\\)"),
+        (changed(TOPK4, **{"w#s": TOPK4["w#s"].half()}), "'w#s' has dtype torch.float16"),
+        (changed(TOPK2, **{"w#s": None}), "missing wire tensor 'w#s'"),
+    ],
+)
+def test_malformed_low_bit_values_are_refused_with_a_reason(wire, reason):
+    with pytest.raises(CodecError, match=reason):
+        densify(wire, SMALL)
+
+
+@pytest.mark.parametrize(("bits", "codes"), [(2, packed(0b00_11_11_11)), (4, packed(0xFF, 0x0F))])
+def test_low_bit_values_at_the_largest_scale_stay_finite_or_are_refused(bits, codes):
+    wire = {"x#m": bitmap(0, 1, 2, n=3), f"x#v{bits}": codes}  # three codes, each the largest
+    out = densify({**wire, "x#s": torch.tensor([MAX_SCALE])}, {"x": torch.ones(3)})["x"]
+    assert out.tolist() == pytest.approx([(2 ** (bits - 1) - 0.5) * MAX_SCALE] * 3, rel=1e-6)
+    with pytest.raises(CodecError, match=r"'x' overflows torch\.float16"):
+        densify({**wire, "x#s": torch.tensor([1e5])}, HALF)
+
+
+def test_densify_accepts_any_valid_low_bit_codes():
+    every = densify(changed(TOPK2, **{"w#v2": packed(0b11_10_01_00, 0b0000_11_10)}), SMALL)["w"].reshape(-1)
+    kept = kept_positions(TOPK2, "w", 20)
+    scale = float(TOPK2["w#s"])
+    assert every[kept].tolist() == pytest.approx([s * scale for s in (-1.5, -0.5, 0.5, 1.5, 0.5, 1.5)])
+    assert not every[~torch.isin(torch.arange(20), kept)].any()

@@ -17,6 +17,7 @@ from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.models import build_model
 from shoal.learning.modest import Modest, ModestConfig
 from shoal.learning.node import build_protocol
+from shoal.learning.outer import OuterConfig
 from shoal.learning.settings import ProtocolSettings
 from shoal.node.cli import build_parser
 from shoal.node.config import (
@@ -159,13 +160,17 @@ def test_existing_files_keys_and_flags_keep_working():
 
 
 def test_the_protocol_settings_nest_the_protocols_own_configurations():
-    assert fields_by_name(ProtocolSettings).keys() == {"protocol", "integrator", "gossip", "modest", "codec"}
+    nested = {"gossip", "modest", "outer", "codec"}
+    assert fields_by_name(ProtocolSettings).keys() == {"protocol", "integrator", *nested}
     settings = ProtocolSettings()
-    assert (settings.gossip, settings.modest, settings.codec) == (
+    assert (settings.gossip, settings.modest, settings.outer, settings.codec) == (
         GossipConfig(),
         ModestConfig(),
+        OuterConfig(),
         CodecConfig(),
     )
+    with pytest.raises(ValueError, match="MoDeST averages"):
+        ProtocolSettings(protocol="modest", outer=OuterConfig(lr=0.7, momentum=0.9))
 
 
 def test_keys_are_unique_across_sections_and_leave_shoal_home_alone():

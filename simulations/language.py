@@ -1,0 +1,251 @@
+"""Language models across a swarm: DiLoCo over gossip and MoDeST against data parallelism, at equal compute.
+
+Every node trains the byte-level transformer of ``learning.language`` (the Python standard library's
+source as its corpus, split --split) on its share, with AdamW; every run has the same data, initial
+model and seed. The arms, each one its own run (--arms):
+
+- ``dp``: synchronous data parallelism, the ideal reference: one model, each step's gradient the mean of
+  every node's (a batch of --task-batch windows from each share). Computed, not simulated: its bytes and
+  time are a ring all-reduce's (each node sends 2 (n-1)/n models a step) on the same links;
+- ``dpsgd``: D-PSGD in fp32, synchronous gossip exchanging with every neighbour after every step;
+- ``diloco``: DiLoCo over gossip, fp32: --inner steps, then the models are exchanged with every
+  neighbour, integrated, and the outer step (--outer-lr, --outer-momentum: Nesterov) applied
+  (``learning.outer``);
+- ``diloco-topk``: the same with the top-k codec (--codec-topk-fraction, --codec-topk-bits, error feedback);
+- ``modest-diloco``: MoDeST with --inner steps a round and the top-k codec (its outer step is averaging);
+- ``modest-crash``: the same, with --crash of the nodes crashing half way.
+
+Gossip runs on a random 4-regular graph. Compute is counted in inner steps per node: a gossip round is
+--inner steps; a MoDeST round trains --modest-sample-size nodes, so a node's share is sample/nodes of a
+round's steps. Each run ends once its nodes have trained --steps steps each (the final row is there);
+bytes are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per arm:
+final bits per byte, bytes, virtual seconds and steps to --target bits per byte, bytes per node per
+second at the peak) and bits_per_byte_by_steps.png, bits_per_byte_by_bytes.png to --out.
+
+    python -m shoal.simulations.language --nodes 16 --steps 400 --seed 1 --out out/language
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+
+from shoal.learning.language import corpus, make_task, shard, windows
+from shoal.learning.models import ParameterLayout
+from shoal.simulations import report
+from shoal.simulations.config import ScheduledEvent, SimConfig
+from shoal.simulations.engine import Row, RunResult, Simulation
+from shoal.simulations.topologies import build_graph
+
+ARMS = ("dp", "dpsgd", "diloco", "diloco-topk", "modest-diloco", "modest-crash")
+METRIC = "bits_per_byte_mean"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = report.parser(
+        "language",
+        __doc__,
+        nodes=16,
+        speed=20_000.0,  # bytes of text a node trains on per virtual second
+        gossip_synchronous=True,
+        gossip_round_timeout=120.0,
+        gossip_period=0.0,
+        outer_lr=0.7,
+        outer_momentum=0.9,
+        codec_topk_fraction=0.02,
+        modest_period=0.0,
+    )
+    g = p.add_argument_group("language model")
+    g.add_argument("--arms", default=",".join(ARMS), help="comma-separated (default %(default)s)")
+    g.add_argument("--steps", type=int, default=400, help="inner steps per node (default %(default)s)")
+    g.add_argument(
+        "--inner", type=int, default=25, help="DiLoCo's H: inner steps a round (default %(default)s)"
+    )
+    g.add_argument("--target", type=float, default=3.3, help="bits per byte of the to-target figures")
+    g.add_argument("--crash", type=float, default=0.5, help="modest-crash: share of nodes crashing")
+    g.add_argument("--split", default="iid", choices=("iid", "files"), help="how the corpus is shared")
+    g.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW's learning rate (default %(default)s)")
+    g.add_argument("--lm-batch", type=int, default=16, help="windows per step per node")
+    g.add_argument("--lm-width", type=int, default=64, help="model width (default %(default)s)")
+    g.add_argument("--lm-layers", type=int, default=2, help="transformer blocks (default %(default)s)")
+    g.add_argument("--lm-context", type=int, default=64, help="bytes per window (default %(default)s)")
+    g.add_argument("--lm-max-bytes", type=int, default=1_000_000, help="corpus bytes (default %(default)s)")
+    g.add_argument("--evals", type=int, default=12, help="evaluations per run (default %(default)s)")
+    args = p.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := sorted(set(arms) - set(ARMS)):
+        p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if args.steps < args.inner or args.inner < 1:
+        p.error("--inner must be at least 1 and at most --steps")
+    report.prepare(args)
+    base = report.config_from(args, eval_every=1.0)
+    make = functools.partial(
+        make_task,
+        split=args.split,
+        context=args.lm_context,
+        width=args.lm_width,
+        layers=args.lm_layers,
+        batch=args.lm_batch,
+        lr=args.lm_lr,
+        max_bytes=args.lm_max_bytes,
+        seed=args.seed,
+    )
+    progress = None if args.quiet else print
+    runs = {arm: _run(arm, args, base, make, progress) for arm in arms}
+    report.write_rounds(args.out, list(runs.values()))
+    results = {arm: _summary(r, args.target) for arm, r in runs.items()}
+    scenario = {"name": "language", "arms": arms, **{k: str(v) for k, v in vars(args).items() if k != "out"}}
+    report.write_summary(args.out, base, scenario, results)
+    _plot(args.out, list(runs.values()))
+    _print(args.out, results, args.target)
+    return 0
+
+
+def _run(arm: str, args, base: SimConfig, make, progress) -> RunResult:
+    step = args.lm_batch * args.lm_context / args.speed  # virtual seconds of one inner step
+    if arm == "dp":
+        return data_parallel(args, make, step, progress)
+    h = 1 if arm == "dpsgd" else args.inner
+    modest = arm.startswith("modest")
+    per_round = h * (args.modest_sample_size / args.nodes if modest else 1)  # steps per node per round
+    rounds = math.ceil(args.steps / per_round)
+    overrides: dict = {}
+    if arm == "dpsgd" or modest:  # no outer optimizer: D-PSGD averages, and so does MoDeST
+        overrides |= {"outer_lr": 1.0, "outer_momentum": 0.0}
+    if arm == "diloco-topk" or modest:
+        overrides["codec_name"] = "topk"
+    if modest:
+        overrides |= {"protocol": "modest", "dial_any": True}
+    model_bytes = 4 * ParameterLayout.of(make(0, args.nodes).model).numel
+    talk = (args.modest_sample_size if modest else 4) * model_bytes * 8 / (args.bandwidth * 1e6)
+    expected = rounds * (h * step + talk + 4 * args.latency)  # virtual seconds, if nothing waits
+    duration = expected * (3.0 if modest else 1.5)  # the run is cut at --steps (below)
+    config = report.config_from(args, **overrides, duration=duration, eval_every=expected / args.evals)
+    schedule = []
+    if arm == "modest-crash":
+        victims = random.Random(args.seed).sample(range(args.nodes), int(args.crash * args.nodes))
+        schedule = [ScheduledEvent(expected / 2, "crash", tuple(sorted(victims)))]
+    graph = nx.empty_graph(args.nodes) if modest else build_graph("regular", args.nodes, args.seed)
+    task = functools.partial(make, steps=h)
+    result = Simulation(
+        config,
+        graph,
+        label=arm,
+        make_task=task,
+        schedule=schedule,
+        evaluate="freshest" if modest else "all",
+        progress=progress,
+    ).run()
+    for row in result.rows:
+        row.metrics["steps"] = row.round * per_round
+    final = result.rows.index(_at_steps(result.rows, args.steps))
+    del result.rows[final + 1 :]  # equal compute: what came after --steps is not compared
+    return result
+
+
+def data_parallel(args, make, step: float, progress) -> RunResult:
+    """The ideal reference: one model; each step's batch one from every node's share (the mean of their
+    gradients); evaluated at as many points as the simulated runs; bytes and seconds of a ring
+    all-reduce over links of --bandwidth and --latency."""
+    start = time.perf_counter()
+    task = make(0, args.nodes)
+    _, files = corpus(args.lm_max_bytes)
+    texts = [shard(files, i, args.nodes, args.split, args.seed) for i in range(args.nodes)]
+    model = task.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lm_lr, weight_decay=0.01)
+    draw = torch.Generator().manual_seed(args.seed)
+    n = args.nodes
+    sent = 2 * (n - 1) / n * 4 * ParameterLayout.of(model).numel  # bytes per node per step
+    per_step = step + sent * 8 / (args.bandwidth * 1e6) + 2 * (n - 1) * args.latency
+    every = max(1, args.steps // args.evals)
+    rows = []
+    for k in range(args.steps + 1):
+        if k % every == 0 or k == args.steps:
+            bpb = task.evaluate(model)["bits_per_byte"]
+            metrics = {f"bits_per_byte_{s}": bpb for s in ("mean", "min", "max")} | {"steps": float(k)}
+            rows.append(Row("dp", k * per_step, float(k), n, 0.0, int(k * n * sent), metrics))
+            if progress:
+                progress(f"  [dp] step {k:5d}  bits_per_byte {bpb:.3f}")
+        if k == args.steps:
+            break
+        x, y = (torch.cat(t) for t in zip(*(windows(t, args.lm_context, args.lm_batch, draw) for t in texts)))
+        model.train()
+        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return RunResult("dp", rows, time.perf_counter() - start, args.steps, {"all-reduce": rows[-1].bytes_sent})
+
+
+def _at_steps(rows: list[Row], steps: float) -> Row:
+    """The first row at which the nodes have trained ``steps`` steps each (else the last)."""
+    return next((r for r in rows if r.metrics["steps"] >= steps - 1e-9), rows[-1])
+
+
+def _summary(result: RunResult, target: float) -> dict:
+    rows = result.rows
+    final = rows[-1]
+    reached = next((r for r in rows if r.metrics.get(METRIC, math.inf) <= target), None)
+    rates = [
+        (b.bytes_sent - a.bytes_sent) / (b.time - a.time) / max(1, b.alive)
+        for a, b in itertools.pairwise(rows)
+        if b.time > a.time
+    ]
+    return {
+        "final_bits_per_byte": round(final.metrics[METRIC], 4),
+        "final_steps": round(final.metrics["steps"], 1),
+        "final_alive": final.alive,
+        "bytes_sent": final.bytes_sent,
+        "virtual_seconds": round(final.time, 1),
+        "bytes_to_target": reached and reached.bytes_sent,
+        "seconds_to_target": reached and round(reached.time, 1),
+        "steps_to_target": reached and round(reached.metrics["steps"], 1),
+        "peak_bytes_per_second_per_node": round(max(rates, default=0.0)),
+        "wall_seconds": round(result.wall_seconds, 1),
+    }
+
+
+def _plot(out: Path, runs: list[RunResult]) -> None:
+    for x, name, label in (
+        ("steps", "bits_per_byte_by_steps.png", "inner steps per node"),
+        ("bytes", "bits_per_byte_by_bytes.png", "MB sent by all nodes (log)"),
+    ):
+        fig, ax = report.figure(figsize=(7.5, 4.5))
+        for r in runs:
+            xs = [row.metrics["steps"] if x == "steps" else row.bytes_sent / 1e6 for row in r.rows]
+            ax.plot(xs, [row.metrics[METRIC] for row in r.rows], label=r.label, marker=".")
+        if x == "bytes":
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out bits per byte (mean over nodes)")
+        ax.set_title("Language model across a swarm")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
+        report.save_figure(fig, out / name)
+
+
+def _print(out: Path, results: dict[str, dict], target: float) -> None:
+    print(f"wrote {out}: rounds.csv, summary.json and plots")
+    head = f"{'final bpb':>9} {'steps':>6} {f'MB to {target}':>10} {'s to target':>11} {'MB total':>9}"
+    print(f"  {'arm':<14} {head}")
+    for arm, r in results.items():
+        b = r["bytes_to_target"]
+        print(
+            f"  {arm:<14} {r['final_bits_per_byte']:>9.3f} {r['final_steps']:>6.0f} "
+            f"{'-' if b is None else f'{b / 1e6:.2f}':>10} {r['seconds_to_target'] or '-'!s:>11} "
+            f"{r['bytes_sent'] / 1e6:>9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

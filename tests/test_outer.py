@@ -1,0 +1,73 @@
+"""DiLoCo's outer step (learning/outer.py): torch's Nesterov SGD on start − averaged, inside gossip's
+round, and its momentum through a checkpoint."""
+
+import random
+
+import pytest
+import torch
+
+from shoal.learning.gossip import Gossip, GossipConfig
+from shoal.learning.integrators import Mean
+from shoal.learning.messages import GossipModel
+from shoal.learning.outer import Outer, OuterConfig
+from shoal.learning.protocol import MessageIn, PeerUp, Started, Trained
+from shoal.node import checkpoint
+
+
+def states(seed: int, n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"w": torch.randn(4, 3, generator=g), "steps": torch.tensor(i)} for i in range(n)]
+
+
+def test_plain_averaging_takes_the_integrated_model_itself():
+    start, averaged = states(0, 2)
+    assert Outer(OuterConfig()).step(start, averaged) is averaged
+
+
+def test_the_outer_step_is_torch_sgd_with_nesterov_momentum_on_the_pseudo_gradient():
+    config = OuterConfig(lr=0.7, momentum=0.9)
+    outer = Outer(config)
+    param = torch.nn.Parameter(states(1, 1)[0]["w"].clone())
+    sgd = torch.optim.SGD([param], lr=config.lr, momentum=config.momentum, nesterov=True)
+    model = {"w": param.detach().clone(), "steps": torch.tensor(0)}
+    for averaged in states(2, 5):
+        param.grad = param.detach() - averaged["w"]  # the pseudo-gradient: start - averaged
+        sgd.step()
+        model = outer.step(model, averaged)
+        torch.testing.assert_close(model["w"], param.detach(), rtol=0, atol=1e-6)
+        assert model["steps"] is averaged["steps"]  # counters are taken as averaged
+    assert outer.momentum["w"].shape == (4, 3) and "steps" not in outer.momentum
+
+
+def test_gossip_steps_from_where_its_round_began_towards_the_integrated_model():
+    config = OuterConfig(lr=0.5, momentum=0.0)
+    g = Gossip(
+        {"w": torch.zeros(3)},
+        10,
+        Mean(),
+        GossipConfig(fanout=None, period=0.0, max_norm_ratio=1e9),
+        random.Random(0),
+        outer=Outer(config),
+    )
+    g.handle(PeerUp("p"), 0.0)
+    g.handle(Started(), 0.0)
+    g.handle(MessageIn("p", GossipModel(0, 10, {"w": torch.full((3,), 4.0)})), 0.1)
+    g.handle(Trained(0, {"w": torch.full((3,), 2.0)}), 0.2)  # integrated: mean(2, 4) = 3
+    torch.testing.assert_close(g.model["w"], torch.full((3,), 1.5))  # 0 - 0.5 * (0 - 3)
+
+
+def test_the_momentum_rides_in_the_checkpoint_and_old_checkpoints_have_none(tmp_path):
+    path = tmp_path / "checkpoint.safetensors"
+    model = {"w": torch.ones(3), "steps": torch.tensor(4)}
+    checkpoint.save(path, checkpoint.Checkpoint(model, 7, "t", {"w": torch.full((3,), 0.25)}))
+    saved = checkpoint.load(path, "t")
+    assert saved.state.keys() == model.keys() and saved.round == 7
+    torch.testing.assert_close(saved.momentum, {"w": torch.full((3,), 0.25)})
+    checkpoint.save(path, checkpoint.Checkpoint(model, 8, "t"))
+    assert checkpoint.load(path, "t").momentum == {}
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0.0}, {"lr": float("nan")}, {"momentum": 1.0}, {"momentum": -0.1}])
+def test_outer_settings_out_of_range_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        OuterConfig(**bad)
