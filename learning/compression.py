@@ -14,7 +14,7 @@ is part of the task (``node.daemon`` hashes it into the task id): peers with dif
   direction's message matters for MoDeST: an aggregator's model is close to what this round's trainers
   just sent it, while its own last message to them may be many rounds old.
   A first message, one after a reference was lost, or one whose difference would rebuild the model
-  worse than ``MAX_LAG`` times an int8 copy would, is a *keyframe*: the whole model in int8. Why pairs
+  worse than ``max_lag`` times an int8 copy would, is a *keyframe*: the whole model in int8. Why pairs
   and not a round's model: gossip has no shared round model, and in MoDeST the receiver of a trained
   model (next round's aggregator) need not hold the model it was trained from.
 
@@ -52,11 +52,6 @@ from shoal.learning.messages import is_count, quote
 
 CODECS = (*codecs.STATELESS, "topk")
 KEY, MINE, YOURS = 0, 1, 2  # a top-k message's reference: none (keyframe), sender's last, receiver's last
-# A difference is sent only if what it rebuilds is within this many times an int8 keyframe's squared error
-# of the model; else the keyframe. Measured (simulations.compression, 12 nodes): without it MoDeST, whose
-# references are often many rounds old, needed 56 rounds to 90% instead of 41; with 30, 42. Measured again
-# at 30% kept with int8 values, seed 1: 10 and 100 cost MoDeST 23% and 27% more bytes to 90% than 30.
-MAX_LAG = 30.0
 KEYFRAME = "int8"
 SENT_KEPT = 2  # our last messages to a peer that its messages may name (crossing sends: one more)
 
@@ -86,6 +81,17 @@ class CodecConfig:
             "what they round off)"
         },
     )
+    # Measured (simulations.compression, 12 nodes): without it MoDeST, whose references are often many
+    # rounds old, needed 56 rounds to 90% instead of 41; with 30, 42; at 30% kept with int8 values, seed 1,
+    # 10 and 100 cost MoDeST 23% and 27% more bytes to 90% than 30. Rounds of many local steps (DiLoCo)
+    # move every weight: 2-bit differences then lose to int8 copies by far more, and want it raised.
+    max_lag: float = field(
+        default=30.0,
+        metadata={
+            "help": "topk: a difference that rebuilds the model worse than this many times an int8 copy "
+            "(squared error) goes as that whole int8 copy instead"
+        },
+    )
     max_references: int = 16
 
     def __post_init__(self) -> None:
@@ -95,6 +101,8 @@ class CodecConfig:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
         if not isinstance(self.topk_bits, int) or self.topk_bits not in codecs.VALUE_BITS:
             raise ValueError(f"topk_bits must be one of {codecs.VALUE_BITS}, got {self.topk_bits!r}")
+        if not self.max_lag >= 1:
+            raise ValueError(f"max_lag must be at least 1, got {self.max_lag!r}")
         if self.max_references < 1:
             raise ValueError("max_references must be at least 1")
 
@@ -150,7 +158,7 @@ class Compression:
             dense = codecs.densify(wire, self.template)
             held = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
             base = ref.seq
-            if _distance(model, held) > MAX_LAG * _distance(model, key_held):
+            if _distance(model, held) > self.config.max_lag * _distance(model, key_held):
                 wire, held, base, kind = key_wire, key_held, 0, KEY
         self._fresh.discard(peer)
         self._seq += 1

@@ -97,16 +97,25 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
         "demo",
         "run a local swarm of real daemons on 127.0.0.1 until it learns",
         "Start N daemons as separate processes on 127.0.0.1 (one bootstraps the others), each with "
-        "its own shard of the offline digits data; show their progress; stop when their mean "
-        "test accuracy reaches --target or after --timeout seconds; print a summary.",
+        "its own shard of the workload's data (digits: offline digits; language: a byte-level "
+        "transformer on the Python standard library's source, DiLoCo outer step, top-k codec); show "
+        "their progress; stop when their mean metric reaches --target or after --timeout seconds; "
+        "print a summary.",
     )
     demo.add_argument("--nodes", type=int, default=4, metavar="N", help="daemons to start (default 4)")
     demo.add_argument(
+        "--task",
+        choices=("digits", "language"),
+        default="digits",
+        help="what the swarm learns: digits (default) or language",
+    )
+    demo.add_argument(
         "--target",
         type=float,
-        default=0.9,
-        metavar="ACCURACY",
-        help="mean test accuracy to reach (default 0.9)",
+        default=None,
+        metavar="VALUE",
+        help="mean metric to reach: digits: test accuracy at least VALUE (default 0.9); language: "
+        "held-out bits per byte at most VALUE (default 2.6)",
     )
     demo.add_argument(
         "--timeout", type=float, default=300, metavar="SECONDS", help="seconds before giving up (default 300)"
@@ -306,11 +315,18 @@ def human_status(s: dict[str, Any]) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from shoal.node.demo import run_demo
+    from shoal.node.demo import WORKLOADS, run_demo
 
-    if args.nodes < 2 or not 0 < args.target <= 1 or args.timeout <= 0:
-        return fail("--nodes must be at least 2, --target in (0, 1], --timeout positive", EXIT_CONFIG)
-    return 0 if run_demo(args.nodes, args.target, args.timeout, args.keep) else EXIT_NOT_REACHED
+    workload = WORKLOADS[args.task]
+    target = workload.target if args.target is None else args.target
+    bound = 8.0 if workload.lower_is_better else 1.0  # bits per byte: 8 is a uniform guess
+    if args.nodes < 2 or not 0 < target <= bound or args.timeout <= 0:
+        return fail(
+            f"--nodes must be at least 2, --target in (0, {bound:g}] for {args.task}, --timeout positive",
+            EXIT_CONFIG,
+        )
+    reached = run_demo(args.nodes, target, args.timeout, args.keep, workload)
+    return 0 if reached else EXIT_NOT_REACHED
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """``shoal demo``: a real swarm on 127.0.0.1, each node a separate ``shoal run`` process.
 
-Each node gets a home with its own identity and its shard of the offline digits data; ports are the
-kernel's choice, read back from each daemon's ``api.json``, and the others start once the bootstrap
-node serves. Progress comes from each daemon's ``/status``; the demo stops the swarm with SIGTERM
-(the daemons' graceful exit) when the mean accuracy reaches the target or time runs out.
+Each node gets a home with its own identity and its shard of the workload's data (:data:`WORKLOADS`:
+the offline digits, or a byte-level language model on the Python standard library's source); ports
+are the kernel's choice, read back from each daemon's ``api.json``, and the others start once the
+bootstrap node serves. Progress comes from each daemon's ``/status``; the demo stops the swarm with
+SIGTERM (the daemons' graceful exit) when the workload's mean metric reaches the target or time runs out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.node.config import document
@@ -33,10 +35,57 @@ START_TIMEOUT = 120.0
 STOP_PER_NODE = 1.0
 
 
-# What every demo and testbed daemon learns with (keys by name, node.config); the testbed's simulator
-# prediction reads the same.
+# What every digits demo and testbed daemon learns with (keys by name, node.config); the testbed's
+# simulator prediction reads the same.
 TASK = {"dataset": "digits", "lr": 0.1, "local_steps": 20}
 PROTOCOL = {"protocol": "gossip", "integrator": "clipped", "gossip_period": 0.5}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a demo swarm learns (``[task]`` and ``[protocol]`` keys by name) and how its progress reads:
+    the metric every daemon's ``/status`` reports, whether lower is better, the default target."""
+
+    task: dict[str, object]
+    protocol: dict[str, object]
+    metric: str
+    lower_is_better: bool
+    target: float
+    label: str  # the metric in sentences
+
+    def value(self, status: dict) -> float | None:
+        """The metric a daemon reports (None before its first evaluation)."""
+        return (status.get("metrics") or {}).get(self.metric)
+
+    def reached(self, mean: float, target: float) -> bool:
+        return mean <= target if self.lower_is_better else mean >= target
+
+    def goal(self, target: float) -> str:
+        """``target`` as the demo states it ("90% mean test accuracy")."""
+        return f"{target:g} {self.label}" if self.lower_is_better else f"{target:.0%} {self.label}"
+
+
+DIGITS = Workload(
+    TASK, PROTOCOL, metric="accuracy", lower_is_better=False, target=0.9, label="mean test accuracy"
+)
+# DiLoCo (an AdamW inner loop, then an outer Nesterov step along start - gossip average: lr 0.7,
+# momentum 0.9), sending the largest 2% of each model difference's values at 2 bits each (top-k).
+LANGUAGE = Workload(
+    {"task": "shoal.learning.language:make_task"},
+    {
+        **PROTOCOL,
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,
+        "codec_name": "topk",
+        "codec_topk_fraction": 0.02,
+        "codec_topk_bits": 2,
+    },
+    metric="bits_per_byte",
+    lower_is_better=True,
+    target=2.6,
+    label="mean held-out bits per byte",
+)
+WORKLOADS = {"digits": DIGITS, "language": LANGUAGE}
 
 
 def node_config(
@@ -47,6 +96,7 @@ def node_config(
     listen: str = "/ip4/127.0.0.1/tcp/0",
     api: str = "127.0.0.1:0",
     relay_service: bool = False,
+    workload: Workload = DIGITS,
 ) -> str:
     """``config.toml`` of node ``i`` of ``nodes`` (shard ``i``). On 127.0.0.1 (the default) its ports are
     left to the kernel: any port chosen here and released could be taken before the daemon binds it
@@ -54,12 +104,12 @@ def node_config(
     network = {"listen": (listen,), "bootstrap": tuple(bootstrap)}
     if relay_service:
         network["relay_service"] = True
-    return document(**network, **TASK, shard=i, shards=nodes, **PROTOCOL, api=api)
+    return document(**network, **workload.task, shard=i, shards=nodes, **workload.protocol, api=api)
 
 
 def accuracy(status: dict) -> float | None:
     """The test accuracy a daemon of the built-in task reports (None before its first evaluation)."""
-    return (status.get("metrics") or {}).get("accuracy")
+    return DIGITS.value(status)
 
 
 def status(home: Home) -> dict | None:
@@ -74,8 +124,12 @@ def status(home: Home) -> dict | None:
         return None
 
 
-def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bool:
-    """Run the demo swarm; whether it reached ``target`` mean accuracy within ``timeout`` seconds."""
+def run_demo(
+    nodes: int, target: float | None, timeout: float, keep: Path | None, workload: Workload = DIGITS
+) -> bool:
+    """Run the demo swarm; whether its mean metric reached ``target`` (default: the workload's) within
+    ``timeout`` seconds."""
+    target = workload.target if target is None else target
     base = keep or Path(tempfile.mkdtemp(prefix="shoal-demo-"))
     homes = [Home(base / f"node{i}") for i in range(nodes)]
     ids = [peer_id(load_or_create_identity(h.identity)[0]) for h in homes]
@@ -85,18 +139,18 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     seen: dict[int, dict] = {}  # each node's latest /status
     reached, start_time = False, time.monotonic()  # times count from the first launch
     try:
-        write_atomic(homes[0].config, node_config(0, nodes))
+        write_atomic(homes[0].config, node_config(0, nodes, workload=workload))
         procs.append(start(homes[0]))
         bootstrap = first_address(procs[0], homes[0])
         if bootstrap is not None:
             print(f"bootstrap node up: {bootstrap}")
             for i, home in enumerate(homes[1:], 1):
-                write_atomic(home.config, node_config(i, nodes, [bootstrap]))
+                write_atomic(home.config, node_config(i, nodes, [bootstrap], workload=workload))
                 procs.append(start(home))
-            reached = watch(procs, homes, start_time, target, timeout, seen, peer_counts)
+            reached = watch(procs, homes, start_time, workload, target, timeout, seen, peer_counts)
     finally:
         codes = stop(procs)
-    print(summary(ids[: len(procs)], seen, codes, peer_counts))
+    print(summary(ids[: len(procs)], seen, codes, peer_counts, workload))
     failed = [f"node {i}: {c}" for i, c in enumerate(codes) if c != 0]
     print(
         f"{len(procs) - len(failed)}/{len(procs)} daemons exited 0"
@@ -105,7 +159,7 @@ def run_demo(nodes: int, target: float, timeout: float, keep: Path | None) -> bo
     if keep is None and reached and all(c == 0 for c in codes):
         shutil.rmtree(base, ignore_errors=True)
     if not reached:
-        print(f"the swarm did not reach {target:.0%} mean accuracy within {timeout:.0f} s; logs in {base}")
+        print(f"the swarm did not reach {workload.goal(target)} within {timeout:.0f} s; logs in {base}")
     return reached
 
 
@@ -142,6 +196,7 @@ def watch(
     procs: list[subprocess.Popen],
     homes: list[Home],
     start: float,
+    workload: Workload,
     target: float,
     timeout: float,
     seen: dict[int, dict],
@@ -156,28 +211,29 @@ def watch(
             s = status(homes[i])
             if s is not None:
                 seen[i] = s
-                if accuracy(s) is not None:
+                if workload.value(s) is not None:
                     peer_counts.setdefault(i, []).append(len(s["peers"]))
         rows = [seen.get(i) for i in range(len(procs))]
-        accuracies = [a for r in rows if r and (a := accuracy(r)) is not None]
+        values = [v for r in rows if r and (v := workload.value(r)) is not None]
         rounds = [r["round"] for r in rows if r]
         peers = [len(r["peers"]) for r in rows if r]
-        if not accuracies:
+        if not values:
             print(
                 f"{time.monotonic() - start:5.0f} s  {len(rows) - rows.count(None)}/{len(procs)} daemons up, "
                 "no round finished yet",
                 flush=True,
             )
             continue
-        mean = statistics.fmean(accuracies)
+        mean = statistics.fmean(values)
+        worst, which = (max(values), "max") if workload.lower_is_better else (min(values), "min")
         print(
             f"{time.monotonic() - start:5.0f} s  rounds {min(rounds)}-{max(rounds)}  "
-            f"peers {statistics.fmean(peers):.1f}  accuracy mean {mean:.3f} (min {min(accuracies):.3f}, "
-            f"{len(accuracies)}/{len(procs)} nodes)",
+            f"peers {statistics.fmean(peers):.1f}  {workload.metric} mean {mean:.3f} ({which} {worst:.3f}, "
+            f"{len(values)}/{len(procs)} nodes)",
             flush=True,
         )
-        if len(accuracies) == len(procs) and mean >= target:
-            print(f"reached {target:.0%} mean test accuracy in {time.monotonic() - start:.0f} s")
+        if len(values) == len(procs) and workload.reached(mean, target):
+            print(f"reached {workload.goal(target)} in {time.monotonic() - start:.0f} s")
             return True
     return False
 
@@ -200,22 +256,27 @@ def stop(procs: list[subprocess.Popen]) -> list[int]:
 
 
 def summary(
-    ids: list[str], seen: dict[int, dict], codes: list[int], peer_counts: dict[int, list[int]]
+    ids: list[str],
+    seen: dict[int, dict],
+    codes: list[int],
+    peer_counts: dict[int, list[int]],
+    workload: Workload = DIGITS,
 ) -> str:
     """One line per node; "peers" is the median number of task peers over the polls after the node's
     first round, "down" how many peers its failure detector cut off."""
+    width = max(8, len(workload.metric))
     lines = [
-        f"{'node':>4}  {'peer id':<14} {'round':>5} {'accuracy':>8} {'peers':>5} {'down':>4} {'MB out':>7} "
-        f"{'exit':>4}"
+        f"{'node':>4}  {'peer id':<14} {'round':>5} {workload.metric:>{width}} {'peers':>5} {'down':>4} "
+        f"{'MB out':>7} {'exit':>4}"
     ]
     for i, pid in enumerate(ids):
         s = seen.get(i, {})
-        shown = accuracy(s)
+        shown = workload.value(s)
         counts = peer_counts.get(i)
         peers = f"{statistics.median(counts):g}" if counts else "-"  # 3 or 3.5, never 3.0
         lines.append(
             f"{i:>4}  {'…' + pid[-12:]:<14} {s.get('round', '-'):>5} "
-            f"{'-' if shown is None else f'{shown:.3f}':>8} "
+            f"{'-' if shown is None else f'{shown:.3f}':>{width}} "
             f"{peers:>5} {s.get('liveness', {}).get('down', '-'):>4} "
             f"{sum(s.get('bytes_out', {}).values()) / 1e6:>7.1f} {codes[i]:>4}"
         )

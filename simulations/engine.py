@@ -118,6 +118,7 @@ class Simulation:
         observed: Sequence[int] | None = None,
         speeds: Sequence[float] | None = None,
         progress: Callable[[str], None] | None = print,
+        until: Callable[[Row], bool] | None = None,
     ):
         """``graph`` has vertices 0..nodes-1; ``data_nodes`` hold the training data (default all);
         ``offline`` nodes exist but start down (they can ``join`` later); ``make_protocol`` builds each
@@ -126,7 +127,8 @@ class Simulation:
         ``observed`` limits evaluation to some nodes (e.g. the honest ones when others attack);
         ``speeds`` gives each node's samples/s (e.g. measured on daemons) instead of drawing them;
         ``make_task(i, nodes)`` gives node ``i``'s task (default: the built-in one the config names, on
-        the node's shard of ``data``)."""
+        the node's shard of ``data``); ``until(row)``: the run ends at the first evaluation it holds for
+        (else after ``duration``)."""
         if evaluate not in {"all", "freshest"}:
             raise ValueError(f"evaluate must be 'all' or 'freshest', got {evaluate!r}")
         if sorted(graph.nodes) != list(range(config.nodes)):
@@ -143,6 +145,7 @@ class Simulation:
         self.progress = progress
         self.make_protocol = make_protocol
         self.evaluate = evaluate
+        self.until = until
         self.observed = None if observed is None else set(observed)
         if speeds is not None and (len(speeds) != config.nodes or min(speeds) <= 0):
             raise ValueError(f"speeds must be {config.nodes} positive numbers")
@@ -333,6 +336,8 @@ class Simulation:
             self.rows.append(self._evaluate(k * c.eval_every))
             if self.progress and (k % max(1, steps // 10) == 0 or k == steps):
                 self.progress(self._describe(self.rows[-1]))
+            if self.until and self.until(self.rows[-1]):
+                return
 
     def _evaluate(self, now: float) -> Row:
         live = sorted(self.drivers)

@@ -15,12 +15,15 @@ model and seed. The arms, each one its own run (--arms):
 - ``modest-diloco``: MoDeST with --inner steps a round and the top-k codec (its outer step is averaging);
 - ``modest-crash``: the same, with --crash of the nodes crashing half way.
 
-Gossip runs on a random 4-regular graph. Compute is counted in inner steps per node: a gossip round is
+--warmup W: every arm starts from one model trained W data-parallel steps (DiLoCo's own experiments
+start from a pretrained model); 0 (the default) starts from scratch. Gossip runs on a random 4-regular
+graph. Compute is counted in inner steps per node: a gossip round is
 --inner steps; a MoDeST round trains --modest-sample-size nodes, so a node's share is sample/nodes of a
-round's steps. Each run ends once its nodes have trained --steps steps each (the final row is there);
-bytes are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per arm:
-final bits per byte, bytes, virtual seconds and steps to --target bits per byte, bytes per node per
-second at the peak) and bits_per_byte_by_steps.png, bits_per_byte_by_bytes.png to --out.
+round's steps. Each run ends at the first evaluation after its nodes trained --steps steps each; bytes
+are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per arm: bits per
+byte at exactly --steps, interpolated between evaluations; bytes, virtual seconds and steps to --target
+bits per byte; bytes per node per second at the peak) and bits_per_byte_by_steps.png and
+bits_per_byte_by_bytes.png to --out.
 
     python -m shoal.simulations.language --nodes 16 --steps 400 --seed 1 --out out/language
 """
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 
 from shoal.learning.language import corpus, make_task, shard, windows
 from shoal.learning.models import ParameterLayout
+from shoal.learning.task import Task
 from shoal.simulations import report
 from shoal.simulations.config import ScheduledEvent, SimConfig
 from shoal.simulations.engine import Row, RunResult, Simulation
@@ -48,6 +52,7 @@ from shoal.simulations.topologies import build_graph
 
 ARMS = ("dp", "dpsgd", "diloco", "diloco-topk", "modest-diloco", "modest-crash")
 METRIC = "bits_per_byte_mean"
+RECOVERY = 120.0  # virtual seconds: a few of MoDeST's watch (20 s) and ping (5 s) time-outs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         gossip_period=0.0,
         outer_lr=0.7,
         outer_momentum=0.9,
-        codec_topk_fraction=0.02,
+        codec_topk_fraction=0.25,  # positions as a bitmap, values in 2 bits: 0.19 B a weight, 21x
+        codec_topk_bits=2,
+        codec_max_lag=1000.0,  # a round of --inner steps moves every weight (learning.compression)
         modest_period=0.0,
     )
     g = p.add_argument_group("language model")
@@ -79,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lm-layers", type=int, default=2, help="transformer blocks (default %(default)s)")
     g.add_argument("--lm-context", type=int, default=64, help="bytes per window (default %(default)s)")
     g.add_argument("--lm-max-bytes", type=int, default=1_000_000, help="corpus bytes (default %(default)s)")
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="data-parallel steps every arm starts from (default %(default)s)",
+    )
     g.add_argument("--evals", type=int, default=12, help="evaluations per run (default %(default)s)")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
@@ -100,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     progress = None if args.quiet else print
+    if args.warmup:  # every arm starts from one model trained so (DiLoCo's experiments start pretrained)
+        task = make(0, args.nodes)
+        data_parallel(args, task, args.lm_batch * args.lm_context / args.speed, None, args.warmup)
+        make = functools.partial(warmed, make, task.model.state_dict())
     runs = {arm: _run(arm, args, base, make, progress) for arm in arms}
     report.write_rounds(args.out, list(runs.values()))
-    results = {arm: _summary(r, args.target) for arm, r in runs.items()}
+    results = {arm: _summary(r, args.target, args.steps) for arm, r in runs.items()}
     scenario = {"name": "language", "arms": arms, **{k: str(v) for k, v in vars(args).items() if k != "out"}}
     report.write_summary(args.out, base, scenario, results)
     _plot(args.out, list(runs.values()))
@@ -113,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(arm: str, args, base: SimConfig, make, progress) -> RunResult:
     step = args.lm_batch * args.lm_context / args.speed  # virtual seconds of one inner step
     if arm == "dp":
-        return data_parallel(args, make, step, progress)
+        return data_parallel(args, make(0, args.nodes), step, progress, args.steps)
     h = 1 if arm == "dpsgd" else args.inner
     modest = arm.startswith("modest")
     per_round = h * (args.modest_sample_size / args.nodes if modest else 1)  # steps per node per round
@@ -128,7 +145,8 @@ def _run(arm: str, args, base: SimConfig, make, progress) -> RunResult:
     model_bytes = 4 * ParameterLayout.of(make(0, args.nodes).model).numel
     talk = (args.modest_sample_size if modest else 4) * model_bytes * 8 / (args.bandwidth * 1e6)
     expected = rounds * (h * step + talk + 4 * args.latency)  # virtual seconds, if nothing waits
-    duration = expected * (3.0 if modest else 1.5)  # the run is cut at --steps (below)
+    # ends once the nodes trained --steps each; MoDeST's time-outs route around crashed nodes in absolute time
+    duration = expected * 4 + (RECOVERY if arm == "modest-crash" else 0.0)
     config = report.config_from(args, **overrides, duration=duration, eval_every=expected / args.evals)
     schedule = []
     if arm == "modest-crash":
@@ -144,20 +162,18 @@ def _run(arm: str, args, base: SimConfig, make, progress) -> RunResult:
         schedule=schedule,
         evaluate="freshest" if modest else "all",
         progress=progress,
+        until=lambda row: row.round * per_round >= args.steps,  # equal compute
     ).run()
     for row in result.rows:
         row.metrics["steps"] = row.round * per_round
-    final = result.rows.index(_at_steps(result.rows, args.steps))
-    del result.rows[final + 1 :]  # equal compute: what came after --steps is not compared
     return result
 
 
-def data_parallel(args, make, step: float, progress) -> RunResult:
-    """The ideal reference: one model; each step's batch one from every node's share (the mean of their
-    gradients); evaluated at as many points as the simulated runs; bytes and seconds of a ring
-    all-reduce over links of --bandwidth and --latency."""
+def data_parallel(args, task: Task, step: float, progress, steps: int) -> RunResult:
+    """The ideal reference: ``task``'s model trained ``steps`` steps, each step's batch one from every
+    node's share (the mean of their gradients); evaluated at as many points as the simulated runs; bytes
+    and seconds of a ring all-reduce over links of --bandwidth and --latency."""
     start = time.perf_counter()
-    task = make(0, args.nodes)
     _, files = corpus(args.lm_max_bytes)
     texts = [shard(files, i, args.nodes, args.split, args.seed) for i in range(args.nodes)]
     model = task.model
@@ -166,16 +182,16 @@ def data_parallel(args, make, step: float, progress) -> RunResult:
     n = args.nodes
     sent = 2 * (n - 1) / n * 4 * ParameterLayout.of(model).numel  # bytes per node per step
     per_step = step + sent * 8 / (args.bandwidth * 1e6) + 2 * (n - 1) * args.latency
-    every = max(1, args.steps // args.evals)
+    every = max(1, steps // args.evals)
     rows = []
-    for k in range(args.steps + 1):
-        if k % every == 0 or k == args.steps:
+    for k in range(steps + 1):
+        if k % every == 0 or k == steps:
             bpb = task.evaluate(model)["bits_per_byte"]
             metrics = {f"bits_per_byte_{s}": bpb for s in ("mean", "min", "max")} | {"steps": float(k)}
             rows.append(Row("dp", k * per_step, float(k), n, 0.0, int(k * n * sent), metrics))
             if progress:
                 progress(f"  [dp] step {k:5d}  bits_per_byte {bpb:.3f}")
-        if k == args.steps:
+        if k == steps:
             break
         x, y = (torch.cat(t) for t in zip(*(windows(t, args.lm_context, args.lm_batch, draw) for t in texts)))
         model.train()
@@ -184,15 +200,17 @@ def data_parallel(args, make, step: float, progress) -> RunResult:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    return RunResult("dp", rows, time.perf_counter() - start, args.steps, {"all-reduce": rows[-1].bytes_sent})
+    return RunResult("dp", rows, time.perf_counter() - start, steps, {"all-reduce": rows[-1].bytes_sent})
 
 
-def _at_steps(rows: list[Row], steps: float) -> Row:
-    """The first row at which the nodes have trained ``steps`` steps each (else the last)."""
-    return next((r for r in rows if r.metrics["steps"] >= steps - 1e-9), rows[-1])
+def warmed(make, state: dict, node: int, nodes: int, **kwargs) -> Task:
+    """``make``'s task for ``node``, its model set to ``state`` (its optimizer still its own, fresh)."""
+    task = make(node, nodes, **kwargs)
+    task.model.load_state_dict(state)
+    return task
 
 
-def _summary(result: RunResult, target: float) -> dict:
+def _summary(result: RunResult, target: float, steps: int) -> dict:
     rows = result.rows
     final = rows[-1]
     reached = next((r for r in rows if r.metrics.get(METRIC, math.inf) <= target), None)
@@ -202,7 +220,7 @@ def _summary(result: RunResult, target: float) -> dict:
         if b.time > a.time
     ]
     return {
-        "final_bits_per_byte": round(final.metrics[METRIC], 4),
+        "final_bits_per_byte": _interpolated(rows, steps),  # at equal compute
         "final_steps": round(final.metrics["steps"], 1),
         "final_alive": final.alive,
         "bytes_sent": final.bytes_sent,
@@ -213,6 +231,16 @@ def _summary(result: RunResult, target: float) -> dict:
         "peak_bytes_per_second_per_node": round(max(rates, default=0.0)),
         "wall_seconds": round(result.wall_seconds, 1),
     }
+
+
+def _interpolated(rows: list[Row], steps: float) -> float | None:
+    """Bits per byte at exactly ``steps`` steps per node, between the evaluations around it (None if the
+    run fell short of it): evaluations fall on virtual times, not on step counts."""
+    for a, b in itertools.pairwise(rows):
+        if a.metrics["steps"] <= steps <= b.metrics["steps"] and b.metrics["steps"] > a.metrics["steps"]:
+            w = (steps - a.metrics["steps"]) / (b.metrics["steps"] - a.metrics["steps"])
+            return round((1 - w) * a.metrics[METRIC] + w * b.metrics[METRIC], 4)
+    return None
 
 
 def _plot(out: Path, runs: list[RunResult]) -> None:
@@ -241,7 +269,7 @@ def _print(out: Path, results: dict[str, dict], target: float) -> None:
     for arm, r in results.items():
         b = r["bytes_to_target"]
         print(
-            f"  {arm:<14} {r['final_bits_per_byte']:>9.3f} {r['final_steps']:>6.0f} "
+            f"  {arm:<14} {r['final_bits_per_byte'] or math.nan:>9.3f} {r['final_steps']:>6.0f} "
             f"{'-' if b is None else f'{b / 1e6:.2f}':>10} {r['seconds_to_target'] or '-'!s:>11} "
             f"{r['bytes_sent'] / 1e6:>9.1f}"
         )

@@ -1,7 +1,9 @@
 """The language-model workload (learning/language.py): the corpus split, a node's training lowering
 held-out bits per byte, and a simulated swarm of them learning together."""
 
+import csv
 import functools
+import json
 import math
 from collections import Counter
 
@@ -45,3 +47,24 @@ def test_a_simulated_swarm_of_language_models_learns_together():
     first, final = result.rows[0].metrics, result.final.metrics
     assert first["bits_per_byte_mean"] > 7.5
     assert final["bits_per_byte_max"] < 5.0, final
+
+
+@pytest.mark.slow
+def test_the_language_scenario_compares_every_arm_at_equal_compute(tmp_path):
+    """A small run of simulations/language.py: every arm learns; fewer exchanges and compression cut
+    bytes; MoDeST goes on after half its nodes crash."""
+    from shoal.simulations import language
+
+    small = "--nodes 6 --steps 20 --inner 5 --lm-width 16 --lm-max-bytes 200000 --modest-sample-size 2"
+    language.main(
+        [*small.split(), "--evals", "4", "--out", str(tmp_path), "--quiet", "--codec-topk-bits", "2"]
+    )
+    results = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert list(results) == list(language.ARMS)
+    for arm, r in results.items():
+        assert r["final_bits_per_byte"] is not None and r["final_bits_per_byte"] < 7.5, (arm, r)
+    sent = {arm: r["bytes_sent"] for arm, r in results.items()}
+    assert sent["diloco"] < sent["dpsgd"] / 3 and sent["diloco-topk"] < sent["diloco"] / 4, sent
+    assert results["modest-crash"]["final_alive"] == 3
+    with open(tmp_path / "rounds.csv") as f:
+        assert "steps" in next(csv.reader(f))
