@@ -16,7 +16,7 @@ model and seed. The arms, each one its own run (--arms):
 - ``modest-crash``: the same, with --crash of the nodes crashing half way.
 
 --warmup W: every arm starts from one model trained W data-parallel steps (DiLoCo's own experiments
-start from a pretrained model); 0 (the default) starts from scratch. Gossip runs on a random 4-regular
+start from a pretrained model; default 300); 0 starts from scratch. Gossip runs on a random 4-regular
 graph. Compute is counted in inner steps per node: a gossip round is
 --inner steps; a MoDeST round trains --modest-sample-size nodes, so a node's share is sample/nodes of a
 round's steps. Each run ends at the first evaluation after its nodes trained --steps steps each; bytes
@@ -25,7 +25,10 @@ byte at exactly --steps, interpolated between evaluations; bytes, virtual second
 bits per byte; bytes per node per second at the peak) and bits_per_byte_by_steps.png and
 bits_per_byte_by_bytes.png to --out.
 
-    python -m shoal.simulations.language --nodes 16 --steps 400 --seed 1 --out out/language
+The --task-* flags (the built-in classifier's), --duration and --eval-every do not apply here: the task is
+the language model (--lm-*), and runs end at --steps with --evals evaluations on the way.
+
+    python -m shoal.simulations.language --nodes 16 --seed 1 --out out/language
 """
 
 from __future__ import annotations
@@ -66,18 +69,23 @@ def main(argv: list[str] | None = None) -> int:
         gossip_period=0.0,
         outer_lr=0.7,
         outer_momentum=0.9,
-        codec_topk_fraction=0.25,  # positions as a bitmap, values in 2 bits: 0.19 B a weight, 21x
+        codec_topk_fraction=0.2,  # positions as a bitmap, values in 2 bits: 0.175 B a weight, 23x
         codec_topk_bits=2,
         codec_max_lag=1000.0,  # a round of --inner steps moves every weight (learning.compression)
         modest_period=0.0,
     )
     g = p.add_argument_group("language model")
     g.add_argument("--arms", default=",".join(ARMS), help="comma-separated (default %(default)s)")
-    g.add_argument("--steps", type=int, default=400, help="inner steps per node (default %(default)s)")
+    g.add_argument("--steps", type=int, default=300, help="inner steps per node (default %(default)s)")
     g.add_argument(
-        "--inner", type=int, default=25, help="DiLoCo's H: inner steps a round (default %(default)s)"
+        "--inner", type=int, default=15, help="DiLoCo's H: inner steps a round (default %(default)s)"
     )
-    g.add_argument("--target", type=float, default=3.3, help="bits per byte of the to-target figures")
+    g.add_argument(
+        "--target",
+        type=float,
+        default=2.7,
+        help="bits per byte of the to-target figures (default %(default)s)",
+    )
     g.add_argument("--crash", type=float, default=0.5, help="modest-crash: share of nodes crashing")
     g.add_argument("--split", default="iid", choices=("iid", "files"), help="how the corpus is shared")
     g.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW's learning rate (default %(default)s)")
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--warmup",
         type=int,
-        default=0,
+        default=300,
         help="data-parallel steps every arm starts from (default %(default)s)",
     )
     g.add_argument("--evals", type=int, default=12, help="evaluations per run (default %(default)s)")
@@ -223,7 +231,7 @@ def _summary(result: RunResult, target: float, steps: int) -> dict:
         "final_bits_per_byte": _interpolated(rows, steps),  # at equal compute
         "final_steps": round(final.metrics["steps"], 1),
         "final_alive": final.alive,
-        "bytes_sent": final.bytes_sent,
+        "bytes_sent": _interpolated(rows, steps, "bytes_sent"),
         "virtual_seconds": round(final.time, 1),
         "bytes_to_target": reached and reached.bytes_sent,
         "seconds_to_target": reached and round(reached.time, 1),
@@ -233,13 +241,18 @@ def _summary(result: RunResult, target: float, steps: int) -> dict:
     }
 
 
-def _interpolated(rows: list[Row], steps: float) -> float | None:
-    """Bits per byte at exactly ``steps`` steps per node, between the evaluations around it (None if the
-    run fell short of it): evaluations fall on virtual times, not on step counts."""
+def _interpolated(rows: list[Row], steps: float, column: str = METRIC) -> float | None:
+    """``column`` (a metric, or ``bytes_sent``) at exactly ``steps`` steps per node, between the
+    evaluations around it (None if the run fell short of it): evaluations fall on virtual times, not
+    on step counts."""
+
+    def value(row: Row) -> float:
+        return row.bytes_sent if column == "bytes_sent" else row.metrics[column]
+
     for a, b in itertools.pairwise(rows):
         if a.metrics["steps"] <= steps <= b.metrics["steps"] and b.metrics["steps"] > a.metrics["steps"]:
             w = (steps - a.metrics["steps"]) / (b.metrics["steps"] - a.metrics["steps"])
-            return round((1 - w) * a.metrics[METRIC] + w * b.metrics[METRIC], 4)
+            return round((1 - w) * value(a) + w * value(b), 4)
     return None
 
 
@@ -271,7 +284,7 @@ def _print(out: Path, results: dict[str, dict], target: float) -> None:
         print(
             f"  {arm:<14} {r['final_bits_per_byte'] or math.nan:>9.3f} {r['final_steps']:>6.0f} "
             f"{'-' if b is None else f'{b / 1e6:.2f}':>10} {r['seconds_to_target'] or '-'!s:>11} "
-            f"{r['bytes_sent'] / 1e6:>9.1f}"
+            f"{(r['bytes_sent'] or math.nan) / 1e6:>9.1f}"
         )
 
 

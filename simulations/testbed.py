@@ -3,20 +3,23 @@ every link capped, optional churn; and the simulator's prediction of the same ru
 
     sudo python -m shoal.simulations.testbed --out out/testbed            # 24 daemons, 8 behind NATs
     sudo python -m shoal.simulations.testbed --churn --out out/testbed-churn
+    sudo python -m shoal.simulations.testbed --task language --out out/testbed-language
 
 The network (a public bridge, homes behind NAT routers, every link capped, optional loss) is
 ``testbed_network.py``'s; what a run records, ``testbed_record.py``'s.
-Each daemon has its own home (identity, shard ``i`` of the digits data, checkpoint, log) in
+The daemons learn --task, a workload of ``shoal demo`` (``node/demo.py``): digits (test accuracy) or
+language (a byte-level transformer, DiLoCo over gossip, 2-bit top-k; held-out bits per byte, lower is
+better). Each daemon has its own home (identity, shard ``i`` of the task's data, checkpoint, log) in
 ``--out/node<i>``; the harness reads every daemon's ``/status`` from inside its namespace and writes
-``rounds.csv`` (time, node, round, accuracy, peers, direct, relayed, bytes out/in, RSS),
+``rounds.csv`` (time, node, round, the task's metric, peers, direct, relayed, bytes out/in, RSS),
 ``summary.json`` and ``testbed_vs_simulator.png``. With --churn, at --churn-at seconds a quarter of
 the nodes (not the bootstrap or relays) are SIGKILLed and a twelfth SIGTERMed; half of the killed
 restart --restart-after seconds later from their homes, so from their checkpoints. The run ends when
-the mean test accuracy of every live daemon reaches --target after the last churn event (and
+the mean metric of every live daemon reaches --target after the last churn event (and
 --hold seconds more), or at --timeout. Ctrl-C or SIGTERM tears everything down: daemons, namespaces
 and with them their links, qdiscs and iptables rules. Unless --no-simulate, the simulator then runs
 the same scenario (``simulations/prediction.py``) and its time to target is written beside the
-measured one.
+measured one; its model is the digits task's, so --task language skips it.
 Needs root, iproute2 and iptables.
 """
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import http.client
 import json
 import math
 import os
@@ -36,49 +38,29 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from shoal.node.demo import accuracy, node_config
+from shoal.node.demo import WORKLOADS, node_config
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
 from shoal.simulations import prediction
 from shoal.simulations.config import ScheduledEvent
-from shoal.simulations.netlab import built, connect, has_netem, unavailable_reason
+from shoal.simulations.netlab import built, has_netem, unavailable_reason
 from shoal.simulations.testbed_network import API_PORT, P2P_PORT, Plan, Testbed, churn_schedule
-from shoal.simulations.testbed_record import Measurement, Member, summarize, write_rounds
+from shoal.simulations.testbed_record import (
+    Measurement,
+    Member,
+    read_status,
+    row,
+    rss_mb,
+    summarize,
+    write_rounds,
+)
 
 POLL = 2.0  # seconds between two reads of every daemon's /status
 TICK = 0.25  # seconds between checks for daemons that have not served yet (start-up times)
 START_TIMEOUT = 120.0  # for the bootstrap daemon to serve
 STOP_TIMEOUT, STOP_PER_NODE = 20.0, 1.0  # SIGTERM to SIGKILL at the end (they share the cores)
 SAVE_EVERY = 10.0  # seconds between rewrites of rounds.csv (little is lost if the harness dies)
-
-
-def read_status(ns: str) -> dict | None:
-    """A daemon's /status read from inside its namespace, or None if it does not answer."""
-    try:
-        sock = connect(ns, "127.0.0.1", API_PORT, timeout=2.0)
-    except OSError:
-        return None
-    conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=2.0)
-    conn.sock = sock
-    try:
-        conn.request("GET", "/status")
-        response = conn.getresponse()
-        return json.loads(response.read()) if response.status == 200 else None
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class Harness:
@@ -102,6 +84,7 @@ class Harness:
                     listen=f"/ip4/{m.site.ip}/tcp/{P2P_PORT}",
                     api=f"127.0.0.1:{API_PORT}",
                     relay_service=m.site.relay,
+                    workload=plan.workload,
                 ),
             )
         self.measured = Measurement(plan, self.members, churn_schedule(plan))
@@ -148,11 +131,11 @@ class Harness:
                     done_at = min(done_at, now)
             if now >= next_save:
                 next_save = now + SAVE_EVERY
-                write_rounds(self.out, self.measured.rows)
+                write_rounds(self.out, self.measured.rows, plan.workload.metric)
         self.measured.end = self.now()
         self.measured.live_at_end = sum(m.alive for m in self.members)
         self.stop()
-        write_rounds(self.out, self.measured.rows)
+        write_rounds(self.out, self.measured.rows, plan.workload.metric)
         return self.measured
 
     def starting(self, now: float) -> None:
@@ -190,6 +173,7 @@ class Harness:
 
     def poll(self, now: float, churn_done: bool) -> bool:
         """Read every live daemon's status, record rows; whether the run is done."""
+        plan, workload = self.bed.plan, self.bed.plan.workload
         live = [m for m in self.members if m.alive]
         for m in self.members:
             if m.proc is not None and not m.alive and m.status is not None:
@@ -202,41 +186,25 @@ class Harness:
             if s is None:
                 continue
             m.status = s
-            kinds = [p["connection"] for p in s["peers"]]
-            self.measured.rows.append(
-                {
-                    "time": round(now, 2),
-                    "node": m.site.index,
-                    "round": s["round"],
-                    "accuracy": accuracy(s),
-                    "peers": len(kinds),
-                    "direct": kinds.count("direct"),
-                    "relayed": kinds.count("relayed"),
-                    "bytes_out": sum(s["bytes_out"].values()),
-                    "bytes_in": sum(s["bytes_in"].values()),
-                    "rss_mb": round(rss, 1),
-                }
-            )
-        accs = [a for m in live if m.status and (a := accuracy(m.status)) is not None]
-        if not accs:
+            self.measured.rows.append(row(now, m.site.index, s, rss, workload.metric, workload.value(s)))
+        values = [v for m in live if m.status and (v := workload.value(m.status)) is not None]
+        if not values:
             self.progress(f"{now:5.1f} s  {sum(m.status is not None for m in live)}/{len(live)} daemons up")
             return False
-        mean = statistics.fmean(accs)
+        mean = statistics.fmean(values)
         statuses = [m.status for m in live if m.status]
         relayed = sum(p["connection"] == "relayed" for s in statuses for p in s["peers"])
         peers = statistics.fmean(len(s["peers"]) for s in statuses)
         self.progress(
             f"{now:5.1f} s  {len(live)} live, rounds {min(s['round'] for s in statuses)}-"
             f"{max(s['round'] for s in statuses)}, peers {peers:.1f}"
-            f" ({relayed} relayed links), accuracy mean {mean:.3f} ({len(accs)}/{len(live)} nodes)"
+            f" ({relayed} relayed links), {workload.metric} mean {mean:.3f} ({len(values)}/{len(live)} nodes)"
         )
-        at_target = len(accs) == len(live) and mean >= self.bed.plan.target
+        at_target = len(values) == len(live) and workload.reached(mean, plan.target)
         m = self.measured
         if at_target and m.first_reach is None:
             m.first_reach = now
-            self.progress(
-                f"{now:5.1f} s  every live daemon's mean accuracy reached {self.bed.plan.target:.0%}"
-            )
+            self.progress(f"{now:5.1f} s  the live daemons reached {workload.goal(plan.target)}")
         if at_target and churn_done and m.events and m.reach_after_churn is None:
             m.reach_after_churn = now
             self.progress(f"{now:5.1f} s  ... and again after the churn")
@@ -291,7 +259,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--delay", dest="delay_ms", type=float, default=d.delay_ms, help="ms added per link (netem)"
     )
-    p.add_argument("--target", type=float, default=d.target, help="mean test accuracy (default %(default)s)")
+    p.add_argument(
+        "--task", choices=tuple(WORKLOADS), default=d.task, help="what the swarm learns (default %(default)s)"
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        help="mean metric to reach (default the task's: digits test accuracy at least "
+        f"{WORKLOADS['digits'].target:g}, language held-out bits per byte at most "
+        f"{WORKLOADS['language'].target:g})",
+    )
     p.add_argument(
         "--timeout", type=float, default=d.timeout, help="seconds before giving up (default %(default)s)"
     )
@@ -323,13 +300,21 @@ def interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def plan_of(args: argparse.Namespace) -> Plan:
+    """The parsed arguments' plan, or exit with what is wrong with them."""
     fields = {k: v for k, v in vars(args).items() if k in Plan.__dataclass_fields__}
     try:
-        plan = Plan(**fields)
+        return Plan(**fields)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    plan = plan_of(args)
+    if args.simulate and plan.task != "digits":
+        print(f"no simulator prediction: it models the digits task, not {plan.task}", flush=True)
+        args.simulate = False
     if reason := unavailable_reason():
         raise SystemExit(f"error: the testbed {reason}")
     netem = has_netem()

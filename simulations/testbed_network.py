@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from shoal.node.demo import WORKLOADS, Workload
 from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.netlab import Namespaces, home_router_rules, new_prefix
 
@@ -29,7 +30,8 @@ PUBLIC, HOMES = "198.51.100", "192.168"
 
 @dataclass(frozen=True)
 class Plan:
-    """The scenario: swarm, network and churn."""
+    """The scenario: workload, swarm, network and churn. ``target`` is in the workload's metric (None: the
+    workload's default)."""
 
     nodes: int = 24
     nat_nodes: int = 8
@@ -39,7 +41,8 @@ class Plan:
     mbit: float = 10.0
     loss: float = 0.0
     delay_ms: float = 0.0
-    target: float = 0.9
+    task: str = "digits"  # a key of node.demo.WORKLOADS
+    target: float | None = None
     timeout: float = 600.0
     hold: float = 0.0  # seconds to go on after the target is reached: a settled swarm's links and bytes
     churn: bool = False
@@ -48,6 +51,11 @@ class Plan:
     seed: int = 1
 
     def __post_init__(self) -> None:
+        if self.task not in WORKLOADS:
+            raise ValueError(f"task must be one of {', '.join(WORKLOADS)}")
+        if self.target is None:
+            object.__setattr__(self, "target", self.workload.target)
+        bound = 8.0 if self.workload.lower_is_better else 1.0  # bits per byte: 8 is a uniform guess
         homes = self.homes if self.per_home >= 1 else 0
         checks = {
             "nodes must be at least 2": self.nodes >= 2,
@@ -60,7 +68,7 @@ class Plan:
             "mbit must be positive": self.mbit > 0,
             "loss must be in [0, 1)": 0 <= self.loss < 1,
             "delay must not be negative": self.delay_ms >= 0,
-            "target must be in (0, 1]": 0 < self.target <= 1,
+            f"target must be in (0, {bound:g}] for {self.task}": 0 < self.target <= bound,
             "hold must not be negative": self.hold >= 0,
             "timeout, churn-at and restart-after must be positive": min(
                 self.timeout, self.churn_at, self.restart_after
@@ -75,6 +83,10 @@ class Plan:
     @property
     def homes(self) -> int:
         return -(-self.nat_nodes // self.per_home)
+
+    @property
+    def workload(self) -> Workload:
+        return WORKLOADS[self.task]
 
 
 @dataclass

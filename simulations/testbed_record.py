@@ -1,10 +1,12 @@
-"""What a testbed run records: each daemon across its launches, the run's measurement, ``rounds.csv``
-and the figures of ``summary.json``."""
+"""What a testbed run records: each daemon across its launches, every poll's reading of it, the run's
+measurement, ``rounds.csv`` and the figures of ``summary.json``."""
 
 from __future__ import annotations
 
 import csv
+import http.client
 import io
+import json
 import statistics
 import subprocess
 from collections import Counter
@@ -15,7 +17,36 @@ from pathlib import Path
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations.config import ScheduledEvent
-from shoal.simulations.testbed_network import P2P_PORT, Plan, Site
+from shoal.simulations.netlab import connect
+from shoal.simulations.testbed_network import API_PORT, P2P_PORT, Plan, Site
+
+
+def read_status(ns: str) -> dict | None:
+    """A daemon's /status read from inside its namespace, or None if it does not answer."""
+    try:
+        sock = connect(ns, "127.0.0.1", API_PORT, timeout=2.0)
+    except OSError:
+        return None
+    conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=2.0)
+    conn.sock = sock
+    try:
+        conn.request("GET", "/status")
+        response = conn.getresponse()
+        return json.loads(response.read()) if response.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 @dataclass
@@ -63,7 +94,7 @@ class Measurement:
     rows: list[dict] = field(default_factory=list)
     end: float = 0.0
     live_at_end: int = 0  # daemons running when the run ended (the last poll may miss a slow one)
-    first_reach: float | None = None  # every live daemon's mean accuracy at the target
+    first_reach: float | None = None  # every live daemon's mean metric at the target
     reach_after_churn: float | None = None
 
     def time_to_target(self) -> float | None:
@@ -71,23 +102,31 @@ class Measurement:
         return self.reach_after_churn if self.events else self.first_reach
 
 
-ROW_FIELDS = (
-    "time",
-    "node",
-    "round",
-    "accuracy",
-    "peers",
-    "direct",
-    "relayed",
-    "bytes_out",
-    "bytes_in",
-    "rss_mb",
-)
+def row_fields(metric: str) -> tuple[str, ...]:
+    """``rounds.csv``'s columns: the fourth is the workload's metric (``accuracy`` for digits)."""
+    return ("time", "node", "round", metric, "peers", "direct", "relayed", "bytes_out", "bytes_in", "rss_mb")
 
 
-def write_rounds(out: Path, rows: list[dict]) -> None:
+def row(now: float, node: int, status: dict, rss: float, metric: str, value: float | None) -> dict:
+    """A poll's row of one daemon: its round, metric, links, traffic and memory."""
+    kinds = [p["connection"] for p in status["peers"]]
+    return {
+        "time": round(now, 2),
+        "node": node,
+        "round": status["round"],
+        metric: value,
+        "peers": len(kinds),
+        "direct": kinds.count("direct"),
+        "relayed": kinds.count("relayed"),
+        "bytes_out": sum(status["bytes_out"].values()),
+        "bytes_in": sum(status["bytes_in"].values()),
+        "rss_mb": round(rss, 1),
+    }
+
+
+def write_rounds(out: Path, rows: list[dict], metric: str = "accuracy") -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, ROW_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, row_fields(metric), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "rounds.csv", buf.getvalue())
@@ -120,7 +159,7 @@ def spread(seconds: list[float]) -> dict:
 
 
 def summarize(measured: Measurement) -> dict:
-    members, rows = measured.members, measured.rows
+    members, rows, metric = measured.members, measured.rows, measured.plan.workload.metric
     final_time = max((r["time"] for r in rows), default=None)
     final = [r for r in rows if r["time"] == final_time]
     first_up = [m.up[0] - m.launches[0] for m in members if m.up]
@@ -153,10 +192,8 @@ def summarize(measured: Measurement) -> dict:
         "reach_after_churn": measured.reach_after_churn,
         "reached": measured.time_to_target() is not None,
         "duration": round(measured.end, 1),
-        "final_accuracy_mean": round(
-            statistics.fmean(r["accuracy"] for r in final if r["accuracy"] is not None), 4
-        )
-        if any(r["accuracy"] is not None for r in final)
+        f"final_{metric}_mean": round(statistics.fmean(r[metric] for r in final if r[metric] is not None), 4)
+        if any(r[metric] is not None for r in final)
         else None,
         "final_live": measured.live_at_end,
         "links_at_end": {kind: sum(r[kind] for r in final) for kind in ("direct", "relayed")},

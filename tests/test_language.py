@@ -55,14 +55,14 @@ def test_the_language_scenario_compares_every_arm_at_equal_compute(tmp_path):
     bytes; MoDeST goes on after half its nodes crash."""
     from shoal.simulations import language
 
-    small = "--nodes 6 --steps 20 --inner 5 --lm-width 16 --lm-max-bytes 200000 --modest-sample-size 2"
-    language.main(
-        [*small.split(), "--evals", "4", "--out", str(tmp_path), "--quiet", "--codec-topk-bits", "2"]
-    )
+    small = "--nodes 6 --steps 20 --inner 5 --warmup 10 --lm-width 16 --lm-max-bytes 200000"
+    small += " --modest-sample-size 2 --target 7.5"
+    language.main([*small.split(), "--evals", "4", "--out", str(tmp_path), "--quiet"])
     results = json.loads((tmp_path / "summary.json").read_text())["results"]
     assert list(results) == list(language.ARMS)
     for arm, r in results.items():
         assert r["final_bits_per_byte"] is not None and r["final_bits_per_byte"] < 7.5, (arm, r)
+        assert r["bytes_to_target"] is not None, (arm, r)
     sent = {arm: r["bytes_sent"] for arm, r in results.items()}
     assert sent["diloco"] < sent["dpsgd"] / 3 and sent["diloco-topk"] < sent["diloco"] / 4, sent
     assert results["modest-crash"]["final_alive"] == 3

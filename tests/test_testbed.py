@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from shoal.node.home import Home
+from shoal.simulations import testbed
 from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
 from shoal.simulations.prediction import Start, starts
 from shoal.simulations.testbed_network import Plan, Site, churn_schedule
-from shoal.simulations.testbed_record import Measurement, Member, lives_total
+from shoal.simulations.testbed_record import Measurement, Member, lives_total, row, write_rounds
 
 SMALL = ["--nodes", "6", "--nat-nodes", "2", "--per-home", "1", "--random-nats", "1", "--relays", "1"]
 needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -90,6 +91,23 @@ def test_bad_plans_are_refused_with_the_reason():
     ):
         with pytest.raises(ValueError, match=words):
             Plan(**bad)
+
+
+def test_the_language_task_sets_the_target_direction_and_metric_column(tmp_path):
+    """--task language: the workload's default target, lower is better, bits per byte in rounds.csv;
+    digits keeps its accuracy target and column."""
+    plan = testbed.plan_of(testbed.parser().parse_args(["--task", "language", *SMALL]))
+    assert (plan.task, plan.target) == ("language", plan.workload.target)
+    assert plan.workload.reached(2.5, plan.target) and not plan.workload.reached(3.0, 2.9)
+    assert testbed.plan_of(testbed.parser().parse_args(SMALL)).target == 0.9
+    with pytest.raises(SystemExit, match="target must be in"):
+        testbed.plan_of(testbed.parser().parse_args(["--task", "language", "--target", "9"]))
+    status = {"round": 3, "peers": [{"connection": "relayed"}], "bytes_out": {"a": 5}, "bytes_in": {}}
+    write_rounds(tmp_path, [row(1.0, 2, status, 80.0, "bits_per_byte", 3.5)], "bits_per_byte")
+    assert (tmp_path / "rounds.csv").read_text().splitlines() == [
+        "time,node,round,bits_per_byte,peers,direct,relayed,bytes_out,bytes_in,rss_mb",
+        "1.0,2,3,3.5,1,0,1,5,0,80.0",
+    ]
 
 
 @pytest.mark.slow
