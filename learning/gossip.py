@@ -2,7 +2,8 @@
 
 Each cycle a node trains on its own data, sends the result to its neighbours (all of them, or
 ``fanout`` of them: those whose models it took lately first, the rest at random), and folds the models
-it has received into its own with an :class:`~learning.integrators.Integrator`.
+it has received into its own with an :class:`~learning.integrators.Integrator`; the outer step
+(``learning.outer``, DiLoCo's) then goes from where the cycle's training began towards that.
 
 - **Asynchronous** (gossip learning, Ormándi et al. 2013): no barrier. After each local training the
   node integrates whatever arrived since the last cycle (the latest model per peer) and trains again;

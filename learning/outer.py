@@ -57,8 +57,11 @@ class Outer:
     """A node's outer optimizer; ``momentum``: its buffer as checkpointed (none: zeros at the first step)."""
 
     def __init__(self, config: OuterConfig, momentum: State | None = None) -> None:
+        """``momentum`` is kept only if there is momentum to keep: a checkpoint's from an earlier DiLoCo
+        run must not come back when it is turned on again."""
         self.config = config
-        self.momentum: State = dict(momentum or {})  # replaced whole, never changed in place (checkpoints)
+        kept = momentum if config.momentum and not config.averaging else None
+        self.momentum: State = dict(kept or {})  # replaced whole, never changed in place (checkpoints)
 
     def step(self, start: State, averaged: State) -> State:
         """The node's next model: ``start − lr · Nesterov(start − averaged)``; ``averaged`` itself when the
@@ -73,9 +76,10 @@ class Outer:
                 new[name] = a
                 continue
             g = start[name] - a
-            m = self.momentum.get(name)
-            m = g.clone() if m is None or m.shape != g.shape else m * c.momentum + g
-            momentum[name] = m
-            new[name] = start[name] - c.lr * (g + c.momentum * m)
+            if c.momentum:
+                m = self.momentum.get(name)
+                m = momentum[name] = g.clone() if m is None else m * c.momentum + g
+                g = g + c.momentum * m
+            new[name] = start[name] - c.lr * g
         self.momentum = momentum
         return new

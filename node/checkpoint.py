@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
+from shoal.learning.models import ModelError, ParameterLayout
 from shoal.learning.protocol import State
 from shoal.overlay.atomic import write_atomic
 
@@ -40,8 +41,10 @@ def save(path: Path, checkpoint: Checkpoint) -> None:
     write_atomic(path, save_tensors(tensors, metadata=metadata))
 
 
-def load(path: Path, task: str) -> Checkpoint | None:
-    """The checkpoint at ``path``; None if there is none; CheckpointError if damaged or another task's."""
+def load(path: Path, task: str, layout: ParameterLayout | None = None) -> Checkpoint | None:
+    """The checkpoint at ``path``; None if there is none; CheckpointError if damaged, another task's, or
+    (given the model's ``layout``) not fitting it: with one, its tensors come in the layout's order
+    (safetensors sorts names)."""
     if not path.exists():
         return None
     try:
@@ -60,4 +63,27 @@ def load(path: Path, task: str) -> Checkpoint | None:
         )
     state = {n: t for n, t in tensors.items() if not n.startswith(MOMENTUM)}
     momentum = {n.removeprefix(MOMENTUM): t for n, t in tensors.items() if n.startswith(MOMENTUM)}
-    return Checkpoint(state, round_, task, momentum)
+    if layout is None:
+        return Checkpoint(state, round_, task, momentum)
+    try:
+        return Checkpoint(_fitted(state, layout), round_, task, _fitted(momentum, layout, partial=True))
+    except (KeyError, ModelError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model ({e}); move it away to start over"
+        ) from None
+
+
+def _fitted(state: State, layout: ParameterLayout, *, partial: bool = False) -> State:
+    """``state`` in ``layout``'s order, each tensor of the model's shape and dtype; ``partial`` (the outer
+    momentum: none before its first step, nor for counters): some may be missing, all must be finite."""
+    if unknown := sorted(set(state) - set(layout.names)):
+        raise ModelError(f"tensors {unknown[:3]} are not the model's")
+    if not partial:
+        ordered = {name: state[name] for name in layout.names}
+        layout.check(ordered)
+        return ordered
+    for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
+        t = state.get(name)
+        if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or not t.isfinite().all()):
+            raise ModelError(f"momentum {name!r} is not a finite {dtype} tensor of shape {shape}")
+    return {name: state[name] for name in layout.names if name in state}

@@ -319,10 +319,10 @@ def demo(args: argparse.Namespace) -> int:
 
     workload = WORKLOADS[args.task]
     target = workload.target if args.target is None else args.target
-    bound = 8.0 if workload.lower_is_better else 1.0  # bits per byte: 8 is a uniform guess
-    if args.nodes < 2 or not 0 < target <= bound or args.timeout <= 0:
+    if args.nodes < 2 or not 0 < target <= workload.bound or args.timeout <= 0:
         return fail(
-            f"--nodes must be at least 2, --target in (0, {bound:g}] for {args.task}, --timeout positive",
+            f"--nodes must be at least 2, --target in (0, {workload.bound:g}] for {args.task}, --timeout "
+            "positive",
             EXIT_CONFIG,
         )
     reached = run_demo(args.nodes, target, args.timeout, args.keep, workload)

@@ -34,7 +34,7 @@ from torch import nn
 from shoal.learning import codecs, messages
 from shoal.learning.datasets import Dataset, load_dataset, load_npz
 from shoal.learning.learner import Learner
-from shoal.learning.models import ModelError, ParameterLayout, build_model
+from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.node import build_node
 from shoal.learning.partition import partition
 from shoal.learning.protocol import LearningProtocol, State
@@ -155,7 +155,7 @@ class Daemon:
         if created:
             log.info("new identity created in %s", self.home.identity)
         self.layout = ParameterLayout.of(module)
-        saved = checkpoint.load(self.home.checkpoint, self.task)
+        saved = checkpoint.load(self.home.checkpoint, self.task, self.layout)
         self.start_round = saved.round if saved else 0
         if saved:
             log.info("resuming from checkpoint at round %d", saved.round)
@@ -166,8 +166,8 @@ class Daemon:
                 config.protocol,
                 self.rng,
                 module=module,
-                initial=self._in_model_order(saved.state) if saved else None,
-                momentum=self._in_model_order(saved.momentum, partial=True) if saved else None,
+                initial=saved.state if saved else None,
+                momentum=saved.momentum if saved else None,
             )
         except ValueError as e:
             raise ConfigError(f"integrator {config.protocol.integrator}: {e}") from None
@@ -181,22 +181,6 @@ class Daemon:
         self._rounds = trio.open_memory_channel[int](math.inf)
         self._checkpointing = threading.Lock()
         self._checkpointed = -1
-
-    def _in_model_order(self, state: State, *, partial: bool = False) -> State:
-        """A checkpoint's tensors in the model's parameter order (safetensors sorts names); ``partial``:
-        some may be missing (the momentum has none before the first outer step, nor for counters)."""
-        layout = self.layout
-        try:
-            if unknown := sorted(set(state) - set(layout.names)):
-                raise ModelError(f"tensors {unknown[:3]} are not the model's")
-            ordered = {name: state[name] for name in layout.names if name in state or not partial}
-            full = {n: ordered.get(n, torch.empty(s)) for n, s in zip(layout.names, layout.shapes)}
-            layout.check(full)
-        except (KeyError, ModelError) as e:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {self.home.checkpoint} does not fit the model ({e}); move it away to start over"
-            ) from None
-        return ordered
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -247,7 +231,7 @@ class Daemon:
                     await self.driver.leave(LEAVE_TIMEOUT / 2)
                 await overlay.leave(LEAVE_TIMEOUT / 2)
             watching.cancel_scope.cancel()
-        self._checkpoint()
+        self._checkpoint(self._snapshot())
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         """Everything after joining: the API, the protocol from the first task peer, discovery beside it."""
@@ -322,7 +306,7 @@ class Daemon:
                 self.overlay.metadata.record_model(rnd, *await offloop.run_sync(self._version, state))
             if rnd - last_checkpoint >= self.config.node.checkpoint_every:
                 last_checkpoint = rnd
-                await offloop.run_sync(self._checkpoint)
+                await offloop.run_sync(self._checkpoint, self._snapshot())
 
     @staticmethod
     def _version(state: State) -> tuple[str, int]:
@@ -332,18 +316,24 @@ class Daemon:
             hasher.update(part)
         return hasher.hexdigest(), sum(len(p) for p in parts)
 
-    def _checkpoint(self) -> None:
-        """Write a checkpoint (from a worker thread or, at exit, the loop: hence the lock)."""
+    def _snapshot(self) -> checkpoint.Checkpoint | None:
+        """Model, round and outer momentum as one: taken on the loop, between two protocol events."""
         if self.protocol is None:
+            return None
+        return checkpoint.Checkpoint(
+            self.protocol.model, self.protocol.round, self.task, self.node.outer.momentum
+        )
+
+    def _checkpoint(self, saved: checkpoint.Checkpoint | None) -> None:
+        """Write ``saved`` (from a worker thread or, at exit, the loop: hence the lock)."""
+        if saved is None:
             return
-        model, rnd, momentum = self.protocol.model, self.protocol.round, self.node.outer.momentum
         with self._checkpointing:  # the newest wins: a late older write must not replace it
-            if rnd < self._checkpointed:
+            if saved.round < self._checkpointed:
                 return
-            saved = checkpoint.Checkpoint(model, rnd, self.task, momentum)
             checkpoint.save(self.home.checkpoint, saved)
-            self._checkpointed = rnd
-        log.info("checkpoint written at round %d", rnd)
+            self._checkpointed = saved.round
+        log.info("checkpoint written at round %d", saved.round)
 
     # -- status ------------------------------------------------------------------------------------
 

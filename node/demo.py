@@ -57,6 +57,11 @@ class Workload:
         """The metric a daemon reports (None before its first evaluation)."""
         return (status.get("metrics") or {}).get(self.metric)
 
+    @property
+    def bound(self) -> float:
+        """The largest target that means anything: accuracy 1; 8 bits per byte, a uniform guess."""
+        return 8.0 if self.lower_is_better else 1.0
+
     def reached(self, mean: float, target: float) -> bool:
         return mean <= target if self.lower_is_better else mean >= target
 

@@ -17,9 +17,10 @@ model and seed. The arms, each one its own run (--arms):
 
 --warmup W: every arm starts from one model trained W data-parallel steps (DiLoCo's own experiments
 start from a pretrained model; default 300); 0 starts from scratch. Gossip runs on a random 4-regular
-graph. Compute is counted in inner steps per node: a gossip round is
---inner steps; a MoDeST round trains --modest-sample-size nodes, so a node's share is sample/nodes of a
-round's steps. Each run ends at the first evaluation after its nodes trained --steps steps each; bytes
+graph. Compute is counted in inner steps per node: for gossip, the nodes' mean round times --inner; for
+MoDeST, the newest round times --inner times sample/nodes (a round trains --modest-sample-size nodes:
+a round that trained fewer counts as full, and after a crash the count is over the nodes at the start).
+Each run ends at the first evaluation at which that count reaches --steps; bytes
 are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per arm: bits per
 byte at exactly --steps, interpolated between evaluations; bytes, virtual seconds and steps to --target
 bits per byte; bytes per node per second at the peak) and bits_per_byte_by_steps.png and
@@ -33,12 +34,14 @@ the language model (--lm-*), and runs end at --steps with --evals evaluations on
 
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import networkx as nx
@@ -47,14 +50,16 @@ import torch.nn.functional as F
 
 from shoal.learning.language import corpus, make_task, shard, windows
 from shoal.learning.models import ParameterLayout
+from shoal.learning.protocol import State
 from shoal.learning.task import Task
 from shoal.simulations import report
-from shoal.simulations.config import ScheduledEvent, SimConfig
+from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.engine import Row, RunResult, Simulation
 from shoal.simulations.topologies import build_graph
 
 ARMS = ("dp", "dpsgd", "diloco", "diloco-topk", "modest-diloco", "modest-crash")
 METRIC = "bits_per_byte_mean"
+Progress = Callable[[str], None] | None
 RECOVERY = 120.0  # virtual seconds: a few of MoDeST's watch (20 s) and ping (5 s) time-outs
 
 
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if args.steps < args.inner or args.inner < 1:
         p.error("--inner must be at least 1 and at most --steps")
+    if not 0 <= args.crash < 1:
+        p.error("--crash must be in [0, 1): some nodes must be left")
     report.prepare(args)
     base = report.config_from(args, eval_every=1.0)
     make = functools.partial(
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         task = make(0, args.nodes)
         data_parallel(args, task, args.lm_batch * args.lm_context / args.speed, None, args.warmup)
         make = functools.partial(warmed, make, task.model.state_dict())
-    runs = {arm: _run(arm, args, base, make, progress) for arm in arms}
+    runs = {arm: _run(arm, args, make, progress) for arm in arms}
     report.write_rounds(args.out, list(runs.values()))
     results = {arm: _summary(r, args.target, args.steps) for arm, r in runs.items()}
     scenario = {"name": "language", "arms": arms, **{k: str(v) for k, v in vars(args).items() if k != "out"}}
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(arm: str, args, base: SimConfig, make, progress) -> RunResult:
+def _run(arm: str, args: argparse.Namespace, make: Callable[..., Task], progress: Progress) -> RunResult:
     step = args.lm_batch * args.lm_context / args.speed  # virtual seconds of one inner step
     if arm == "dp":
         return data_parallel(args, make(0, args.nodes), step, progress, args.steps)
@@ -177,7 +184,9 @@ def _run(arm: str, args, base: SimConfig, make, progress) -> RunResult:
     return result
 
 
-def data_parallel(args, task: Task, step: float, progress, steps: int) -> RunResult:
+def data_parallel(
+    args: argparse.Namespace, task: Task, step: float, progress: Progress, steps: int
+) -> RunResult:
     """The ideal reference: ``task``'s model trained ``steps`` steps, each step's batch one from every
     node's share (the mean of their gradients); evaluated at as many points as the simulated runs; bytes
     and seconds of a ring all-reduce over links of --bandwidth and --latency."""
@@ -211,14 +220,14 @@ def data_parallel(args, task: Task, step: float, progress, steps: int) -> RunRes
     return RunResult("dp", rows, time.perf_counter() - start, steps, {"all-reduce": rows[-1].bytes_sent})
 
 
-def warmed(make, state: dict, node: int, nodes: int, **kwargs) -> Task:
+def warmed(make: Callable[..., Task], state: State, node: int, nodes: int, **kwargs: object) -> Task:
     """``make``'s task for ``node``, its model set to ``state`` (its optimizer still its own, fresh)."""
     task = make(node, nodes, **kwargs)
     task.model.load_state_dict(state)
     return task
 
 
-def _summary(result: RunResult, target: float, steps: int) -> dict:
+def _summary(result: RunResult, target: float, steps: int) -> dict[str, float | int | None]:
     rows = result.rows
     final = rows[-1]
     reached = next((r for r in rows if r.metrics.get(METRIC, math.inf) <= target), None)

@@ -55,7 +55,7 @@ class Plan:
             raise ValueError(f"task must be one of {', '.join(WORKLOADS)}")
         if self.target is None:
             object.__setattr__(self, "target", self.workload.target)
-        bound = 8.0 if self.workload.lower_is_better else 1.0  # bits per byte: 8 is a uniform guess
+        bound = self.workload.bound
         homes = self.homes if self.per_home >= 1 else 0
         checks = {
             "nodes must be at least 2": self.nodes >= 2,

@@ -9,6 +9,7 @@ import torch
 from shoal.learning.gossip import Gossip, GossipConfig
 from shoal.learning.integrators import Mean
 from shoal.learning.messages import GossipModel
+from shoal.learning.models import ParameterLayout
 from shoal.learning.outer import Outer, OuterConfig
 from shoal.learning.protocol import MessageIn, PeerUp, Started, Trained
 from shoal.node import checkpoint
@@ -19,9 +20,10 @@ def states(seed: int, n: int) -> list[dict]:
     return [{"w": torch.randn(4, 3, generator=g), "steps": torch.tensor(i)} for i in range(n)]
 
 
-def test_plain_averaging_takes_the_integrated_model_itself():
+def test_plain_averaging_takes_the_integrated_model_itself_and_keeps_no_momentum():
     start, averaged = states(0, 2)
-    assert Outer(OuterConfig()).step(start, averaged) is averaged
+    outer = Outer(OuterConfig(), momentum={"w": torch.ones(4, 3)})  # a DiLoCo run's checkpoint
+    assert outer.step(start, averaged) is averaged and outer.momentum == {}
 
 
 def test_the_outer_step_is_torch_sgd_with_nesterov_momentum_on_the_pseudo_gradient():
@@ -71,3 +73,15 @@ def test_the_momentum_rides_in_the_checkpoint_and_old_checkpoints_have_none(tmp_
 def test_outer_settings_out_of_range_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         OuterConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "momentum",
+    [{"w": torch.full((3,), float("nan"))}, {"w": torch.ones(3, dtype=torch.float64)}, {"v": torch.ones(3)}],
+)
+def test_a_checkpoint_whose_momentum_does_not_fit_the_model_is_refused(tmp_path, momentum):
+    path = tmp_path / "checkpoint.safetensors"
+    checkpoint.save(path, checkpoint.Checkpoint({"w": torch.ones(3)}, 1, "t", momentum))
+    layout = ParameterLayout(("w",), ((3,),), (torch.float32,))
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the model"):
+        checkpoint.load(path, "t", layout)
