@@ -88,6 +88,7 @@ class Harness:
                 ),
             )
         self.measured = Measurement(plan, self.members, churn_schedule(plan))
+        self.relayed_seen = False  # a live daemon reported a relayed link (``until_relayed``)
         self.t0 = time.monotonic()
 
     def now(self) -> float:
@@ -121,6 +122,8 @@ class Harness:
         events, next_poll, next_save = list(self.measured.events), 0.0, SAVE_EVERY
         done_at = math.inf
         while (now := self.now()) < min(plan.timeout, done_at + plan.hold):
+            if plan.until_relayed and done_at < math.inf and self.relayed_seen:
+                break
             time.sleep(TICK)
             self.starting(now)
             while events and events[0].time <= now:
@@ -194,6 +197,7 @@ class Harness:
         mean = statistics.fmean(values)
         statuses = [m.status for m in live if m.status]
         relayed = sum(p["connection"] == "relayed" for s in statuses for p in s["peers"])
+        self.relayed_seen = self.relayed_seen or relayed > 0
         peers = statistics.fmean(len(s["peers"]) for s in statuses)
         self.progress(
             f"{now:5.1f} s  {len(live)} live, rounds {min(s['round'] for s in statuses)}-"
@@ -277,6 +281,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=d.hold,
         help="seconds to go on after the target is reached, to see the settled swarm (default %(default)s)",
+    )
+    p.add_argument(
+        "--until-relayed",
+        action="store_true",
+        help="end --hold early once a daemon reports a relayed link (what a short run waits to see)",
     )
     p.add_argument("--churn", action="store_true", help="kill, stop and restart nodes mid-run (see above)")
     p.add_argument(

@@ -45,6 +45,7 @@ class Plan:
     target: float | None = None
     timeout: float = 600.0
     hold: float = 0.0  # seconds to go on after the target is reached: a settled swarm's links and bytes
+    until_relayed: bool = False  # end the hold once a live daemon reports a relayed link
     churn: bool = False
     churn_at: float = 90.0  # 24 daemons on 2 cores have all begun learning by ~50 s, and checkpointed
     restart_after: float = 30.0

@@ -115,7 +115,7 @@ def test_the_language_task_sets_the_target_direction_and_metric_column(tmp_path)
 def test_six_daemons_two_behind_nats_learn_and_the_simulator_predicts_the_run(tmp_path):
     # the target is reached in ~10 s (joiners fetch the bootstrap's model); the relayed link between the
     # two homes comes with the membership's next lookup (every 30 s) after the relay reservation
-    proc = start_testbed(tmp_path, "--timeout", "150", "--target", "0.85", "--hold", "45")
+    proc = start_testbed(tmp_path, "--timeout", "150", "--target", "0.85", "--hold", "45", "--until-relayed")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     doc = json.loads((tmp_path / "summary.json").read_text())
