@@ -40,6 +40,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from shoal.overlay.malloc import keep_freed_memory
@@ -261,3 +262,12 @@ async def join(
 def _label(info: PeerInfo) -> str:
     addr = info.addrs[0] if info.addrs else "?"
     return f"{addr}/p2p/{info.peer_id}"
+
+
+def known_addrs(host: IHost, peer: ID) -> list[multiaddr.Multiaddr]:
+    """The addresses ``host``'s peerstore holds for ``peer``; none (not an error) for a peer it never saw
+    or whose record expired (py-libp2p raises for both: a starved daemon's relay's record expires)."""
+    try:
+        return host.get_peerstore().addrs(peer)
+    except PeerStoreError:
+        return []

@@ -51,7 +51,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from shoal.overlay.framing import Libp2pStream, TransferError, read_frame, write_frame
-from shoal.overlay.host import reset_stream, serves
+from shoal.overlay.host import known_addrs, reset_stream, serves
 from shoal.overlay.penalties import RateLimit
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class Relaying:
         """``<relay addr>/p2p/<relay>/p2p-circuit`` for each relay holding a reservation for us."""
         out = []
         for relay in self.relays:
-            direct = [a for a in self.host.get_peerstore().addrs(relay) if not is_circuit(a)]
+            direct = [a for a in known_addrs(self.host, relay) if not is_circuit(a)]
             if direct:
                 out.append(multiaddr.Multiaddr(f"{_without_peer(direct[0])}/p2p/{relay}/p2p-circuit"))
         return out

@@ -26,14 +26,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee, IPeerStore
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from libp2p.peer.peerstore import PeerStoreError
 from multiaddr import Multiaddr
 
 from shoal.overlay.connections import connection_info
-from shoal.overlay.host import explain_dial_error
+from shoal.overlay.host import explain_dial_error, known_addrs
 from shoal.overlay.interface import OverlayEvent, PeerConnected, PeerDisconnected, PeerUnreachable
 from shoal.overlay.metadata import Metadata
 from shoal.overlay.nat import Relaying, is_circuit, is_relayed
@@ -259,14 +258,14 @@ class Peers:
         addrs = [*given, *(member.addrs if member else ())]
         direct = [Multiaddr(a) for a in addrs if not is_circuit(a)]
         peerstore = self.host.get_peerstore()
-        if direct and not _known_addrs(peerstore, peer):
+        if direct and not known_addrs(self.host, peer):
             # given addresses (metadata, provider records) are not authenticated: used only when we
             # know none from a connection of our own (identify)
             peerstore.add_addrs(peer, direct, 600)
         circuits = [a for a in addrs if is_circuit(a)]
         errors = []
         self.host.get_network().unblock_peer(peer)  # we were asked to try now: skip the failure cache
-        if _known_addrs(peerstore, peer):
+        if known_addrs(self.host, peer):
             # behind a NAT a direct dial hangs until its timeout: keep time for the relay then
             with trio.move_on_after(DIRECT_DIAL_TIMEOUT if circuits else math.inf):
                 try:
@@ -283,11 +282,3 @@ class Peers:
             self._tasks.spawn(self.relaying.upgrade, peer, self._hole_punch_timeout)
             return
         raise PeerUnreachable(f"cannot connect to {peer}: " + ("; ".join(errors) or "no known address"))
-
-
-def _known_addrs(peerstore: IPeerStore, peer: ID) -> list[Multiaddr]:
-    """The addresses the peerstore holds for ``peer``; none (not an error) for a peer it never saw."""
-    try:
-        return peerstore.addrs(peer)
-    except PeerStoreError:
-        return []

@@ -156,3 +156,19 @@ def test_a_private_node_without_a_relay_checks_again_soon_then_less_often():
     assert monitor._next_check() == RECHECK
     relaying.relays = []
     assert monitor._next_check() == RESERVE_RETRY  # a lost reservation starts the backoff afresh
+
+
+def test_a_relay_whose_peerstore_record_expired_is_no_circuit_and_no_crash():
+    """A daemon starved of CPU at 24 daemons on 2 cores found its relay's peerstore record expired, and
+    py-libp2p's ``addrs`` raised out of the metadata heartbeat: the daemon died. Such a relay now
+    simply gives no circuit address."""
+    from libp2p import new_host
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    from shoal.overlay.nat import Relaying
+
+    relaying = Relaying(new_host(key_pair=create_new_key_pair()), serve=False)
+    relaying.relays = [ID.from_pubkey(create_new_key_pair().public_key)]  # no record in our peerstore
+    assert relaying.circuit_addrs() == []
+    assert all("p2p-circuit" not in a for a in relaying.addresses())
