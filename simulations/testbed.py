@@ -305,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def interrupt(*_: object) -> None:
-    """SIGTERM as Ctrl-C: the same teardown runs."""
+    """SIGTERM and SIGINT as Ctrl-C: the same teardown runs."""
     raise KeyboardInterrupt
 
 
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)  # even if started ignoring it (a shell's background job)
     bed = Testbed(plan)
     print(
         f"building {plan.nodes} nodes ({plan.nat_nodes} behind {plan.homes} NATs, {plan.random_nats} of them "
