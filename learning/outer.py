@@ -60,7 +60,7 @@ class Outer:
         """``momentum`` is kept only if there is momentum to keep: a checkpoint's from an earlier DiLoCo
         run must not come back when it is turned on again."""
         self.config = config
-        kept = momentum if config.momentum and not config.averaging else None
+        kept = momentum if config.momentum else None
         self.momentum: State = dict(kept or {})  # replaced whole, never changed in place (checkpoints)
 
     def step(self, start: State, averaged: State) -> State:
