@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--target",
         type=float,
-        default=2.7,
+        default=2.5,
         help="bits per byte of the to-target figures (default %(default)s)",
     )
     g.add_argument("--crash", type=float, default=0.5, help="modest-crash: share of nodes crashing")
