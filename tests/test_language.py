@@ -4,6 +4,7 @@ held-out bits per byte, and a simulated swarm of them learning together."""
 import csv
 import functools
 import json
+import logging
 import math
 from collections import Counter
 
@@ -57,7 +58,12 @@ def test_the_language_scenario_compares_every_arm_at_equal_compute(tmp_path):
 
     small = "--nodes 6 --steps 20 --inner 5 --warmup 10 --lm-width 16 --lm-max-bytes 200000"
     small += " --modest-sample-size 2 --target 7.5"
-    language.main([*small.split(), "--evals", "4", "--out", str(tmp_path), "--quiet"])
+    quiet = logging.getLogger("shoal.learner")  # the scenario quiets it (report.prepare): for this run only
+    level = quiet.level
+    try:
+        language.main([*small.split(), "--evals", "4", "--out", str(tmp_path), "--quiet"])
+    finally:
+        quiet.setLevel(level)
     results = json.loads((tmp_path / "summary.json").read_text())["results"]
     assert list(results) == list(language.ARMS)
     for arm, r in results.items():
