@@ -123,6 +123,16 @@ class ByteGPT(nn.Module):
         return self.head(self.norm(h))
 
 
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimizer step on next-byte cross-entropy (gradients clipped to norm 1); the loss before it."""
+    loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def bits_per_byte(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cross-entropy of the next byte, in bits."""
     with torch.no_grad():
@@ -158,15 +168,7 @@ def make_task(
 
     def train(model: nn.Module, round: int) -> Metrics:
         model.train()
-        total = 0.0
-        for _ in range(steps):
-            x, y = windows(text, context, batch, draw)
-            loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            total += loss.item()
+        total = sum(step(model, optimizer, *windows(text, context, batch, draw)) for _ in range(steps))
         return {"loss": total / steps, "samples": steps * batch * context}
 
     def evaluate(model: nn.Module) -> Metrics:

@@ -23,7 +23,6 @@ import networkx as nx
 from shoal.learning.compression import CODECS
 from shoal.simulations import report
 from shoal.simulations.engine import RunResult, Simulation
-from shoal.simulations.modest import plot_xy
 from shoal.simulations.topologies import build_graph
 
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         results,
     )
     for name, by_codec in runs.items():
-        plot_xy(
+        report.plot_xy(
             args.out,
             f"accuracy_by_bytes_{name}.png",
             list(by_codec.values()),

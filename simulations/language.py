@@ -46,9 +46,9 @@ from pathlib import Path
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
 
 from shoal.learning.language import corpus, make_task, shard, windows
+from shoal.learning.language import step as step_on
 from shoal.learning.models import ParameterLayout
 from shoal.learning.protocol import State
 from shoal.learning.task import Task
@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     progress = None if args.quiet else print
+    first = make(0, args.nodes)
+    weights = ParameterLayout.of(first.model).numel
     if args.warmup:  # every arm starts from one model trained so (DiLoCo's experiments start pretrained)
-        task = make(0, args.nodes)
-        data_parallel(args, task, args.lm_batch * args.lm_context / args.speed, None, args.warmup)
-        make = functools.partial(warmed, make, task.model.state_dict())
-    runs = {arm: _run(arm, args, make, progress) for arm in arms}
+        data_parallel(args, first, None, args.warmup)
+        make = functools.partial(warmed, make, first.model.state_dict())
+    runs = {arm: _run(arm, args, make, weights, progress) for arm in arms}
     report.write_rounds(args.out, list(runs.values()))
     results = {arm: _summary(r, args.target, args.steps) for arm, r in runs.items()}
     scenario = {"name": "language", "arms": arms, **{k: str(v) for k, v in vars(args).items() if k != "out"}}
@@ -142,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(arm: str, args: argparse.Namespace, make: Callable[..., Task], progress: Progress) -> RunResult:
-    step = args.lm_batch * args.lm_context / args.speed  # virtual seconds of one inner step
+def _run(
+    arm: str, args: argparse.Namespace, make: Callable[..., Task], weights: int, progress: Progress
+) -> RunResult:
+    """One arm's run; ``weights``: the model's parameter count."""
+    step = _step_seconds(args)
     if arm == "dp":
-        return data_parallel(args, make(0, args.nodes), step, progress, args.steps)
+        return data_parallel(args, make(0, args.nodes), progress, args.steps)
     h = 1 if arm == "dpsgd" else args.inner
     modest = arm.startswith("modest")
     per_round = h * (args.modest_sample_size / args.nodes if modest else 1)  # steps per node per round
@@ -157,8 +161,7 @@ def _run(arm: str, args: argparse.Namespace, make: Callable[..., Task], progress
         overrides["codec_name"] = "topk"
     if modest:
         overrides |= {"protocol": "modest", "dial_any": True}
-    model_bytes = 4 * ParameterLayout.of(make(0, args.nodes).model).numel
-    talk = (args.modest_sample_size if modest else 4) * model_bytes * 8 / (args.bandwidth * 1e6)
+    talk = (args.modest_sample_size if modest else 4) * 4 * weights * 8 / (args.bandwidth * 1e6)
     expected = rounds * (h * step + talk + 4 * args.latency)  # virtual seconds, if nothing waits
     # ends once the nodes trained --steps each; MoDeST's time-outs route around crashed nodes in absolute time
     duration = expected * 4 + (RECOVERY if arm == "modest-crash" else 0.0)
@@ -184,9 +187,7 @@ def _run(arm: str, args: argparse.Namespace, make: Callable[..., Task], progress
     return result
 
 
-def data_parallel(
-    args: argparse.Namespace, task: Task, step: float, progress: Progress, steps: int
-) -> RunResult:
+def data_parallel(args: argparse.Namespace, task: Task, progress: Progress, steps: int) -> RunResult:
     """The ideal reference: ``task``'s model trained ``steps`` steps, each step's batch one from every
     node's share (the mean of their gradients); evaluated at as many points as the simulated runs; bytes
     and seconds of a ring all-reduce over links of --bandwidth and --latency."""
@@ -198,7 +199,7 @@ def data_parallel(
     draw = torch.Generator().manual_seed(args.seed)
     n = args.nodes
     sent = 2 * (n - 1) / n * 4 * ParameterLayout.of(model).numel  # bytes per node per step
-    per_step = step + sent * 8 / (args.bandwidth * 1e6) + 2 * (n - 1) * args.latency
+    per_step = _step_seconds(args) + sent * 8 / (args.bandwidth * 1e6) + 2 * (n - 1) * args.latency
     every = max(1, steps // args.evals)
     rows = []
     for k in range(steps + 1):
@@ -212,12 +213,13 @@ def data_parallel(
             break
         x, y = (torch.cat(t) for t in zip(*(windows(t, args.lm_context, args.lm_batch, draw) for t in texts)))
         model.train()
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        step_on(model, optimizer, x, y)
     return RunResult("dp", rows, time.perf_counter() - start, steps, {"all-reduce": rows[-1].bytes_sent})
+
+
+def _step_seconds(args: argparse.Namespace) -> float:
+    """Virtual seconds of one inner step: its bytes of text at --speed."""
+    return args.lm_batch * args.lm_context / args.speed
 
 
 def warmed(make: Callable[..., Task], state: State, node: int, nodes: int, **kwargs: object) -> Task:
@@ -268,20 +270,10 @@ def _interpolated(rows: list[Row], steps: float, column: str = METRIC) -> float 
 def _plot(out: Path, runs: list[RunResult]) -> None:
     for x, name, label in (
         ("steps", "bits_per_byte_by_steps.png", "inner steps per node"),
-        ("bytes", "bits_per_byte_by_bytes.png", "MB sent by all nodes (log)"),
+        ("bytes_sent", "bits_per_byte_by_bytes.png", "MB sent by all nodes (log)"),
     ):
-        fig, ax = report.figure(figsize=(7.5, 4.5))
-        for r in runs:
-            xs = [row.metrics["steps"] if x == "steps" else row.bytes_sent / 1e6 for row in r.rows]
-            ax.plot(xs, [row.metrics[METRIC] for row in r.rows], label=r.label, marker=".")
-        if x == "bytes":
-            ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out bits per byte (mean over nodes)")
-        ax.set_title("Language model across a swarm")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
-        report.save_figure(fig, out / name)
+        title, ylabel = "Language model across a swarm", "held-out bits per byte (mean over nodes)"
+        report.plot_xy(out, name, runs, x, label, title, y=METRIC, ylabel=ylabel)
 
 
 def _print(out: Path, results: dict[str, dict], target: float) -> None:

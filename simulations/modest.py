@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import random
 import sys
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,21 +79,6 @@ def crash_schedule(nodes: int, duration: float, seed: int) -> list[ScheduledEven
     return [
         ScheduledEvent(float(t), "crash", tuple(int(v) for v in b)) for t, b in zip(times, batches) if len(b)
     ]
-
-
-def plot_xy(out: Path, name: str, results: Sequence[RunResult], x: str, xlabel: str, title: str) -> None:
-    fig, ax = report.figure(figsize=(7.5, 4.5))
-    for r in results:
-        xs = [getattr(row, x) / (1e6 if x == "bytes_sent" else 1) for row in r.rows]
-        ax.plot(xs, [row.acc_mean for row in r.rows], label=r.label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    if x == "bytes_sent":
-        ax.set_xscale("symlog", linthresh=1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    report.save_figure(fig, out / name)
 
 
 def plot_bytes_per_node(out: Path, per_node: dict[str, list[float]]) -> None:
@@ -178,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         results,
     )
-    plot_xy(args.out, "accuracy_by_round.png", by_round, "round", "round", "Accuracy per round")
-    plot_xy(
+    report.plot_xy(args.out, "accuracy_by_round.png", by_round, "round", "round", "Accuracy per round")
+    report.plot_xy(
         args.out,
         "accuracy_by_bytes.png",
         by_round,

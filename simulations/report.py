@@ -241,3 +241,31 @@ def plot_runs(
     alive_ax.set_xlabel("virtual time (s)")
     alive_ax.grid(alpha=0.3)
     return save_figure(fig, out / name)
+
+
+def plot_xy(
+    out: Path,
+    name: str,
+    results: Sequence[RunResult],
+    x: str,
+    xlabel: str,
+    title: str,
+    y: str = "accuracy_mean",
+    ylabel: str = "test accuracy",
+) -> Path:
+    """``y`` (a metric column) against ``x`` (a :class:`Row` field, or a metric column), one line per run;
+    bytes in MB on a log scale."""
+    fig, ax = figure(figsize=(7.5, 4.5))
+    for r in results:
+        xs = [row.metrics[x] if x in row.metrics else getattr(row, x) for row in r.rows]
+        if x == "bytes_sent":
+            xs = [v / 1e6 for v in xs]
+        ax.plot(xs, [row.metrics.get(y, math.nan) for row in r.rows], label=r.label, marker=".")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if x == "bytes_sent":
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return save_figure(fig, out / name)
