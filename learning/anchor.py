@@ -174,11 +174,12 @@ class Anchor:
         even before training a node refuses to replace it with something far worse."""
         self._keep(self.score(initial), initial)
 
-    def recover(self, state: State, round: int) -> State:
+    def recover(self, state: State, round: int, score: Score | None = None) -> State:
         """What round ``round``'s training starts from: ``state``, recorded as a start point, or our
         known-good model if ``state`` is far worse than our recent start points (then it is not
-        trained on, nor sent, any further)."""
-        score = self.score(state)
+        trained on, nor sent, any further). ``score``: ``state``'s, when the caller computed it
+        (``learning.batched`` scores many nodes' models at once)."""
+        score = self.score(state) if score is None else score
         if self._keep(score, state):
             return state
         log.warning(

@@ -74,7 +74,7 @@ def weighted_mean(models: Sequence[Model], weights: Sequence[float]) -> dict[str
     w = w / w.sum()
     out = {}
     for name, ref in models[0].items():
-        stacked = torch.stack([m[name].to(torch.float64) for m in models])
+        stacked = torch.stack([m[name] for m in models]).to(torch.float64)
         avg = torch.tensordot(w, stacked, dims=1)
         out[name] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
     if not all(torch.isfinite(t).all() for t in out.values() if t.is_floating_point()):

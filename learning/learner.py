@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from shoal.learning.anchor import Anchor
+from shoal.learning.anchor import Anchor, Score
 from shoal.learning.models import ModelError, ParameterLayout
 from shoal.learning.protocol import State
 from shoal.learning.task import Metrics, Task, shown
@@ -84,10 +84,10 @@ class Learner:
             stats["samples"] = self.samples
         return self.trained(state, new, round), stats
 
-    def start(self, state: State, round: int) -> State:
+    def start(self, state: State, round: int, score: Score | None = None) -> State:
         """What round ``round`` trains from: ``state``, or the anchor's known-good model if ``state`` is
-        far worse (``Anchor.recover``)."""
-        return self.anchor.recover(state, round) if self.anchor is not None else state
+        far worse (``Anchor.recover``; ``score``: ``state``'s probe score, if computed already)."""
+        return self.anchor.recover(state, round, score) if self.anchor is not None else state
 
     def snapshot(self) -> State:
         """The module's shared tensors as trained, on the CPU (the wire and the averaging read them

@@ -262,15 +262,19 @@ def model_fault(
     into a swarm of honest nodes banning each other. Only the upper side is bounded: a layer far
     smaller than ours is a bad model like any other, which robust integration handles.
     """
-    reason = incompatibility(reference, model)
+    reason = incompatibility(reference, model, finite=False)
     if reason:
         return f"model does not fit: {reason}", True
-    for name, ours in reference.items():
-        if not ours.is_floating_point():
-            continue
+    layers = [name for name, ours in reference.items() if ours.is_floating_point()]
+    norms = {name: torch.linalg.vector_norm(model[name], dtype=torch.float64).item() for name in layers}
+    for name in layers:  # a norm is finite when the values are (one pass over them, not two)
+        if not math.isfinite(norms[name]) and not torch.isfinite(model[name]).all():
+            return f"model does not fit: {name!r} contains NaN or infinite values", True
+    for name in layers:
+        ours = reference[name]
         own = torch.linalg.vector_norm(ours, dtype=torch.float64).item()
         bound = max_norm_ratio * max(own, NORM_FLOOR * math.sqrt(ours.numel()))
-        theirs = torch.linalg.vector_norm(model[name], dtype=torch.float64).item()
+        theirs = norms[name]
         if theirs > bound:
             ratio = f"{max_norm_ratio:g}x"
             return f"model is implausible: {name!r} has L2 norm {theirs:.3g}, not within {ratio} ours", False

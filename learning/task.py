@@ -102,9 +102,13 @@ class SupervisedTraining:
             epochs=self.epochs,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            seed=self.seed * 1_000_003 + round,
+            seed=self.seed_of(round),
         )
         return {"samples": stats.samples, "loss": stats.mean_loss}
+
+    def seed_of(self, round: int) -> int:
+        """The seed of round ``round``'s mini-batches."""
+        return self.seed * 1_000_003 + round
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Callers run them off the event loop (``overlay.offloop``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,33 +70,48 @@ def train_local(
         raise ValueError(f"batch_size must be >= 1 and lr > 0, got {batch_size} and {lr}")
     if len(x) == 0:
         return TrainStats(0, 0, math.nan, math.nan)
-    if steps is None:
-        steps = max(1, math.ceil(epochs * len(x) / batch_size))
+    steps = step_count(len(x), batch_size, steps, epochs)
     device = _place(model, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     velocity: list[torch.Tensor | None] = [None] * len(params)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=generator)
-    cursor, total, loss_value = 0, 0.0, math.nan
-    for _ in range(steps):
-        if cursor >= len(order):
-            order, cursor = torch.randperm(len(x), generator=generator), 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
+    total, loss_value = 0.0, math.nan
+    for idx in batches(len(x), batch_size, steps, seed):
         for p in params:
             p.grad = None
         loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
         loss.backward()
-        _sgd_step(params, velocity, lr, momentum, weight_decay)
+        sgd_step(params, [p.grad for p in params], velocity, lr, momentum, weight_decay)
         loss_value = loss.item()
         total += loss_value
     return TrainStats(steps, steps * min(batch_size, len(x)), total / steps, loss_value)
 
 
+def step_count(samples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
+    """How many mini-batches a round of ``steps`` or ``epochs`` passes over ``samples`` takes."""
+    return steps if steps is not None else max(1, math.ceil(epochs * samples / batch_size))
+
+
+def batches(samples: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """The indices of each of ``steps`` mini-batches: a shuffled order seeded by ``seed``, reshuffled
+    at each pass (the last batch of a pass may be short)."""
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(samples, generator=generator), 0
+    for _ in range(steps):
+        if cursor >= len(order):
+            order, cursor = torch.randperm(samples, generator=generator), 0
+        yield order[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
 @torch.no_grad()
-def _sgd_step(
-    params: list[nn.Parameter], velocity: list[torch.Tensor | None], lr: float, momentum: float, decay: float
+def sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    velocity: list[torch.Tensor | None],
+    lr: float,
+    momentum: float,
+    decay: float,
 ) -> None:
     """One step of ``torch.optim.SGD`` (no dampening, no Nesterov), the same arithmetic.
 
@@ -103,10 +119,10 @@ def _sgd_step(
     1.45 s of CPU and 72 MB of memory per process (torch 2.13), paid in a daemon's first round. At 24
     daemons on 2 cores that first round took 50-120 s (the testbed, docs/measurements.md).
     """
-    for i, p in enumerate(params):
-        if p.grad is None:
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        if grad is None:
             continue
-        step = p.grad.add(p, alpha=decay) if decay else p.grad
+        step = grad.add(p, alpha=decay) if decay else grad
         if momentum:
             buf = velocity[i]
             if buf is None:

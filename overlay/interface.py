@@ -12,6 +12,7 @@ published on a topic. The driver translates them into the learning protocols' ow
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,7 +99,7 @@ class Overlay(Protocol):
         """Peers that advertised ``key``, this node excluded."""
         ...
 
-    def members(self) -> list[str]:
+    def members(self) -> Collection[str]:
         """The peers of this node's task it holds a current membership statement of, this node included:
         on libp2p each one's own signed metadata record, not yet expired and not "left". Unlike
         :meth:`peers`, not only those connected now, and nothing a third peer could make up."""

@@ -40,6 +40,9 @@ class SimConfig(ProtocolSettings):
     speed_spread: float = 1.0  # node speeds are log-uniform in [speed/spread, speed*spread]
     loss: float = 0.0
     dial_any: bool = False  # True: any node may message any other, not only graph neighbours
+    # train the nodes that share a model and hyperparameters in one computation (simulations.batching):
+    # far faster with thousands of nodes; the models agree with the per-node path to rounding
+    batched: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

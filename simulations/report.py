@@ -71,6 +71,13 @@ def parser(prog: str, doc: str | None, **defaults: object) -> argparse.ArgumentP
     )
     g.add_argument("--out", type=Path, default=Path("out") / prog, help="output folder (default %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
+    g.add_argument(
+        "--batched",
+        action="store_true",
+        default=base.batched,
+        help="train the nodes' rounds of the built-in task in batches: far faster with thousands of "
+        "nodes, models equal to the per-node path's to rounding",
+    )
     learning = g = p.add_argument_group("learning (--task-*: the daemon's [task] settings)")
     g.add_argument(
         "--integrator",
