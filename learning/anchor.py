@@ -192,9 +192,8 @@ class Anchor:
         assert good is not None  # _keep takes anything before it knows a score
         return good
 
-    def stepped(self, before: State, after: State) -> None:
-        """Record how far one round of our own training moved our model (called by the learner)."""
-        step = distance(before, after)
+    def stepped(self, step: float) -> None:
+        """Record how far (L2) one round of our own training moved our model (called by the learner)."""
         with self._lock:
             self._steps.append(step)
 

@@ -29,11 +29,13 @@ from shoal.learning.training import batches, pick_device, sgd_step, step_count
 
 @dataclass(frozen=True)
 class Job:
-    """One node's round: its learner, the model it was asked to train from, and the round."""
+    """One node's round: its learner, the model it was asked to train from, the round, and the
+    learner's :func:`batch_key` (which its caller computed once)."""
 
     learner: Learner
     state: State
     round: int
+    key: Hashable
 
 
 def batch_key(learner: Learner) -> Hashable | None:
@@ -59,17 +61,16 @@ def train_together(jobs: Sequence[Job]) -> list[State]:
     results: dict[int, State] = {}
     groups: dict[Hashable, list[int]] = {}
     for i, job in enumerate(jobs):
-        key = batch_key(job.learner)
-        if key is None:
+        if job.key is None:
             raise ValueError("train_together: a job's learner cannot be batched (see batch_key)")
-        groups.setdefault((key, _steps(_training(job.learner))), []).append(i)
+        groups.setdefault((job.key, _steps(_training(job.learner))), []).append(i)
     for (_, steps), members in groups.items():
         group = [jobs[i] for i in members]
         scores = _scores(group)
         starts = [job.learner.start(job.state, job.round, score) for job, score in zip(group, scores)]
-        trained = _sgd(group, starts, steps) if steps else starts
-        for i, job, start, new in zip(members, group, starts, trained):
-            results[i] = job.learner.trained(start, new, job.round)
+        trained, moved = _sgd(group, starts, steps) if steps else (starts, [0.0] * len(group))
+        for i, job, start, new, step in zip(members, group, starts, trained, moved):
+            results[i] = job.learner.trained(start, new, job.round, step)
     return [results[i] for i in range(len(jobs))]
 
 
@@ -127,15 +128,17 @@ def _scores(jobs: Sequence[Job]) -> list[Score | None]:
     return out
 
 
-def _sgd(jobs: Sequence[Job], starts: Sequence[State], steps: int) -> list[State]:
-    """``steps`` SGD steps of every job's model from its start, each on its own mini-batches."""
+def _sgd(jobs: Sequence[Job], starts: Sequence[State], steps: int) -> tuple[list[State], list[float]]:
+    """``steps`` SGD steps of every job's model from its start, each on its own mini-batches; the
+    models, and how far (L2) each moved (``anchor.distance``'s arithmetic, per node)."""
     learner = jobs[0].learner
     module, names, dtypes = learner.model, learner.layout.names, learner.layout.dtypes
     trainings = [_training(job.learner) for job in jobs]
     first = trainings[0]
     device = pick_device()
     module.to(device).train()
-    params = [torch.stack([s[n] for s in starts]).to(device) for n in names]
+    before = [torch.stack([s[n] for s in starts]).to(device) for n in names]
+    params = [p.clone() for p in before]
     velocity: list[torch.Tensor | None] = [None] * len(names)
     orders = [
         list(batches(len(t.y), t.batch_size, steps, t.seed_of(j.round))) for t, j in zip(trainings, jobs)
@@ -154,9 +157,12 @@ def _sgd(jobs: Sequence[Job], starts: Sequence[State], steps: int) -> list[State
         )
         grads = gradients(tuple(params), x.to(device), y.to(device), mask.to(device))
         sgd_step(params, grads, velocity, first.lr, first.momentum, first.weight_decay)
-    return [
+    squares = sum((p.double() - b.double()).square().flatten(1).sum(1) for p, b in zip(params, before))
+    assert isinstance(squares, torch.Tensor)
+    models = [
         {n: p[k].to("cpu", d).clone() for n, p, d in zip(names, params, dtypes)} for k in range(len(jobs))
     ]
+    return models, squares.sqrt().tolist()
 
 
 def _padded(

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from shoal.learning.anchor import Anchor, Score
+from shoal.learning.anchor import Anchor, Score, distance
 from shoal.learning.models import ModelError, ParameterLayout
 from shoal.learning.protocol import State
 from shoal.learning.task import Metrics, Task, shown
@@ -96,21 +96,25 @@ class Learner:
             raise ModelError("training changed the model's parameters (names, shapes or dtypes)")
         return {name: t.cpu() for name, t in self.layout.state(self.model).items()}
 
-    def trained(self, start: State, new: State, round: int) -> State:
+    def trained(self, start: State, new: State, round: int, step: float | None = None) -> State:
         """``new``, trained from ``start``, as the node keeps it: ``only_rows`` applied, refused (``start``
-        kept) if a weight is not finite, its step recorded in the anchor."""
+        kept) if a weight is not finite, its step recorded in the anchor. ``step``: the L2 distance
+        from ``start`` to ``new`` when the caller computed it (``learning.batched``, for many nodes at
+        once); it is not finite when a weight is not."""
         if self.only_rows is not None:
             name, rows = self.only_rows
             others = torch.ones(len(new[name]), dtype=torch.bool)
             others[rows] = False
             new[name][others] = start[name][others]
-        bad = [n for n, t in new.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
+            step = None
+        step = distance(start, new) if step is None else step
+        if not math.isfinite(step):
+            bad = [n for n, t in new.items() if t.is_floating_point() and not torch.isfinite(t).all()]
             self.failed(round, f"training made {bad[:3]} non-finite")
             return start
         self.error = None
         if self.anchor is not None:
-            self.anchor.stepped(start, new)
+            self.anchor.stepped(step)
         return new
 
     def failed(self, round: int, why: str) -> dict[str, float]:

@@ -14,6 +14,7 @@ anchor as it was. The models trained are the per-node path's to floating-point r
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import trio
@@ -55,11 +56,15 @@ class NodeCompute(VirtualCompute):
     def __init__(self, batching: BatchedTraining, samples_per_second: float):
         super().__init__(samples_per_second)
         self.batching = batching
+        self.keys: dict[Learner, Hashable] = {}  # the node's learner's batch_key, computed once
 
     async def train(self, learner: Learner, state: State, round: int) -> State:
-        if batch_key(learner) is None:
+        if learner not in self.keys:
+            self.keys[learner] = batch_key(learner)
+        key = self.keys[learner]
+        if key is None:
             return await super().train(learner, state, round)
-        queued = _Queued(Job(learner, state, round))
+        queued = _Queued(Job(learner, state, round, key))
         self.batching.queue.append(queued)
         try:
             await trio.sleep(samples(learner) / self.samples_per_second)
