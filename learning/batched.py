@@ -6,8 +6,10 @@ overhead. Nodes that train in one module (the simulator's built-in task shares o
 with the same hyperparameters train together here: their parameters stacked, each step's gradients of
 every node from one ``torch.func.vmap`` over ``functional_call``, each node on its own mini-batches
 (the indices :func:`~learning.training.batches` draws from its seed, as the per-node path does; short
-batches padded and masked out of the loss). The arithmetic is the per-node path's, so results agree
-with it to floating-point rounding (tested): the anchor's start and the learner's checks stay per node.
+batches padded and masked out of the loss). The probe scores a round's start point gets from the
+node's anchor and the step its training made are computed for all at once too; what the node does with
+them (roll back, refuse non-finite weights, record the step) is the learner's, per node. The arithmetic
+is the per-node path's, so results agree with it to floating-point rounding (tested).
 """
 
 from __future__ import annotations
@@ -157,11 +159,13 @@ def _sgd(jobs: Sequence[Job], starts: Sequence[State], steps: int) -> tuple[list
         )
         grads = gradients(tuple(params), x.to(device), y.to(device), mask.to(device))
         sgd_step(params, grads, velocity, first.lr, first.momentum, first.weight_decay)
-    squares = sum((p.double() - b.double()).square().flatten(1).sum(1) for p, b in zip(params, before))
+    squares = sum(
+        torch.linalg.vector_norm((p - b).flatten(1), dim=1, dtype=torch.float64).square()
+        for p, b in zip(params, before)
+    )
     assert isinstance(squares, torch.Tensor)
-    models = [
-        {n: p[k].to("cpu", d).clone() for n, p, d in zip(names, params, dtypes)} for k in range(len(jobs))
-    ]
+    on_cpu = [p.to("cpu", d) for p, d in zip(params, dtypes)]  # one copy from a GPU, not one per node
+    models = [{n: p[k].clone() for n, p in zip(names, on_cpu)} for k in range(len(jobs))]
     return models, squares.sqrt().tolist()
 
 
