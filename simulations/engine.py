@@ -83,11 +83,14 @@ class RunResult:
         return self.rows[-1]
 
 
-# Python's full garbage collections come after this many of the middle generation's (default 10): a
-# simulation keeps millions of objects alive (every node's models, messages, tasks), and each full
-# collection walks them all. Measured at 10,000 nodes: 43 full collections in 3 rounds took 31 s of
-# 119 and found ~3 objects each; young cycles (trio's cancelled tasks) still go in the young generations.
-FULL_COLLECTIONS = 1000
+# Python's garbage collector is off during a run and collects once every node did COLLECT_ROUNDS rounds
+# (on average) instead: a simulation keeps millions of objects alive (every node's models, messages,
+# tasks) and makes few reference cycles, so the automatic collections walked the same live objects over
+# and over. Measured at 10,000 nodes, 3 rounds: the default thresholds' full collections took 31 s of
+# 119 (43 of them, finding ~3 objects each); with only the young generations, 73 s; off, 66 s. (A timer
+# task would do as well, but a new task changes the order in which trio runs a moment's tasks, and with
+# it every seeded result.)
+COLLECT_ROUNDS = 10
 
 
 def node_name(i: int) -> str:
@@ -255,6 +258,8 @@ class Simulation:
 
     def _count_round(self, _round: int) -> None:
         self.node_rounds += 1
+        if self.node_rounds % (COLLECT_ROUNDS * self.config.nodes) == 0:
+            gc.collect()
 
     def _stop_node(self, i: int, action: str) -> None:
         name = node_name(i)
@@ -273,12 +278,13 @@ class Simulation:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             random.seed(self.config.seed)
-            thresholds = gc.get_threshold()
-            gc.set_threshold(*thresholds[:2], max(thresholds[2], FULL_COLLECTIONS))
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 run_virtual(self._main, seed=self.config.seed)
             finally:
-                gc.set_threshold(*thresholds)
+                if collecting:
+                    gc.enable()
                 random.setstate(state)
         self.wall_seconds = time.perf_counter() - start
         traffic = self.network.traffic
