@@ -10,8 +10,9 @@ crashes, leaves, joins and partitions, and evaluates every live node's model at 
 Everything random derives from the seed, so a seed reproduces a run bit for bit on CPU.
 
 The built-in task's nodes share one ``nn.Module`` for compute (they train one at a time on the loop's
-thread); what each node owns is its parameters, so memory per node is a few copies of the model. A
-user's task factory decides: returning one module for every node shares it too.
+thread, or with ``SimConfig.batched`` together: ``simulations.batching``); what each node owns is its
+parameters, so memory per node is a few copies of the model. A user's task factory decides: returning
+one module for every node shares it too.
 """
 
 from __future__ import annotations
