@@ -116,7 +116,7 @@ def _scores(jobs: Sequence[Job]) -> list[Score | None]:
             )
     finally:
         module.train()
-    logits, y, real = logits.cpu(), y, mask.bool()
+    logits, real = logits.cpu(), mask.bool()
     classes = logits.shape[-1]
     chance = Score(1.0 - 1.0 / classes, math.log(classes))
     losses = F.cross_entropy(logits.reshape(-1, classes), y.reshape(-1), reduction="none").view(y.shape)
