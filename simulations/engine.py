@@ -281,9 +281,11 @@ class Simulation:
             random.seed(self.config.seed)
             collecting = gc.isenabled()
             gc.disable()
+            gc.freeze()  # what lived before the run (torch, the data): collections need not walk it
             try:
                 run_virtual(self._main, seed=self.config.seed)
             finally:
+                gc.unfreeze()
                 if collecting:
                     gc.enable()
                 random.setstate(state)
