@@ -84,13 +84,9 @@ class RunResult:
         return self.rows[-1]
 
 
-# Python's garbage collector is off during a run and collects once every node did COLLECT_ROUNDS rounds
-# (on average) instead: a simulation keeps millions of objects alive (every node's models, messages,
-# tasks) and makes few reference cycles, so the automatic collections walked the same live objects over
-# and over. Measured at 10,000 nodes, 3 rounds: the default thresholds' full collections took 31 s of
-# 119 (43 of them, finding ~3 objects each); with only the young generations, 73 s; off, 66 s. (A timer
-# task would do as well, but a new task changes the order in which trio runs a moment's tasks, and with
-# it every seeded result.)
+# Python's garbage collector is off during a run, collecting once per COLLECT_ROUNDS rounds per node:
+# the automatic collections walked millions of live objects over and over (docs/measurements.md,
+# "Simulator speed"); counted in rounds, not by a timer task, which would reorder trio's scheduling.
 COLLECT_ROUNDS = 10
 
 
