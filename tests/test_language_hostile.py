@@ -20,7 +20,7 @@ from tests.test_hostile import check_honest_links, rss
 from tests.tiny_language import ENV as LANGUAGE_ENV
 from tests.tiny_language import bits_per_byte
 
-PHASES = ["inflate=15", "nan=10"]
+PHASES = ["inflate=9", "nan=6"]
 TARGET = 3.0  # mean held-out bits per byte (8.2 at start)
 PUSHED = 0.25  # bits per byte a daemon may stand above its level when the attack began
 RSS_MARGIN = 150 * 2**20  # bytes an honest daemon's resident memory may grow during the attack

@@ -101,13 +101,13 @@ def test_at_an_epoch_boundary_the_document_starts_empty_and_members_stay():
 @pytest.mark.slow
 def test_the_document_stays_bounded_over_hours_of_churn_and_junk():
     """20 peers heartbeat every 10 s (every 50 s one leaves for good and a new one joins); a sybil pusher
-    brings 40 stale records signed by fresh keys every 10 s. One observer, 5-minute epochs, 3 hours.
+    brings 40 stale records signed by fresh keys every 10 s. One observer, 5-minute epochs, 90 minutes.
     Without epochs every record expired leaves its tombstone for good; with them the document at each
     epoch's end is the same size."""
     observer = Metadata("task", key(1000), expiry=60.0, epoch_length=300.0)
     nodes = [Metadata("task", key(i), epoch_length=300.0) for i in range(20)]
     next_id, sybil, sizes = 20, 10_000, []
-    for t in range(0, 3 * 3600, 10):
+    for t in range(0, 90 * 60, 10):
         now = float(t)
         if t % 50 == 0:
             i = (t // 50) % 20
