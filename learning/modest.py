@@ -259,7 +259,8 @@ class Modest:
 
     def _on_aggregated(self, peer: str, rnd: int, state: State) -> list[Action]:
         """A newer round's model replaces whatever we were training, if our anchor admits it; later
-        copies of a round are ignored."""
+        copies of a round are ignored. Holding that round's model, we are done with the round as its
+        aggregator is: the node evaluates and checkpoints what it holds, not only what it aggregated."""
         if rnd <= self._train_round:
             return []
         if (
@@ -273,7 +274,7 @@ class Modest:
             if self._took is not None and rnd > self._took[0]:
                 self._pace.append((self._now - self._took[1]) / (rnd - self._took[0]))
             self._took = (rnd, self._now)
-            return [Credited(peer, 1.0), *self._begin_training(rnd, state)]
+            return [Credited(peer, 1.0), RoundDone(rnd), *self._begin_training(rnd, state)]
         self.view.suspects.add(peer)
         reason = f"aggregated model of round {rnd} not admitted by our anchor (learning.anchor)"
         refused: list[Action] = [Rejected(peer, reason, blame=False), Credited(peer, 0.0)]

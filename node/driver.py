@@ -152,6 +152,7 @@ class Driver:
         self._encoding = trio.Lock()  # fair: encodings run in the order their sends started
         self._resets: dict[str, float] = {}  # when we last asked each peer for a keyframe
         self._timers: dict[TimerKey, trio.CancelScope] = {}  # the pending timer of each key
+        self.trainings, self.training_seconds = 0, 0.0  # rounds trained, and the (wall or virtual) time taken
 
     async def run(self) -> None:
         """Run until cancelled, or until the overlay closes its event channel (the node went down)."""
@@ -292,7 +293,10 @@ class Driver:
 
     async def _train(self, train: Train) -> None:
         async with self._training:
+            began = trio.current_time()
             state = await self.compute.train(self.learner, train.state, train.tag)
+            self.trainings += 1
+            self.training_seconds += trio.current_time() - began
         self._inbox.send_nowait(Trained(train.tag, state))
 
     def _cancel_timer(self, key: TimerKey) -> None:

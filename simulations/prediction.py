@@ -2,8 +2,9 @@
 
 What the prediction takes from the testbed, term by term (nothing is fitted to the outcome):
 - the protocol, integrator, period, codec, dataset, shard split, model initialisation, learning rate,
-  batch size and local steps: the daemons' own settings (``node.demo.TASK``/``PROTOCOL`` and the task
-  defaults), so with the task's seed the simulator trains each node on the same samples;
+  batch size and local steps: the daemons' own settings (the plan's workload: ``node.demo``'s, with
+  MoDeST's sample size where the plan runs MoDeST), so with the task's seed the simulator trains each
+  node on the same samples;
 - link capacity and loss: the testbed's caps (``bandwidth`` per node up and down, ``loss`` per message,
   where the testbed drops packets and TCP resends them: a loss costs the simulator a message, the
   testbed a retransmission);
@@ -16,10 +17,13 @@ What the prediction takes from the testbed, term by term (nothing is fitted to t
   whose loops are busy with 23 joiners at once, and finds a model ahead of its own or not depending on
   which peers a joiner met first (19-22 of 23 joiners began from scratch in the runs measured for
   docs/measurements.md), where the simulator's fetch is one message on an idle link to a neighbour fixed in
-  advance;
+  advance. A MoDeST daemon joins when its protocol started: its round moves when a round's models
+  reach it, which the simulator plays out;
 - per-node speed: each daemon's measured rounds per second, as samples per second of a round's
   training (``local_steps * batch_size``); this folds in the CPU contention of many daemons on few
-  cores, and every per-round cost (evaluation, sending, the metadata document) as compute time;
+  cores, and every per-round cost (evaluation, sending, the metadata document) as compute time. MoDeST
+  rounds are the sample's, not the node's: its speed is the time its own trainings took (``/status``
+  ``trained``), contention included, the per-round costs not;
 - neighbours: a random regular graph whose degree is the median number of task peers the daemons had;
 - churn: the testbed's SIGKILLs as crashes, SIGTERMs as leaves, restarts as joins.
 What it does not model: a restarted daemon resumes from its checkpoint, a simulated joiner fetches a
@@ -41,14 +45,13 @@ import networkx as nx
 
 from shoal.learning.node import LearningNode
 from shoal.learning.protocol import LearningProtocol
-from shoal.learning.settings import TaskSettings
+from shoal.learning.settings import ProtocolSettings, TaskSettings
 from shoal.node.config import updated
 from shoal.node.daemon import EVAL_SAMPLES
-from shoal.node.demo import PROTOCOL, TASK
 from shoal.simulations import report
 from shoal.simulations.config import ScheduledEvent, SimConfig
 from shoal.simulations.engine import RunResult, Simulation, configured_protocol
-from shoal.simulations.testbed_record import Measurement, cumulative
+from shoal.simulations.testbed_record import Measurement, cumulative, lives_total
 
 EVAL_EVERY = 2.0  # virtual seconds between evaluations: the testbed's poll interval
 
@@ -70,6 +73,17 @@ def round_seconds(rows: list[dict]) -> dict[int, float]:
     return out
 
 
+def training_seconds(rows: list[dict]) -> dict[int, float]:
+    """Each node's mean seconds per training, over its launches (its ``/status`` ``trained``): MoDeST's
+    speed, where a node's round moves with the sample's rounds, whether it trained or not."""
+    out = {}
+    for node in {row["node"] for row in rows}:
+        own = [row for row in rows if row["node"] == node]
+        if trainings := lives_total(own, "trainings"):
+            out[node] = lives_total(own, "training_s") / trainings
+    return out
+
+
 @dataclass(frozen=True)
 class Start:
     """When a daemon's launch began its first round, and whether it began from a peer's model."""
@@ -83,8 +97,12 @@ def starts(measured: Measurement) -> dict[int, list[Start]]:
     one its status showed first (at most a poll late; its protocol start where it never moved). A fresh
     launch whose round moved by at most the rounds it can train alone within a poll started from its
     own initialisation: its fetches found only peers no further than itself. A resumed launch counts
-    as fetched: the simulated joiner's fetch stands in for its checkpoint."""
-    alone = math.ceil(EVAL_EVERY / PROTOCOL["gossip_period"]) + 1
+    as fetched: the simulated joiner's fetch stands in for its checkpoint. A MoDeST launch starts at its
+    protocol's start: its round moves when a round's models reach it, which the simulator plays out."""
+    if measured.plan.protocol == "modest":
+        return {m.site.index: [Start(learning, True) for learning in m.learning] for m in measured.members}
+    period = updated(ProtocolSettings(), measured.plan.workload.protocol).gossip.period
+    alone = math.ceil(EVAL_EVERY / period) + 1
     out: dict[int, list[Start]] = {}
     for m in measured.members:
         rows = [r for r in measured.rows if r["node"] == m.site.index]
@@ -131,11 +149,13 @@ class Scenario:
 
 def scenario(measured: Measurement) -> Scenario:
     """The measured run's :class:`Scenario`: every term from the measurement (module docstring)."""
-    plan, task = measured.plan, updated(TaskSettings(), TASK)  # the daemons' keys, by name
+    plan = measured.plan
+    workload = plan.workload
+    task = updated(TaskSettings(), workload.task)  # the daemons' keys, by name
     launches = starts(measured)
     origin = measured.members[0].learning[0]
-    samples = task.batch_size * TASK["local_steps"]
-    seconds = round_seconds(measured.rows)
+    samples = task.batch_size * task.local_steps
+    seconds = (round_seconds if plan.protocol == "gossip" else training_seconds)(measured.rows)
     typical = statistics.median(seconds.values())
     speeds = [samples / seconds.get(i, typical) for i in range(plan.nodes)]
     config = SimConfig(
@@ -150,7 +170,7 @@ def scenario(measured: Measurement) -> Scenario:
         loss=plan.loss,
         speed=samples / typical,
     )
-    config = updated(config, PROTOCOL)  # the daemons' keys, by name
+    config = updated(config, workload.protocol)  # the daemons' keys, by name
     degree = min(neighbours(measured), plan.nodes - 1)
     if degree * plan.nodes % 2:
         degree -= 1

@@ -38,11 +38,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from shoal.learning.settings import PROTOCOLS
 from shoal.node.demo import WORKLOADS, node_config
 from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
-from shoal.simulations import prediction
+from shoal.simulations import prediction, testbed_grid
 from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.netlab import built, has_netem, unavailable_reason
 from shoal.simulations.testbed_network import API_PORT, P2P_PORT, Plan, Testbed, churn_schedule
@@ -299,7 +300,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=d.seed, help="which nodes churn (default %(default)s)")
     p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=d.protocol,
+        help="how the daemons learn (default %(default)s)",
+    )
+    p.add_argument(
         "--no-simulate", dest="simulate", action="store_false", help="skip the simulator's prediction"
+    )
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="run the prediction grid instead (nodes x churn x link caps x loss x protocol, see "
+        "testbed_grid.py); the other options set what its cells share; resumes what is in --out",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs of each grid cell (default %(default)s)")
+    p.add_argument(
+        "--repredict", action="store_true", help="predict the grid's finished runs anew; no daemon runs"
     )
     return p
 
@@ -318,53 +335,63 @@ def plan_of(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"error: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    plan = plan_of(args)
-    if args.simulate and plan.task != "digits":
-        print(f"no simulator prediction: it models the digits task, not {plan.task}", flush=True)
-        args.simulate = False
-    if reason := unavailable_reason():
-        raise SystemExit(f"error: the testbed {reason}")
+def run(plan: Plan, out: Path, simulate: bool) -> dict:
+    """One run of ``plan`` in ``out``: build, measure, tear down, then the prediction (unless not
+    ``simulate``); ``summary.json``'s document, written last (a run without one did not finish)."""
     netem = has_netem()
     if plan.delay_ms and not netem:
         raise SystemExit(
             "error: --delay needs the netem qdisc, which this kernel lacks (links can only be capped)"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)  # even if started ignoring it (a shell's background job)
+    out.mkdir(parents=True, exist_ok=True)
     bed = Testbed(plan)
     print(
         f"building {plan.nodes} nodes ({plan.nat_nodes} behind {plan.homes} NATs, {plan.random_nats} of them "
-        f"port-randomising) on {plan.mbit:g} Mbit/s links; namespaces {bed.prefix}*; homes in {args.out}",
+        f"port-randomising) on {plan.mbit:g} Mbit/s links, {plan.loss:.0%} loss, {plan.protocol}"
+        + (", churn" if plan.churn else "")
+        + f"; namespaces {bed.prefix}*; homes in {out}",
         flush=True,
     )
-    try:
-        with built(bed, bed.build):
-            measured = Harness(bed, args.out, progress=lambda line: print(line, flush=True)).run()
-    except KeyboardInterrupt:
-        print("interrupted: daemons stopped, namespaces removed", file=sys.stderr)
-        return 130
-    results = summarize(measured)
+    with built(bed, bed.build):
+        measured = Harness(bed, out, progress=lambda line: print(line, flush=True)).run()
     doc = {
         "plan": asdict(plan),
         "links": f"{plan.mbit:g} Mbit/s each way, {plan.loss:.1%} loss, "
         + (f"{plan.delay_ms:g} ms added delay (netem)" if plan.delay_ms else "no added delay")
         + ("" if netem else " (this kernel has no netem)"),
         "events": [asdict(e) for e in measured.events],
-        "testbed": results,
+        "testbed": summarize(measured),
     }
-    if args.simulate:
-        doc["simulator"] = prediction.predict_and_compare(measured, args.out)
-    write_atomic(args.out / "summary.json", json.dumps(doc, indent=2) + "\n")
+    if simulate:
+        doc["simulator"] = prediction.predict_and_compare(measured, out)
+    write_atomic(out / "summary.json", json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc["testbed"], indent=1))
     if "simulator" in doc:
         print(json.dumps({k: v for k, v in doc["simulator"].items() if k != "model"}, indent=1))
-    print(
-        f"wrote {args.out}/rounds.csv, summary.json" + (", testbed_vs_simulator.png" if args.simulate else "")
-    )
-    return 0 if results["reached"] else 1
+    print(f"wrote {out}/rounds.csv, summary.json" + (", testbed_vs_simulator.png" if simulate else ""))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    plan = plan_of(args)
+    if args.simulate and plan.task != "digits":
+        print(f"no simulator prediction: it models the digits task, not {plan.task}", flush=True)
+        args.simulate = False
+    if args.repredict:
+        return testbed_grid.repredict(plan, args.out, args.repeats)
+    if reason := unavailable_reason():
+        raise SystemExit(f"error: the testbed {reason}")
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)  # even if started ignoring it (a shell's background job)
+    try:
+        if args.grid:
+            return testbed_grid.run_grid(plan, args.out, args.repeats, run)
+        doc = run(plan, args.out, args.simulate)
+    except KeyboardInterrupt:
+        print("interrupted: daemons stopped, namespaces removed", file=sys.stderr)
+        return 130
+    return 0 if doc["testbed"]["reached"] else 1
 
 
 if __name__ == "__main__":

@@ -17,9 +17,12 @@ and --delay is refused rather than ignored (summary.json says which).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
+from shoal.learning.modest_config import ModestConfig
+from shoal.learning.settings import PROTOCOLS
 from shoal.node.demo import WORKLOADS, Workload
 from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.netlab import Namespaces, home_router_rules, new_prefix
@@ -42,6 +45,7 @@ class Plan:
     loss: float = 0.0
     delay_ms: float = 0.0
     task: str = "digits"  # a key of node.demo.WORKLOADS
+    protocol: str = "gossip"  # or modest: trainers sampled per round, models to a few aggregators
     target: float | None = None
     timeout: float = 600.0
     hold: float = 0.0  # seconds to go on after the target is reached: a settled swarm's links and bytes
@@ -54,6 +58,12 @@ class Plan:
     def __post_init__(self) -> None:
         if self.task not in WORKLOADS:
             raise ValueError(f"task must be one of {', '.join(WORKLOADS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "modest" and self.task != "digits":
+            raise ValueError(
+                "protocol modest runs the digits task (the language task's outer step is gossip's)"
+            )
         if self.target is None:
             object.__setattr__(self, "target", self.workload.target)
         bound = self.workload.bound
@@ -87,7 +97,15 @@ class Plan:
 
     @property
     def workload(self) -> Workload:
-        return WORKLOADS[self.task]
+        """The task's workload on ``protocol``: MoDeST samples half the swarm as trainers, at most its
+        default (a sample larger than the live swarm waits out every round's aggregation timeout)."""
+        workload = WORKLOADS[self.task]
+        if self.protocol == "gossip":
+            return workload
+        sample = min(ModestConfig().sample_size, self.nodes // 2)
+        return dataclasses.replace(
+            workload, protocol={**workload.protocol, "protocol": "modest", "modest_sample_size": sample}
+        )
 
 
 @dataclass

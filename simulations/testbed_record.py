@@ -18,7 +18,7 @@ from shoal.node.home import Home
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations.config import ScheduledEvent
 from shoal.simulations.netlab import connect
-from shoal.simulations.testbed_network import API_PORT, P2P_PORT, Plan, Site
+from shoal.simulations.testbed_network import API_PORT, P2P_PORT, Plan, Site, sites
 
 
 def read_status(ns: str) -> dict | None:
@@ -104,7 +104,20 @@ class Measurement:
 
 def row_fields(metric: str) -> tuple[str, ...]:
     """``rounds.csv``'s columns: the fourth is the workload's metric (``accuracy`` for digits)."""
-    return ("time", "node", "round", metric, "peers", "direct", "relayed", "bytes_out", "bytes_in", "rss_mb")
+    return (
+        "time",
+        "node",
+        "round",
+        metric,
+        "peers",
+        "direct",
+        "relayed",
+        "bytes_out",
+        "bytes_in",
+        "trainings",
+        "training_s",
+        "rss_mb",
+    )
 
 
 def row(now: float, node: int, status: dict, rss: float, metric: str, value: float | None) -> dict:
@@ -120,6 +133,8 @@ def row(now: float, node: int, status: dict, rss: float, metric: str, value: flo
         "relayed": kinds.count("relayed"),
         "bytes_out": sum(status["bytes_out"].values()),
         "bytes_in": sum(status["bytes_in"].values()),
+        "trainings": status["trained"]["rounds"],
+        "training_s": status["trained"]["seconds"],
         "rss_mb": round(rss, 1),
     }
 
@@ -130,6 +145,37 @@ def write_rounds(out: Path, rows: list[dict], metric: str = "accuracy") -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "rounds.csv", buf.getvalue())
+
+
+def read_rounds(out: Path, metric: str) -> list[dict]:
+    """``rounds.csv``'s rows as :func:`row` made them (numbers; an empty metric is None)."""
+    with open(out / "rounds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    floats = {"time", metric, "training_s", "rss_mb"}
+    return [
+        {k: (None if v == "" else float(v) if k in floats else int(v)) for k, v in r.items()} for r in rows
+    ]
+
+
+def read_measurement(out: Path) -> Measurement:
+    """A finished run's measurement again, from its ``summary.json`` and ``rounds.csv``: what the
+    prediction needs, to predict the run anew after a change to the simulator."""
+    doc = json.loads((out / "summary.json").read_text())
+    plan, measured = Plan(**doc["plan"]), doc["testbed"]
+    members = [
+        Member(site, Home(out / f"node{site.index}"), "", **times)
+        for site, times in zip(sites(plan), measured["launch_times"], strict=True)
+    ]
+    return Measurement(
+        plan,
+        members,
+        [ScheduledEvent(e["time"], e["action"], tuple(e["nodes"])) for e in doc["events"]],
+        read_rounds(out, plan.workload.metric),
+        end=measured["duration"],
+        live_at_end=measured["final_live"],
+        first_reach=measured["first_reach"],
+        reach_after_churn=measured["reach_after_churn"],
+    )
 
 
 def cumulative(rows: list[dict], column: str) -> Iterator[tuple[float, int]]:
@@ -216,5 +262,7 @@ def summarize(measured: Measurement) -> dict:
         },
         "nursery_closed_errors": sum(log.count("Nursery is closed to new arrivals") for log in logs.values()),
         "resumed_from_checkpoint_round": resumed,
+        # run times of every launch, its API serving and its protocol starting (read_measurement)
+        "launch_times": [{"launches": m.launches, "up": m.up, "learning": m.learning} for m in members],
         "survivors_rounds_after_churn_min": survivors_progress,
     }

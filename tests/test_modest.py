@@ -72,6 +72,8 @@ def test_rounds_advance_and_each_round_trains_its_sample():
         assert aggregator == candidates[0]  # the first available candidate aggregates
         trainers = {peer for _, peer in aggregated_sends(bench, rnd)}
         assert trainers == set(candidates[1 : CONFIG.sample_size])  # and trains with the next s-1
+        done = [node for _, node, r in bench.rounds_done if r == rnd]
+        assert done[0] == aggregator and set(done[1:]) == trainers  # each holds the round's model
     # every round trains once more: the aggregated model grows by one per round
     newest = max(bench.protocols.values(), key=lambda p: p.round)
     assert value_of(newest.model) == pytest.approx(newest.round - 1, abs=1)

@@ -102,11 +102,17 @@ def test_the_language_task_sets_the_target_direction_and_metric_column(tmp_path)
     assert testbed.plan_of(testbed.parser().parse_args(SMALL)).target == 0.9
     with pytest.raises(SystemExit, match="target must be in"):
         testbed.plan_of(testbed.parser().parse_args(["--task", "language", "--target", "9"]))
-    status = {"round": 3, "peers": [{"connection": "relayed"}], "bytes_out": {"a": 5}, "bytes_in": {}}
+    status = {
+        "round": 3,
+        "peers": [{"connection": "relayed"}],
+        "bytes_out": {"a": 5},
+        "bytes_in": {},
+        "trained": {"rounds": 4, "seconds": 1.5},
+    }
     write_rounds(tmp_path, [row(1.0, 2, status, 80.0, "bits_per_byte", 3.5)], "bits_per_byte")
     assert (tmp_path / "rounds.csv").read_text().splitlines() == [
-        "time,node,round,bits_per_byte,peers,direct,relayed,bytes_out,bytes_in,rss_mb",
-        "1.0,2,3,3.5,1,0,1,5,0,80.0",
+        "time,node,round,bits_per_byte,peers,direct,relayed,bytes_out,bytes_in,trainings,training_s,rss_mb",
+        "1.0,2,3,3.5,1,0,1,5,0,4,1.5,80.0",
     ]
 
 
