@@ -4,6 +4,7 @@ every link capped, optional churn; and the simulator's prediction of the same ru
     sudo python -m shoal.simulations.testbed --out out/testbed            # 24 daemons, 8 behind NATs
     sudo python -m shoal.simulations.testbed --churn --out out/testbed-churn
     sudo python -m shoal.simulations.testbed --task language --out out/testbed-language
+    sudo python -m shoal.simulations.testbed --grid --out out/grid        # 48 scenarios, 3 runs each
 
 The network (a public bridge, homes behind NAT routers, every link capped, optional loss) is
 ``testbed_network.py``'s; what a run records, ``testbed_record.py``'s.
@@ -19,7 +20,8 @@ the mean metric of every live daemon reaches --target after the last churn event
 --hold seconds more), or at --timeout. Ctrl-C or SIGTERM tears everything down: daemons, namespaces
 and with them their links, qdiscs and iptables rules. Unless --no-simulate, the simulator then runs
 the same scenario (``simulations/prediction.py``) and its time to target is written beside the
-measured one; its model is the digits task's, so --task language skips it.
+measured one; its model is the digits task's, so --task language skips it. --grid runs the
+scenarios of ``testbed_grid.py`` one after the other and tabulates measured against predicted.
 Needs root, iproute2 and iptables.
 """
 
@@ -300,10 +302,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=d.seed, help="which nodes churn (default %(default)s)")
     p.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default=d.protocol,
-        help="how the daemons learn (default %(default)s)",
+        "--protocol", choices=PROTOCOLS, default=d.protocol, help="how they learn (default %(default)s)"
     )
     p.add_argument(
         "--no-simulate", dest="simulate", action="store_false", help="skip the simulator's prediction"
@@ -378,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.simulate and plan.task != "digits":
         print(f"no simulator prediction: it models the digits task, not {plan.task}", flush=True)
         args.simulate = False
+    if (args.grid or args.repredict) and not args.simulate:
+        raise SystemExit("error: the grid compares every run with the prediction: digits, no --no-simulate")
     if args.repredict:
         return testbed_grid.repredict(plan, args.out, args.repeats)
     if reason := unavailable_reason():

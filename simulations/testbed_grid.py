@@ -9,9 +9,11 @@ capped at each of :data:`MBIT` Mbit/s, each :data:`LOSS` and both protocols; wha
 options set (target, timeout, churn times, seed) the cells share. The grid runs repeat by repeat (every
 cell once before any cell twice), so a grid cut short still covers the scenarios. Run ``k`` of a cell
 lives in ``--out/<cell>/run<k>``; a run whose ``summary.json`` exists is not run again, so the same
-command resumes an interrupted grid. After every run ``grid.csv`` (a row per run) and ``grid.md`` (a row
-per cell) are rewritten: the measured and predicted times to target and final accuracies, and whether
-every run of the cell agrees within :data:`TOLERANCE` and :data:`POINTS`.
+command resumes an interrupted grid, and ``--repredict`` predicts its runs anew from what they recorded.
+After every run ``grid.csv`` (a row per run: measured and predicted times to target and final
+accuracies, the prediction's inputs) and ``grid.md`` (the times, a row per swarm, a column per network
+and protocol, each run marked where it does not agree within :data:`TOLERANCE` and :data:`POINTS`) are
+rewritten.
 """
 
 from __future__ import annotations
@@ -115,28 +117,33 @@ def seconds(value: float | None) -> str:
 
 
 def table(rows: list[dict], repeats: int) -> str:
-    """``grid.md``: a line per cell, its runs' figures side by side (measured / predicted)."""
+    """``grid.md``: a row per swarm (nodes, churn), a column per network and protocol; in each cell every
+    run's measured / predicted time to target, marked where the run does not agree."""
+    runs = {r["cell"]: [] for r in rows}
+    for r in rows:
+        runs[r["cell"]].append(r)
+    columns = list(itertools.product(MBIT, LOSS, PROTOCOLS))
     lines = [
-        f"Time to target and final mean accuracy, measured / predicted, per run; a cell agrees when every "
-        f"one of its {repeats} runs is within {TOLERANCE:.0%} and {POINTS * 100:g} points (or neither side "
-        "reaches the target).",
+        f"Seconds to the target, measured / predicted, each run (of {repeats}); ✗: the prediction is not "
+        f"within {TOLERANCE:.0%} of the measured time, or its final accuracy not within {POINTS * 100:g} "
+        "points (never / never agrees: neither side reached the target). Final accuracies: grid.csv.",
         "",
-        "| nodes | churn | Mbit/s | loss | protocol | time to target, s | final accuracy | agrees |",
-        "|---|---|---|---|---|---|---|---|",
+        "| nodes | " + " | ".join(f"{m:g} Mbit/s, {x:.0%} loss, {p}" for m, x, p in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
-    for cell, runs in itertools.groupby(rows, key=lambda r: r["cell"]):
-        runs = list(runs)
-        nodes, churn, mbit, loss, protocol = cell.split("-")
-        times = ", ".join(f"{seconds(r['measured_s'])} / {seconds(r['predicted_s'])}" for r in runs)
-        finals = ", ".join(f"{r['measured_final']:.2f} / {r['predicted_final']:.2f}" for r in runs)
-        done = len(runs) == repeats
-        verdict = ("yes" if all(map(agrees, runs)) else "no") + (
-            "" if done else f" ({len(runs)} of {repeats} runs)"
-        )
-        lines.append(
-            f"| {nodes[:-1]} | {'yes' if churn == 'churn' else 'no'} | {mbit[:-4]} | "
-            f"{float(loss[4:]):.0%} | {protocol} | {times} | {finals} | {verdict} |"
-        )
+    for nodes, churn in itertools.product(NODES, (False, True)):
+        cells = []
+        for mbit, loss, protocol in columns:
+            name = cell_name(cell_plan(Plan(), nodes, churn, mbit, loss, protocol))
+            done = runs.get(name, [])
+            cells.append(
+                ", ".join(
+                    f"{seconds(r['measured_s'])} / {seconds(r['predicted_s'])}" + ("" if agrees(r) else " ✗")
+                    for r in done
+                )
+                or "not run"
+            )
+        lines.append(f"| {nodes}{', churn' if churn else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,14 @@ from shoal.simulations import testbed
 from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
 from shoal.simulations.prediction import Start, starts
 from shoal.simulations.testbed_network import Plan, Site, churn_schedule
-from shoal.simulations.testbed_record import Measurement, Member, lives_total, row, write_rounds
+from shoal.simulations.testbed_record import (
+    Measurement,
+    Member,
+    lives_total,
+    read_measurement,
+    row,
+    write_rounds,
+)
 
 SMALL = ["--nodes", "6", "--nat-nodes", "2", "--per-home", "1", "--random-nats", "1", "--relays", "1"]
 needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -135,6 +142,9 @@ def test_six_daemons_two_behind_nats_learn_and_the_simulator_predicts_the_run(tm
     assert (tmp_path / "testbed_vs_simulator.png").stat().st_size > 10_000
     header, *rows = (tmp_path / "rounds.csv").read_text().splitlines()
     assert header.startswith("time,node,round,accuracy,peers,direct,relayed") and len(rows) > 12
+    again = read_measurement(tmp_path)  # what --repredict reads: the run as it was measured
+    assert len(again.rows) == len(rows) and all(m.learning for m in again.members)
+    assert max(r["trainings"] for r in again.rows) > 0 and max(r["training_s"] for r in again.rows) > 0
     assert not leftovers(f"stb{proc.pid}_") and not daemons_of(tmp_path)
 
 
