@@ -354,7 +354,7 @@ class Daemon:
             "metrics": self.metrics,  # what the task's evaluate returned for the newest round evaluated
             "training_error": self.learner.error,  # why the last round's training was dropped, if it was
             "samples": self.learner.samples,
-            # how fast this node trains, contention included (the testbed's prediction takes it as its speed)
+            # how long its trainings took, contention included (the testbed's MoDeST prediction: its speed)
             "trained": {
                 "rounds": self.driver.trainings if self.driver else 0,
                 "seconds": round(self.driver.training_seconds, 3) if self.driver else 0.0,

@@ -28,7 +28,7 @@ from shoal.learning.messages import (
 )
 from shoal.learning.models import build_model
 from shoal.learning.modest import Modest, ModestConfig, Timer, order
-from shoal.learning.protocol import Credited, MessageIn, Rejected, Started, StartTimer, Train
+from shoal.learning.protocol import Credited, MessageIn, Rejected, RoundDone, Started, StartTimer, Train
 from shoal.learning.task import classification
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -238,8 +238,9 @@ def test_an_aggregated_model_only_from_a_plausible_aggregator_to_a_plausible_tra
     (action,) = modest().handle(aggregated(impostor, rnd), 1.0)
     assert isinstance(action, Rejected) and "no plausible aggregator" in action.reason
     node = modest()
-    credit, train = node.handle(aggregated(aggregator, rnd), 1.0)
-    assert credit == Credited(aggregator, 1.0) and isinstance(train, Train) and node.round == rnd
+    credit, done, train = node.handle(aggregated(aggregator, rnd), 1.0)
+    assert credit == Credited(aggregator, 1.0) and done == RoundDone(rnd) and isinstance(train, Train)
+    assert node.round == rnd
     other, aggregator = find_round("p00", want_trainer=False)
     (action,) = modest().handle(aggregated(aggregator, other), 1.0)
     assert isinstance(action, Rejected) and "no plausible trainer" in action.reason
