@@ -18,19 +18,17 @@ rewritten.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shoal.learning.settings import PROTOCOLS
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations import prediction
 from shoal.simulations.testbed_network import Plan
-from shoal.simulations.testbed_record import read_measurement
+from shoal.simulations.testbed_record import read_measurement, write_csv
 
 NODES = (6, 12, 24)
 MBIT = (10.0, 2.0)
@@ -79,6 +77,12 @@ def cells(base: Plan) -> list[Plan]:
 def cell_name(plan: Plan) -> str:
     churn = "churn" if plan.churn else "steady"
     return f"{plan.nodes}n-{churn}-{plan.mbit:g}mbit-loss{plan.loss:g}-{plan.protocol}"
+
+
+def run_dirs(out: Path, plans: list[Plan], repeats: int) -> Iterator[tuple[Plan, int, Path]]:
+    """Each run's plan, number and folder, repeat by repeat (every cell once before any cell twice)."""
+    for k, plan in itertools.product(range(1, repeats + 1), plans):
+        yield plan, k, out / cell_name(plan) / f"run{k}"
 
 
 def run_row(cell: str, run: int, summary: dict) -> dict:
@@ -149,16 +153,12 @@ def table(rows: list[dict], repeats: int) -> str:
 
 def write_tables(out: Path, plans: list[Plan], repeats: int) -> list[dict]:
     """``grid.csv`` and ``grid.md`` from every finished run in ``out``; the rows."""
-    rows = []
-    for plan, run in itertools.product(plans, range(1, repeats + 1)):
-        summary = out / cell_name(plan) / f"run{run}" / "summary.json"
-        if summary.exists():
-            rows.append(run_row(cell_name(plan), run, json.loads(summary.read_text())))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(out / "grid.csv", buf.getvalue())
+    rows = [
+        run_row(cell_name(plan), k, json.loads((where / "summary.json").read_text()))
+        for plan, k, where in sorted(run_dirs(out, plans, repeats), key=lambda run: plans.index(run[0]))
+        if (where / "summary.json").exists()
+    ]
+    write_csv(out / "grid.csv", COLUMNS, rows)
     write_atomic(out / "grid.md", table(rows, repeats))
     return rows
 
@@ -167,8 +167,7 @@ def repredict(base: Plan, out: Path, repeats: int) -> int:
     """Predict every finished run of the grid anew from what it recorded (after a change to the
     simulator), rewriting its ``summary.json``'s prediction and the tables; no daemon runs."""
     plans = cells(base)
-    for plan, k in itertools.product(plans, range(1, repeats + 1)):
-        where = out / cell_name(plan) / f"run{k}"
+    for plan, k, where in run_dirs(out, plans, repeats):
         if (where / "summary.json").exists():
             print(f"grid: predicting {cell_name(plan)}, run {k} again", flush=True)
             doc = json.loads((where / "summary.json").read_text())
@@ -184,8 +183,7 @@ def run_grid(base: Plan, out: Path, repeats: int, run: Callable[[Plan, Path, boo
     if repeats < 1:
         raise SystemExit("error: --repeats must be at least 1")
     plans = cells(base)
-    for k, plan in itertools.product(range(1, repeats + 1), plans):
-        where = out / cell_name(plan) / f"run{k}"
+    for plan, k, where in run_dirs(out, plans, repeats):
         if not (where / "summary.json").exists():
             print(f"grid: {cell_name(plan)}, run {k} of {repeats}", flush=True)
             run(plan, where, True)

@@ -10,7 +10,7 @@ import json
 import statistics
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,12 +139,17 @@ def row(now: float, node: int, status: dict, rss: float, metric: str, value: flo
     }
 
 
-def write_rounds(out: Path, rows: list[dict], metric: str = "accuracy") -> None:
+def write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
+    """``rows`` as a CSV file, written atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, row_fields(metric), lineterminator="\n")
+    writer = csv.DictWriter(buf, fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(out / "rounds.csv", buf.getvalue())
+    write_atomic(path, buf.getvalue())
+
+
+def write_rounds(out: Path, rows: list[dict], metric: str = "accuracy") -> None:
+    write_csv(out / "rounds.csv", row_fields(metric), rows)
 
 
 def read_rounds(out: Path, metric: str) -> list[dict]:
