@@ -19,7 +19,10 @@ swarm's; three daemons joined by a fresh silent identity every 5 s went 30-54 s 
 - **Silence costs its standing.** A peer that lets a ping time out is no longer heard, is dropped from
   every selection waiting for it, and is not probed again for :data:`MUTE` seconds, doubling with each
   further time-out up to :data:`MUTE_MAX`; only an answer to our ping brings it back (a pong nobody asked
-  for, or a reconnection, costs an attacker nothing).
+  for, or a reconnection, costs an attacker nothing). A background probe's time-out mutes for
+  :data:`PROBE_MUTE` seconds first (doubling alike): it cost no round, and a newcomer may still be
+  starting. At 24 daemons on 2 cores the joiners answered their first probes too late and, muted
+  for 120 s, went unsampled for two minutes while the founder's rounds ran alone.
 
 Sans-IO like the protocols: every method takes ``now`` and returns the actions to carry out; a
 selection's pings are re-sent on a keyed timer ``(PING, selection id)`` that the protocol hands back to
@@ -42,7 +45,8 @@ class Timer(enum.Enum):
     PING = "ping"  # (PING, selection id): ping that selection's silent candidates again
 
 
-MUTE = 120.0  # seconds a peer is not pinged again after its first ping time-out ...
+MUTE = 120.0  # seconds a peer is not pinged again after its first ping time-out in a round's selection ...
+PROBE_MUTE = 10.0  # ... or in a background probe ...
 MUTE_MAX = 3600.0  # ... doubling with each further one up to this
 
 
@@ -165,7 +169,7 @@ class Sampler:
         for peer in [p for p in sel.pending if p not in silent]:
             actions.append(Send(peer, Ping(sel.id, sel.round)))
         for peer in silent:
-            self._mute(peer, now)
+            self._mute(peer, now, PROBE_MUTE if sel.probe else MUTE)
             actions += self.unavailable(peer, now)  # every selection waiting for it moves on
         if sel.id in self._selections:
             actions += self._fill(sel, now)
@@ -173,10 +177,11 @@ class Sampler:
                 actions.append(self._timer(sel))
         return actions
 
-    def _mute(self, peer: str, now: float) -> None:
-        """A new time-out doubles the last mute; one of a selection that began before it does not."""
+    def _mute(self, peer: str, now: float, first: float) -> None:
+        """A new time-out doubles the last mute (``first`` the first time); one of a selection that
+        began before it does not."""
         self._heard.discard(peer)
-        until, length = self._muted.get(peer, (-math.inf, MUTE / 2))
+        until, length = self._muted.get(peer, (-math.inf, first / 2))
         if now >= until:
             length = min(MUTE_MAX, 2 * length)
             self._muted[peer] = (now + length, length)

@@ -22,12 +22,12 @@ from shoal.overlay.guard import Guard
 from shoal.overlay.host import explain_dial_error, reset_stream
 from shoal.overlay.interface import Delivered, OverlayEvent, PeerUnreachable
 from shoal.overlay.peers import Peers
-from shoal.overlay.streams import StreamPool
+from shoal.overlay.streams import MAX_STREAMS_PER_PEER, StreamPool
 from shoal.overlay.wire import Message, WireError, decode, encode_parts
 from shoal.overlay.yamuxio import grow_receive_window
 
 MAX_KIND, MAX_KINDS = 32, 64  # traffic counters: per message kind only for kinds this short, this many
-MAX_INBOUND_PER_PEER = 4  # message streams one peer may have open to us at once
+MAX_INBOUND_PER_PEER = MAX_STREAMS_PER_PEER + 1  # streams one peer may have open to us: one in closing
 
 
 class Messaging:

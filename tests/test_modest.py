@@ -11,7 +11,7 @@ from shoal.learning.integrators import Mean
 from shoal.learning.messages import AggregatedModel, Fetch, GossipModel, Ping, Pong, TrainedModel
 from shoal.learning.modest import Modest, ModestConfig, Timer
 from shoal.learning.protocol import Credited, Members, MessageIn, Rejected, Send, Started, TimerFired
-from shoal.learning.sampling import MUTE, Sampler, order
+from shoal.learning.sampling import MUTE, PROBE_MUTE, Sampler, order
 from tests.bench import Bench, constant_model, value_of
 
 # The bench's toy models grow by 1 per round from 0: far apart in scale, so the norm bound (tested on its
@@ -309,8 +309,10 @@ def test_members_that_never_answer_cost_no_round_anything():
     for rounds in seen.values():  # no node held one round for more than 8 s (32 looks)
         assert max(len(list(run)) for _, run in itertools.groupby(rounds)) <= 32
     pingers = [src for _, src, s in attacked.sent if isinstance(s.message, Ping) and s.peer in silent]
-    # each node pings each silent member through one time-out (every ping_interval), then not again
-    assert len(pingers) <= 3 * len(silent) * (config.ping_timeout / config.ping_interval + 1)
+    # each node pings each silent member through a time-out (every ping_interval), then again after a
+    # mute doubling from PROBE_MUTE: within its at most 70 s, at 0 s, after 15 s and after 40 s
+    assert PROBE_MUTE == 10.0
+    assert len(pingers) <= 3 * len(silent) * 3 * (config.ping_timeout / config.ping_interval + 1)
     done = max(rnd for _, _, rnd in attacked.rounds_done)
     assert done >= 0.9 * max(rnd for _, _, rnd in clean.rounds_done)
 
@@ -330,7 +332,24 @@ def test_a_silent_member_is_never_sampled_and_cannot_unmute_itself_with_pongs_no
         sampler.on_pong("mute", sel, 3.0)
     assert not sampler.usable("mute")
     assert pinged(sampler.probe(2, ["mute", "b"], 3.0)) == []  # muted, and b is heard
-    assert pinged(sampler.probe(3, ["mute", "b"], 2.0 + MUTE)) == ["mute"]
+    # a probe's time-out mutes for PROBE_MUTE (a newcomer may still be starting), doubling
+    assert pinged(sampler.probe(3, ["mute", "b"], 2.0 + PROBE_MUTE)) == ["mute"]
+    timed_out = 2.0 + PROBE_MUTE + 2.0
+    sampler.on_timer(1, timed_out)
+    assert pinged(sampler.probe(4, ["mute"], timed_out + 2 * PROBE_MUTE - 0.1)) == []
+    assert pinged(sampler.probe(4, ["mute"], timed_out + 2 * PROBE_MUTE)) == ["mute"]
+
+
+def test_a_heard_peer_silent_in_a_rounds_selection_is_muted_for_longer():
+    """A time-out in a round's selection cost that round a ping time-out: MUTE, not PROBE_MUTE."""
+    sampler = Sampler("me", ping_interval=1.0, ping_timeout=2.0)
+    sampler.probe(1, ["a"], 0.0)
+    sampler.on_pong("a", 0, 0.1)
+    sampler.select(2, 1, ["a"], lambda chosen: [], 1.0)  # selection 1: a is pinged and never answers
+    sampler.on_timer(1, 3.0)
+    assert not sampler.usable("a")
+    assert sampler.probe(3, ["a"], 3.0 + PROBE_MUTE) == []
+    assert [a.peer for a in sampler.probe(3, ["a"], 3.0 + MUTE) if isinstance(a, Send)] == ["a"]
 
 
 def test_credits_tell_whose_models_were_taken():

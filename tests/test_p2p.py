@@ -1,6 +1,7 @@
 """The libp2p overlay with real hosts on 127.0.0.1: joining, DHT discovery, metadata, transfers, faults
 (crashed, hung and stuck peers), the peer set, and stopping under traffic."""
 
+import contextlib
 import json
 import logging
 import signal
@@ -15,6 +16,7 @@ import torch
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.exceptions import StreamFailure
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
@@ -24,8 +26,10 @@ from multiaddr import Multiaddr
 from shoal.overlay.config import P2PConfig
 from shoal.overlay.host import BootstrapError
 from shoal.overlay.interface import Announced, Delivered, PeerConnected, PeerDisconnected, PeerUnreachable
+from shoal.overlay.messaging import MAX_INBOUND_PER_PEER
 from shoal.overlay.nat import Reachability
 from shoal.overlay.p2p import Libp2pOverlay
+from shoal.overlay.streams import MAX_IDLE_PER_PEER, MAX_STREAMS_PER_PEER
 from shoal.overlay.wire import Message
 from tests.local_swarm import FAST, TASK, next_event, swarm, until
 
@@ -281,7 +285,7 @@ async def test_messages_to_a_peer_reuse_one_stream_and_a_dropped_stream_loses_no
         streams = set()
         for i in range(5):
             await a.send(b.peer_id, Message("model", {"i": i}, {"w": torch.full((300_000,), float(i))}))
-            streams.update(id(s) for s, _ in a._messaging.outbox._idle[b.peer_id])
+            streams.update(id(s) for s, _ in a._messaging.outbox._peers[b.peer_id].idle)
         assert len(streams) == 1  # five models, one stream
         got = []
         with trio.fail_after(10):
@@ -293,9 +297,62 @@ async def test_messages_to_a_peer_reuse_one_stream_and_a_dropped_stream_loses_no
                         break
         assert got == list(range(5))
         # the receiver drops the stream (as after RECEIVE_IDLE): the next message goes on a new one
-        ((stream, _),) = a._messaging.outbox._idle[b.peer_id]
+        ((stream, _),) = a._messaging.outbox._peers[b.peer_id].idle
         await stream.muxed_stream.reset()
         await a.send(b.peer_id, Message("model", {"i": 5}))
         event = await next_event(b, Delivered, 10)
         assert event.message.body == {"i": 5}
-        assert id(a._messaging.outbox._idle[b.peer_id][0][0]) not in streams
+        assert id(a._messaging.outbox._peers[b.peer_id].idle[0][0]) not in streams
+
+
+async def test_a_burst_to_one_peer_waits_for_its_streams_and_arrives_whole():
+    """Forty sends to one peer at once (as MoDeST's pings, models and aggregates come): the sender opens
+    at most MAX_STREAMS_PER_PEER streams and the rest wait for them, so the receiver, which resets a
+    peer's stream beyond MAX_INBOUND_PER_PEER, refuses none (each had its own stream before: 36 lost)."""
+    async with swarm(2) as (a, b):
+        await until(lambda: len(a.peers()) == 1 and len(b.peers()) == 1, 10)
+        opened = []
+        pool = a._messaging.outbox
+        real_open = pool._open
+
+        async def counting_open(peer):
+            opened.append(pool._peers[peer].open)
+            return await real_open(peer)
+
+        pool._open = counting_open
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                tensors = {"w": torch.full((50_000 * (i % 3),), float(i))} if i % 3 else {}
+                nursery.start_soon(a.send, b.peer_id, Message("model", {"i": i}, tensors))
+        got = set()
+        with trio.fail_after(20):
+            async for event in b.events:
+                if isinstance(event, Delivered):
+                    got.add(event.message.body["i"])
+                    if len(got) == 40:
+                        break
+        assert max(opened) <= MAX_STREAMS_PER_PEER < MAX_INBOUND_PER_PEER
+        assert b._guard.policy.rejected == 0
+        assert pool._peers[b.peer_id].open <= MAX_IDLE_PER_PEER
+        pool.forget(b.peer_id)  # as when the peer goes down: its streams close and its record goes
+        await pool.close_idle()
+        assert b.peer_id not in pool._peers
+
+
+async def test_a_peer_holding_more_message_streams_than_served_is_refused_and_others_go_on():
+    """A peer opening message streams and leaving them open: the first MAX_INBOUND_PER_PEER are served
+    (they wait for a frame), the rest are reset and counted as refused (not blamed); messages from
+    another peer still arrive."""
+    async with swarm(3) as (a, b, c):
+        await until(lambda: all(len(n.peers()) == 2 for n in (a, b, c)), 15)
+        held = []
+        for _ in range(MAX_INBOUND_PER_PEER + 3):
+            with contextlib.suppress(StreamFailure):  # the reset may come before negotiation ends
+                held.append(await a.host.new_stream(ID.from_base58(b.peer_id), [b._messaging.protocol]))
+        await until(lambda: b._guard.policy.rejected == 3, 10)
+        assert b._guard.policy.counts() == {}  # refused for load, not penalised
+        await c.send(b.peer_id, Message("model", {"from": "c"}))
+        event = await next_event(b, Delivered, 10)
+        assert event.message.body == {"from": "c"}
+        for stream in held:
+            await stream.close()
