@@ -19,10 +19,11 @@ swarm's; three daemons joined by a fresh silent identity every 5 s went 30-54 s 
 - **Silence costs its standing.** A peer that lets a ping time out is no longer heard, is dropped from
   every selection waiting for it, and is not probed again for :data:`MUTE` seconds, doubling with each
   further time-out up to :data:`MUTE_MAX`; only an answer to our ping brings it back (a pong nobody asked
-  for, or a reconnection, costs an attacker nothing). A background probe's time-out mutes for
-  :data:`PROBE_MUTE` seconds first (doubling alike): it cost no round, and a newcomer may still be
-  starting. At 24 daemons on 2 cores the joiners answered their first probes too late and, muted
-  for 120 s, went unsampled for two minutes while the founder's rounds ran alone.
+  for, or a reconnection, costs an attacker nothing). A background probe cost no round, and a newcomer
+  may still be starting: its time-out mutes for :data:`PROBE_MUTE` seconds first (doubling alike), and
+  a late answer to that probe still counts. At 24 daemons on 2 cores the joiners answered their first
+  probes too late and, muted for 120 s, went unsampled for two minutes while the founder's rounds ran
+  alone.
 
 Sans-IO like the protocols: every method takes ``now`` and returns the actions to carry out; a
 selection's pings are re-sent on a keyed timer ``(PING, selection id)`` that the protocol hands back to
@@ -86,6 +87,7 @@ class Sampler:
         self._heard: set[str] = set()  # peers that answered a ping of ours and have not timed out since
         self._probing: set[str] = set()  # peers a background probe is waiting for
         self._muted: dict[str, tuple[float, float]] = {}  # peer -> (not probed until, its last mute length)
+        self._late: dict[str, int] = {}  # peer -> the probe it let time out, whose answer still counts
 
     def select(
         self,
@@ -137,10 +139,11 @@ class Sampler:
     def on_pong(self, peer: str, sel_id: int, now: float) -> list[Action]:
         sel = self._selections.get(sel_id)
         if sel is None or peer not in sel.pending:
+            if self._late.get(peer) == sel_id:  # our probe, answered late: heard, no selection waits
+                self._hear(peer)
             return []
         del sel.pending[peer]
-        self._muted.pop(peer, None)
-        self._heard.add(peer)
+        self._hear(peer)
         sel.chosen.add(peer)
         if len(sel.chosen) >= sel.wanted:
             sel.pending.clear()
@@ -159,6 +162,8 @@ class Sampler:
         self._heard &= peers
         for peer in self._muted.keys() - peers:
             del self._muted[peer]
+        for peer in self._late.keys() - peers:
+            del self._late[peer]
 
     def on_timer(self, sel_id: int, now: float) -> list[Action]:
         sel = self._selections.get(sel_id)
@@ -170,12 +175,19 @@ class Sampler:
             actions.append(Send(peer, Ping(sel.id, sel.round)))
         for peer in silent:
             self._mute(peer, now, PROBE_MUTE if sel.probe else MUTE)
+            if sel.probe:
+                self._late[peer] = sel.id
             actions += self.unavailable(peer, now)  # every selection waiting for it moves on
         if sel.id in self._selections:
             actions += self._fill(sel, now)
             if not sel.done:
                 actions.append(self._timer(sel))
         return actions
+
+    def _hear(self, peer: str) -> None:
+        self._muted.pop(peer, None)
+        self._late.pop(peer, None)
+        self._heard.add(peer)
 
     def _mute(self, peer: str, now: float, first: float) -> None:
         """A new time-out doubles the last mute (``first`` the first time); one of a selection that

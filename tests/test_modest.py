@@ -328,7 +328,7 @@ def test_a_silent_member_is_never_sampled_and_cannot_unmute_itself_with_pongs_no
     sampler.on_pong("b", 0, 0.1)
     assert sampler.usable("b") and not sampler.usable("mute")
     sampler.on_timer(0, 2.0)  # the probe's time-out: muted
-    for sel in range(5):
+    for sel in range(1, 6):  # pings never sent to it (an answer to probe 0 would count: below)
         sampler.on_pong("mute", sel, 3.0)
     assert not sampler.usable("mute")
     assert pinged(sampler.probe(2, ["mute", "b"], 3.0)) == []  # muted, and b is heard
@@ -338,6 +338,18 @@ def test_a_silent_member_is_never_sampled_and_cannot_unmute_itself_with_pongs_no
     sampler.on_timer(1, timed_out)
     assert pinged(sampler.probe(4, ["mute"], timed_out + 2 * PROBE_MUTE - 0.1)) == []
     assert pinged(sampler.probe(4, ["mute"], timed_out + 2 * PROBE_MUTE)) == ["mute"]
+
+
+def test_a_late_answer_to_a_background_probe_counts():
+    """A newcomer still starting answers our probe after its time-out: heard at once, not after a mute;
+    an answer to another ping (or none we sent) still counts for nothing."""
+    sampler = Sampler("me", ping_interval=1.0, ping_timeout=2.0)
+    sampler.probe(1, ["slow", "other"], 0.0)  # selection 0
+    sampler.on_timer(0, 2.0)  # both time out
+    sampler.on_pong("other", 7, 3.0)
+    assert not sampler.usable("other")
+    sampler.on_pong("slow", 0, 3.0)
+    assert sampler.usable("slow") and not sampler.usable("other")
 
 
 def test_a_heard_peer_silent_in_a_rounds_selection_is_muted_for_longer():
