@@ -40,7 +40,9 @@ views, and roles checked against a sample we compute ourselves are ``learning.mo
   whose round came to nothing, or whose model we refused, gets one more aggregator beside it in our
   later hand-overs. With ``aggregators`` = 2 no round waits at all, at the cost of each trained model
   sent twice. Only a model counts as a sign the round went on: a round a peer merely reports could be a
-  lie that keeps us waiting.
+  lie that keeps us waiting. A joiner that no round reached within ``watch_timeout`` trains the newest
+  round it heard of if it is in that round's sample (joiners who heard all members at once refused a
+  lone founder's models as no plausible trainer's, and every node waited).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class Timer(enum.Enum):
     WATCH = "watch"  # (WATCH, round): our hand-over of that round has not led to a newer model yet
     AGGREGATE = "aggregate"  # aggregate what came of our aggregation round (one at a time: replaced)
     PACE = "pace"  # start the training that waits for ``period`` to pass since our last one
+    JOIN = "join"  # a joiner no round has reached yet starts by itself if it is in the sample
 
 
 class Trainer(enum.Enum):
@@ -205,12 +208,15 @@ class Modest:
                 return self._aggregate()
             case TimerFired(Timer.PACE) if self._trainer is Trainer.TRAINING:
                 return self._train()
+            case TimerFired(Timer.JOIN) if not (self._train_round or self._agg_round):
+                return self._join_alone()
         return []
 
     def _start(self) -> list[Action]:
         self._started = True
         if self._joining:  # sampled once the members' next model sends take us in
-            return self.view.sampler.probe(0, self.view.members, self._now)
+            join = StartTimer(Timer.JOIN, self._config.watch_timeout)
+            return [*self.view.sampler.probe(0, self.view.members, self._now), join]
         return self.view.sampler.probe(0, self.view.members, self._now, then=self._first_round)
 
     def _first_round(self) -> list[Action]:
@@ -218,9 +224,20 @@ class Modest:
         round reached us meanwhile)."""
         if self._train_round or self._agg_round:
             return []
-        if self.me in order(self.view.candidates(), 1)[: self._config.sample_size]:
-            return self._begin_training(1, self._model)
-        return []
+        return self._begin_training(1, self._model) if self._sampled(1) else []
+
+    def _join_alone(self) -> list[Action]:
+        """No round reached us, a joiner, within ``watch_timeout``: the swarm may have stalled on its
+        joiners, who refuse the last trainer's model when it ranks too low in the sample they compute
+        from more members than it knew. We train the newest round we heard of if we are in its sample,
+        as round 1's members start; else we look again a ``watch_timeout`` later."""
+        rnd = max(1, self.estimate())
+        if self._sampled(rnd):
+            return self._begin_training(rnd, self._model)
+        return [StartTimer(Timer.JOIN, self._config.watch_timeout)]
+
+    def _sampled(self, rnd: int) -> bool:
+        return self.me in order(self.view.candidates(), rnd)[: self._config.sample_size]
 
     # --- messages ---------------------------------------------------------------------------
 

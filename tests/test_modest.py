@@ -379,3 +379,25 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="positive"):
         ModestConfig(watch_timeout=0)
     assert ModestConfig(sample_size=10, success_fraction=0.9).quorum == 9
+
+
+def test_a_swarm_of_joiners_goes_on_when_the_founders_models_are_refused():
+    """A founder trains alone; 15 joiners arrive at once and hear every member at once (as in the
+    simulator, where pings are answered at once). Each judges the founder's hand-over against the
+    sample of its round computed from all 16 members, where the founder (then alone) may rank too
+    low: no plausible trainer, refused, and every node waited for ever (the testbed's prediction at 24
+    daemons). A joiner that no round reached within ``watch_timeout`` starts if it is in the sample."""
+    names = ["p00", *(f"j{i:02d}" for i in range(15))]
+    bench = swarm(1)
+    everyone = frozenset(names)
+    for name in names[1:]:
+        bench.protocols[name] = Modest(name, names, constant_model(), 10, Mean(), CONFIG, joining=True)
+        bench.at(10.0, name, Started())
+    bench.at(10.0, "p00", Members(everyone))
+    bench.run(until=10.0)
+    founder_round = bench.protocols["p00"].estimate()
+    bench.run(until=120.0)
+    implausible = [r for _, r in bench.rejected if "no plausible trainer" in r.reason]
+    assert implausible  # the stall this guards against did arise
+    later = {node for t, node, rnd in bench.rounds_done if t > 10.0 and rnd > founder_round}
+    assert len(later) >= 12, later  # the joiners' rounds went on and reached most of them
