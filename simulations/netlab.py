@@ -260,7 +260,9 @@ class Namespaces:
             if not live:
                 break
         errors += [f"pid {p.pid} survived SIGKILL: {p.args}" for p in live]
-        for ns in reversed(self.created):
+        # and any under our prefix not recorded: an interrupt between `ip netns add` and the record
+        unrecorded = [ns for ns in leftovers(self.prefix) if ns not in self.created]
+        for ns in [*unrecorded, *reversed(self.created)]:
             self._kill_pids(ns)
             try:
                 run([self.ip, "netns", "del", ns])

@@ -13,7 +13,7 @@ import pytest
 
 from shoal.node.home import Home
 from shoal.simulations import testbed
-from shoal.simulations.netlab import leftovers, run, unavailable_reason, which
+from shoal.simulations.netlab import Namespaces, leftovers, new_prefix, run, unavailable_reason, which
 from shoal.simulations.prediction import Start, starts
 from shoal.simulations.testbed_network import Plan, Site, churn_schedule
 from shoal.simulations.testbed_record import (
@@ -171,3 +171,14 @@ def test_ctrl_c_leaves_no_namespace_process_or_firewall_rule(tmp_path):
     assert not leftovers(f"stb{proc.pid}_")
     assert not daemons_of(tmp_path)
     assert run([which("iptables-save")]) == rules_before
+
+
+@needs_netns
+def test_teardown_also_removes_a_namespace_created_but_not_yet_recorded():
+    """An interrupt between ``ip netns add`` and the lab's record of it left that namespace behind
+    (seen when a grid run was stopped while building)."""
+    lab = Namespaces(new_prefix("stbtest"))
+    lab.add("a")
+    run([which("ip"), "netns", "add", lab.prefix + "b"])  # as if interrupted before the record
+    assert lab.close() == []
+    assert not leftovers(lab.prefix)
