@@ -40,9 +40,10 @@ views, and roles checked against a sample we compute ourselves are ``learning.mo
   whose round came to nothing, or whose model we refused, gets one more aggregator beside it in our
   later hand-overs. With ``aggregators`` = 2 no round waits at all, at the cost of each trained model
   sent twice. Only a model counts as a sign the round went on: a round a peer merely reports could be a
-  lie that keeps us waiting. A joiner that no round reached within ``watch_timeout`` trains the newest
-  round it heard of if it is in that round's sample (joiners who heard all members at once refused a
-  lone founder's models as no plausible trainer's, and every node waited).
+  lie that keeps us waiting. A joiner that no round reached, and that heard of no newer round, for a
+  ``watch_timeout`` trains the newest round it heard of if it is in that round's sample (joiners who
+  heard all members at once refused a lone founder's models as no plausible trainer's, and every node
+  waited).
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ class Modest:
         self._heard_round = 0  # the newest round a peer told us of, clamped to our window
         self._heard = not joining  # a joiner has no round of its own until it hears one
         self._joined_at = 0  # the first round a joiner heard
+        self._waited_at = 0  # a joiner's round estimate when its JOIN timer was last set
         self._buffer: dict[str, Contribution] = {}
         self._handed_to: set[str] = set()  # aggregators that have our latest trained model
         self._extra = (0, 0)  # (round, aggregators added to our hand-over of it by watch timeouts)
@@ -215,8 +217,7 @@ class Modest:
     def _start(self) -> list[Action]:
         self._started = True
         if self._joining:  # sampled once the members' next model sends take us in
-            join = StartTimer(Timer.JOIN, self._config.watch_timeout)
-            return [*self.view.sampler.probe(0, self.view.members, self._now), join]
+            return [*self.view.sampler.probe(0, self.view.members, self._now), *self._join_alone()]
         return self.view.sampler.probe(0, self.view.members, self._now, then=self._first_round)
 
     def _first_round(self) -> list[Action]:
@@ -227,13 +228,15 @@ class Modest:
         return self._begin_training(1, self._model) if self._sampled(1) else []
 
     def _join_alone(self) -> list[Action]:
-        """No round reached us, a joiner, within ``watch_timeout``: the swarm may have stalled on its
-        joiners, who refuse the last trainer's model when it ranks too low in the sample they compute
-        from more members than it knew. We train the newest round we heard of if we are in its sample,
-        as round 1's members start; else we look again a ``watch_timeout`` later."""
+        """No round reached us, a joiner, within ``watch_timeout``. If none we heard of went on either,
+        the swarm may have stalled on its joiners, who refuse the last trainer's model when it ranks too
+        low in the sample they compute from more members than it knew: we train the newest round we
+        heard of if we are in its sample, as round 1's members start. Else we look again a
+        ``watch_timeout`` later (rounds that go on reach us in time)."""
         rnd = max(1, self.estimate())
-        if self._sampled(rnd):
+        if rnd == self._waited_at and self._sampled(rnd):
             return self._begin_training(rnd, self._model)
+        self._waited_at = rnd
         return [StartTimer(Timer.JOIN, self._config.watch_timeout)]
 
     def _sampled(self, rnd: int) -> bool:

@@ -10,7 +10,7 @@ import torch
 from shoal.learning.integrators import Mean
 from shoal.learning.messages import AggregatedModel, Fetch, GossipModel, Ping, Pong, TrainedModel
 from shoal.learning.modest import Modest, ModestConfig, Timer
-from shoal.learning.protocol import Credited, Members, MessageIn, Rejected, Send, Started, TimerFired
+from shoal.learning.protocol import Credited, Members, MessageIn, Rejected, Send, Started, TimerFired, Train
 from shoal.learning.sampling import MUTE, PROBE_MUTE, Sampler, order
 from tests.bench import Bench, constant_model, value_of
 
@@ -401,3 +401,19 @@ def test_a_swarm_of_joiners_goes_on_when_the_founders_models_are_refused():
     assert implausible  # the stall this guards against did arise
     later = {node for t, node, rnd in bench.rounds_done if t > 10.0 and rnd > founder_round}
     assert len(later) >= 12, later  # the joiners' rounds went on and reached most of them
+
+
+@pytest.mark.parametrize("rounds_go_on", [True, False])
+def test_a_joiner_starts_by_itself_only_when_no_round_it_hears_of_goes_on(rounds_go_on):
+    """A joiner not sampled yet while rounds go on waits (they reach it in time); one that heard of no
+    newer round for a whole ``watch_timeout`` trains the newest it heard of when it is in its sample."""
+    config = replace(CONFIG, sample_size=8)  # every candidate is in every sample
+    node = Modest("j", ["a", "b"], constant_model(), 10, Mean(), config, joining=True)
+    actions = node.handle(Started(), 0.0)
+    actions += node.handle(MessageIn("a", Ping(1, 5)), 1.0)
+    for k in (1, 2, 3):
+        if rounds_go_on:
+            actions += node.handle(MessageIn("a", Ping(k + 1, 5 + 3 * k)), 20.0 * k - 5)
+        actions += node.handle(TimerFired(Timer.JOIN), 20.0 * k)
+    trains = [a.tag for a in actions if isinstance(a, Train)]
+    assert trains == ([] if rounds_go_on else [5])
