@@ -228,11 +228,11 @@ class Modest:
         return self._begin_training(1, self._model) if self._sampled(1) else []
 
     def _join_alone(self) -> list[Action]:
-        """No round reached us, a joiner, within ``watch_timeout``. If none we heard of went on either,
-        the swarm may have stalled on its joiners, who refuse the last trainer's model when it ranks too
-        low in the sample they compute from more members than it knew: we train the newest round we
-        heard of if we are in its sample, as round 1's members start. Else we look again a
-        ``watch_timeout`` later (rounds that go on reach us in time)."""
+        """A joiner's check, at its start and every ``watch_timeout`` while no round has reached it. If
+        no round we heard of went on since the last check either, the swarm may have stalled on its
+        joiners, who refuse the last trainer's model when it ranks too low in the sample they compute
+        from more members than it knew: we train the newest round we heard of if we are in its sample,
+        as round 1's members start. Else we look again later (rounds that go on reach us in time)."""
         rnd = max(1, self.estimate())
         if rnd == self._waited_at and self._sampled(rnd):
             return self._begin_training(rnd, self._model)
