@@ -27,7 +27,8 @@ from shoal.overlay.wire import Message, WireError, decode, encode_parts
 from shoal.overlay.yamuxio import grow_receive_window
 
 MAX_KIND, MAX_KINDS = 32, 64  # traffic counters: per message kind only for kinds this short, this many
-MAX_INBOUND_PER_PEER = MAX_STREAMS_PER_PEER + 1  # streams one peer may have open to us: one in closing
+# a peer's open message streams: one more than we open, since a stream closed counts until its end arrives
+MAX_INBOUND_PER_PEER = MAX_STREAMS_PER_PEER + 1
 
 
 class Messaging:
