@@ -40,10 +40,12 @@ views, and roles checked against a sample we compute ourselves are ``learning.mo
   whose round came to nothing, or whose model we refused, gets one more aggregator beside it in our
   later hand-overs. With ``aggregators`` = 2 no round waits at all, at the cost of each trained model
   sent twice. Only a model counts as a sign the round went on: a round a peer merely reports could be a
-  lie that keeps us waiting. A joiner that no round reached, and that heard of no newer round, for a
-  ``watch_timeout`` trains the newest round it heard of if it is in that round's sample (joiners who
-  heard all members at once refused a lone founder's models as no plausible trainer's, and every node
-  waited).
+  lie that keeps us waiting; a joiner in a swarm where no round goes on starts by itself
+  (:meth:`Modest._join_alone`).
+
+One module, past 400 lines, because it is one state machine: the trainer and aggregator roles share
+the round state and each event's transition reads both; the sampling, the view and the settings are
+their own modules already.
 """
 
 from __future__ import annotations
