@@ -13,6 +13,8 @@ the first set-up (see README, "GPU machines").
 The NAT traversal tests build NATs in network namespaces with iptables: run as root on a Debian or
 Ubuntu machine without iptables, `test` installs it with apt-get first (elsewhere they are skipped,
 saying why).
+The tests marked `parallel` (each needs one core at most) run first, two at a time; the rest, swarms
+of daemons that need the whole machine, run one at a time after them.
 Only the standard library is used here: this runs before anything is installed.
 """
 
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / "shoal-setup.sha256"
 TORCH = os.environ.get("SHOAL_TORCH", "torch==2.13.0")
+NO_TESTS = 5  # pytest's exit code when a selection (e.g. one test file) leaves a phase empty
 
 
 def venv_python() -> Path:
@@ -94,8 +97,9 @@ def main(argv: list[str]) -> int:
     if command == "test":
         nat_test_tools()
         lint = subprocess.call([python, "-m", "ruff", "check", "."], cwd=ROOT)
-        tests = subprocess.call([python, "-m", "pytest", *rest], cwd=ROOT)
-        return lint or tests
+        phases = (["-m", "parallel", "-n", "2", "--dist", "worksteal"], ["-m", "not parallel"])
+        tests = [subprocess.call([python, "-m", "pytest", *phase, *rest], cwd=ROOT) for phase in phases]
+        return lint or max(0 if code == NO_TESTS else code for code in tests)
     return 0
 
 

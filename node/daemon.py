@@ -374,7 +374,9 @@ class Daemon:
             "metadata": {"epoch": overlay.metadata.epoch, "bytes": overlay.metadata.size()}
             if overlay
             else {},
-            "liveness": overlay.liveness() if overlay else {"suspected": [], "down": 0, "flaps": 0},
+            "liveness": overlay.liveness()
+            if overlay
+            else {"suspected": [], "down": 0, "flaps": 0, "loop_lag_s": 0.0},
             "uptime": round(time.time() - self.started, 1),
         }
 

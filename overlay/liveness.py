@@ -26,6 +26,10 @@ round at most, taken as normal, N(mean, std) over the last ``WINDOW``, std at le
   hung peer is about ``mean + pause + 5 * std`` of its gaps (~37 s with the defaults 2 s, 30 s on a
   quiet network), plus one round.
 
+Our own loop's lag, how late each round wakes after its ``interval`` (the median of the last
+:data:`LAGS`), is in ``/status``: on a CPU shared by many processes it is what every message waits
+before its receiver reads it (the testbed records it beside each run).
+
 A peer found down is logged with where our end of its connections stands (``connections.reading_loops``).
 When our own loop stalled (SIGSTOP, a CPU hog), everybody looks silent: a round that took far longer
 than it can shifts every peer's clock by the stall (:meth:`PhiAccrual.stalled`) rather than blaming
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections import deque
 
 import trio
@@ -48,6 +53,7 @@ from shoal.overlay.peers import Peers
 log = logging.getLogger("shoal.overlay")
 
 WINDOW = 100  # gaps remembered per peer
+LAGS = 30  # our loop's lags remembered: a minute at the default interval
 
 
 def phi(elapsed: float, mean: float, std: float) -> float:
@@ -156,6 +162,7 @@ class Liveness:
         self._peers = peers
         self._declared: set[str] = set()  # peers we found down: one that comes back is a flap
         self._pinging: set[str] = set()
+        self._lags: deque[float] = deque(maxlen=LAGS)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -174,6 +181,7 @@ class Liveness:
                         nursery.start_soon(self._ping, peer)
                 await trio.sleep(self.interval)
                 now = trio.current_time()
+                self._lags.append(now - last - self.interval)
                 if now - last > 2 * self.interval:  # our loop was stopped or starved
                     log.info("our loop stalled for %.1f s: peers' silence in it does not count", now - last)
                     self.detector.stalled(now - last - self.interval)
@@ -182,8 +190,14 @@ class Liveness:
                     nursery.start_soon(self._peers.disconnect, peer)
 
     def status(self) -> dict[str, object]:
-        """Peers suspected now, peers found down since start, and of those the ones that came back."""
-        return {"suspected": sorted(self.detector.suspected), "down": self.downs, "flaps": self.flaps}
+        """Peers suspected now, peers found down since start, of those the ones that came back, and our
+        loop's lag (seconds)."""
+        return {
+            "suspected": sorted(self.detector.suspected),
+            "down": self.downs,
+            "flaps": self.flaps,
+            "loop_lag_s": round(statistics.median(self._lags), 3) if self._lags else 0.0,
+        }
 
     def forget(self, peer: str) -> None:
         self.detector.forget(peer)

@@ -47,6 +47,7 @@ COLUMNS = (
     "speed_median",
     "joiners_from_scratch",
     "duration_s",
+    "loop_lag_s",
 )
 
 
@@ -101,6 +102,7 @@ def run_row(cell: str, run: int, summary: dict) -> dict:
         "speed_median": model["speeds_samples_per_s"]["median"],
         "joiners_from_scratch": model["joiners_from_scratch"],
         "duration_s": measured["duration"],
+        "loop_lag_s": (measured.get("loop_lag_s") or {}).get("median"),  # runs before it was recorded: none
     }
 
 

@@ -117,6 +117,7 @@ def row_fields(metric: str) -> tuple[str, ...]:
         "trainings",
         "training_s",
         "rss_mb",
+        "loop_lag_s",
     )
 
 
@@ -136,6 +137,7 @@ def row(now: float, node: int, status: dict, rss: float, metric: str, value: flo
         "trainings": status["trained"]["rounds"],
         "training_s": status["trained"]["seconds"],
         "rss_mb": round(rss, 1),
+        "loop_lag_s": status["liveness"]["loop_lag_s"],
     }
 
 
@@ -156,7 +158,7 @@ def read_rounds(out: Path, metric: str) -> list[dict]:
     """``rounds.csv``'s rows as :func:`row` made them (numbers; an empty metric is None)."""
     with open(out / "rounds.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    floats = {"time", metric, "training_s", "rss_mb"}
+    floats = {"time", metric, "training_s", "rss_mb", "loop_lag_s"}
     return [
         {k: (None if v == "" else float(v) if k in floats else int(v)) for k, v in r.items()} for r in rows
     ]
@@ -228,6 +230,7 @@ def summarize(measured: Measurement) -> dict:
         for m in members
         if len(m.launches) > 1
     }
+    lags = sorted(r["loop_lag_s"] for r in rows)
     relayed_per_poll = Counter()
     for r in rows:
         relayed_per_poll[r["time"]] += r["relayed"]
@@ -260,6 +263,13 @@ def summarize(measured: Measurement) -> dict:
             "median": round(statistics.median(m.rss_mb for m in members), 1),
             "max": round(max(m.rss_mb for m in members), 1),
         },
+        # how late the daemons' loops woke (their /status loop_lag_s, every poll): the 2 cores they share
+        "loop_lag_s": {
+            "median": round(statistics.median(lags), 3),
+            "p90": round(lags[(len(lags) * 9) // 10], 3),
+        }
+        if lags
+        else None,
         "exits": {
             "stopped": len(stopped),
             "exit_0": sum(code == 0 for _, _, code in stopped),

@@ -1,6 +1,8 @@
 """The phi-accrual failure detector as a plain object: verdicts from given times, no network; and the
 ping policy of its monitor."""
 
+import time
+
 import pytest
 import trio
 import trio.testing
@@ -116,3 +118,32 @@ def test_a_peer_heard_within_the_interval_is_not_pinged(monkeypatch):
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert pinged.count(quiet) >= 2 and chatty not in pinged
     assert monitor.status()["suspected"] == [quiet] and monitor.status()["down"] == 0
+
+
+def test_our_loops_lag_is_how_late_its_rounds_wake():
+    """What /status shows as loop_lag_s: near zero on an idle loop, the hold's length past the interval
+    on a loop that a computation holds for 0.5 s at a time (as many daemons on few cores do)."""
+
+    class NoPeers:
+        def peers(self) -> list[str]:
+            return []
+
+    async def lag(held: bool) -> float:
+        monitor = Liveness(
+            None, interval=0.1, timeout=1.0, suspect=3.0, down=8.0, pause=30.0, peers=NoPeers()
+        )
+
+        async def hold() -> None:
+            while True:
+                time.sleep(0.5)  # the loop is not ours meanwhile
+                await trio.sleep(0)
+
+        with trio.move_on_after(2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(monitor.run)
+                if held:
+                    nursery.start_soon(hold)
+        return monitor.status()["loop_lag_s"]
+
+    assert trio.run(lag, True) >= 0.3
+    assert trio.run(lag, False) < 0.1

@@ -23,7 +23,7 @@ from tests.daemons import ENV, Node, accuracies, go, peers_of, sigterm_all, stop
 from tests.test_hostile import ACCURACY_MARGIN, RSS_MARGIN, rounds, rss
 
 IDENTITIES = 35
-ATTACK_SECONDS = 25.0
+ATTACK_SECONDS = 15.0
 # the default integrator (robust; tests/test_daemon.py's configuration names vca, to compare with the
 # measurements of earlier releases), in both swarms and in the attacker's configuration alike
 SETTINGS = {"SHOAL_INTEGRATOR": ProtocolSettings().integrator}

@@ -92,12 +92,13 @@ def test_a_recorded_run_reads_back_as_it_was_measured(tmp_path):
     ]
     rows = [
         {"time": 4.0, "node": n, "round": 2, "accuracy": acc, "peers": 1, "direct": 1, "relayed": 0,
-         "bytes_out": 9, "bytes_in": 8, "trainings": 2, "training_s": 0.5, "rss_mb": 300.0}
-        for n, acc in ((0, 0.5), (1, None))
+         "bytes_out": 9, "bytes_in": 8, "trainings": 2, "training_s": 0.5, "rss_mb": 300.0, "loop_lag_s": lag}
+        for n, acc, lag in ((0, 0.5, 0.01), (1, None, 0.3))
     ]  # fmt: skip
     measured = Measurement(plan, members, [], rows, end=6.0, live_at_end=2, first_reach=None)
     write_rounds(tmp_path, rows)
     doc = {"plan": dataclasses.asdict(plan), "events": [], "testbed": summarize(measured)}
+    assert doc["testbed"]["loop_lag_s"] == {"median": 0.155, "p90": 0.3}
     (tmp_path / "summary.json").write_text(json.dumps(doc))
     again = read_measurement(tmp_path)
     assert again.rows == rows and again.plan == plan and again.end == 6.0
