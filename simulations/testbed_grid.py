@@ -11,9 +11,9 @@ cell once before any cell twice), so a grid cut short still covers the scenarios
 lives in ``--out/<cell>/run<k>``; a run whose ``summary.json`` exists is not run again, so the same
 command resumes an interrupted grid, and ``--repredict`` predicts its runs anew from what they recorded.
 After every run ``grid.csv`` (a row per run: measured and predicted times to target and final
-accuracies, the prediction's inputs) and ``grid.md`` (the times, a row per swarm, a column per network
-and protocol, each run marked where it does not agree within :data:`TOLERANCE` and :data:`POINTS`) are
-rewritten.
+accuracies, the prediction's inputs, the daemons' median loop lag) and ``grid.md`` (the times, a row
+per swarm, a column per network and protocol, each run marked where it does not agree within
+:data:`TOLERANCE` and :data:`POINTS`) are rewritten.
 """
 
 from __future__ import annotations

@@ -115,11 +115,13 @@ def test_the_language_task_sets_the_target_direction_and_metric_column(tmp_path)
         "bytes_out": {"a": 5},
         "bytes_in": {},
         "trained": {"rounds": 4, "seconds": 1.5},
+        "liveness": {"loop_lag_s": 0.02},
     }
     write_rounds(tmp_path, [row(1.0, 2, status, 80.0, "bits_per_byte", 3.5)], "bits_per_byte")
     assert (tmp_path / "rounds.csv").read_text().splitlines() == [
-        "time,node,round,bits_per_byte,peers,direct,relayed,bytes_out,bytes_in,trainings,training_s,rss_mb",
-        "1.0,2,3,3.5,1,0,1,5,0,4,1.5,80.0",
+        "time,node,round,bits_per_byte,peers,direct,relayed,bytes_out,bytes_in,trainings,training_s,rss_mb,"
+        "loop_lag_s",
+        "1.0,2,3,3.5,1,0,1,5,0,4,1.5,80.0,0.02",
     ]
 
 
