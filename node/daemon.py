@@ -46,6 +46,7 @@ from shoal.node.home import Home
 from shoal.overlay import framing, offloop, wire
 from shoal.overlay.atomic import write_atomic
 from shoal.overlay.identity import load_or_create_identity, peer_id
+from shoal.overlay.liveness import Liveness
 from shoal.overlay.p2p import Libp2pOverlay
 from shoal.overlay.wire import DEFAULT_LIMITS, Limits, Message, encode_parts, encoded_size
 
@@ -374,9 +375,7 @@ class Daemon:
             "metadata": {"epoch": overlay.metadata.epoch, "bytes": overlay.metadata.size()}
             if overlay
             else {},
-            "liveness": overlay.liveness()
-            if overlay
-            else {"suspected": [], "down": 0, "flaps": 0, "loop_lag_s": 0.0},
+            "liveness": overlay.liveness() if overlay else Liveness.idle_status(),
             "uptime": round(time.time() - self.started, 1),
         }
 

@@ -181,10 +181,11 @@ class Liveness:
                         nursery.start_soon(self._ping, peer)
                 await trio.sleep(self.interval)
                 now = trio.current_time()
-                self._lags.append(now - last - self.interval)
-                if now - last > 2 * self.interval:  # our loop was stopped or starved
+                lag = now - last - self.interval
+                self._lags.append(lag)
+                if lag > self.interval:  # our loop was stopped or starved
                     log.info("our loop stalled for %.1f s: peers' silence in it does not count", now - last)
-                    self.detector.stalled(now - last - self.interval)
+                    self.detector.stalled(lag)
                 last = now
                 for peer in self._judge(now):
                     nursery.start_soon(self._peers.disconnect, peer)
@@ -198,6 +199,11 @@ class Liveness:
             "flaps": self.flaps,
             "loop_lag_s": round(statistics.median(self._lags), 3) if self._lags else 0.0,
         }
+
+    @staticmethod
+    def idle_status() -> dict[str, object]:
+        """:meth:`status` of a node whose monitor has not started (no overlay yet)."""
+        return {"suspected": [], "down": 0, "flaps": 0, "loop_lag_s": 0.0}
 
     def forget(self, peer: str) -> None:
         self.detector.forget(peer)
