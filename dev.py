@@ -13,8 +13,8 @@ the first set-up (see README, "GPU machines").
 The NAT traversal tests build NATs in network namespaces with iptables: run as root on a Debian or
 Ubuntu machine without iptables, `test` installs it with apt-get first (elsewhere they are skipped,
 saying why).
-The tests marked `parallel` (each needs one core at most) run first, two at a time; the rest, swarms
-of daemons that need the whole machine, run one at a time after them.
+The tests run two at a time, except those marked `alone` (swarms whose time bounds a second test's
+CPU load breaks), which run one at a time after them.
 Only the standard library is used here: this runs before anything is installed.
 """
 
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     if command == "test":
         nat_test_tools()
         lint = subprocess.call([python, "-m", "ruff", "check", "."], cwd=ROOT)
-        phases = (["-m", "parallel", "-n", "2", "--dist", "worksteal"], ["-m", "not parallel"])
+        phases = (["-m", "not alone", "-n", "2", "--dist", "worksteal"], ["-m", "alone"])
         tests = [subprocess.call([python, "-m", "pytest", *phase, *rest], cwd=ROOT) for phase in phases]
         return lint or max(0 if code == NO_TESTS else code for code in tests)
     return 0

@@ -31,7 +31,6 @@ def run(args: list[str], cwd: Path, timeout: float) -> str:
     return done.stdout
 
 
-@pytest.mark.parallel
 def test_the_readme_example_runs_as_written(tmp_path):
     code = readme_example()
     assert len(code.strip().splitlines()) <= 15, code
@@ -52,7 +51,6 @@ def test_an_example_swarm_of_daemons_reaches_its_accuracy(tmp_path, script):
 
 
 @pytest.mark.slow
-@pytest.mark.parallel
 def test_the_same_task_runs_unchanged_on_50_simulated_nodes_with_churn(tmp_path):
     out = run([str(EXAMPLES / "simulate_cnn.py"), "--duration", "20", "--out", "run"], tmp_path, 300)
     alive, accuracy = re.search(r"(\d+) live nodes at 20 s: mean accuracy ([\d.]+)", out).groups()

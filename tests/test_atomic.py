@@ -11,8 +11,6 @@ import torch
 from shoal.node import checkpoint
 from shoal.overlay.atomic import write_atomic
 
-pytestmark = pytest.mark.parallel
-
 CHILD = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path

@@ -19,8 +19,6 @@ from shoal.simulations.batching import BatchedTraining
 from shoal.simulations.config import ScheduledEvent, SimConfig
 from shoal.simulations.engine import Simulation
 
-pytestmark = pytest.mark.parallel
-
 
 def learners(data, module, **hyper) -> list[Learner]:
     """Nodes of one module with shards of 1 to 40 samples (short and padded batches), each with an anchor."""

@@ -16,9 +16,7 @@ from tests.daemons import (
     ACCURACY,
     ENV,
     Node,
-    Run,
     accuracies,
-    at_once,
     peers_of,
     sigterm_all,
     stop_all,
@@ -163,22 +161,10 @@ def test_a_daemon_starved_of_cpu_for_10_s_is_suspected_not_dropped_and_rejoins_t
     ],
     ids=["bristle", "modest"],
 )
-def test_three_daemons_learn_with_the_other_protocol_and_rules(other_rules, request, env, target):
+def test_three_daemons_learn_with_the_other_protocol_and_rules(tmp_path, env, target):
     """Over libp2p: Bristle's labels travel with the models and nobody is refused; MoDeST's rounds fill;
-    both with compressed models. Both swarms run at once (their rounds are paced, CPU is left over)."""
-    other_rules[request.node.callspec.id].result()
-
-
-@pytest.fixture(scope="module")
-def other_rules(request, tmp_path_factory):
-    yield from at_once(
-        request, tmp_path_factory, "test_three_daemons_learn_with_the_other_protocol_and_rules", learn
-    )
-
-
-def learn(run: Run, tmp_path, env: dict, target: float) -> None:
+    both with compressed models."""
     nodes = swarm(tmp_path, 3, env=env)
-    run.nodes += nodes
     try:
         wait_for(lambda: min(accuracies(nodes)) >= target, 180, f"every node at {target:.0%}", nodes)
         for shown in (n.status() for n in nodes):

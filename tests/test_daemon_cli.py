@@ -17,8 +17,6 @@ from shoal.node.demo import node_config
 from shoal.overlay.identity import load_or_create_identity, peer_id
 from tests.daemons import ENV, assert_one_clear_line, run_cli
 
-pytestmark = pytest.mark.parallel
-
 
 @pytest.fixture
 def in_process(monkeypatch, capsys):

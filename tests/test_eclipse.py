@@ -25,6 +25,7 @@ HIGH = 8
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 async def test_a_node_flooded_by_fresh_identities_keeps_its_settled_peers_and_a_bounded_set(monkeypatch):
     """Two honest peers settle on a node; then 24 fresh identities join through it and send it models
     every half second. Before the peer set's rules the newest were kept for a 60 s grace and the settled

@@ -94,6 +94,7 @@ def runs(request, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize("protocol", ["gossip", "modest"])
 def test_honest_daemons_outlast_a_hostile_peer(runs, request, protocol):
     runs[request.node.callspec.id].result()

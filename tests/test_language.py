@@ -14,8 +14,6 @@ import torch
 import shoal
 from shoal.learning.language import BLOCK, corpus, make_task, shard
 
-pytestmark = pytest.mark.parallel
-
 
 def test_every_split_deals_the_training_text_once_and_keeps_the_held_out_text_apart():
     held, files = corpus(max_bytes=300_000)

@@ -10,8 +10,6 @@ from shoal.overlay.roster import Roster
 from tests.attacker import fresh_update
 from tests.metadata_replicas import key, node, peer_id, signed
 
-pytestmark = pytest.mark.parallel
-
 # -- the member cap, shared by introducer -------------------------------------------------------------
 
 

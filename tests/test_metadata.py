@@ -8,8 +8,6 @@ import pytest
 from shoal.overlay.metadata import Member, Metadata, MetadataPending, ModelRecord
 from tests.metadata_replicas import exchange, key, peer_id, replicas, state
 
-pytestmark = pytest.mark.parallel
-
 
 def test_concurrent_edits_converge_whatever_the_delivery_order():
     rng = random.Random(1)

@@ -8,7 +8,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 import msgpack
-import pytest
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -30,10 +29,8 @@ from shoal.overlay.records import sign_record
 from shoal.overlay.wire import Message
 from tests.attacker import BlackHole
 
-pytestmark = pytest.mark.parallel
-
 TASK = "meta-net-test"
-FAST = {"ping_interval": 0.5, "ping_timeout": 0.5, "acceptable_pause": 1.0, "heartbeat_interval": 1.0}
+FAST = {"heartbeat_interval": 1.0}  # liveness at its defaults: a loaded test machine is no dead peer
 
 quiet_libp2p_logs(verbose=False)
 

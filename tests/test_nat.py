@@ -23,7 +23,6 @@ HOLD = 15.0
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.parallel,
     pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
 ]
 

@@ -33,8 +33,6 @@ from shoal.overlay.streams import MAX_IDLE_PER_PEER, MAX_STREAMS_PER_PEER
 from shoal.overlay.wire import Message
 from tests.local_swarm import FAST, TASK, next_event, swarm, until
 
-pytestmark = pytest.mark.parallel
-
 PEER_SCRIPT = Path(__file__).with_name("p2p_peer.py")
 
 

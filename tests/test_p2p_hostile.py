@@ -22,8 +22,6 @@ from shoal.overlay.nat import DIALBACK
 from shoal.overlay.wire import Limits, Message, encode
 from tests.local_swarm import next_event, stranger, swarm, until
 
-pytestmark = pytest.mark.parallel
-
 
 async def test_malformed_messages_are_rejected_with_reasons_and_the_sender_banned():
     async with swarm(1, max_penalty=5) as (node,):

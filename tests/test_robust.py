@@ -11,8 +11,6 @@ from shoal.learning.bristle import Bristle, BristleConfig, f1_per_class, linear_
 from shoal.learning.integrators import Contribution
 from shoal.learning.robust import Krum, Median, TrimmedMean
 
-pytestmark = pytest.mark.parallel
-
 
 def head(value, classes=4, dim=3, seed=None):
     if seed is None:

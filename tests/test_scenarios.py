@@ -11,8 +11,6 @@ import pytest
 
 from shoal.simulations import byzantine, churn, compression, disaster, modest, topologies
 
-pytestmark = pytest.mark.parallel
-
 
 def start_script(module: str, out, *args: str, hashseed: str = "0") -> subprocess.Popen:
     env = {**os.environ, "PYTHONHASHSEED": hashseed}

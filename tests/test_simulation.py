@@ -12,8 +12,6 @@ from shoal.learning.modest import ModestConfig
 from shoal.simulations.config import TASK, ScheduledEvent, SimConfig
 from shoal.simulations.engine import Simulation, configured_protocol, node_name
 
-pytestmark = pytest.mark.parallel
-
 
 def test_survivors_keep_learning_after_a_third_crash_mid_round():
     config = SimConfig(nodes=20, duration=150.0, eval_every=10.0, seed=2)
