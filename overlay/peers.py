@@ -226,7 +226,7 @@ class Peers:
 
     async def down(self, peer: str) -> None:
         self._gone(peer)
-        self.policy.remove(peer)
+        self.policy.remove(peer, time.monotonic())
         if peer in self.task_peers:
             self.task_peers.discard(peer)
             self.since.pop(peer, None)

@@ -16,7 +16,10 @@ of fresh identities push out nearly all of a victim's honest peers (docs/measure
   ones are cut off by the failure detector, which frees their slot.
 - **Long-lived peers protected**: peers held for ``settle`` seconds, the longest first, until half of
   ``high`` is protected (outbound and useful peers counted), are never evicted by newcomers (Bitcoin
-  Core protects its longest-connected peers the same way); nor are the ``useful`` best scored.
+  Core protects its longest-connected peers the same way); nor are the ``useful`` best scored. A
+  long-lived peer whose connection drops and is back within :data:`REJOIN` seconds gets its age back:
+  otherwise a flood of newcomers takes its slot while it is away, and, new again, it is refused (an
+  eclipse test's victim lost an honest peer so on a loaded machine).
 - **Per-IP limit** (gossipsub's IP colocation factor, as a hard bound): at most ``per_ip`` task peers
   from one remote IP; a newcomer beyond it is refused, incumbents stay. Loopback is exempt (tests,
   demos), and so are relayed peers, whose IP we do not see. Wider ranges (/16 for IPv4, /32 for IPv6,
@@ -53,6 +56,7 @@ ALPHA = 0.2  # weight of a new verdict in a peer's score
 HALF_LIFE = 300.0  # seconds without a verdict in which a score drifts half way back to NEUTRAL
 MAX_SCORES = 4096  # peers whose scores are kept (connected or not)
 MAX_KNOWN = 4096  # members whose first sighting is remembered, for choosing whom to dial
+REJOIN = 60.0  # seconds a long-lived peer that lost its connection keeps its age for
 
 
 def ip_of(address: str | None) -> str | None:
@@ -116,6 +120,9 @@ class PeerSet:
         self._admitted = 0
         self._scores: dict[str, tuple[float, float]] = {}  # peer -> (score, when last credited)
         self._known: dict[str, float] = {}  # member -> when we first saw it (choose's tiers)
+        # long-lived peers gone -> (since when we held them, when they left): bounded, as each took
+        # ``settle`` seconds in one of ``high`` slots and is forgotten after REJOIN
+        self._departed: dict[str, tuple[float, float]] = {}
         self._rng = rng or random.Random()
 
     # -- credit -------------------------------------------------------------------------------------
@@ -156,7 +163,9 @@ class PeerSet:
             return None, []
         if ip is not None and self.per_ip and sum(s.ip == ip for s in self.slots.values()) >= self.per_ip:
             return f"already {self.per_ip} peers from {ip}", []
-        self.slots[peer] = Slot(outbound, ip, now, self._admitted)
+        left = self._departed.pop(peer, None)
+        since = left[0] if left is not None and now - left[1] < REJOIN else now
+        self.slots[peer] = Slot(outbound, ip, since, self._admitted)
         self._admitted += 1
         evicted = self.to_let_go(now)
         for other in evicted:
@@ -166,8 +175,12 @@ class PeerSet:
             return f"over {self.high} peers and no worse one to let go", evicted
         return None, evicted
 
-    def remove(self, peer: str) -> None:
-        self.slots.pop(peer, None)
+    def remove(self, peer: str, now: float) -> None:
+        """``peer`` is gone (its connection closed): a long-lived one keeps its age for :data:`REJOIN`."""
+        slot = self.slots.pop(peer, None)
+        self._departed = {p: d for p, d in self._departed.items() if now - d[1] < REJOIN}
+        if slot is not None and now - slot.since >= self.settle:
+            self._departed[peer] = (slot.since, now)
 
     def to_let_go(self, now: float) -> list[str]:
         """The peers to let go to bring the set back to ``high``, worst first; never a protected one."""

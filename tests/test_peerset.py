@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from shoal.overlay.peerset import NEUTRAL, SETTLE, PeerSet, group_of, ip_of
+from shoal.overlay.peerset import NEUTRAL, REJOIN, SETTLE, PeerSet, group_of, ip_of
 
 
 def policy(**kw) -> PeerSet:
@@ -33,6 +33,23 @@ def test_a_wave_of_fresh_inbound_identities_never_displaces_settled_peers_and_th
     assert len(refused) == 45  # the first five took the free slots; later ones met a full set
     # and later sybils are refused rather than displacing the earlier ones (test-before-evict)
     assert set(ps.slots) == {"h1", "h2", "h3", "s0", "s1", "s2", "s3", "s4"}
+
+
+def test_a_long_lived_peer_whose_connection_dropped_keeps_its_age_if_back_soon():
+    """While it was away a newcomer took its slot: back within REJOIN it is the elder and the newcomer
+    goes; back later, or never long-lived, it is a newcomer itself."""
+    ps = policy(high=3, outbound=0)
+    fill(ps, ["h1", "h2", "h3"], at=0.0)
+    now = SETTLE + 1
+    ps.remove("h1", now)
+    fill(ps, ["s1"], at=now)
+    assert ps.admit("h1", outbound=False, ip=None, now=now + 5) == (None, ["s1"])
+    assert ps.slots["h1"].since == 0.0
+    ps.remove("h2", now + 5)
+    fill(ps, ["s2"], at=now + 5)
+    assert fill(ps, ["h2"], at=now + 5 + REJOIN) == ["h2"]  # too late: the newest, refused
+    ps.remove("s2", now + 10)  # held 5 s: not long-lived
+    assert fill(ps, ["s2"], at=now + 11) == [] and ps.slots["s2"].since == now + 11
 
 
 def test_before_settling_the_newest_inbound_goes_first_and_old_ones_stay():
@@ -73,7 +90,7 @@ def test_per_ip_limit_refuses_newcomers_beyond_it_with_loopback_and_relayed_peer
     assert fill(ps, ["d"], at=0.0, ip="203.0.113.6") == []  # another IP of the same /16: fine
     assert fill(ps, [f"l{i}" for i in range(10)], at=0.0, ip=ip_of("127.0.0.1")) == []
     assert fill(ps, [f"r{i}" for i in range(10)], at=0.0, ip=None) == []  # relayed: IP unknown
-    ps.remove("a")
+    ps.remove("a", 1.0)
     assert fill(ps, ["c"], at=1.0, ip="203.0.113.5") == []  # room again once one left
     assert ip_of("127.0.0.1") is None and ip_of("::1") is None and ip_of("::ffff:10.0.0.1") == "10.0.0.1"
     assert group_of("203.0.113.5") == "203.0.0.0/16" and group_of("2001:db8::1") == "2001:db8::/32"
