@@ -71,7 +71,7 @@ def setup() -> None:
 def compile_sources() -> None:
     """Byte-compile our own sources beside them. Where PYTHONDONTWRITEBYTECODE is set (as in many
     container images) nothing caches them, and every daemon a test or the demo starts would compile
-    them again: about 0.5 s of CPU each, for hundreds of daemons in the tests."""
+    them again (importing a daemon's modules: 4.5 s of CPU, 4.0 s compiled)."""
     sources = ("api", "node", "overlay", "learning", "simulations", "examples", "tests")
     subprocess.run([venv_python(), "-m", "compileall", "-q", "-j", "0", *sources], cwd=ROOT, check=True)
 
