@@ -22,12 +22,13 @@ scale it up to models only a GPU trains quickly.
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import itertools
 import math
 import random
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -123,6 +124,16 @@ class ByteGPT(nn.Module):
         return self.head(self.norm(h))
 
 
+def adamw(model: nn.Module, lr: float, moments: Mapping[str, object] | None = None) -> torch.optim.AdamW:
+    """The inner optimizer; ``moments``: an AdamW ``state_dict()`` to go on from (a copy of it is taken),
+    e.g. a pretraining run's, so the first steps are not a fresh Adam's (every coordinate moving by
+    about ``lr``, whatever its gradient's size: on a small batch, mostly noise)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if moments is not None:
+        optimizer.load_state_dict(copy.deepcopy(moments))
+    return optimizer
+
+
 def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
     """One optimizer step on next-byte cross-entropy (gradients clipped to norm 1); the loss before it."""
     loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
@@ -154,14 +165,16 @@ def make_task(
     lr: float = 3e-3,
     max_bytes: int = 2_000_000,
     seed: int = 0,
+    moments: Mapping[str, object] | None = None,
 ) -> Task:
     """Node ``node`` of ``nodes``: its share of the corpus, a :class:`ByteGPT` (the same initial model on
-    every node: seeded by ``seed``), ``steps`` AdamW steps of ``batch`` windows per round."""
+    every node: seeded by ``seed``), ``steps`` AdamW steps of ``batch`` windows per round (AdamW's
+    state from ``moments`` if given: :func:`adamw`)."""
     held, files = corpus(max_bytes)
     text = shard(files, node, nodes, split, seed)
     torch.manual_seed(seed)
     model = ByteGPT(context, width, layers, heads)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = adamw(model, lr, moments)
     draw = torch.Generator().manual_seed(seed * 1_000_003 + node)
     held_x, held_y = windows(held, context, EVAL_WINDOWS, torch.Generator().manual_seed(seed))
     probe_x, probe_y = windows(text, context, 32, torch.Generator().manual_seed(seed + 1))

@@ -15,16 +15,17 @@ model and seed. The arms, each one its own run (--arms):
 - ``modest-diloco``: MoDeST with --inner steps a round and the top-k codec (its outer step is averaging);
 - ``modest-crash``: the same, with --crash of the nodes crashing half way.
 
---warmup W: every arm starts from one model trained W data-parallel steps (DiLoCo's own experiments
-start from a pretrained model; default 300); 0 starts from scratch. Gossip runs on a random 4-regular
-graph. Compute is counted in inner steps per node: for gossip, the nodes' mean round times --inner; for
-MoDeST, the newest round times --inner times sample/nodes (a round trains --modest-sample-size nodes:
-a round that trained fewer counts as full, and after a crash the count is over the nodes at the start).
-Each run ends at the first evaluation at which that count reaches --steps; bytes
-are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per arm: bits per
-byte at exactly --steps, interpolated between evaluations; bytes, virtual seconds and steps to --target
-bits per byte; bytes per node per second at the peak) and bits_per_byte_by_steps.png and
-bits_per_byte_by_bytes.png to --out.
+--warmup W: every arm starts from one model trained W data-parallel steps and that run's AdamW state
+on every node (DiLoCo's own experiments start from a pretrained model; default 300; fresh moments cost
+every arm its first rounds: ``learning.language.adamw``); 0 starts from scratch. Gossip runs on a
+random --degree-regular graph. Compute is counted in inner steps per node: for gossip, the nodes' mean
+round times --inner; for MoDeST, the newest round times --inner times sample/nodes (a round trains
+--modest-sample-size nodes: a round that trained fewer counts as full, and after a crash the count is
+over the nodes at the start). Each run ends at the first evaluation at which that count reaches
+--steps; bytes are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per
+arm: bits per byte at exactly --steps, interpolated between evaluations; bytes, virtual seconds and
+steps to --target bits per byte; bytes per node per second at the peak) and bits_per_byte_by_steps.png
+and bits_per_byte_by_bytes.png to --out.
 
 The --task-* flags (the built-in classifier's), --duration and --eval-every do not apply here: the task is
 the language model (--lm-*), and runs end at --steps with --evals evaluations on the way.
@@ -47,7 +48,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from shoal.learning.language import corpus, make_task, shard, windows
+from shoal.learning.language import adamw, corpus, make_task, shard, windows
 from shoal.learning.language import step as step_on
 from shoal.learning.models import ParameterLayout
 from shoal.learning.protocol import State
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         default=2.5,
         help="bits per byte of the to-target figures (default %(default)s)",
     )
+    g.add_argument(
+        "--degree", type=int, help="gossip's neighbours per node, every arm (default 8, or every other node)"
+    )
     g.add_argument("--crash", type=float, default=0.5, help="modest-crash: share of nodes crashing")
     g.add_argument("--split", default="iid", choices=("iid", "files"), help="how the corpus is shared")
     g.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW's learning rate (default %(default)s)")
@@ -130,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     progress = None if args.quiet else print
     first = make(0, args.nodes)
     weights = ParameterLayout.of(first.model).numel
-    if args.warmup:  # every arm starts from one model trained so (DiLoCo's experiments start pretrained)
-        data_parallel(args, first, None, args.warmup)
-        make = functools.partial(warmed, make, first.model.state_dict())
-    runs = {arm: _run(arm, args, make, weights, progress) for arm in arms}
+    moments = None
+    if args.warmup:  # every arm starts from one model trained so, and its AdamW's state (as pretrained)
+        warm = adamw(first.model, args.lm_lr)
+        data_parallel(args, first, warm, None, args.warmup)
+        moments = warm.state_dict()
+        make = functools.partial(warmed, make, first.model.state_dict(), moments=moments)
+    runs = {arm: _run(arm, args, make, weights, progress, moments) for arm in arms}
     report.write_rounds(args.out, list(runs.values()))
     results = {arm: _summary(r, args.target, args.steps) for arm, r in runs.items()}
     scenario = {"name": "language", "arms": arms, **{k: str(v) for k, v in vars(args).items() if k != "out"}}
@@ -144,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(
-    arm: str, args: argparse.Namespace, make: Callable[..., Task], weights: int, progress: Progress
+    arm: str,
+    args: argparse.Namespace,
+    make: Callable[..., Task],
+    weights: int,
+    progress: Progress,
+    moments: dict | None,
 ) -> RunResult:
-    """One arm's run; ``weights``: the model's parameter count."""
+    """One arm's run; ``weights``: the model's parameter count; ``moments``: the warm start's AdamW state."""
     step = _step_seconds(args)
     if arm == "dp":
-        return data_parallel(args, make(0, args.nodes), progress, args.steps)
+        task = make(0, args.nodes)
+        return data_parallel(args, task, adamw(task.model, args.lm_lr, moments), progress, args.steps)
     h = 1 if arm == "dpsgd" else args.inner
     modest = arm.startswith("modest")
     per_round = h * (args.modest_sample_size / args.nodes if modest else 1)  # steps per node per round
@@ -170,7 +183,11 @@ def _run(
     if arm == "modest-crash":
         victims = random.Random(args.seed).sample(range(args.nodes), int(args.crash * args.nodes))
         schedule = [ScheduledEvent(expected / 2, "crash", tuple(sorted(victims)))]
-    graph = nx.empty_graph(args.nodes) if modest else build_graph("regular", args.nodes, args.seed)
+    graph = (
+        nx.empty_graph(args.nodes)
+        if modest
+        else build_graph("regular", args.nodes, args.seed, degree=args.degree or min(8, args.nodes - 1))
+    )
     task = functools.partial(make, steps=h)
     result = Simulation(
         config,
@@ -187,7 +204,9 @@ def _run(
     return result
 
 
-def data_parallel(args: argparse.Namespace, task: Task, progress: Progress, steps: int) -> RunResult:
+def data_parallel(
+    args: argparse.Namespace, task: Task, optimizer: torch.optim.Optimizer, progress: Progress, steps: int
+) -> RunResult:
     """The ideal reference: ``task``'s model trained ``steps`` steps, each step's batch one from every
     node's share (the mean of their gradients); evaluated at as many points as the simulated runs; bytes
     and seconds of a ring all-reduce over links of --bandwidth and --latency."""
@@ -195,7 +214,6 @@ def data_parallel(args: argparse.Namespace, task: Task, progress: Progress, step
     _, files = corpus(args.lm_max_bytes)
     texts = [shard(files, i, args.nodes, args.split, args.seed) for i in range(args.nodes)]
     model = task.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lm_lr, weight_decay=0.01)
     draw = torch.Generator().manual_seed(args.seed)
     n = args.nodes
     sent = 2 * (n - 1) / n * 4 * ParameterLayout.of(model).numel  # bytes per node per step
@@ -223,7 +241,7 @@ def _step_seconds(args: argparse.Namespace) -> float:
 
 
 def warmed(make: Callable[..., Task], state: State, node: int, nodes: int, **kwargs: object) -> Task:
-    """``make``'s task for ``node``, its model set to ``state`` (its optimizer still its own, fresh)."""
+    """``make``'s task for ``node``, its model set to ``state`` (``kwargs``' ``moments``: its AdamW's)."""
     task = make(node, nodes, **kwargs)
     task.model.load_state_dict(state)
     return task

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shoal
-from shoal.learning.language import BLOCK, corpus, make_task, shard
+from shoal.learning.language import BLOCK, ByteGPT, adamw, corpus, make_task, shard, step, windows
 
 
 def test_every_split_deals_the_training_text_once_and_keeps_the_held_out_text_apart():
@@ -38,6 +38,29 @@ def test_a_node_training_its_share_lowers_held_out_bits_per_byte():
     assert task.evaluate(task.model)["bits_per_byte"] < 5.5
     score = task.probe(task.model)  # next-byte predictions on its own text, every position
     assert task.probe.chance.loss == pytest.approx(math.log(256)) and score.loss < task.probe.chance.loss
+
+
+def test_a_task_goes_on_from_given_adamw_moments_without_changing_them():
+    """A fresh Adam's first step moves every weight by about its learning rate; one that goes on from a
+    pretraining run's moments moves less, and the moments handed in stay as they were."""
+    _, files = corpus(max_bytes=300_000)
+    torch.manual_seed(0)
+    model = ByteGPT(width=16)
+    pretraining = adamw(model, 3e-3)
+    draw = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        step(model, pretraining, *windows(files[0], 64, 16, draw))
+    moments = pretraining.state_dict()
+    kept = {k: v["exp_avg"].clone() for k, v in moments["state"].items()}
+    moved = []
+    for given in (None, moments):
+        task = make_task(0, 2, max_bytes=300_000, width=16, steps=1, moments=given)
+        task.model.load_state_dict(model.state_dict())
+        start = torch.nn.utils.parameters_to_vector(task.model.parameters()).clone()
+        task.train(task.model, 0)
+        moved.append((torch.nn.utils.parameters_to_vector(task.model.parameters()) - start).norm().item())
+    assert moved[1] < 0.9 * moved[0]
+    assert all(torch.equal(moments["state"][k]["exp_avg"], v) for k, v in kept.items())
 
 
 @pytest.mark.slow
