@@ -42,7 +42,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import networkx as nx
@@ -156,7 +156,7 @@ def _run(
     make: Callable[..., Task],
     weights: int,
     progress: Progress,
-    moments: dict | None,
+    moments: Mapping[str, object] | None,
 ) -> RunResult:
     """One arm's run; ``weights``: the model's parameter count; ``moments``: the warm start's AdamW state."""
     step = _step_seconds(args)
