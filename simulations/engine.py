@@ -17,6 +17,7 @@ one module for every node shares it too.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import random
@@ -33,7 +34,7 @@ from shoal.learning.datasets import Dataset, load_dataset
 from shoal.learning.models import ParameterLayout, build_model
 from shoal.learning.node import LearningNode, build_node
 from shoal.learning.partition import partition
-from shoal.learning.protocol import LearningProtocol
+from shoal.learning.protocol import LearningProtocol, State
 from shoal.learning.task import Task, TaskFactory, make
 from shoal.node.driver import Driver, VirtualCompute
 from shoal.overlay.sim import SimNetwork, run_virtual
@@ -124,6 +125,7 @@ class Simulation:
         make_protocol: ProtocolFactory | None = None,
         make_task: TaskFactory | None = None,
         evaluate: str = "all",
+        settled: bool = False,
         observed: Sequence[int] | None = None,
         speeds: Sequence[float] | None = None,
         progress: Callable[[str], None] | None = print,
@@ -133,6 +135,9 @@ class Simulation:
         ``offline`` nodes exist but start down (they can ``join`` later); ``make_protocol`` builds each
         node's protocol (default: :func:`configured_protocol`); ``evaluate`` is ``all`` live nodes'
         models or only the ``freshest`` (the nodes at the highest round, e.g. MoDeST's current sample);
+        ``settled``: evaluate each node's model as of its last finished round (what a daemon evaluates:
+        DiLoCo's outer model, MoDeST's aggregate) rather than the one it holds at the time (mid-round,
+        its own trained model, which local steps on a small batch can leave far worse than the average);
         ``observed`` limits evaluation to some nodes (e.g. the honest ones when others attack);
         ``speeds`` gives each node's samples/s (e.g. measured on daemons) instead of drawing them;
         ``make_task(i, nodes)`` gives node ``i``'s task (default: the built-in one the config names, on
@@ -154,6 +159,7 @@ class Simulation:
         self.progress = progress
         self.make_protocol = make_protocol
         self.evaluate = evaluate
+        self.settled: dict[int, tuple[int, State]] | None = {} if settled else None  # node -> (round, model)
         self.until = until
         self.observed = None if observed is None else set(observed)
         if speeds is not None and (len(speeds) != config.nodes or min(speeds) <= 0):
@@ -240,10 +246,12 @@ class Simulation:
             overlay,
             node.learner,
             compute,
-            on_round=self._count_round,
+            on_round=functools.partial(self._round_done, i),
             codec=c.codec,
         )
         self.drivers[i] = driver
+        if self.settled is not None:
+            self.settled[i] = (protocol.round, protocol.model)
         scope = trio.CancelScope()
         self.scopes[i] = scope
 
@@ -253,7 +261,9 @@ class Simulation:
 
         nursery.start_soon(run)
 
-    def _count_round(self, _round: int) -> None:
+    def _round_done(self, i: int, rnd: int) -> None:
+        if self.settled is not None:
+            self.settled[i] = (rnd, self.drivers[i].protocol.model)
         self.node_rounds += 1
         if self.node_rounds % (COLLECT_ROUNDS * self.config.nodes) == 0:
             gc.collect()
@@ -363,12 +373,14 @@ class Simulation:
         alive = len(live)
         if self.observed is not None:
             live = [i for i in live if i in self.observed]
+        protocols = {i: self.drivers[i].protocol for i in live}
+        at = {i: (p.round, p.model) for i, p in protocols.items()} if self.settled is None else self.settled
         if live and self.evaluate == "freshest":
-            newest = max(self.drivers[i].protocol.round for i in live)
-            live = [i for i in live if self.drivers[i].protocol.round == newest]
+            newest = max(at[i][0] for i in live)
+            live = [i for i in live if at[i][0] == newest]
         if not live:
             return Row(self.label, now, math.nan, alive, math.nan, self._bytes())
-        states = {i: self.drivers[i].protocol.model for i in live}
+        states = {i: at[i][1] for i in live}
         evaluated = {i: self.drivers[i].learner.evaluate(s) for i, s in states.items()}
         self._final_accuracy = {
             node_name(i): m["accuracy"] for i, m in evaluated.items() if m.get("accuracy") is not None
@@ -381,7 +393,7 @@ class Simulation:
         layout = self.drivers[live[0]].learner.layout
         flat = torch.stack([layout.flatten(s) for s in states.values()])
         distance = (flat - flat.mean(0)).norm(dim=1).mean().item()
-        rounds = float(np.mean([self.drivers[i].protocol.round for i in live]))
+        rounds = float(np.mean([at[i][0] for i in live]))
         return Row(self.label, now, rounds, alive, distance, self._bytes(), metrics)
 
     def _bytes(self) -> int:

@@ -196,6 +196,7 @@ def _run(
         make_task=task,
         schedule=schedule,
         evaluate="freshest" if modest else "all",
+        settled=True,  # the outer model, the aggregate: what a node would deploy
         progress=progress,
         until=lambda row: row.round * per_round >= args.steps,  # equal compute
     ).run()
