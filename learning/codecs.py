@@ -12,14 +12,15 @@ own name. Cost per floating-point element, against 4 B for ``fp32``:
   whole layer; the code is linear (q = round(x / scale)) rather than a codebook, which needs neither
   bitsandbytes nor a 256-entry table to validate;
 - top-k (:func:`sparsify`, for deltas): where the kept elements are as whichever is smaller, a bitmap
-  (1 bit per element) or int32 indices (4 B per kept element, smaller below 1/32 kept), and their values
-  with a float32 scale per ``BLOCK`` of them, as int8 codes like ``int8``'s (30% kept is 0.125 + 0.3 B
-  per element, 9.4x; 1% kept 0.05 B, 80x) or, as in SparseLoCo (Sarfi et al., 2025), 4- or 2-bit codes
-  (2% kept, 2-bit values: 0.08 + 0.005 B per element, 47x: the positions cost most). Lin et al., "Deep
-  Gradient Compression" (ICLR 2018) keep what top-k drops in a local residual and add it to the next
-  delta (error feedback), so nothing is lost, only delayed; quantised values are lossy the same way, and
-  their error is fed back too. Against float16 values at the same share kept (docs/measurements.md):
-  int8 takes 14-30% fewer bytes to the target accuracy, and is no less accurate.
+  (1 bit per element; none if all are kept) or int32 indices (4 B per kept element, smaller below 1/32
+  kept), and their values with a float32 scale per ``BLOCK`` of them, as int8 codes like ``int8``'s (30%
+  kept: 0.125 + 0.3 B per element, 9.4x) or, as in SparseLoCo (Sarfi et al., 2025), 4- or 2-bit codes
+  (2% kept, 2 bits: 0.08 + 0.005 B, 47x: the positions cost most), or 1-bit ones, a sign times the
+  block's mean magnitude as in 1-bit Adam (all kept: 0.127 B, 31x). Lin et al., "Deep Gradient
+  Compression" (ICLR 2018) keep what top-k drops in a local residual and add it to the next delta
+  (error feedback), so nothing is lost, only delayed; quantised values are lossy the same way, and their
+  error is fed back too. Against float16 values at the same share kept (docs/measurements.md): int8
+  takes 14-30% fewer bytes to the target accuracy, and is no less accurate.
 
 Decoding (:func:`decompress`, :func:`densify`) takes the wire tensors of an untrusted peer and a template
 (our own model): names, dtypes and shapes must be exactly what our model would produce, values must be
@@ -43,8 +44,8 @@ from shoal.learning.messages import quote
 Tensor = torch.Tensor
 
 STATELESS = ("fp32", "fp16", "bf16", "int8")
-# of the wire tensors, in the task id; 2: top-k positions as a bitmap or indices, int8 values (#v2 and #v4
-# values came later, named in the task id by CodecConfig.task_name)
+# of the wire tensors, in the task id; 2: top-k positions as a bitmap or indices, int8 values (1-, 2- and
+# 4-bit values came later, named in the task id by CodecConfig.task_name)
 FORMAT = 2
 BLOCK = 2048  # elements per scale (hivemind/bitsandbytes-style blockwise quantization)
 # int8 carries magnitudes up to 2**127 (a model with larger values has diverged anyway). A received scale
@@ -53,7 +54,7 @@ BLOCK = 2048  # elements per scale (hivemind/bitsandbytes-style blockwise quanti
 INT8_RANGE = 2.0**127
 MAX_SCALE = torch.finfo(torch.float32).max / 128
 MAX_INDEX = 2**31 - 1  # top-k indices are int32
-VALUE_BITS = (2, 4, 8)  # top-k: bits per kept value, 8 as int8 codes (#q), 2 and 4 packed (#v2, #v4)
+VALUE_BITS = (1, 2, 4, 8)  # top-k: bits per kept value, 8 as int8 codes (#q), 1, 2, 4 packed (#v1, #v2, #v4)
 
 _CAST = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -90,10 +91,10 @@ def sparsify(delta: Mapping[str, Tensor], fraction: float, bits: int = 8) -> dic
 
     Keeps k = ceil(fraction * numel) elements (at least one, at most all); what is dropped is the caller's
     residual (error feedback). Where they are goes as whichever is smaller (the bitmap on a tie): a bitmap
-    of one bit per element (``#m``, ceil(numel / 8) bytes), or sorted int32 indices into the flattened
-    tensor (``#i``, 4 B each). Their values, in index order: for ``bits`` 8 as the int8 codec codes a
-    tensor (``#q``, ``#s``); for 4 or 2, ``bits``-bit codes packed into bytes (``#v4``, ``#v2``, see
-    :func:`_quantize_low`) and a float32 scale per ``BLOCK`` of them (``#s``).
+    (``#m``, ceil(numel / 8) bytes; empty when all are kept), or sorted int32 indices (``#i``). Their
+    values, in index order: for ``bits`` 8 as the int8 codec codes a tensor (``#q``, ``#s``); for 4, 2
+    or 1, packed ``bits``-bit codes (``#v4``, ``#v2``, ``#v1``: :func:`_quantize_low`) and a float32
+    scale per ``BLOCK`` of them (``#s``).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -107,17 +108,17 @@ def sparsify(delta: Mapping[str, Tensor], fraction: float, bits: int = 8) -> dic
         n = t.numel()
         flat = t.detach().reshape(-1)
         k = min(n, max(1, math.ceil(fraction * n)))
-        index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
-        if -(-n // 8) <= 4 * k:
+        index = torch.arange(n) if k == n else torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+        if k == n:  # all kept: an empty bitmap
+            wire[f"{name}#m"] = torch.zeros(0, dtype=torch.uint8)
+        elif -(-n // 8) <= 4 * k:
             wire[f"{name}#m"] = _pack(torch.zeros(n, dtype=torch.uint8).index_fill_(0, index, 1), 1)
         elif n > MAX_INDEX:
             raise ValueError(f"{name!r} has {n} elements, more than int32 indices can address")
         else:
             wire[f"{name}#i"] = index.to(torch.int32)
-        if bits == 8:
-            wire[f"{name}#q"], wire[f"{name}#s"] = _quantize(flat[index])
-        else:
-            wire[f"{name}#v{bits}"], wire[f"{name}#s"] = _quantize_low(flat[index], bits)
+        values, wire[f"{name}#s"] = _quantize(flat[index]) if bits == 8 else _quantize_low(flat[index], bits)
+        wire[f"{name}#q" if bits == 8 else f"{name}#v{bits}"] = values
     return wire
 
 
@@ -154,11 +155,9 @@ def _whole(t: Tensor) -> Tensor:
 
 @functools.cache
 def _bound(wire: torch.dtype, source: torch.dtype) -> float | None:
-    """The largest value of ``wire`` that is finite again in ``source``, if below ``source``'s maximum.
-
-    Clamping there means no finite value becomes inf on the way, either way: float16 tops out at 65504,
-    and bfloat16 has no 65504 (it rounds up to 65536, inf once back in a float16 model).
-    """
+    """The largest value of ``wire`` that is finite again in ``source``, if below ``source``'s maximum:
+    clamped there, no finite value becomes inf either way (bfloat16 rounds 65504 up to 65536, inf in
+    float16)."""
     limit = min(torch.finfo(wire).max, torch.finfo(source).max)
     top = torch.tensor(limit, dtype=torch.float64).to(wire)
     while top.item() > limit:
@@ -280,13 +279,15 @@ def _where_key(wire: Mapping[str, Tensor], name: str) -> str:
 
 
 def _value_key(wire: Mapping[str, Tensor], name: str) -> str:
-    """The key of ``name``'s values: its int8, else 2-bit, else 4-bit codes, if the wire holds them."""
-    return next((key for s in ("#q", "#v2", "#v4") if (key := f"{name}{s}") in wire), f"{name}#q")
+    """The key of ``name``'s values: its int8, 1-, 2- or 4-bit codes, whichever the wire holds first."""
+    return next((key for s in ("#q", "#v1", "#v2", "#v4") if (key := f"{name}{s}") in wire), f"{name}#q")
 
 
 def _kept(wire: Mapping[str, Tensor], name: str, n: int) -> Tensor:
     """Which of ``name``'s ``n`` elements the wire keeps, as a mask, from its bitmap or its indices."""
     key = _where_key(wire, name)
+    if key.endswith("#m") and _tensor(wire, key, torch.uint8).shape == (0,):  # all kept
+        return torch.ones(n, dtype=torch.bool)
     if key.endswith("#m"):
         bits = _unpack(_tensor(wire, key, torch.uint8, (-(-n // 8),)), 1).bool()
         if bits[n:].any():
@@ -378,7 +379,7 @@ def _int8_values(wire: Mapping[str, Tensor], qkey: str, skey: str, n: int) -> Te
 
 
 def _low_values(wire: Mapping[str, Tensor], vkey: str, skey: str, n: int) -> Tensor:
-    """The ``n`` float32 values of packed codes ``wire[vkey]`` (``#v2``, ``#v4``) and block scales
+    """The ``n`` float32 values of packed codes ``wire[vkey]`` (``#v1``, ``#v2``, ``#v4``) and block scales
     ``wire[skey]``; ``n`` (at most the template's elements) bounds what is unpacked."""
     bits = int(vkey[-1])
     codes = _unpack(_tensor(wire, vkey, torch.uint8, (-(-n * bits // 8),)), bits)

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         gossip_period=0.0,
         outer_lr=0.7,
         outer_momentum=0.9,
-        codec_topk_fraction=0.2,  # positions as a bitmap, values in 2 bits: 0.175 B a weight, 23x
-        codec_topk_bits=2,
+        codec_topk_fraction=0.5,  # positions as a bitmap, values in 1 bit: 0.19 B a weight, 21x
+        codec_topk_bits=1,
         codec_max_lag=1000.0,  # a round of --inner steps moves every weight (learning.compression)
         modest_period=0.0,
     )
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--arms", default=",".join(ARMS), help="comma-separated (default %(default)s)")
     g.add_argument("--steps", type=int, default=300, help="inner steps per node (default %(default)s)")
     g.add_argument(
-        "--inner", type=int, default=15, help="DiLoCo's H: inner steps a round (default %(default)s)"
+        "--inner", type=int, default=10, help="DiLoCo's H: inner steps a round (default %(default)s)"
     )
     g.add_argument(
         "--target",

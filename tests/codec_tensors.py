@@ -45,6 +45,8 @@ def pack(mask):
 
 def kept_positions(wire, name, n):
     """Where ``wire`` keeps ``name``'s values: from its bitmap or its indices, whichever it holds."""
+    if f"{name}#m" in wire and not wire[f"{name}#m"].numel():  # every value kept
+        return torch.arange(n)
     if f"{name}#m" in wire:
         bits = np.unpackbits(wire[f"{name}#m"].numpy(), bitorder="little")
         return torch.from_numpy(np.flatnonzero(bits[:n]))

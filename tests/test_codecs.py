@@ -274,7 +274,7 @@ def test_sparsify_keeps_at_least_one_and_at_most_all():
     assert out["a"].tolist() == pytest.approx([0.0, -3.0, 0.0])
     assert out["big"].tolist() == pytest.approx([1e30, 0.0])  # int8 values carry magnitudes up to 2**127
     everything = sparsify(d, 1.0)
-    assert everything["a#m"].tolist() == [0b111]
+    assert everything["a#m"].numel() == 0  # all kept: no positions
     values = {"x#q": everything["a#q"], "x#s": everything["a#s"]}
     int8_error_ok(d["a"], values, {"x": densify(everything, d)["a"]})
     for fraction in (0, -0.1, 1.5, float("nan")):
@@ -294,8 +294,8 @@ def test_our_own_bad_models_are_value_errors():
             assert not isinstance(info.value, CodecError)
     with pytest.raises(ValueError, match="unknown codec"):
         compress("zstd", {"x": torch.zeros(1)})
-    for bits in (0, 1, 3, 16, 2.0):
-        with pytest.raises(ValueError, match="bits must be one of \\(2, 4, 8\\)"):
+    for bits in (0, 3, 16, 2.0):
+        with pytest.raises(ValueError, match="bits must be one of \\(1, 2, 4, 8\\)"):
             sparsify({"x": torch.ones(4)}, 0.5, bits)
     with pytest.raises(ValueError, match="reserve"):
         decompress("fp32", {}, {"a#q": torch.zeros(1)})
@@ -310,7 +310,7 @@ def heavy_tailed(n, seed):
     return torch.randn(n, generator=g) * torch.randn(n, generator=g).exp()
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize(("fraction", "form"), [(0.1, "#m"), (0.01, "#i")])
 def test_low_bit_values_are_what_the_reference_quantiser_makes(bits, fraction, form):
     d = {"w": heavy_tailed(300_000, 9).reshape(600, 500), "steps": torch.tensor([5])}
@@ -344,6 +344,17 @@ def test_low_bit_codes_go_low_bits_first_with_zero_padding():
     assert wire["z#s"].tolist() == [4.0]
     assert unpack_codes(wire["z#v2"], 2).tolist() == [2, 1, 2, 1, 2, 1, 2, 3]
     assert densify(wire, {"z": z})["z"].tolist() == [2.0, -2.0, 2.0, -2.0, 2.0, -2.0, 2.0, 6.0]
+
+
+def test_every_value_kept_goes_without_positions_and_one_bit_is_the_mean_magnitude():
+    x = torch.tensor([-3.0, -1.0, 1.0, 3.0])  # 1 bit: absmax's levels -3 3 (squared error 8), mean's -2 2 (4)
+    wire = sparsify({"x": x}, 1.0, bits=1)
+    assert wire["x#m"].numel() == 0 and wire["x#v1"].tolist() == [0b1100] and wire["x#s"].tolist() == [4.0]
+    assert densify(wire, {"x": x})["x"].tolist() == [-2.0, -2.0, 2.0, 2.0]
+    y = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    dense = sparsify({"y": y}, 1.0, bits=1)  # 1 bit and a scale per 2048: 0.127 B a value
+    assert wire_bytes(dense) == 10_000 // 8 + 5 * 4
+    assert torch.equal(densify(dense, {"y": y})["y"].sign(), y.sign())
 
 
 @pytest.mark.parametrize(("bits", "gaussian", "student"), [(2, 0.02, 0.25), (4, 0.008, 0.12)])

@@ -232,6 +232,8 @@ def test_densify_accepts_any_valid_position_set_in_either_form():
 TOPK2 = sparsify(SMALL, 0.3, bits=2)  # 6 codes of 2 bits: 2 bytes, the last 4 bits padding
 TOPK4 = sparsify(SMALL, 0.3, bits=4)  # 3 bytes, no padding
 assert set(TOPK2) == {"w#m", "w#v2", "w#s", "steps"} and set(TOPK4) == {"w#m", "w#v4", "w#s", "steps"}
+DENSE1 = sparsify(SMALL, 1.0, bits=1)  # every value kept: an empty bitmap, 20 codes of 1 bit in 3 bytes
+assert DENSE1["w#m"].shape == (0,) and DENSE1["w#v1"].shape == (3,)
 
 
 def packed(*values):
@@ -259,6 +261,11 @@ def packed(*values):
         (changed(TOPK4, **{"w#m": bitmap(0, 1, 2, 3, 4)}), "'w#v4' has padding bits set past its 5 codes"),
         (changed(TOPK2, **{"w#m": bitmap(*range(9))}), "'w#v2' has shape \\(2,\\), expected \\(3,\\)"),
         (changed(TOPK4, **{"w#m": bitmap(*range(7))}), "'w#v4' has shape \\(3,\\), expected \\(4,\\)"),
+        # every value kept (an empty bitmap): as many codes as the template has elements, 1 bit each
+        (changed(DENSE1, **{"w#v1": packed(0, 0)}), "'w#v1' has shape \\(2,\\), expected \\(3,\\)"),
+        (changed(DENSE1, **{"w#v1": packed(0, 0, 0b0001_0000)}), "'w#v1' has padding bits set past its 20"),
+        (changed(DENSE1, **{"w#m": torch.zeros(0, dtype=torch.int8)}), "'w#m' has dtype torch.int8"),
+        (changed(DENSE1, **{"w#v1": None, "w#v2": TOPK2["w#v2"]}), "'w#v2' has shape \\(2,\\), expected"),
         # the positions are checked before the values: a peer's count never sizes what we unpack
         (changed(TOPK2, **{"w#m": None, "w#i": indices(*range(21))}), "21 indices, more than the 20"),
         # scales, as int8 values' scales

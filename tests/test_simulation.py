@@ -117,3 +117,38 @@ def test_honest_nodes_withstand_a_quarter_of_hostile_peers(protocol):
         for i in honest:
             node = sim.drivers[i].protocol
             assert node.estimate() <= node._own_round() + window
+
+
+def adding_task(i: int, nodes: int):
+    """Training adds 1 to the one weight; evaluation reads it: synchronous gossip averages equal
+    models, so a node's model as of its round r is exactly r, and r + 1 while it waits for its peers."""
+    from shoal.learning.task import Task
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+
+    def train(m: torch.nn.Module, rnd: int) -> dict[str, float]:
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        return {"samples": 2000}  # a virtual second at the default speed
+
+    return Task(model, train=train, evaluate=lambda m: {"w": m.weight.item()})
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_settled_evaluation_sees_each_nodes_model_as_of_its_last_round(settled):
+    config = SimConfig(
+        nodes=4,
+        duration=20.0,
+        eval_every=0.3,
+        latency=0.5,  # half a second of each round spent waiting, holding the model trained
+        gossip=GossipConfig(synchronous=True, round_timeout=5.0),
+    )
+    sim = Simulation(config, nx.complete_graph(4), make_task=adding_task, settled=settled, progress=None)
+    rows = sim.run().rows
+    assert rows[-1].round >= 10
+    ahead = [r for r in rows if r.metrics["w_max"] != r.round]
+    if settled:
+        assert not ahead and all(r.metrics["w_min"] == r.round for r in rows)
+    else:
+        assert len(ahead) > len(rows) // 10  # mid-round, nodes hold their own trained model
