@@ -6,7 +6,7 @@ is part of the task (``node.daemon`` hashes it into the task id): peers with dif
 
 - ``fp32``, ``fp16``, ``bf16``, ``int8``: each model on its own (``learning.codecs``), nothing kept.
 - ``topk``: the difference to a *reference* both ends hold, sparsified to the top ``topk_fraction`` by
-  magnitude (Deep Gradient Compression), its values in ``topk_bits`` (8, 4 or 2) bits each. A pair holds
+  magnitude (Deep Gradient Compression), its values in ``topk_bits`` (8, 4, 2 or 1) bits each. A pair holds
   two references: what the receiver reconstructed from the sender's last message to it, and the other
   way round; the sender computes both (decoding is bit-identical) and uses the one closer to the model it
   sends. So what top-k drops or its values round off stays in the next difference (error feedback, as in
@@ -77,8 +77,8 @@ class CodecConfig:
     topk_bits: int = field(
         default=8,
         metadata={
-            "help": "topk: bits per kept value: 8 (int8), 4 or 2 (SparseLoCo-style; error feedback carries "
-            "what they round off)"
+            "help": "topk: bits per kept value: 8 (int8), 4, 2 (SparseLoCo-style) or 1 (a sign times the "
+            "mean magnitude); error feedback carries what they round off"
         },
     )
     # Measured (simulations.compression, 12 nodes): without it MoDeST, whose references are often many

@@ -22,10 +22,11 @@ random --degree-regular graph. Compute is counted in inner steps per node: for g
 round times --inner; for MoDeST, the newest round times --inner times sample/nodes (a round trains
 --modest-sample-size nodes: a round that trained fewer counts as full, and after a crash the count is
 over the nodes at the start). Each run ends at the first evaluation at which that count reaches
---steps; bytes are what all nodes sent. Writes rounds.csv (with a ``steps`` column), summary.json (per
-arm: bits per byte at exactly --steps, interpolated between evaluations; bytes, virtual seconds and
-steps to --target bits per byte; bytes per node per second at the peak) and bits_per_byte_by_steps.png
-and bits_per_byte_by_bytes.png to --out.
+--steps; bytes are what all nodes sent. A node is evaluated on its model as of its last finished round
+(DiLoCo's outer model, MoDeST's aggregate), not on the one it is training. Writes rounds.csv (with a
+``steps`` column), summary.json (per arm: bits per byte at exactly --steps, interpolated between
+evaluations; bytes, virtual seconds and steps to --target bits per byte; bytes per node per second at
+the peak) and bits_per_byte_by_steps.png and bits_per_byte_by_bytes.png to --out.
 
 The --task-* flags (the built-in classifier's), --duration and --eval-every do not apply here: the task is
 the language model (--lm-*), and runs end at --steps with --evals evaluations on the way.
@@ -196,7 +197,7 @@ def _run(
         make_task=task,
         schedule=schedule,
         evaluate="freshest" if modest else "all",
-        settled=True,  # the outer model, the aggregate: what a node would deploy
+        settled=True,
         progress=progress,
         until=lambda row: row.round * per_round >= args.steps,  # equal compute
     ).run()
