@@ -188,9 +188,10 @@ def decoders():
     yield "topk-indices", lambda m: sparsify(m, 0.01), densify
     yield "topk-2bit", lambda m: sparsify(m, 0.3, bits=2), densify
     yield "topk-4bit", lambda m: sparsify(m, 0.01, bits=4), densify
+    yield "topk-1bit-all", lambda m: sparsify(m, 1.0, bits=1), densify
 
 
-CODEC_IDS = [*STATELESS, "topk-bitmap", "topk-indices", "topk-2bit", "topk-4bit"]
+CODEC_IDS = [*STATELESS, "topk-bitmap", "topk-indices", "topk-2bit", "topk-4bit", "topk-1bit-all"]
 
 
 @pytest.mark.parametrize(("codec", "encoder", "decoder"), list(decoders()), ids=CODEC_IDS)

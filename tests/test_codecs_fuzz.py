@@ -89,7 +89,7 @@ def test_fuzzed_wire_dicts_decode_or_fail_with_codec_error(wire):
     outcome(lambda: densify(wire, SMALL_FUZZ), SMALL_FUZZ)
 
 
-TOPK = {"topk": 8, "topk2": 2, "topk4": 4}  # top-k by bits per value
+TOPK = {"topk": 8, "topk1": 1, "topk2": 2, "topk4": 4}  # top-k by bits per value
 
 
 def value_specs(name, k, bits):
@@ -113,6 +113,9 @@ def near_valid_wire(draw, codec, template):
             specs = [(name, ref.dtype, tuple(ref.shape))]
         elif codec == "int8":
             specs = [(f"{name}#q", torch.int8, (n,)), (f"{name}#s", torch.float32, (math.ceil(n / BLOCK),))]
+        elif codec in TOPK and not draw(st.integers(0, 3)):  # every value kept: an empty bitmap
+            wire[f"{name}#m"] = torch.zeros(0, dtype=torch.uint8)
+            specs = value_specs(name, max(n + draw(st.sampled_from([0, 0, 0, -1, 1])), 0), TOPK[codec])
         elif codec in TOPK and draw(st.booleans()):  # positions as a bitmap
             mask = draw(st.lists(st.booleans(), min_size=-(-n // 8) * 8, max_size=-(-n // 8) * 8))
             if draw(st.integers(0, 3)):  # mostly no padding bits set
