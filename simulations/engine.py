@@ -373,8 +373,9 @@ class Simulation:
         alive = len(live)
         if self.observed is not None:
             live = [i for i in live if i in self.observed]
-        protocols = {i: self.drivers[i].protocol for i in live}
-        at = {i: (p.round, p.model) for i, p in protocols.items()} if self.settled is None else self.settled
+        at = self.settled
+        if at is None:  # the model each node holds now
+            at = {i: (d.protocol.round, d.protocol.model) for i, d in self.drivers.items()}
         if live and self.evaluate == "freshest":
             newest = max(at[i][0] for i in live)
             live = [i for i in live if at[i][0] == newest]
