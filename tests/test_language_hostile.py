@@ -1,6 +1,7 @@
-"""Honest language daemons (DiLoCo outer step, 2-bit top-k codec: tests/tiny_language.py) beside a
-hostile peer process (tests/language_attacker.py) whose messages pass the codec's format but carry
-(a) an update inflated to 1000 times an honest one's norm, then (b) NaN values in the wire tensors.
+"""Honest language daemons (DiLoCo outer step, top-k codec: tests/tiny_language.py's 2-bit values, and
+1-bit values with no positions) beside a hostile peer process (tests/language_attacker.py) whose
+messages pass the codec's format but carry (a) an update inflated to 1000 times an honest one's norm,
+then (b) NaN values in the wire tensors.
 
 The honest daemons must stay alive, keep learning through both phases without being pushed back (no
 poll shows a daemon's held-out bits per byte above where it stood when the attack began, plus a
@@ -35,8 +36,14 @@ def events(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_honest_language_daemons_outlast_inflated_and_nan_updates(tmp_path):
-    nodes = swarm(tmp_path, 3, env=LANGUAGE_ENV)
+@pytest.mark.parametrize(
+    "codec",
+    [{}, {"SHOAL_CODEC_TOPK_BITS": "1", "SHOAL_CODEC_TOPK_FRACTION": "1.0"}],  # 1-bit, no positions
+    ids=["2bit-top20", "1bit-all"],
+)
+def test_honest_language_daemons_outlast_inflated_and_nan_updates(tmp_path, codec):
+    env = {**LANGUAGE_ENV, **codec}
+    nodes = swarm(tmp_path, 3, env=env)
     attacker = None
     try:
         out = (tmp_path / "attacker.jsonl").open("w")
@@ -47,7 +54,7 @@ def test_honest_language_daemons_outlast_inflated_and_nan_updates(tmp_path):
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**ENV, **LANGUAGE_ENV},  # the same task, protocol and codec as the honest daemons'
+            env={**ENV, **env},  # the same task, protocol and codec as the honest daemons'
         )  # fmt: skip
         wait_for(lambda: min(rounds(nodes)) >= 3, 90, "three rounds on every daemon", nodes)
         memory = [rss(n) for n in nodes]
