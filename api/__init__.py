@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from shoal.learning.anchor import ClassificationProbe, Probe, Score
     from shoal.learning.task import Metrics, Task, TaskFactory, classification
     from shoal.node.library import Node
-    from shoal.simulations.engine import Row, RunResult
+    from shoal.simulations.rows import Row, RunResult
     from shoal.simulations.simulate import simulate
 
 # Imported on first use: the `shoal` command imports this package too, and `shoal status` should not
@@ -37,8 +37,8 @@ _WHERE = {
     "TaskFactory": "shoal.learning.task",
     "classification": "shoal.learning.task",
     "Node": "shoal.node.library",
-    "Row": "shoal.simulations.engine",
-    "RunResult": "shoal.simulations.engine",
+    "Row": "shoal.simulations.rows",
+    "RunResult": "shoal.simulations.rows",
     "simulate": "shoal.simulations.simulate",
 }
 __all__ = [

@@ -48,7 +48,8 @@ from shoal.node.config import updated
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations import report
 from shoal.simulations.config import SimConfig
-from shoal.simulations.engine import RunResult, Simulation, node_name
+from shoal.simulations.engine import Simulation, node_name
+from shoal.simulations.rows import RunResult
 
 TASKS = ("mlp", "head")
 INTEGRATORS = {"mlp": ("clipped", "vca", "median", "trimmed", "krum"), "head": ("bristle", "clipped", "mean")}

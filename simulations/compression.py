@@ -22,7 +22,8 @@ import networkx as nx
 
 from shoal.learning.compression import CODECS
 from shoal.simulations import report
-from shoal.simulations.engine import RunResult, Simulation
+from shoal.simulations.engine import Simulation
+from shoal.simulations.rows import RunResult
 from shoal.simulations.topologies import build_graph
 
 

@@ -23,7 +23,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -40,50 +39,7 @@ from shoal.node.driver import Driver, VirtualCompute
 from shoal.overlay.sim import SimNetwork, run_virtual
 from shoal.simulations.batching import BatchedTraining
 from shoal.simulations.config import ScheduledEvent, SimConfig
-
-
-@dataclass
-class Row:
-    """One evaluation point: the columns of rounds.csv, ``metrics`` spread as ``<name>_mean``,
-    ``<name>_min`` and ``<name>_max`` of each metric the task's evaluate returns, over the nodes
-    evaluated."""
-
-    run: str
-    time: float
-    round: float
-    alive: int
-    consensus_distance: float
-    bytes_sent: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def acc_mean(self) -> float:
-        """The built-in task's mean accuracy (NaN for a task without one)."""
-        return self.metrics.get("accuracy_mean", math.nan)
-
-    @property
-    def acc_min(self) -> float:
-        return self.metrics.get("accuracy_min", math.nan)
-
-    @property
-    def acc_max(self) -> float:
-        return self.metrics.get("accuracy_max", math.nan)
-
-
-@dataclass
-class RunResult:
-    label: str
-    rows: list[Row]
-    wall_seconds: float
-    node_rounds: int
-    bytes_by_kind: dict[str, int]
-    per_node_accuracy: dict[str, float] = field(default_factory=dict)  # at the end, live nodes (if any)
-    bytes_per_node: dict[str, int] = field(default_factory=dict)  # sent + received over the run
-
-    @property
-    def final(self) -> Row:
-        return self.rows[-1]
-
+from shoal.simulations.rows import Row, RunResult
 
 # Python's garbage collector is off during a run, collecting once per COLLECT_ROUNDS rounds per node:
 # the automatic collections walked millions of live objects over and over (docs/measurements.md,

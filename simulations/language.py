@@ -56,7 +56,8 @@ from shoal.learning.protocol import State
 from shoal.learning.task import Task
 from shoal.simulations import report
 from shoal.simulations.config import ScheduledEvent
-from shoal.simulations.engine import Row, RunResult, Simulation
+from shoal.simulations.engine import Simulation
+from shoal.simulations.rows import Row, RunResult
 from shoal.simulations.topologies import build_graph
 
 ARMS = ("dp", "dpsgd", "diloco", "diloco-topk", "modest-diloco", "modest-crash")

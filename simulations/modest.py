@@ -39,7 +39,8 @@ from shoal.learning.partition import partition
 from shoal.overlay.wire import Message, encoded_size
 from shoal.simulations import report
 from shoal.simulations.config import ScheduledEvent, SimConfig
-from shoal.simulations.engine import Row, RunResult, Simulation
+from shoal.simulations.engine import Simulation
+from shoal.simulations.rows import Row, RunResult
 
 
 def fedavg(config: SimConfig, sample: int, rounds: int) -> RunResult:

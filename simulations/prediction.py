@@ -57,7 +57,8 @@ from shoal.node.config import updated
 from shoal.node.daemon import EVAL_SAMPLES
 from shoal.simulations import report
 from shoal.simulations.config import ScheduledEvent, SimConfig
-from shoal.simulations.engine import Row, RunResult, Simulation, configured_protocol
+from shoal.simulations.engine import Simulation, configured_protocol
+from shoal.simulations.rows import Row, RunResult
 from shoal.simulations.testbed_record import Measurement, cumulative, lives_total
 
 EVAL_EVERY = 2.0  # virtual seconds between evaluations: the testbed's poll interval

@@ -1,7 +1,7 @@
 """What every scenario script shares: its command-line flags, and its outputs.
 
 Outputs in ``--out DIR``, each written atomically (temp file + rename):
-- ``rounds.csv``: one row per evaluation point and run (columns of :class:`simulations.engine.Row`);
+- ``rounds.csv``: one row per evaluation point and run (columns of :class:`simulations.rows.Row`);
 - ``summary.json``: the configuration and the headline results;
 - PNG plots (matplotlib, Agg backend).
 """
@@ -25,7 +25,7 @@ from shoal.learning.integrators import INTEGRATORS as RULES
 from shoal.node.config import NUMBERS, keys, updated
 from shoal.overlay.atomic import write_atomic
 from shoal.simulations.config import DAEMON_ONLY, SimConfig
-from shoal.simulations.engine import Row, RunResult
+from shoal.simulations.rows import Row, RunResult
 
 # the built-in task's, the protocols' and the codec's own settings (SimConfig.task, .gossip, .modest,
 # .codec): flags by their names, prefixed by their sub-table's (--task-lr, --gossip-fanout), as the

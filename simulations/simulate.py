@@ -19,8 +19,9 @@ from shoal.learning.task import TaskFactory
 from shoal.node.config import updated
 from shoal.simulations.churn import random_schedule
 from shoal.simulations.config import SimConfig
-from shoal.simulations.engine import RunResult, Simulation
+from shoal.simulations.engine import Simulation
 from shoal.simulations.report import write_rounds
+from shoal.simulations.rows import RunResult
 from shoal.simulations.topologies import TOPOLOGIES, build_graph
 
 REJOIN = 0.5  # chance per churn period that a crashed node comes back
