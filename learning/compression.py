@@ -29,6 +29,11 @@ synchronous rounds do, every round) each name the other's last message, which th
 followed with a newer one. References are bounded: ``max_references`` peers per direction (least
 recently used evicted), each ``SENT_KEPT`` copies of the model (one for what we hold of a peer's).
 
+Streaming DiLoCo's fragments (``learning.outer``): a message may hold one of the ``fragments`` parts of
+the model (``partition``), or the whole model (a fetch's reply). Each is then a stream of its own, with
+its own references and keyframes, and a message names its part (``f``, the whole model's number
+``fragments``); a received one must hold exactly that part's names, shapes and dtypes.
+
 Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
 checks (indices, counts, scales). Each representation of a received model is checked for NaN and Inf
 once: the wire tensors by ``overlay.wire``; what a codec makes of finite wire tensors by the codec
@@ -49,6 +54,7 @@ import torch
 
 from shoal.learning import codecs
 from shoal.learning.messages import is_count, quote
+from shoal.learning.outer import partition
 
 CODECS = (*codecs.STATELESS, "topk")
 KEY, MINE, YOURS = 0, 1, 2  # a top-k message's reference: none (keyframe), sender's last, receiver's last
@@ -123,18 +129,25 @@ class _Reference:
     model: dict[str, torch.Tensor]
 
 
+Stream = tuple[str, int]  # a peer, and a part of the model
+
+
 class Compression:
     """Encodes models for one peer at a time and decodes what peers send; ``template`` is our model (names,
-    shapes and dtypes every received model must have)."""
+    shapes and dtypes every received model, or each of its ``fragments`` parts, must have)."""
 
-    def __init__(self, config: CodecConfig, template: State) -> None:
+    def __init__(self, config: CodecConfig, template: State, fragments: int = 1) -> None:
         self.config = config
         # shapes and dtypes only, but a copy: the protocol's model changes; fp32 needs none
-        self.template = {} if config.name == "fp32" else {k: v.detach().clone() for k, v in template.items()}
-        self._out: OrderedDict[str, tuple[_Reference, ...]] = OrderedDict()  # our last to each, newest last
+        parts = [*partition(template, fragments), tuple(template)] if fragments > 1 else [tuple(template)]
+        self.templates = (
+            [] if config.name == "fp32" else [{k: template[k].detach().clone() for k in p} for p in parts]
+        )
+        self._streams = config.max_references * len(parts)  # most references kept per direction
+        self._out: OrderedDict[Stream, tuple[_Reference, ...]] = OrderedDict()  # our last, newest last
         self._seq = 0  # our last message's sequence number, to any peer
-        self._fresh: set[str] = set()  # peers whose next message from us must be a keyframe
-        self._in: OrderedDict[str, _Reference] = OrderedDict()  # what we hold of each peer's
+        self._fresh: set[Stream] = set()  # whose next message from us must be a keyframe
+        self._in: OrderedDict[Stream, _Reference] = OrderedDict()  # what we hold of each peer's
 
     def encode(self, peer: str, body: Mapping[str, Any], model: State) -> tuple[Mapping[str, Any], State]:
         """Body and wire tensors of a model message to ``peer`` (for fp32, the same objects). For top-k
@@ -143,27 +156,33 @@ class Compression:
         name = self.config.name
         if name == "fp32" or not model:
             return body, model
+        part = next((i for i, t in enumerate(self.templates) if t.keys() == model.keys()), None)
+        if part is None:
+            raise ValueError(f"our model's names are no part of the model: {', '.join(model)}")
+        if len(self.templates) > 1:
+            body = {**body, "f": part}
         if name != "topk":
             return body, codecs.compress(name, model)
         # the closer of the two models both ends hold: our last message to the peer, or its last to us
-        sent = self._out.get(peer)
-        refs = [(r, kind) for r, kind in ((sent and sent[-1], MINE), (self._in.get(peer), YOURS)) if r]
+        stream, template = (peer, part), self.templates[part]
+        sent = self._out.get(stream)
+        refs = [(r, kind) for r, kind in ((sent and sent[-1], MINE), (self._in.get(stream), YOURS)) if r]
         key_wire = codecs.compress(KEYFRAME, model)
-        key_held = codecs.decompress(KEYFRAME, key_wire, self.template)
+        key_held = codecs.decompress(KEYFRAME, key_wire, template)
         wire, held, base, kind = key_wire, key_held, 0, KEY
-        if peer not in self._fresh and refs:
+        if stream not in self._fresh and refs:
             ref, kind = min(refs, key=lambda rk: _distance(model, rk[0].model))
             delta = {k: v - ref.model[k] if v.is_floating_point() else v for k, v in model.items()}
             wire = codecs.sparsify(delta, self.config.topk_fraction, bits=self.config.topk_bits)
-            dense = codecs.densify(wire, self.template)
+            dense = codecs.densify(wire, template)
             held = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
             base = ref.seq
             if _distance(model, held) > self.config.max_lag * _distance(model, key_held):
                 wire, held, base, kind = key_wire, key_held, 0, KEY
-        self._fresh.discard(peer)
+        self._fresh.discard(stream)
         self._seq += 1
         kept = (*(sent or ()), _Reference(self._seq, held))[-SENT_KEPT:]
-        self._keep(self._out, peer, kept)
+        self._keep(self._out, stream, kept)
         return {**body, "z": {"seq": self._seq, "base": base, "ref": kind}}, wire
 
     def decode(self, peer: str, body: Mapping[str, Any], wire: State) -> tuple[Mapping[str, Any], State]:
@@ -172,8 +191,15 @@ class Compression:
         name = self.config.name
         if name == "fp32" or not wire:
             return body, wire
+        part = 0
+        if len(self.templates) > 1:
+            part = body.get("f")
+            if not is_count(part, len(self.templates) - 1):
+                raise codecs.CodecError(f"a fragment's message names no part 0..{len(self.templates) - 1}")
+            body = {k: v for k, v in body.items() if k != "f"}
+        stream, template = (peer, part), self.templates[part]
         if name != "topk":
-            return body, codecs.decompress(name, wire, self.template)
+            return body, codecs.decompress(name, wire, template)
         header = body.get("z")
         if not (isinstance(header, Mapping) and set(header) == {"seq", "base", "ref"}):
             raise codecs.CodecError(f"top-k message without its seq, base and ref fields: {quote(header)}")
@@ -184,36 +210,37 @@ class Compression:
             raise codecs.CodecError(f"top-k header {quote(header)} is not a seq, a base and its kind")
         rest = {k: v for k, v in body.items() if k != "z"}
         if kind == KEY:
-            model = codecs.decompress(KEYFRAME, wire, self.template)
+            model = codecs.decompress(KEYFRAME, wire, template)
         else:
             # the sender's MINE is the last message it sent us (our _in); its YOURS one of ours to it (_out)
             if kind == MINE:
-                held = (self._in[peer],) if peer in self._in else ()
+                held = (self._in[stream],) if stream in self._in else ()
             else:
-                held = self._out.get(peer, ())
+                held = self._out.get(stream, ())
             ref = next((r for r in held if r.seq == base), None)
             if ref is None:  # ours stays: an overtaken message may still need it
                 have = ", ".join(str(r.seq) for r in held) or "none"
                 raise Stale(f"top-k message on reference {base}, we hold {have}")
-            dense = codecs.densify(wire, self.template)
+            dense = codecs.densify(wire, template)
             # finite for float32 models (float16 values cannot carry a finite reference past float32's
             # max); in a float16 model it may overflow, and the protocol's norm bound refuses it
             model = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
-        self._keep(self._in, peer, _Reference(seq, model))
+        self._keep(self._in, stream, _Reference(seq, model))
         return rest, {k: v.clone() for k, v in model.items()}
 
     def forget(self, peer: str) -> None:
         """``peer`` may not hold our last message, or cannot decode ours (the send failed, or it asked for a
-        keyframe): the next message to it is one."""
-        self._out.pop(peer, None)
-        self._fresh.add(peer)
-        if len(self._fresh) > self.config.max_references:  # bounded like the references themselves
+        keyframe): the next message to it, of each part, is one."""
+        for part in range(max(1, len(self.templates))):
+            self._out.pop((peer, part), None)
+            self._fresh.add((peer, part))
+        while len(self._fresh) > self._streams:  # bounded like the references themselves
             self._fresh.pop()
 
-    def _keep(self, table: OrderedDict[str, Any], peer: str, ref: object) -> None:
-        table[peer] = ref
-        table.move_to_end(peer)
-        while len(table) > self.config.max_references:
+    def _keep(self, table: OrderedDict[Stream, Any], stream: Stream, ref: object) -> None:
+        table[stream] = ref
+        table.move_to_end(stream)
+        while len(table) > self._streams:
             table.popitem(last=False)
 
 

@@ -10,7 +10,9 @@ it has received into its own with an :class:`~learning.integrators.Integrator`; 
   a peer that vanishes simply stops contributing.
 - **Synchronous** (D-PSGD, Lian et al. 2017): round ``r`` ends when the round-``r`` model of every
   neighbour has arrived, or after ``round_timeout``; a neighbour that goes down (or cannot be reached)
-  is no longer waited for, so a crash never deadlocks a round.
+  is no longer waited for, so a crash never deadlocks a round. Streaming DiLoCo (``learning.outer``:
+  ``fragments``, ``overlap``) sends one part of the model a round, completed with the receiver's own
+  other tensors when integrated, and may wait at round ``r``'s end for the models of ``r - 1``.
 
 A node that joins a running swarm may first fetch a neighbour's current model (``join_by_fetch``) and
 continue from its round, instead of starting from its own initialisation. A reply no further than our
@@ -43,6 +45,7 @@ Peers' rounds barely matter here, and that is the defence:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 from collections.abc import Sequence
@@ -51,7 +54,7 @@ from dataclasses import dataclass, field
 from shoal.learning.anchor import Anchor
 from shoal.learning.integrators import Contribution, Integrator, integrate_contained
 from shoal.learning.messages import Fetch, GossipModel, model_fault
-from shoal.learning.outer import Outer, OuterConfig
+from shoal.learning.outer import Outer, OuterConfig, applied_late, partition
 from shoal.learning.protocol import (
     Action,
     CancelTimer,
@@ -162,8 +165,11 @@ class Gossip:
         step from where a round's training began towards the integrated model (``learning.outer``;
         default: take the integrated model)."""
         self._model = model
-        self._origin = model  # where the current round's training began: the outer step's origin
+        self._origin = model  # where each fragment's last outer step ended: the next one's origin
         self._outer = Outer(OuterConfig()) if outer is None else outer
+        self._fragments = partition(model, self._outer.config.fragments)
+        self._pending: tuple[int, State] | None = None  # overlap: our last round and what it sent
+        self._exchange: tuple[int, State] = (round, model)  # the round being integrated, what we sent
         self._anchor = anchor
         self._samples = samples
         self._integrator = integrator
@@ -186,7 +192,9 @@ class Gossip:
 
     @property
     def model(self) -> State:
-        return self._model
+        """What the node evaluates, checkpoints and answers fetches with: streaming, its outer model
+        (each part as its last outer step left it; the one it trains has parts a round or more apart)."""
+        return self._origin if self._outer.config.streaming else self._model
 
     @property
     def round(self) -> int:
@@ -235,7 +243,7 @@ class Gossip:
         self._answered[peer] = self._now
         if len(self._answered) > MAX_ANSWERED:
             del self._answered[next(iter(self._answered))]
-        return [Send(peer, GossipModel(self._round, self._samples, self._model, reply=True))]
+        return [Send(peer, GossipModel(self._round, self._samples, self.model, reply=True))]
 
     def _start(self) -> list[Action]:
         if self._config.join_by_fetch and self._neighbours:
@@ -264,8 +272,13 @@ class Gossip:
             return self._maybe_complete()
         return []
 
+    def _fragment(self, rnd: int) -> tuple[str, ...]:
+        """The names round ``rnd`` exchanges (all of them unless the outer step streams fragments)."""
+        return self._fragments[rnd % len(self._fragments)]
+
     def _on_model(self, peer: str, msg: GossipModel) -> list[Action]:
-        fault = model_fault(self._model, msg.state, self._config.max_norm_ratio)
+        expected = self._model if msg.reply else {k: self._model[k] for k in self._fragment(msg.round)}
+        fault = model_fault(expected, msg.state, self._config.max_norm_ratio)
         if fault:
             reason, blame = fault
             return [Rejected(peer, reason, blame=blame)]
@@ -275,7 +288,7 @@ class Gossip:
         if not self._config.synchronous:
             self._latest[peer] = contribution
             return []
-        if self._round <= msg.round <= self._round + MAX_ROUNDS_AHEAD:
+        if self._round - self._outer.config.overlap <= msg.round <= self._round + MAX_ROUNDS_AHEAD:
             self._inbox.setdefault(msg.round, {})[peer] = contribution
             return self._maybe_complete()
         return []
@@ -287,7 +300,7 @@ class Gossip:
         if rnd > self._round and (
             self._anchor is None or self._anchor.admits(state, self._model, rnd - self._round)
         ):
-            self._model = state
+            self._model = self._origin = state
             self._round = min(rnd, self._round + self._config.max_round_jump)
             return [CancelTimer(Timer.FETCH), *self._train()]
         if rnd > self._round:
@@ -314,11 +327,18 @@ class Gossip:
     def _on_trained(self, state: State) -> list[Action]:
         self._model = state
         targets = self._targets()
-        msg = GossipModel(self._round, self._samples, state, labels=self._labels)
+        sent = {k: state[k] for k in self._fragment(self._round)}
+        msg = GossipModel(self._round, self._samples, sent, labels=self._labels)
         sends: list[Action] = [Send(p, msg) for p in targets]
+        self._exchange = (self._round, sent)
         if not self._config.synchronous:
             received, self._latest = list(self._latest.values()), {}
             return sends + self._integrate_and_continue(received)
+        if self._outer.config.overlap:  # integrate last round's exchange; this one's travels meanwhile
+            pending, self._pending = self._pending, self._exchange
+            if pending is None:
+                return [*sends, *self._next_round([])]
+            self._exchange = pending
         self._phase = Phase.WAITING
         self._expected = dict.fromkeys(self._neighbours)
         if self._all_arrived():
@@ -326,7 +346,7 @@ class Gossip:
         return [*sends, StartTimer(Timer.ROUND, self._config.round_timeout)]
 
     def _all_arrived(self) -> bool:
-        arrived = self._inbox.get(self._round, {})
+        arrived = self._inbox.get(self._exchange[0], {})
         return all(p in arrived for p in self._expected)
 
     def _maybe_complete(self) -> list[Action]:
@@ -336,14 +356,24 @@ class Gossip:
         return []
 
     def _complete_round(self) -> list[Action]:
-        received = list(self._inbox.pop(self._round, {}).values())
-        self._inbox = {r: m for r, m in self._inbox.items() if r > self._round}
+        rnd = self._exchange[0]
+        received = list(self._inbox.pop(rnd, {}).values())
+        self._inbox = {r: m for r, m in self._inbox.items() if r > rnd}
         return self._integrate_and_continue(received)
 
     def _integrate_and_continue(self, received: list[Contribution]) -> list[Action]:
-        own = Contribution(self._model, self._samples)
-        integrated, judged = integrate_contained(self._integrator, own, received)
-        self._model = self._outer.step(self._origin, integrated)
+        """Integrate what we sent with what came, as whole models: a fragment completed with our own
+        other tensors (so robust integrators judge models they can score), then the outer step on
+        the exchanged names; with overlap, it lands on those names as trained since."""
+        model, sent = self._model, self._exchange[1]
+        own = Contribution({**model, **sent}, self._samples)
+        whole = [dataclasses.replace(c, state={**model, **c.state}) for c in received]
+        integrated, judged = integrate_contained(self._integrator, own, whole)
+        stepped = self._outer.step({k: self._origin[k] for k in sent}, {k: integrated[k] for k in sent})
+        self._origin = {**self._origin, **stepped}
+        if self._outer.config.overlap:
+            stepped = applied_late(stepped, model, sent)
+        self._model = {**model, **stepped}
         taken = {c.peer: 1.0 for c in received}  # a plain integrator takes all it keeps
         for action in judged:
             match action:
@@ -353,6 +383,9 @@ class Gossip:
                     taken[peer] = 0.0
         # neighbours only (PeerDown forgets them): a model can arrive from a peer already gone
         self._taken.update({p: v for p, v in taken.items() if p in self._neighbours})
+        return self._next_round(judged)
+
+    def _next_round(self, judged: list[Action]) -> list[Action]:
         self._round += 1
         rest = self._cycle_started + self._config.period - self._now
         if rest > 0:
@@ -363,5 +396,4 @@ class Gossip:
     def _train(self) -> list[Action]:
         self._phase = Phase.TRAINING
         self._cycle_started = self._now
-        self._origin = self._model
         return [Train(self._round, self._model)]

@@ -203,3 +203,5 @@ class ProtocolSettings:
         if self.protocol == "modest" and not self.outer.averaging:
             # a round's trainers are a new sample: none holds the last round's start and momentum
             raise ValueError("outer: MoDeST averages (outer lr 1, momentum 0); the outer step is gossip's")
+        if self.outer.streaming and not (self.protocol == "gossip" and self.gossip.synchronous):
+            raise ValueError("outer: fragments and overlap need gossip in synchronous rounds")

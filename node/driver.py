@@ -138,6 +138,7 @@ class Driver:
         send_timeout: float = 60.0,
         on_round: Callable[[int], None] | None = None,
         codec: CodecConfig = FP32,
+        fragments: int = 1,
     ):
         self.protocol = protocol
         self.overlay = overlay
@@ -145,7 +146,7 @@ class Driver:
         self.compute = compute
         self.send_timeout = send_timeout
         self.on_round = on_round
-        self.compression = Compression(codec, protocol.model)
+        self.compression = Compression(codec, protocol.model, fragments)  # the protocol's (learning.outer)
         self._inbox, self._events = trio.open_memory_channel[Event | _Expired](math.inf)
         self._training = trio.Lock()  # one model, one training at a time (a newer Train waits its turn)
         self._nursery: trio.Nursery | None = None

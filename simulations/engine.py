@@ -204,6 +204,7 @@ class Simulation:
             compute,
             on_round=functools.partial(self._round_done, i),
             codec=c.codec,
+            fragments=c.outer.fragments,
         )
         self.drivers[i] = driver
         if self.settled is not None:

@@ -12,6 +12,11 @@ model and seed. The arms, each one its own run (--arms):
   neighbour, integrated, and the outer step (--outer-lr, --outer-momentum: Nesterov) applied
   (``learning.outer``);
 - ``diloco-topk``: the same with the top-k codec (--codec-topk-fraction, --codec-topk-bits, error feedback);
+- ``streaming``: Streaming DiLoCo over gossip with the top-k codec: the model in --fragments parts, one
+  exchanged a round in turn, rounds of --inner / --fragments steps (each part still exchanged every
+  --inner steps, a node sending 1/--fragments of the model at a time);
+- ``streaming-overlap``: the same, each exchange integrated a round late (it travels while the node
+  trains), the outer update landing on the part as trained since;
 - ``modest-diloco``: MoDeST with --inner steps a round and the top-k codec (its outer step is averaging);
 - ``modest-crash``: the same, with --crash of the nodes crashing half way.
 
@@ -60,7 +65,10 @@ from shoal.simulations.engine import Simulation
 from shoal.simulations.rows import Row, RunResult
 from shoal.simulations.topologies import build_graph
 
-ARMS = ("dp", "dpsgd", "diloco", "diloco-topk", "modest-diloco", "modest-crash")
+ARMS = (
+    *("dp", "dpsgd", "diloco", "diloco-topk", "streaming", "streaming-overlap"),
+    *("modest-diloco", "modest-crash"),
+)
 METRIC = "bits_per_byte_mean"
 Progress = Callable[[str], None] | None
 RECOVERY = 120.0  # virtual seconds: a few of MoDeST's watch (20 s) and ping (5 s) time-outs
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--degree", type=int, help="gossip's neighbours per node, every arm (default 8, or every other node)"
     )
+    g.add_argument(
+        "--fragments", type=int, default=2, help="streaming: parts of the model (default %(default)s)"
+    )
     g.add_argument("--crash", type=float, default=0.5, help="modest-crash: share of nodes crashing")
     g.add_argument("--split", default="iid", choices=("iid", "files"), help="how the corpus is shared")
     g.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW's learning rate (default %(default)s)")
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if args.steps < args.inner or args.inner < 1:
         p.error("--inner must be at least 1 and at most --steps")
+    if any(a.startswith("streaming") for a in arms) and (args.fragments < 1 or args.inner % args.fragments):
+        p.error("--fragments must divide --inner: each part is exchanged every --inner steps")
     if not 0 <= args.crash < 1:
         p.error("--crash must be in [0, 1): some nodes must be left")
     report.prepare(args)
@@ -165,15 +178,18 @@ def _run(
     if arm == "dp":
         task = make(0, args.nodes)
         return data_parallel(args, task, adamw(task.model, args.lm_lr, moments), progress, args.steps)
-    h = 1 if arm == "dpsgd" else args.inner
+    streaming = arm.startswith("streaming")
+    h = 1 if arm == "dpsgd" else args.inner // (args.fragments if streaming else 1)
     modest = arm.startswith("modest")
     per_round = h * (args.modest_sample_size / args.nodes if modest else 1)  # steps per node per round
     rounds = math.ceil(args.steps / per_round)
     overrides: dict = {}
     if arm == "dpsgd" or modest:  # no outer optimizer: D-PSGD averages, and so does MoDeST
         overrides |= {"outer_lr": 1.0, "outer_momentum": 0.0}
-    if arm == "diloco-topk" or modest:
+    if arm == "diloco-topk" or streaming or modest:
         overrides["codec_name"] = "topk"
+    if streaming:
+        overrides |= {"outer_fragments": args.fragments, "outer_overlap": arm == "streaming-overlap"}
     if modest:
         overrides |= {"protocol": "modest", "dial_any": True}
     talk = (args.modest_sample_size if modest else 4) * 4 * weights * 8 / (args.bandwidth * 1e6)
@@ -269,6 +285,8 @@ def _summary(result: RunResult, target: float, steps: int) -> dict[str, float | 
         "seconds_to_target": reached and round(reached.time, 1),
         "steps_to_target": reached and round(reached.metrics["steps"], 1),
         "peak_bytes_per_second_per_node": round(max(rates, default=0.0)),
+        # what a node sends at once: a round's exchange (a step's for dp and dpsgd)
+        "bytes_per_round_per_node": round(final.bytes_sent / max(1.0, final.round * final.alive)),
         "wall_seconds": round(result.wall_seconds, 1),
     }
 

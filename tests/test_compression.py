@@ -36,7 +36,7 @@ def test_topk_sends_differences_after_a_keyframe_and_both_ends_agree_exactly():
     for i in range(20):
         body, wire = a.encode("b", {}, model)
         _, got = b.decode("a", body, wire)
-        assert all(torch.equal(got[k], a._out["b"][-1].model[k]) for k in MODEL)  # what the sender holds
+        assert all(torch.equal(got[k], a._out["b", 0][-1].model[k]) for k in MODEL)  # what the sender holds
         sizes.append(wire_bytes(wire))
         model = step(model, i)
     assert sizes[0] > 3 * max(sizes[1:]) and 10 * max(sizes[1:]) < wire_bytes(MODEL)  # keyframe, then top 5%
@@ -51,7 +51,7 @@ def exchange(sender, receiver, model):
     """One message: its body and wire tensors, and how far what arrives is from ``model``."""
     body, wire = sender.encode("b", {}, model)
     _, got = receiver.decode("a", body, wire)
-    assert all(torch.equal(got[k], sender._out["b"][-1].model[k]) for k in MODEL)  # both ends agree exactly
+    assert all(torch.equal(got[k], sender._out["b", 0][-1].model[k]) for k in MODEL)  # both ends agree
     return body, wire, max(float((got[k] - model[k]).abs().max()) for k in MODEL)
 
 
@@ -124,7 +124,40 @@ def test_references_are_bounded_per_direction():
     a = Compression(CodecConfig("topk", max_references=3), MODEL)
     for i in range(10):
         a.encode(f"p{i}", {}, MODEL)
-    assert list(a._out) == ["p7", "p8", "p9"]
+    assert list(a._out) == [("p7", 0), ("p8", 0), ("p9", 0)]
+
+
+FRAGMENTED = {**MODEL, "v": torch.ones(40, 16), "c": torch.tensor(3)}  # 2048, 32, 640 values, a counter
+
+
+def test_fragments_and_the_whole_model_are_streams_of_their_own_and_both_ends_agree():
+    config = CodecConfig("topk", topk_fraction=0.5, topk_bits=1)
+    a, b = (Compression(config, FRAGMENTED, fragments=2) for _ in range(2))
+    parts = [("w",), ("b", "v", "c")]
+    model = FRAGMENTED
+    for i in range(6):
+        for j, part in enumerate(parts):
+            sent = {k: model[k] for k in part}
+            body, wire = a.encode("b", {"round": i}, sent)
+            assert body["f"] == j and body["z"]["ref"] == (0 if i == 0 else 1)  # a keyframe, then differences
+            got_body, got = b.decode("a", body, wire)
+            assert got_body == {"round": i} and set(got) == set(part)
+            assert all(torch.equal(got[k], a._out["b", j][-1].model[k]) for k in part)
+        model = {**step(model, i), "c": torch.tensor(i)}
+    body, wire = a.encode("b", {}, model)  # a fetch's reply: the whole model, its first message a keyframe
+    assert body["f"] == 2 and body["z"]["base"] == 0
+    assert set(b.decode("a", body, wire)[1]) == set(FRAGMENTED)
+
+
+@pytest.mark.parametrize(
+    ("f", "reason"),
+    [(None, "names no part"), (3, "names no part"), (True, "names no part"), (0, "missing wire tensor")],
+)
+def test_a_fragment_under_another_part_or_none_is_a_codec_error(f, reason):
+    a, b = (Compression(CodecConfig("int8"), FRAGMENTED, fragments=2) for _ in range(2))
+    body, wire = a.encode("b", {}, {k: FRAGMENTED[k] for k in ("b", "v", "c")})
+    with pytest.raises(CodecError, match=reason):
+        b.decode("a", {**body, "f": f}, wire)
 
 
 @pytest.mark.parametrize(

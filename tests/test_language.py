@@ -79,8 +79,8 @@ def test_the_language_scenario_compares_every_arm_at_equal_compute(tmp_path):
     bytes; MoDeST goes on after half its nodes crash."""
     from shoal.simulations import language
 
-    small = "--nodes 6 --steps 20 --inner 5 --warmup 10 --lm-width 16 --lm-max-bytes 200000"
-    small += " --modest-sample-size 2 --target 7.5"
+    small = "--nodes 6 --steps 20 --inner 4 --warmup 10 --lm-width 16 --lm-max-bytes 200000"
+    small += " --modest-sample-size 2 --target 7.5 --fragments 2"
     quiet = logging.getLogger("shoal.learner")  # the scenario quiets it (report.prepare): for this run only
     level = quiet.level
     try:
@@ -94,6 +94,11 @@ def test_the_language_scenario_compares_every_arm_at_equal_compute(tmp_path):
         assert r["bytes_to_target"] is not None, (arm, r)
     sent = {arm: r["bytes_sent"] for arm, r in results.items()}
     assert sent["diloco"] < sent["dpsgd"] / 3 and sent["diloco-topk"] < sent["diloco"] / 4, sent
+    # streaming: the same bytes in all, half of them at a time (two parts, each every --inner steps)
+    at_once = {arm: r["bytes_per_round_per_node"] for arm, r in results.items()}
+    for arm in ("streaming", "streaming-overlap"):
+        assert 0.5 < sent[arm] / sent["diloco-topk"] < 1.5, sent
+        assert 0.3 < at_once[arm] / at_once["diloco-topk"] < 0.7, at_once
     assert results["modest-crash"]["final_alive"] == 3
     with open(tmp_path / "rounds.csv") as f:
         assert "steps" in next(csv.reader(f))
