@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "--degree", type=int, help="gossip's neighbours per node, every arm (default 8, or every other node)"
     )
     g.add_argument(
-        "--fragments", type=int, default=2, help="streaming: parts of the model (default %(default)s)"
+        "--fragments", type=int, default=10, help="streaming: parts of the model (default %(default)s)"
     )
     g.add_argument("--crash", type=float, default=0.5, help="modest-crash: share of nodes crashing")
     g.add_argument("--split", default="iid", choices=("iid", "files"), help="how the corpus is shared")
@@ -192,8 +192,10 @@ def _run(
         overrides |= {"outer_fragments": args.fragments, "outer_overlap": arm == "streaming-overlap"}
     if modest:
         overrides |= {"protocol": "modest", "dial_any": True}
-    talk = (args.modest_sample_size if modest else 4) * 4 * weights * 8 / (args.bandwidth * 1e6)
-    expected = rounds * (h * step + talk + 4 * args.latency)  # virtual seconds, if nothing waits
+    sent = weights / (args.fragments if streaming else 1)  # values a node sends a round, to each peer
+    talk = (args.modest_sample_size if modest else 4) * 4 * sent * 8 / (args.bandwidth * 1e6)
+    # virtual seconds, if nothing waits (overlap: a round's exchange travels during the next one's steps)
+    expected = rounds * (h * step + (0 if arm == "streaming-overlap" else talk + 4 * args.latency))
     # ends once the nodes trained --steps each; MoDeST's time-outs route around crashed nodes in absolute time
     duration = expected * 4 + (RECOVERY if arm == "modest-crash" else 0.0)
     config = report.config_from(args, **overrides, duration=duration, eval_every=expected / args.evals)
@@ -280,7 +282,7 @@ def _summary(result: RunResult, target: float, steps: int) -> dict[str, float | 
         "final_steps": round(final.metrics["steps"], 1),
         "final_alive": final.alive,
         "bytes_sent": _interpolated(rows, steps, "bytes_sent"),
-        "virtual_seconds": round(final.time, 1),
+        "virtual_seconds": _interpolated(rows, steps, "time"),
         "bytes_to_target": reached and reached.bytes_sent,
         "seconds_to_target": reached and round(reached.time, 1),
         "steps_to_target": reached and round(reached.metrics["steps"], 1),
@@ -292,12 +294,12 @@ def _summary(result: RunResult, target: float, steps: int) -> dict[str, float | 
 
 
 def _interpolated(rows: list[Row], steps: float, column: str = METRIC) -> float | None:
-    """``column`` (a metric, or ``bytes_sent``) at exactly ``steps`` steps per node, between the
-    evaluations around it (None if the run fell short of it): evaluations fall on virtual times, not
+    """``column`` (a metric, ``bytes_sent`` or ``time``) at exactly ``steps`` steps per node, between
+    the evaluations around it (None if the run fell short of it): evaluations fall on virtual times, not
     on step counts."""
 
     def value(row: Row) -> float:
-        return row.bytes_sent if column == "bytes_sent" else row.metrics[column]
+        return getattr(row, column) if column in ("bytes_sent", "time") else row.metrics[column]
 
     for a, b in itertools.pairwise(rows):
         if a.metrics["steps"] <= steps <= b.metrics["steps"] and b.metrics["steps"] > a.metrics["steps"]:
@@ -316,15 +318,17 @@ def _plot(out: Path, runs: list[RunResult]) -> None:
 
 
 def _print(out: Path, results: dict[str, dict], target: float) -> None:
+    """The table, its figures at --steps but the to-target ones and KB a node sends a round."""
     print(f"wrote {out}: rounds.csv, summary.json and plots")
-    head = f"{'final bpb':>9} {'steps':>6} {f'MB to {target}':>10} {'s to target':>11} {'MB total':>9}"
-    print(f"  {'arm':<14} {head}")
+    head = f"{'final bpb':>9} {f'MB to {target}':>10} {'s to target':>11} {'MB':>9} {'s':>7} {'KB/round':>9}"
+    print(f"  {'arm':<17} {head}")
     for arm, r in results.items():
         b = r["bytes_to_target"]
         print(
-            f"  {arm:<14} {r['final_bits_per_byte'] or math.nan:>9.3f} {r['final_steps']:>6.0f} "
+            f"  {arm:<17} {r['final_bits_per_byte'] or math.nan:>9.3f} "
             f"{'-' if b is None else f'{b / 1e6:.2f}':>10} {r['seconds_to_target'] or '-'!s:>11} "
-            f"{(r['bytes_sent'] or math.nan) / 1e6:>9.1f}"
+            f"{(r['bytes_sent'] or math.nan) / 1e6:>9.1f} {r['virtual_seconds'] or math.nan:>7.1f} "
+            f"{r['bytes_per_round_per_node'] / 1e3:>9.1f}"
         )
 
 
