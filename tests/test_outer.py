@@ -140,9 +140,9 @@ def test_fragments_are_exchanged_in_turn_each_stepping_from_where_its_last_step_
     g.handle(MessageIn("p", GossipModel(1, 10, {"b": full(8.0, 2)})), 0.5)
     torch.testing.assert_close(g.model["b"], full(3.5, 2))  # from b's origin, 0: 0 - 0.5 * (0 - 7)
     torch.testing.assert_close(g.model["w"], full(1.5, 4))
-    out = g.handle(Trained(2, {"w": full(7.0, 4), "b": full(6.0, 2)}), 0.6)  # w, trained from 5 (not 1.5)
+    g.handle(Trained(2, {"w": full(7.0, 4), "b": full(6.0, 2)}), 0.6)  # round 2: w's turn again
     g.handle(MessageIn("p", GossipModel(2, 10, {"w": full(9.0, 4)})), 0.7)
-    torch.testing.assert_close(g.model["w"], full(4.75, 4))  # 1.5 - 0.5 * (1.5 - 8)
+    torch.testing.assert_close(g.model["w"], full(4.75, 4))  # from where w last stepped: 1.5 - 0.5 (1.5 - 8)
 
 
 def test_with_overlap_an_exchange_is_integrated_a_round_late_and_lands_on_what_trained_since():
