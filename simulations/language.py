@@ -29,9 +29,10 @@ round times --inner; for MoDeST, the newest round times --inner times sample/nod
 over the nodes at the start). Each run ends at the first evaluation at which that count reaches
 --steps; bytes are what all nodes sent. A node is evaluated on its model as of its last finished round
 (DiLoCo's outer model, MoDeST's aggregate), not on the one it is training. Writes rounds.csv (with a
-``steps`` column), summary.json (per arm: bits per byte at exactly --steps, interpolated between
-evaluations; bytes, virtual seconds and steps to --target bits per byte; bytes per node per second at
-the peak) and bits_per_byte_by_steps.png and bits_per_byte_by_bytes.png to --out.
+``steps`` column), summary.json (per arm: bits per byte, bytes and virtual seconds at exactly --steps,
+interpolated between evaluations; bytes, virtual seconds and steps to --target bits per byte; bytes per
+node per second at the peak, and per node per round: what a node sends at once) and
+bits_per_byte_by_steps.png and bits_per_byte_by_bytes.png to --out.
 
 The --task-* flags (the built-in classifier's), --duration and --eval-every do not apply here: the task is
 the language model (--lm-*), and runs end at --steps with --evals evaluations on the way.
