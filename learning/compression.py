@@ -31,8 +31,9 @@ recently used evicted), each ``SENT_KEPT`` copies of the model (one for what we 
 
 Streaming DiLoCo's fragments (``learning.outer``): a message may hold one of the ``fragments`` parts of
 the model (``partition``), or the whole model (a fetch's reply). Each is then a stream of its own, with
-its own references and keyframes, and a message names its part (``f``, the whole model's number
-``fragments``); a received one must hold exactly that part's names, shapes and dtypes.
+its own references and keyframes, bounded per part as above, and a message names its part (``f``, the
+whole model's number ``fragments``); a received one must hold exactly that part's names, shapes and
+dtypes.
 
 Hostile input: the sequence fields are bounded counts; keyframes and differences go through the codecs'
 checks (indices, counts, scales). Each representation of a received model is checked for NaN and Inf
@@ -143,7 +144,7 @@ class Compression:
         self.templates = (
             [] if config.name == "fp32" else [{k: template[k].detach().clone() for k in p} for p in parts]
         )
-        self._streams = config.max_references * len(parts)  # most references kept per direction
+        self._streams = config.max_references * len(parts)  # most peers awaiting a keyframe, per part
         self._out: OrderedDict[Stream, tuple[_Reference, ...]] = OrderedDict()  # our last, newest last
         self._seq = 0  # our last message's sequence number, to any peer
         self._fresh: set[Stream] = set()  # whose next message from us must be a keyframe
@@ -238,10 +239,13 @@ class Compression:
             self._fresh.pop()
 
     def _keep(self, table: OrderedDict[Stream, Any], stream: Stream, ref: object) -> None:
+        """``ref`` for ``stream``, evicting the least recently used of its part's beyond ``max_references``
+        (so that whole models, a part of their own, stay as bounded as before)."""
         table[stream] = ref
         table.move_to_end(stream)
-        while len(table) > self._streams:
-            table.popitem(last=False)
+        same = [s for s in table if s[1] == stream[1]]
+        for old in same[: max(0, len(same) - self.config.max_references)]:
+            del table[old]
 
 
 def _distance(model: State, ref: State) -> float:

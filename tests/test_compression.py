@@ -1,5 +1,7 @@
 """Compressed model messages between two nodes' Compression objects, honest and hostile."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -147,6 +149,11 @@ def test_fragments_and_the_whole_model_are_streams_of_their_own_and_both_ends_ag
     body, wire = a.encode("b", {}, model)  # a fetch's reply: the whole model, its first message a keyframe
     assert body["f"] == 2 and body["z"]["base"] == 0
     assert set(b.decode("a", body, wire)[1]) == set(FRAGMENTED)
+    small = Compression(replace(config, max_references=2), FRAGMENTED, fragments=2)
+    for i in range(4):  # whole models to four peers, and part 0 to one: at most 2 references per part
+        small.encode(f"p{i}", {}, model)
+    small.encode("p0", {}, {"w": model["w"]})
+    assert list(small._out) == [("p2", 2), ("p3", 2), ("p0", 0)]
 
 
 @pytest.mark.parametrize(
