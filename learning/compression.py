@@ -144,7 +144,7 @@ class Compression:
         self.templates = (
             [] if config.name == "fp32" else [{k: template[k].detach().clone() for k in p} for p in parts]
         )
-        self._streams = config.max_references * len(parts)  # most peers awaiting a keyframe, per part
+        self._streams = config.max_references * len(parts)  # most streams awaiting a keyframe
         self._out: OrderedDict[Stream, tuple[_Reference, ...]] = OrderedDict()  # our last, newest last
         self._seq = 0  # our last message's sequence number, to any peer
         self._fresh: set[Stream] = set()  # whose next message from us must be a keyframe
