@@ -20,7 +20,9 @@ own name. Cost per floating-point element, against 4 B for ``fp32``:
   Compression" (ICLR 2018) keep what top-k drops in a local residual and add it to the next delta
   (error feedback), so nothing is lost, only delayed; quantised values are lossy the same way, and their
   error is fed back too. Against float16 values at the same share kept (docs/measurements.md): int8
-  takes 14-30% fewer bytes to the target accuracy, and is no less accurate.
+  takes 14-30% fewer bytes to the target accuracy, and is no less accurate;
+- top-k on a grid (``learning.grid``): every kept value rounded to one step for the whole message and
+  deflated, about 1.3-1.5 bits a value where a round's difference varies in scale across tensors.
 
 Decoding (:func:`decompress`, :func:`densify`) takes the wire tensors of an untrusted peer and a template
 (our own model): names, dtypes and shapes must be exactly what our model would produce, values must be
@@ -39,13 +41,14 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from shoal.learning.grid import deflated_codes, grid_levels, inflated_codes
 from shoal.learning.messages import quote
 
 Tensor = torch.Tensor
 
 STATELESS = ("fp32", "fp16", "bf16", "int8")
 # of the wire tensors, in the task id; 2: top-k positions as a bitmap or indices, int8 values (1-, 2- and
-# 4-bit values came later, named in the task id by CodecConfig.task_name)
+# 4-bit values and the grid came later, named in the task id by CodecConfig.task_name)
 FORMAT = 2
 BLOCK = 2048  # elements per scale (hivemind/bitsandbytes-style blockwise quantization)
 # int8 carries magnitudes up to 2**127 (a model with larger values has diverged anyway). A received scale
@@ -55,6 +58,7 @@ INT8_RANGE = 2.0**127
 MAX_SCALE = torch.finfo(torch.float32).max / 128
 MAX_INDEX = 2**31 - 1  # top-k indices are int32
 VALUE_BITS = (1, 2, 4, 8)  # top-k: bits per kept value, 8 as int8 codes (#q), 1, 2, 4 packed (#v1, #v2, #v4)
+MAX_GRID = 16.0  # top-k on a grid: the most mean magnitudes a step (codes reach 8 steps)
 
 _CAST = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -86,7 +90,9 @@ def compress(codec: str, model: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return wire
 
 
-def sparsify(delta: Mapping[str, Tensor], fraction: float, bits: int = 8) -> dict[str, Tensor]:
+def sparsify(
+    delta: Mapping[str, Tensor], fraction: float, bits: int = 8, grid: float = 0.0
+) -> dict[str, Tensor]:
     """The wire tensors of the top ``fraction`` of each floating-point tensor of ``delta`` by magnitude.
 
     Keeps k = ceil(fraction * numel) elements (at least one, at most all); what is dropped is the caller's
@@ -94,13 +100,17 @@ def sparsify(delta: Mapping[str, Tensor], fraction: float, bits: int = 8) -> dic
     (``#m``, ceil(numel / 8) bytes; empty when all are kept), or sorted int32 indices (``#i``). Their
     values, in index order: for ``bits`` 8 as the int8 codec codes a tensor (``#q``, ``#s``); for 4, 2
     or 1, packed ``bits``-bit codes (``#v4``, ``#v2``, ``#v1``: :func:`_quantize_low`) and a float32
-    scale per ``BLOCK`` of them (``#s``).
+    scale per ``BLOCK`` of them (``#s``). With ``grid`` > 0, ``bits`` is unused: every value goes on one
+    grid, ``grid`` times the mean kept magnitude apart (``learning.grid``: ``#g``, and the step as ``#s``).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if not isinstance(bits, int) or bits not in VALUE_BITS:
         raise ValueError(f"bits must be one of {VALUE_BITS}, got {bits!r}")
+    if not (grid == 0 or 0 < grid <= MAX_GRID):
+        raise ValueError(f"grid must be 0 or in (0, {MAX_GRID}], got {grid!r}")
     wire: dict[str, Tensor] = {}
+    kept: dict[str, Tensor] = {}
     for name, t in _own(delta):
         if not t.is_floating_point():
             wire[name] = _whole(t)
@@ -117,8 +127,19 @@ def sparsify(delta: Mapping[str, Tensor], fraction: float, bits: int = 8) -> dic
             raise ValueError(f"{name!r} has {n} elements, more than int32 indices can address")
         else:
             wire[f"{name}#i"] = index.to(torch.int32)
-        values, wire[f"{name}#s"] = _quantize(flat[index]) if bits == 8 else _quantize_low(flat[index], bits)
-        wire[f"{name}#q" if bits == 8 else f"{name}#v{bits}"] = values
+        kept[name] = flat[index]
+    if grid:  # one step for the whole message, from the mean kept magnitude; never past the largest, so
+        # that values all of one magnitude (a sign-like difference) do not all round to 0, round after round
+        count = max(1, sum(len(v) for v in kept.values()))
+        mean = sum(float(v.abs().sum(dtype=torch.float64)) for v in kept.values()) / count
+        largest = max((float(v.abs().max()) for v in kept.values() if len(v)), default=0.0)
+        step = torch.tensor([min(grid * mean, largest)], dtype=torch.float32).clamp(max=MAX_SCALE)
+    for name, values in kept.items():
+        if grid:
+            wire[f"{name}#g"], wire[f"{name}#s"] = deflated_codes(values, float(step)), step.clone()
+        else:
+            codes, wire[f"{name}#s"] = _quantize(values) if bits == 8 else _quantize_low(values, bits)
+            wire[f"{name}#q" if bits == 8 else f"{name}#v{bits}"] = codes
     return wire
 
 
@@ -266,7 +287,8 @@ def densify(wire: Mapping[str, Tensor], template: Mapping[str, Tensor]) -> dict[
             continue
         kept = _kept(wire, name, ref.numel())
         skey, vkey = f"{name}#s", _value_key(wire, name)
-        values = (_int8_values if vkey.endswith("#q") else _low_values)(wire, vkey, skey, int(kept.sum()))
+        reader = _int8_values if vkey.endswith("#q") else _grid_values if vkey.endswith("#g") else _low_values
+        values = reader(wire, vkey, skey, int(kept.sum()))
         x = torch.zeros(ref.numel(), dtype=ref.dtype)
         x[kept] = values.to(ref.dtype)
         out[name] = _finite(x.reshape(ref.shape), name, wire[skey], skey)
@@ -279,8 +301,10 @@ def _where_key(wire: Mapping[str, Tensor], name: str) -> str:
 
 
 def _value_key(wire: Mapping[str, Tensor], name: str) -> str:
-    """The key of ``name``'s values: its int8, 1-, 2- or 4-bit codes, whichever the wire holds first."""
-    return next((key for s in ("#q", "#v1", "#v2", "#v4") if (key := f"{name}{s}") in wire), f"{name}#q")
+    """The key of ``name``'s values: its int8, 1-, 2-, 4-bit or grid codes, whichever the wire holds first."""
+    return next(
+        (key for s in ("#q", "#v1", "#v2", "#v4", "#g") if (key := f"{name}{s}") in wire), f"{name}#q"
+    )
 
 
 def _kept(wire: Mapping[str, Tensor], name: str, n: int) -> Tensor:
@@ -386,6 +410,15 @@ def _low_values(wire: Mapping[str, Tensor], vkey: str, skey: str, n: int) -> Ten
     if codes[n:].any():
         raise CodecError(f"{vkey!r} has padding bits set past its {n} codes")
     return _levels(codes[:n], _scales(wire, skey, n), 2 ** (bits - 1))
+
+
+def _grid_values(wire: Mapping[str, Tensor], gkey: str, skey: str, n: int) -> Tensor:
+    """The ``n`` float32 values of deflated grid codes ``wire[gkey]`` and their step ``wire[skey]``."""
+    data = _tensor(wire, gkey, torch.uint8)
+    if data.dim() != 1:
+        raise CodecError(f"{gkey!r} has shape {_shape(data)}, expected a 1-D tensor")
+    codes = inflated_codes(data, n, CodecError, gkey)
+    return grid_levels(codes, _scales(wire, skey, 1))
 
 
 def _scales(wire: Mapping[str, Tensor], skey: str, n: int) -> Tensor:

@@ -6,13 +6,14 @@ is part of the task (``node.daemon`` hashes it into the task id): peers with dif
 
 - ``fp32``, ``fp16``, ``bf16``, ``int8``: each model on its own (``learning.codecs``), nothing kept.
 - ``topk``: the difference to a *reference* both ends hold, sparsified to the top ``topk_fraction`` by
-  magnitude (Deep Gradient Compression), its values in ``topk_bits`` (8, 4, 2 or 1) bits each. A pair holds
-  two references: what the receiver reconstructed from the sender's last message to it, and the other
-  way round; the sender computes both (decoding is bit-identical) and uses the one closer to the model it
-  sends. So what top-k drops or its values round off stays in the next difference (error feedback, as in
-  CHOCO-gossip's estimates of its neighbours) instead of in a separate residual. Using the other
-  direction's message matters for MoDeST: an aggregator's model is close to what this round's trainers
-  just sent it, while its own last message to them may be many rounds old.
+  magnitude (Deep Gradient Compression), its values in ``topk_bits`` (8, 4, 2 or 1) bits each or on one
+  grid (``topk_grid``). A pair holds two references: what the receiver reconstructed from the sender's
+  last message to it, and the other way round; the sender computes both (decoding is bit-identical) and
+  uses the one closer to the model it sends. So what top-k drops or its values round off stays in the
+  next difference (error feedback, as in CHOCO-gossip's estimates of its neighbours) instead of in a
+  separate residual. Using the other direction's message matters for MoDeST: an aggregator's model is
+  close to what this round's trainers just sent it, while its own last message to them may be many
+  rounds old.
   A first message, one after a reference was lost, or one whose difference would rebuild the model
   worse than ``max_lag`` times an int8 copy would, is a *keyframe*: the whole model in int8. Why pairs
   and not a round's model: gossip has no shared round model, and in MoDeST the receiver of a trained
@@ -88,6 +89,15 @@ class CodecConfig:
             "mean magnitude); error feedback carries what they round off"
         },
     )
+    # One step for the whole difference, deflated: at 2.4, on a DiLoCo round, 1.38 bits a value with the
+    # error of 2-bit values (2.02 bits) and less than 1-bit values on half (1.51) (docs/measurements.md)
+    topk_grid: float = field(
+        default=0.0,
+        metadata={
+            "help": "topk: if above 0, values go on one grid this many mean magnitudes apart, deflated, "
+            "in place of topk_bits (with topk_fraction 1: about 1.4 bits a value at 2.4)"
+        },
+    )
     # Measured (simulations.compression, 12 nodes): without it MoDeST, whose references are often many
     # rounds old, needed 56 rounds to 90% instead of 41; with 30, 42; at 30% kept with int8 values, seed 1,
     # 10 and 100 cost MoDeST 23% and 27% more bytes to 90% than 30. Rounds of many local steps (DiLoCo)
@@ -108,6 +118,10 @@ class CodecConfig:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
         if not isinstance(self.topk_bits, int) or self.topk_bits not in codecs.VALUE_BITS:
             raise ValueError(f"topk_bits must be one of {codecs.VALUE_BITS}, got {self.topk_bits!r}")
+        if not (self.topk_grid == 0 or 0 < self.topk_grid <= codecs.MAX_GRID):
+            raise ValueError(f"topk_grid must be 0 or in (0, {codecs.MAX_GRID}], got {self.topk_grid!r}")
+        if self.topk_grid and self.topk_bits != 8:
+            raise ValueError("topk_grid replaces topk_bits: give one of them")
         if not self.max_lag >= 1:
             raise ValueError(f"max_lag must be at least 1, got {self.max_lag!r}")
         if self.max_references < 1:
@@ -115,8 +129,11 @@ class CodecConfig:
 
     @property
     def task_name(self) -> str:
-        """The codec as part of the task id: its name, and top-k's bits unless 8, so that releases that
-        refuse 2- and 4-bit values (``#v`` wire tensors) are another swarm; 8-bit ids are as before."""
+        """The codec as part of the task id: its name, and top-k's bits unless 8 (or ``grid``), so that
+        releases that refuse 2- and 4-bit values or grids (``#v``, ``#g`` wire tensors) are another swarm;
+        8-bit ids are as before."""
+        if self.name == "topk" and self.topk_grid:
+            return f"{self.name}:grid"
         return self.name if self.name != "topk" or self.topk_bits == 8 else f"{self.name}:{self.topk_bits}bit"
 
 
@@ -174,7 +191,8 @@ class Compression:
         if stream not in self._fresh and refs:
             ref, kind = min(refs, key=lambda rk: _distance(model, rk[0].model))
             delta = {k: v - ref.model[k] if v.is_floating_point() else v for k, v in model.items()}
-            wire = codecs.sparsify(delta, self.config.topk_fraction, bits=self.config.topk_bits)
+            c = self.config
+            wire = codecs.sparsify(delta, c.topk_fraction, bits=c.topk_bits, grid=c.topk_grid)
             dense = codecs.densify(wire, template)
             held = {k: ref.model[k] + d if d.is_floating_point() else d for k, d in dense.items()}
             base = ref.seq

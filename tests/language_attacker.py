@@ -6,8 +6,8 @@ settings), each phase under a fresh identity, and prints ``{"phase", "start", "p
 model, trains, averages) and its codec, so what it sends passes the codec's format:
 - ``inflate``: each model it sends is the last honest model it received plus ``--scale`` (1000) times
   its own difference to it: an update, or DiLoCo pseudo-gradient, 1000 times an honest one's norm;
-- ``nan``: each message honestly encoded, then one value of every floating-point wire tensor (the int8
-  and 2-bit codecs' scales) set to NaN.
+- ``nan``: each message honestly encoded, then one value of every floating-point wire tensor (the
+  codecs' scales and grid steps) set to NaN.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 the template or refuses them with a CodecError, and nothing else."""
 
 import math
+import zlib
 
 import torch
 from hypothesis import given, settings
@@ -31,7 +32,11 @@ FUZZ = {
 }
 SMALL_FUZZ = {k: v for k, v in FUZZ.items() if k != "big"}
 NAMES = [
-    *(f"{n}{suffix}" for n in SMALL_FUZZ for suffix in ("", "#q", "#s", "#i", "#m", "#v", "#v2", "#v4")),
+    *(
+        f"{n}{suffix}"
+        for n in SMALL_FUZZ
+        for suffix in ("", "#q", "#s", "#i", "#m", "#v", "#v2", "#v4", "#g")
+    ),
     *("", "junk", "w#", "#q", "w#q#s"),
 ]
 SHAPES = [(3, 4), (12,), (1,), (2,), (3,), (4,), (5,), (0,), (), (6,), (13,), (2, 2)]
@@ -89,17 +94,25 @@ def test_fuzzed_wire_dicts_decode_or_fail_with_codec_error(wire):
     outcome(lambda: densify(wire, SMALL_FUZZ), SMALL_FUZZ)
 
 
-TOPK = {"topk": 8, "topk1": 1, "topk2": 2, "topk4": 4}  # top-k by bits per value
+TOPK = {"topk": 8, "topk1": 1, "topk2": 2, "topk4": 4, "topk-grid": 0}  # top-k by bits per value (0: grid)
 
 
 def value_specs(name, k, bits):
-    """The wire tensors of ``k`` top-k values of ``bits`` each: codes (int8 or packed) and scales."""
+    """The wire tensors of ``k`` top-k values of ``bits`` each: codes (int8 or packed) and scales; on a
+    grid (``bits`` 0), a stream of a plausible size (mostly not one zlib inflates) and one step."""
+    if not bits:
+        return [(f"{name}#g", torch.uint8, (k // 4 + 8,)), (f"{name}#s", torch.float32, (1,))]
     codes = (
         (f"{name}#q", torch.int8, (k,))
         if bits == 8
         else (f"{name}#v{bits}", torch.uint8, (-(-k * bits // 8),))
     )
     return [codes, (f"{name}#s", torch.float32, (-(-k // BLOCK),))]
+
+
+def topk(codec, fraction):
+    bits = TOPK[codec]
+    return sparsify(FUZZ, fraction, bits) if bits else sparsify(FUZZ, fraction, grid=2.4)
 
 
 @st.composite
@@ -134,6 +147,10 @@ def near_valid_wire(draw, codec, template):
                 continue
             if choice == 1:
                 wire[key] = draw(tensors())
+            elif key.endswith("#g") and choice < 16:  # a stream that inflates, mostly to n codes' bytes
+                size = draw(st.sampled_from([-(-n // 2)] * 3 + [-(-n // 2) + 1, n // 4]))
+                codes = draw(st.binary(min_size=size, max_size=size))
+                wire[key] = torch.frombuffer(bytearray(zlib.compress(codes)), dtype=torch.uint8)
             elif key.endswith("#i") and choice < 16:
                 chosen = draw(st.lists(st.integers(-1, n), min_size=shape[0], max_size=shape[0], unique=True))
                 wire[key] = torch.tensor(sorted(chosen), dtype=torch.int32)
@@ -212,7 +229,7 @@ def mutate(wire, op):
     ops=st.lists(mutation(), max_size=3),
 )
 def test_mutated_encodings_decode_or_fail_with_codec_error(codec, fraction, ops):
-    wire = sparsify(FUZZ, fraction, TOPK[codec]) if codec in TOPK else compress(codec, FUZZ)
+    wire = topk(codec, fraction) if codec in TOPK else compress(codec, FUZZ)
     for op in ops:
         wire = mutate(wire, op)
     if codec in TOPK:

@@ -1,6 +1,9 @@
 """Malformed wire tensors, dense and sparse: each refused with a CodecError that says why, quoting
 little."""
 
+import tracemalloc
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +302,76 @@ def test_densify_accepts_any_valid_low_bit_codes():
     scale = float(TOPK2["w#s"])
     assert every[kept].tolist() == pytest.approx([s * scale for s in (-1.5, -0.5, 0.5, 1.5, 0.5, 1.5)])
     assert not every[~torch.isin(torch.arange(20), kept)].any()
+
+
+GRID = sparsify(SMALL, 1.0, grid=2.4)  # 20 codes, 10 bytes deflated
+GRID5 = sparsify(SMALL, 0.25, grid=2.4)  # 5 codes: 3 bytes, the last one's high half padding
+assert set(GRID) == {"w#m", "w#g", "w#s", "steps"} and GRID["w#s"].shape == (1,)
+
+
+def deflated(*values):
+    return torch.frombuffer(bytearray(zlib.compress(bytes(values))), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        (
+            changed(GRID, **{"w#v2": TOPK2["w#v2"]}),
+            "unexpected wire tensor.*'w#g'",
+        ),  # the first format named wins
+        (changed(GRID, **{"w#g": GRID["w#g"].to(torch.int8)}), "'w#g' has dtype torch.int8, expected"),
+        (
+            changed(GRID, **{"w#g": GRID["w#g"].reshape(1, -1)}),
+            "'w#g' has shape \\(1, \\d+\\), expected a 1-D",
+        ),
+        # the stream: inflates, to exactly the codes' bytes, and ends there
+        (changed(GRID, **{"w#g": packed(1, 2, 3)}), "'w#g' does not inflate"),
+        (changed(GRID, **{"w#g": packed()}), "'w#g' does not inflate to exactly the 10 bytes of 20 codes"),
+        (changed(GRID, **{"w#g": deflated(*[0] * 9)}), "does not inflate to exactly the 10 bytes"),
+        (changed(GRID, **{"w#g": deflated(*[0] * 1000)}), "does not inflate to exactly the 10 bytes"),
+        (changed(GRID, **{"w#g": deflated(*[0] * 10**6)}), "holds \\d+ bytes, more than any deflate"),
+        (changed(GRID, **{"w#g": GRID["w#g"][:-1]}), "does not inflate to exactly"),
+        (changed(GRID, **{"w#g": torch.cat([GRID["w#g"], packed(0)])}), "does not inflate to exactly"),
+        (changed(GRID5, **{"w#g": deflated(0, 0, 0x10)}), "'w#g' has padding set past its 5 codes"),
+        (
+            changed(GRID5, **{"w#m": bitmap(), "w#g": deflated(0, 0)}),  # a max_length of 0 is no bound
+            "exactly the 0 bytes of 0 codes",
+        ),
+        # the step: one float32, finite, not negative, not so large that 8 steps overflow
+        (changed(GRID, **{"w#s": torch.ones(2)}), "'w#s' has shape \\(2,\\), expected \\(1,\\)"),
+        (changed(GRID, **{"w#s": poke(0, float("nan"))}), "'w#s' contains NaN or infinite scales"),
+        (changed(GRID, **{"w#s": poke(0, -1.0)}), "negative scale -1"),
+        (changed(GRID, **{"w#s": poke(0, MAX_SCALE * 1.01)}), "over .*: values would overflow"),
+        (changed(GRID, **{"w#s": None}), "missing wire tensor 'w#s'"),
+    ],
+)
+def test_malformed_grid_values_are_refused_with_a_reason(wire, reason):
+    with pytest.raises(CodecError, match=reason):
+        densify(wire, SMALL)
+
+
+def test_a_grid_stream_that_inflates_far_past_its_codes_is_refused_having_inflated_one_byte_more():
+    n = 2_000_000  # 1 MB of codes; the stream, 97 kB, would inflate to 100 MB
+    template = {"x": torch.zeros(n)}
+    bomb = torch.frombuffer(bytearray(zlib.compress(bytes(10**8))), dtype=torch.uint8)
+    wire = {"x#m": torch.zeros(0, dtype=torch.uint8), "x#g": bomb, "x#s": torch.ones(1)}
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="does not inflate to exactly the 1000000 bytes"):
+            densify(wire, template)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 2**20, peak
+
+
+def test_any_inflating_grid_codes_decode_and_the_largest_stay_finite_or_are_refused():
+    every = densify(changed(GRID5, **{"w#g": deflated(0x10, 0xF7, 0x08), "w#s": torch.tensor([2.0])}), SMALL)
+    kept = kept_positions(GRID5, "w", 20)
+    assert every["w"].reshape(-1)[kept].tolist() == [-16.0, -14.0, -2.0, 14.0, 0.0]
+    wire = {"x#m": torch.zeros(0, dtype=torch.uint8), "x#g": deflated(0x00, 0x00)}  # three codes of -8
+    out = densify({**wire, "x#s": torch.tensor([MAX_SCALE])}, {"x": torch.ones(3)})["x"]
+    assert out.tolist() == pytest.approx([-8 * MAX_SCALE] * 3, rel=1e-6)
+    with pytest.raises(CodecError, match=r"'x' overflows torch\.float16"):
+        densify({**wire, "x#s": torch.tensor([1e4])}, HALF)

@@ -7,6 +7,7 @@ import torch
 
 from shoal.learning.codecs import CodecError, wire_bytes
 from shoal.learning.compression import CODECS, CodecConfig, Compression, Stale
+from tests.codec_tensors import same_bits
 
 MODEL = {"w": torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(32)}
 
@@ -57,14 +58,17 @@ def exchange(sender, receiver, model):
     return body, wire, max(float((got[k] - model[k]).abs().max()) for k in MODEL)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_low_bit_values_track_the_sender_through_error_feedback(bits):
-    """2- or 4-bit values round off more than int8; what they round off is in the next difference."""
-    low, int8 = pair("topk", topk_fraction=0.05, topk_bits=bits), pair("topk", topk_fraction=0.05)
+@pytest.mark.parametrize(
+    ("values", "key"), [({"topk_bits": 2}, "w#v2"), ({"topk_bits": 4}, "w#v4"), ({"topk_grid": 1.0}, "w#g")]
+)
+def test_low_bit_values_track_the_sender_through_error_feedback(values, key):
+    """2- or 4-bit values, or values on a grid, round off more than int8; what they round off is in the
+    next difference."""
+    low, int8 = pair("topk", topk_fraction=0.05, **values), pair("topk", topk_fraction=0.05)
     model, gaps, int8_gaps = MODEL, [], []
     for i in range(60):
         body, wire, gap = exchange(*low, model)
-        assert (f"w#v{bits}" in wire) == (body["z"]["ref"] != 0)  # differences carry packed codes
+        assert (key in wire) == (body["z"]["ref"] != 0)  # differences carry packed codes
         gaps.append(gap)
         int8_gaps.append(exchange(*int8, model)[2])
         if i < 30:
@@ -73,6 +77,23 @@ def test_low_bit_values_track_the_sender_through_error_feedback(bits):
     assert max(gaps[1:31]) < 1.25 * max(int8_gaps[1:31])
     assert gaps[-1] < 2e-3 and gaps[-1] < gaps[30] / 20  # then closer and closer (4e-4 after 30 rounds)
     assert 4 * wire_bytes(wire) < wire_bytes(int8[0].encode("c", {}, MODEL)[1])  # against a keyframe
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_grid_keeps_both_ends_bit_identical_in_every_float_width(dtype):
+    model = {k: v.to(dtype) for k, v in MODEL.items()}
+    a, b = Compression(CodecConfig("topk", topk_fraction=1.0, topk_grid=2.4), model), None
+    b = Compression(a.config, model)
+    for i in range(10):
+        body, wire = a.encode("b", {}, model)
+        _, got = b.decode("a", body, wire)
+        held = a._out["b", 0][-1].model
+        assert all(same_bits(got[k], held[k]) for k in model)
+        model = {
+            k: v + (0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))).to(dtype)
+            for k, v in model.items()
+        }
+    assert "w#g" in wire and max(float((got[k] - model[k]).abs().max()) for k in model) < 0.05
 
 
 def test_a_lost_reference_is_stale_not_hostile_and_a_reset_brings_a_keyframe():
@@ -195,6 +216,11 @@ def test_bad_codec_settings_say_what_is_wrong():
     for bits in (0, 3, 16, 4.0):
         with pytest.raises(ValueError, match="topk_bits must be one of \\(1, 2, 4, 8\\), got"):
             CodecConfig("topk", topk_bits=bits)
+    for grid in (-1.0, 17.0, float("nan")):
+        with pytest.raises(ValueError, match=r"topk_grid must be 0 or in \(0, 16\.0\], got"):
+            CodecConfig("topk", topk_grid=grid)
+    with pytest.raises(ValueError, match="topk_grid replaces topk_bits"):
+        CodecConfig("topk", topk_grid=2.0, topk_bits=2)
 
 
 def test_the_task_names_low_bit_values_and_nothing_else():
@@ -207,6 +233,11 @@ def test_the_task_names_low_bit_values_and_nothing_else():
     assert CodecConfig("topk", topk_bits=2).task_name == "topk:2bit"
     assert CodecConfig("topk", topk_bits=4).task_name == "topk:4bit"
     assert CodecConfig("int8", topk_bits=2).task_name == "int8"
+    assert (
+        CodecConfig("topk", topk_grid=2.4).task_name
+        == CodecConfig("topk", topk_grid=1.0).task_name
+        == "topk:grid"
+    )
 
 
 def test_crossing_messages_each_name_the_others_last_and_neither_is_stale():

@@ -1,7 +1,7 @@
 """Honest language daemons (DiLoCo outer step, top-k codec: tests/tiny_language.py's 2-bit values, and
-1-bit values with no positions) beside a hostile peer process (tests/language_attacker.py) whose
-messages pass the codec's format but carry (a) an update inflated to 1000 times an honest one's norm,
-then (b) NaN values in the wire tensors.
+every value on a grid, deflated, as the language scenario sends them) beside a hostile peer process
+(tests/language_attacker.py) whose messages pass the codec's format but carry (a) an update inflated
+to 1000 times an honest one's norm, then (b) NaN values in the wire tensors.
 
 The honest daemons must stay alive, keep learning through both phases without being pushed back (no
 poll shows a daemon's held-out bits per byte above where it stood when the attack began, plus a
@@ -38,8 +38,8 @@ def events(path: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "codec",
-    [{}, {"SHOAL_CODEC_TOPK_BITS": "1", "SHOAL_CODEC_TOPK_FRACTION": "1.0"}],  # 1-bit, no positions
-    ids=["2bit-top20", "1bit-all"],
+    [{}, {"SHOAL_CODEC_TOPK_BITS": "8", "SHOAL_CODEC_TOPK_GRID": "2.4", "SHOAL_CODEC_TOPK_FRACTION": "1.0"}],
+    ids=["2bit-top20", "grid"],
 )
 def test_honest_language_daemons_outlast_inflated_and_nan_updates(tmp_path, codec):
     env = {**LANGUAGE_ENV, **codec}
