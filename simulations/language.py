@@ -11,7 +11,7 @@ model and seed. The arms, each one its own run (--arms):
 - ``diloco``: DiLoCo over gossip, fp32: --inner steps, then the models are exchanged with every
   neighbour, integrated, and the outer step (--outer-lr, --outer-momentum: Nesterov) applied
   (``learning.outer``);
-- ``diloco-topk``: the same with the top-k codec (--codec-topk-fraction, --codec-topk-bits, error feedback);
+- ``diloco-topk``: the same with the top-k codec (--codec-topk-fraction, --codec-topk-grid, error feedback);
 - ``streaming``: Streaming DiLoCo over gossip with the top-k codec: the model in --fragments parts, one
   exchanged a round in turn, rounds of --inner / --fragments steps (each part still exchanged every
   --inner steps, a node sending 1/--fragments of the model at a time);
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         gossip_period=0.0,
         outer_lr=0.7,
         outer_momentum=0.9,
-        codec_topk_fraction=0.5,  # positions as a bitmap, values in 1 bit: 0.19 B a weight, 21x
-        codec_topk_bits=1,
+        codec_topk_fraction=1.0,  # every value, on one grid 2.4 mean magnitudes apart: 0.17 B a weight
+        codec_topk_grid=2.4,
         codec_max_lag=1000.0,  # a round of --inner steps moves every weight (learning.compression)
         modest_period=0.0,
     )
