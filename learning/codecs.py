@@ -43,6 +43,7 @@ import torch
 
 from shoal.learning.grid import deflated_codes, grid_levels, inflated_codes
 from shoal.learning.messages import quote
+from shoal.learning.packing import BLOCK, blocks, pack, per_block, scaled, unpack
 
 Tensor = torch.Tensor
 
@@ -50,7 +51,6 @@ STATELESS = ("fp32", "fp16", "bf16", "int8")
 # of the wire tensors, in the task id; 2: top-k positions as a bitmap or indices, int8 values (1-, 2- and
 # 4-bit values and the grid came later, named in the task id by CodecConfig.task_name)
 FORMAT = 2
-BLOCK = 2048  # elements per scale (hivemind/bitsandbytes-style blockwise quantization)
 # int8 carries magnitudes up to 2**127 (a model with larger values has diverged anyway). A received scale
 # may be up to float32-max / 128: then 127 * scale stays finite in float32, while any honest scale,
 # at most 2**127 / 127, is below it.
@@ -122,7 +122,7 @@ def sparsify(
         if k == n:  # all kept: an empty bitmap
             wire[f"{name}#m"] = torch.zeros(0, dtype=torch.uint8)
         elif -(-n // 8) <= 4 * k:
-            wire[f"{name}#m"] = _pack(torch.zeros(n, dtype=torch.uint8).index_fill_(0, index, 1), 1)
+            wire[f"{name}#m"] = pack(torch.zeros(n, dtype=torch.uint8).index_fill_(0, index, 1), 1)
         elif n > MAX_INDEX:
             raise ValueError(f"{name!r} has {n} elements, more than int32 indices can address")
         else:
@@ -141,19 +141,6 @@ def sparsify(
             codes, wire[f"{name}#s"] = _quantize(values) if bits == 8 else _quantize_low(values, bits)
             wire[f"{name}#q" if bits == 8 else f"{name}#v{bits}"] = codes
     return wire
-
-
-def _pack(codes: Tensor, bits: int) -> Tensor:
-    """``bits``-bit ``codes`` (uint8), 8 // ``bits`` to a byte, code i of a byte in its low bits first,
-    padding bits zero: a bitmap (``bits`` 1) has element i in bit i % 8 of byte i // 8."""
-    per = 8 // bits
-    padded = torch.cat([codes, codes.new_zeros(-len(codes) % per)])
-    return (padded.view(-1, per) << torch.arange(0, 8, bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
-
-
-def _unpack(packed: Tensor, bits: int) -> Tensor:
-    """Every ``bits``-bit code of ``packed`` (padding too), 8 // ``bits`` per byte: :func:`_pack` undone."""
-    return ((packed[:, None] >> torch.arange(0, 8, bits, dtype=torch.uint8)) & (2**bits - 1)).reshape(-1)
 
 
 def _own(model: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
@@ -197,22 +184,10 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 
-def _blocks(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """A 1-D tensor as a (blocks, BLOCK) view of its full blocks and a view of the shorter last one."""
-    full = flat.numel() // BLOCK * BLOCK
-    return flat[:full].view(-1, BLOCK), flat[full:]
-
-
-def _per_block(flat: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """``reduce`` (of a 2-D tensor's rows) of each ``BLOCK`` of ``flat``, the shorter last one too."""
-    head, tail = _blocks(flat)
-    return torch.cat([reduce(head), reduce(tail[None])]) if tail.numel() else reduce(head)
-
-
 def _quantize(t: Tensor) -> tuple[Tensor, Tensor]:
     flat = t.detach().reshape(-1).to(torch.float32).clamp(-INT8_RANGE, INT8_RANGE)
-    head, tail = _blocks(flat)
-    scale = _per_block(flat.abs(), lambda b: b.amax(1)) / 127
+    head, tail = blocks(flat)
+    scale = per_block(flat.abs(), lambda b: b.amax(1)) / 127
     # A zero scale (all-zero block, or an absmax so small that absmax / 127 underflows) encodes zeros.
     divisor = torch.where(scale > 0, scale, 1.0)
     q = torch.cat([(head / divisor[: len(head), None]).reshape(-1), tail / divisor[len(head) :]])
@@ -230,28 +205,20 @@ def _quantize_low(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """
     half = 2 ** (bits - 1)
     x = t.detach().reshape(-1).to(torch.float64).clamp(-INT8_RANGE, INT8_RANGE)
-    absmax = _per_block(x.abs(), lambda b: b.amax(1))
-    mean = _per_block(x.abs(), lambda b: b.mean(1))
+    absmax = per_block(x.abs(), lambda b: b.amax(1))
+    mean = per_block(x.abs(), lambda b: b.mean(1))
     scales = torch.stack([absmax / (half - 0.5), 2 * mean]).clamp(max=MAX_SCALE).to(torch.float32)
     divisors = torch.where(scales > 0, scales, 1.0).double().repeat_interleave(BLOCK, dim=1)[:, : len(x)]
     codes = ((x / divisors).floor_() + half).clamp_(0, 2 * half - 1).to(torch.uint8)
-    errors = [_per_block((_levels(c, s, half) - x) ** 2, lambda b: b.sum(1)) for c, s in zip(codes, scales)]
+    errors = [per_block((_levels(c, s, half) - x) ** 2, lambda b: b.sum(1)) for c, s in zip(codes, scales)]
     pick = torch.stack(errors).argmin(0)  # the absmax scale on a tie
     chosen = codes.gather(0, pick.repeat_interleave(BLOCK)[None, : len(x)])[0]
-    return _pack(chosen, bits), scales.gather(0, pick[None])[0]
+    return pack(chosen, bits), scales.gather(0, pick[None])[0]
 
 
 def _levels(codes: Tensor, scale: Tensor, half: int) -> Tensor:
     """The float32 values of mid-rise ``codes`` in [0, 2 * ``half``): exact but for one rounded multiply."""
-    return _scaled(codes.to(torch.float32) - (half - 0.5), scale)
-
-
-def _scaled(x: Tensor, scale: Tensor) -> Tensor:
-    """``x`` (float32, 1-D, our own) times its ``BLOCK``s' scales, in place."""
-    head, tail = _blocks(x)
-    head.mul_(scale[: len(head), None])
-    tail.mul_(scale[len(head) :])
-    return x
+    return scaled(codes.to(torch.float32) - (half - 0.5), scale)
 
 
 # --- decoding (a peer's wire tensors: everything is checked, failures are CodecErrors) -------------
@@ -313,7 +280,7 @@ def _kept(wire: Mapping[str, Tensor], name: str, n: int) -> Tensor:
     if key.endswith("#m") and _tensor(wire, key, torch.uint8).shape == (0,):  # all kept
         return torch.ones(n, dtype=torch.bool)
     if key.endswith("#m"):
-        bits = _unpack(_tensor(wire, key, torch.uint8, (-(-n // 8),)), 1).bool()
+        bits = unpack(_tensor(wire, key, torch.uint8, (-(-n // 8),)), 1).bool()
         if bits[n:].any():
             raise CodecError(f"{key!r} has bits set past the {n} elements of {name!r}")
         return bits[:n]
@@ -399,14 +366,14 @@ def _int8_values(wire: Mapping[str, Tensor], qkey: str, skey: str, n: int) -> Te
     scale = _scales(wire, skey, n)
     if (q == -128).any():
         raise CodecError(f"{qkey!r} contains -128, outside the symmetric code [-127, 127]")
-    return _scaled(q.to(torch.float32, memory_format=torch.contiguous_format), scale)
+    return scaled(q.to(torch.float32, memory_format=torch.contiguous_format), scale)
 
 
 def _low_values(wire: Mapping[str, Tensor], vkey: str, skey: str, n: int) -> Tensor:
     """The ``n`` float32 values of packed codes ``wire[vkey]`` (``#v1``, ``#v2``, ``#v4``) and block scales
     ``wire[skey]``; ``n`` (at most the template's elements) bounds what is unpacked."""
     bits = int(vkey[-1])
-    codes = _unpack(_tensor(wire, vkey, torch.uint8, (-(-n * bits // 8),)), bits)
+    codes = unpack(_tensor(wire, vkey, torch.uint8, (-(-n * bits // 8),)), bits)
     if codes[n:].any():
         raise CodecError(f"{vkey!r} has padding bits set past its {n} codes")
     return _levels(codes[:n], _scales(wire, skey, n), 2 ** (bits - 1))

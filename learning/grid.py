@@ -1,15 +1,16 @@
 """Values on a uniform grid, entropy-coded: the top-k codec's densest way to send a difference.
 
 A value x goes as the integer code round(x / step), clamped to [-8, 7] (what is rounded or clamped off
-is the caller's error feedback), packed two 4-bit codes to a byte and deflated (zlib). One step serves a
-whole message (``learning.codecs.sparsify``): for the least squared error at a given size, every
-value gets the same grid, however large its tensor's values are (reverse water-filling; a step per
-block, as the fixed-width codes have, spends bits on blocks whose error hardly counts). With a zero
-level most codes are the few around zero, which deflate's Huffman codes take to about 1.3 bits at 2.4
-mean magnitudes a step (docs/measurements.md, "Values on a grid").
+is the caller's error feedback), packed two 4-bit codes to a byte (``learning.packing``) and deflated.
+One step serves a whole message (``learning.codecs.sparsify``): for the least squared error at a given
+size, every value gets the same grid, however large its tensor's values are (reverse water-filling; a
+step per block, as the fixed-width codes have, spends bits on blocks whose error hardly counts). With a
+zero level most codes are the few around zero, which deflate's Huffman codes take to about 1.4 bits a
+value at 2.4 mean magnitudes a step on a DiLoCo round (docs/measurements.md, "Values on a grid").
 
-Inflating is hostile input: it must end exactly at the codes' count, never allocating more, and any
-other stream is a :class:`~learning.codecs.CodecError` (raised by the caller's type, given here).
+Inflating is hostile input: a stream no longer than deflate's bound for the codes, inflated at most one
+byte past them, must end exactly at their count; any other stream is a
+:class:`~learning.codecs.CodecError` (raised by the caller's type, given here).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 import zlib
 
 import torch
+
+from shoal.learning.packing import pack, unpack
 
 Tensor = torch.Tensor
 
@@ -35,9 +38,7 @@ def deflated_codes(values: Tensor, step: float) -> Tensor:
         codes.div_(step).round_().clamp_(max(LOW, -top), top)
     else:
         codes.zero_()
-    nibbles = codes.sub_(LOW).to(torch.uint8)
-    nibbles = torch.cat([nibbles, nibbles.new_zeros(len(nibbles) % 2)]).view(-1, 2)
-    packed = nibbles[:, 0] | (nibbles[:, 1] << 4)
+    packed = pack(codes.sub_(LOW).to(torch.uint8), 4)
     deflater = zlib.compressobj(LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
     data = deflater.compress(packed.numpy().tobytes()) + deflater.flush()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -63,7 +64,7 @@ def inflated_codes(data: Tensor, n: int, error: type[Exception], key: str) -> Te
     if len(raw) != size or not inflater.eof or inflater.unused_data:
         raise error(f"{key!r} does not inflate to exactly the {size} bytes of {n} codes")
     packed = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
-    nibbles = torch.stack([packed & 15, packed >> 4], 1).reshape(-1)
-    if nibbles[n:].any():
+    codes = unpack(packed, 4)
+    if codes[n:].any():
         raise error(f"{key!r} has padding set past its {n} codes")
-    return nibbles[:n].to(torch.int8) + LOW
+    return codes[:n].to(torch.int8) + LOW

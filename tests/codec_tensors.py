@@ -4,7 +4,7 @@ comparison, top-k's position forms, and a reference for its 2- and 4-bit values.
 import numpy as np
 import torch
 
-from shoal.learning.codecs import BLOCK
+from shoal.learning.packing import BLOCK
 
 
 def model(seed=0):
